@@ -1,0 +1,108 @@
+"""Multi-head Latent Attention (MLA) with a latent KV cache.
+
+Only the normalised latent `c_kv` [B, 1, S, kv_lora_rank] and the roped shared key `k_pe`
+[B, 1, S, qk_rope_head_dim] are cached (both V2 and V3). `kv_b_proj` is held split per head:
+`embed_q` (W_uk, stored [H, rank, nope]) and `unembed_out` (W_uv, stored [H, v, rank]).
+
+- expanded (prefill, many queries): K_nope = c_kv @ W_uk, V = c_kv @ W_uv^T, then attention.
+- absorbed (decode, few queries): q' = q_nope @ W_uk^T lives in latent space; scores are
+  q'.c_kv + q_pe.k_pe and the output (softmax @ c_kv) @ W_uv^T — no per-head K/V at all.
+Both add the rope part of the scores as an additive "mask" to one fused SDPA call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.mla import MultiLinear
+
+from .config import ModelArgs
+from .rope import RoPE
+
+# The absorbed path costs ~2*(rank+rope) per query per cached token and head, the expanded
+# path ~(nope+v)*rank per cached token and head to expand K/V: absorb while L is below the
+# ratio of the two (about 113 queries for DeepSeek's 512/64/128/128 shapes).
+def use_absorbed(args: ModelArgs, num_queries: int) -> bool:
+    expand_cost = (args.qk_nope_head_dim + args.v_head_dim) * args.kv_lora_rank
+    absorb_cost = 2 * (args.kv_lora_rank + args.qk_rope_head_dim)
+    return num_queries * absorb_cost < expand_cost
+
+
+class MLAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.num_heads = H = args.num_attention_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.nope = args.qk_nope_head_dim
+        self.rope_dims = args.qk_rope_head_dim
+        self.rank = args.kv_lora_rank
+        self.scale = args.softmax_scale
+        # None: choose per call with use_absorbed(); True/False force a path (tests, benchmarks)
+        self.absorb: bool | None = None
+
+        D, qk = args.hidden_size, args.qk_head_dim
+        if args.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, args.q_lora_rank, bias=args.attention_bias)
+            self.q_a_layernorm = nn.RMSNorm(args.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(args.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.rank + self.rope_dims, bias=args.attention_bias)
+        self.kv_a_layernorm = nn.RMSNorm(self.rank, eps=1e-6)
+        self.embed_q = MultiLinear(self.nope, self.rank, H)  # W_uk^T: [H, rank, nope]
+        self.unembed_out = MultiLinear(self.rank, args.v_head_dim, H)  # W_uv: [H, v, rank]
+        self.o_proj = nn.Linear(H * args.v_head_dim, D, bias=args.attention_bias)
+        self.rope = RoPE(args)
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, qk]
+        q_nope, q_pe = mx.split(q, [self.nope], axis=-1)
+
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = mx.split(kv, [self.rank], axis=-1)
+        c_kv = mx.expand_dims(self.kv_a_layernorm(c_kv), 1)  # [B, 1, L, rank]
+        k_pe = mx.expand_dims(k_pe, 1)  # [B, 1, L, rope]
+
+        offset = cache.offset if cache is not None else 0
+        q_pe = self.rope(q_pe, offset)
+        k_pe = self.rope(k_pe, offset)
+        if cache is not None:
+            c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)  # [B, 1, S, *]
+
+        # rope part of the scores, pre-scaled, as SDPA's additive mask: [B, H, L, S]
+        pe_scores = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)
+        if mask is not None:
+            pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
+
+        absorb = self.absorb if self.absorb is not None else use_absorbed(self.args, L)
+        if absorb:
+            q_lat = self.embed_q(q_nope)  # [B, H, L, rank]
+            out = mx.fast.scaled_dot_product_attention(
+                q_lat, c_kv, c_kv, scale=self.scale, mask=pe_scores
+            )  # [B, H, L, rank]
+            out = self.unembed_out(out)  # [B, H, L, v]
+        else:
+            k_nope = self.embed_q(c_kv, transpose=False)  # [B, H, S, nope]
+            v = self.unembed_out(c_kv)  # [B, H, S, v]
+            out = mx.fast.scaled_dot_product_attention(
+                q_nope, k_nope, v, scale=self.scale, mask=pe_scores
+            )
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out)
+
+
+def causal_mask(L: int, offset: int) -> mx.array | None:
+    """Boolean [L, offset + L] mask (True = attend), or None for a single query."""
+    if L == 1:
+        return None
+    rows = mx.arange(offset, offset + L)[:, None]
+    cols = mx.arange(offset + L)[None]
+    return cols <= rows

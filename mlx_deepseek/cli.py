@@ -1,0 +1,59 @@
+"""The `mlx-deepseek` command line: one typer app; each command lives in its own module."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="mlx-deepseek",
+    help="Run DeepSeek's MoE/MLA language models locally with MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_debug = False
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    global _debug
+    _debug = debug or os.environ.get("MLX_DEEPSEEK_DEBUG") == "1"
+
+
+def _register_commands() -> None:
+    # Each command module adds itself to `app`; imports stay light until a command runs.
+    from . import cli_commands  # noqa: F401
+
+
+def main() -> None:
+    """Console-script entry: user mistakes print one line and exit 1 (traceback with --debug)."""
+    from .errors import DeepSeekError
+
+    _register_commands()
+    try:
+        app(standalone_mode=False)
+    except DeepSeekError as e:
+        if _debug or "--debug" in sys.argv:
+            raise
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise

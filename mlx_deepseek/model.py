@@ -1,0 +1,153 @@
+"""The DeepSeek V2/V3 model: MLA + DeepSeekMoE decoder layers, the LM head and the MTP module.
+
+Follows mlx-lm's model protocol: `model(inputs, cache=None)` -> logits [B, L, vocab],
+`model.layers`, `model.make_cache()`. Parameter names equal mlx-lm's deepseek_v3 names, so
+mlx-lm's quantized checkpoints load as they are; `weights.sanitize` maps raw Hugging Face
+checkpoints (per-expert tensors, `kv_b_proj`, the MTP layer) onto them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+
+from .attention import MLAttention, causal_mask
+from .config import ModelArgs
+from .moe import MLP, MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, index: int):
+        super().__init__()
+        self.self_attn = MLAttention(args)
+        self.mlp = MoE(args) if args.is_moe_layer(index) else MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: Any = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """DeepSeek-V3's multi-token-prediction module (checkpoint layer `num_hidden_layers + j`).
+
+    Predicts token i+2 from the main model's pre-norm hidden state at i and token i+1:
+    h' = eh_proj([enorm(embed(t_{i+1})), hnorm(h_i)]), a full decoder block, then
+    shared_head.norm and the (shared) LM head. Its own embedding / head exist only when a
+    checkpoint's copies differ from the main model's (see weights.sanitize).
+    """
+
+    def __init__(self, args: ModelArgs, index: int):
+        super().__init__(args, index)
+        self.enorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.hnorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+        self.shared_head = SharedHead(args)
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def hidden(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """Last hidden states BEFORE the final norm: [B, L, D]."""
+        h = self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        offset = cache[0].offset if cache[0] is not None else 0
+        mask = causal_mask(h.shape[1], offset)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return h
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        return self.norm(self.hidden(inputs, cache))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DeepseekModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        n_mtp = args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0
+        self.mtp = [MTPLayer(args, args.num_hidden_layers + j) for j in range(n_mtp)]
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final-normed hidden states [B, L, D] -> logits [B, L, vocab]."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        return self.head(self.model(inputs, cache))
+
+    def forward_with_hidden(self, inputs: mx.array, cache: list | None = None) -> tuple[mx.array, mx.array]:
+        """(logits, pre-norm last hidden states): what MTP drafting and training need."""
+        h = self.model.hidden(inputs, cache)
+        return self.head(self.model.norm(h)), h
+
+    def make_cache(self) -> list[KVCache]:
+        """One latent cache per layer: keys = c_kv [B,1,S,rank], values = k_pe [B,1,S,rope]."""
+        return [KVCache() for _ in self.layers]
+
+    # ---- multi-token prediction ------------------------------------------------------------
+
+    def make_mtp_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.mtp]
+
+    def mtp_forward(
+        self,
+        hidden: mx.array,
+        next_tokens: mx.array,
+        depth: int = 0,
+        cache: KVCache | None = None,
+    ) -> tuple[mx.array, mx.array]:
+        """MTP module `depth`: (logits for t_{i+2} [B, L, vocab], its pre-norm hidden [B, L, D]).
+
+        hidden: the main model's pre-norm hidden states h_i [B, L, D] (or the previous MTP
+        module's output); next_tokens: t_{i+1} [B, L].
+        """
+        layer = self.mtp[depth]
+        embed = layer.get("embed_tokens", self.model.embed_tokens)
+        x = layer.eh_proj(
+            mx.concatenate([layer.enorm(embed(next_tokens)), layer.hnorm(hidden)], axis=-1)
+        )
+        offset = cache.offset if cache is not None else 0
+        h = layer(x, causal_mask(x.shape[1], offset), cache)
+        normed = layer.shared_head.norm(h)
+        head = layer.shared_head.get("head")
+        logits = head(normed) if head is not None else self.head(normed)
+        return logits, h
+
+    # ---- checkpoint mapping -----------------------------------------------------------------
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map raw Hugging Face / mlx-lm tensor names onto this model's parameters."""
+        from .weights import sanitize
+
+        return sanitize(self.args, weights)
+
+    @property
+    def cast_predicate(self):
+        # the router's correction bias stays float32 whatever the compute dtype
+        return lambda name: "e_score_correction_bias" not in name

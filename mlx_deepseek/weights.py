@@ -1,0 +1,133 @@
+"""Checkpoint tensor mapping: raw Hugging Face DeepSeek names -> this model's parameters.
+
+- per-expert `mlp.experts.{e}.{gate,up,down}_proj.*` are stacked into `mlp.switch_mlp.*`
+  ([E, out, in]); all experts must be present;
+- `self_attn.kv_b_proj` [H*(nope+v), rank] is split per head into `embed_q` (W_uk^T,
+  [H, rank, nope]) and `unembed_out` (W_uv, [H, v, rank]); a quantized one is dequantized,
+  split and quantized again with its own bits / group size (as mlx-lm does);
+- the MTP layer(s) `model.layers.{num_hidden_layers + j}.*` become `mtp.{j}.*`, dropping their
+  `embed_tokens` / `shared_head.head` copies when equal to the main model's;
+- precomputed rotary tables are dropped.
+Already-mapped names (mlx-lm or converted checkpoints) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+
+from .config import ModelArgs
+from .errors import CheckpointError
+
+_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+def _rename_mtp(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    n_main = args.num_hidden_layers
+    n_mtp = args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0
+    out = {}
+    for name, value in weights.items():
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) >= n_main:
+            j = int(m.group(1)) - n_main
+            if j >= n_mtp:
+                continue  # an MTP layer this config does not use
+            name = f"mtp.{j}.{m.group(2)}"
+        out[name] = value
+    return out
+
+
+def _stack_experts(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    groups: dict[tuple[str, str, str], dict[int, mx.array]] = {}
+    out = {}
+    for name, value in weights.items():
+        m = _EXPERT.match(name)
+        if m:
+            groups.setdefault((m.group(1), m.group(3), m.group(4)), {})[int(m.group(2))] = value
+        else:
+            out[name] = value
+    E = args.n_routed_experts or 0
+    for (prefix, proj, kind), experts in groups.items():
+        missing = [e for e in range(E) if e not in experts]
+        if missing or len(experts) != E:
+            raise CheckpointError(
+                f"tensor {prefix}.experts.{missing[0] if missing else E}.{proj}.{kind} is missing "
+                f"(config.json says n_routed_experts={E}; the checkpoint has {len(experts)}): "
+                "re-download the checkpoint or fix n_routed_experts"
+            )
+        out[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([experts[e] for e in range(E)])
+    return out
+
+
+def _split_kv_b(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    H, nope, v, rank = (
+        args.num_attention_heads,
+        args.qk_nope_head_dim,
+        args.v_head_dim,
+        args.kv_lora_rank,
+    )
+    for name in [k for k in weights if k.endswith("self_attn.kv_b_proj.weight")]:
+        prefix = name[: -len(".kv_b_proj.weight")]
+        w = weights.pop(name)
+        scales = weights.pop(f"{prefix}.kv_b_proj.scales", None)
+        biases = weights.pop(f"{prefix}.kv_b_proj.biases", None)
+        quantized = scales is not None
+        if quantized:
+            bits = (w.shape[-1] * 32) // rank
+            group_size = rank // scales.shape[-1]
+            w = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+        if tuple(w.shape) != (H * (nope + v), rank):
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(w.shape)}, but config.json implies "
+                f"{(H * (nope + v), rank)} (num_attention_heads*(qk_nope_head_dim+v_head_dim), "
+                "kv_lora_rank): check those fields"
+            )
+        w = w.reshape(H, nope + v, rank)
+        wk = mx.contiguous(w[:, :nope, :].swapaxes(-1, -2))  # [H, rank, nope]
+        wv = mx.contiguous(w[:, nope:, :])  # [H, v, rank]
+        for key, t in (("embed_q", wk), ("unembed_out", wv)):
+            if quantized:
+                q, s, b = mx.quantize(t, group_size=group_size, bits=bits)
+                weights[f"{prefix}.{key}.weight"] = q
+                weights[f"{prefix}.{key}.scales"] = s
+                weights[f"{prefix}.{key}.biases"] = b
+            else:
+                weights[f"{prefix}.{key}.weight"] = t
+    return weights
+
+
+def _drop_duplicate_mtp_copies(args: ModelArgs, weights: dict[str, mx.array]) -> None:
+    main = {
+        "embed_tokens": "model.embed_tokens",
+        "shared_head.head": "model.embed_tokens" if args.tie_word_embeddings else "lm_head",
+    }
+    for j in range(args.num_nextn_predict_layers):
+        for local, main_prefix in main.items():
+            for kind in ("weight", "scales", "biases"):
+                name = f"mtp.{j}.{local}.{kind}"
+                if name not in weights:
+                    continue
+                ref = weights.get(f"{main_prefix}.{kind}")
+                if ref is not None and ref.shape == weights[name].shape and mx.array_equal(
+                    ref, weights[name]
+                ).item():
+                    del weights[name]
+
+
+def sanitize(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if any(k.endswith("weight_scale_inv") for k in weights):
+        raise CheckpointError(
+            "this checkpoint stores FP8 weights (weight_scale_inv tensors): convert it first with "
+            "`mlx-deepseek convert SRC -o DST`, then load DST"
+        )
+    weights = _rename_mtp(args, weights)
+    weights = _stack_experts(args, weights)
+    weights = _split_kv_b(args, weights)
+    _drop_duplicate_mtp_copies(args, weights)
+    if args.tie_word_embeddings:
+        for kind in ("weight", "scales", "biases"):
+            weights.pop(f"lm_head.{kind}", None)
+    return weights
