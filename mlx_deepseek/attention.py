@@ -21,6 +21,7 @@ from mlx_lm.models.mla import MultiLinear
 from .config import ModelArgs
 from .rope import RoPE
 
+
 # The absorbed path costs ~2*(rank+rope) per query per cached token and head, the expanded
 # path ~(nope+v)*rank per cached token and head to expand K/V: absorb while L is below the
 # ratio of the two (about 113 queries for DeepSeek's 512/64/128/128 shapes).
@@ -80,7 +81,9 @@ class MLAttention(nn.Module):
         # rope part of the scores, pre-scaled, as SDPA's additive mask: [B, H, L, S]
         pe_scores = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)
         if mask is not None:
-            pe_scores = mx.where(mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype))
+            pe_scores = mx.where(
+                mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)
+            )
 
         absorb = self.absorb if self.absorb is not None else use_absorbed(self.args, L)
         if absorb:

@@ -58,7 +58,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelArgs:
-        """Build from a config dict, accepting `rope_scaling` and transformers 5's `rope_parameters`."""
+        """Build from a config dict; accepts `rope_scaling` and transformers 5's `rope_parameters`."""
         config = dict(config)
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -170,7 +170,9 @@ class ModelArgs:
             raise bad("moe_intermediate_size", "must be a positive integer")
         k = self.num_experts_per_tok
         if not k or not (0 < k <= self.n_routed_experts):
-            raise bad("num_experts_per_tok", f"must be in 1..n_routed_experts={self.n_routed_experts}")
+            raise bad(
+                "num_experts_per_tok", f"must be in 1..n_routed_experts={self.n_routed_experts}"
+            )
         if self.topk_method not in TOPK_METHODS:
             raise bad("topk_method", f"must be one of {', '.join(TOPK_METHODS)}")
         if self.scoring_func not in SCORING_FUNCS:
@@ -193,7 +195,9 @@ class ModelArgs:
                 raise bad("topk_group", f"must be in 1..n_group={n_group}")
             per_group = self.n_routed_experts // n_group
             if self.topk_method == "noaux_tc" and n_group > 1 and per_group < 2:
-                raise bad("n_group", "leaves fewer than 2 experts per group (noaux_tc sums the top 2)")
+                raise bad(
+                    "n_group", "leaves fewer than 2 experts per group (noaux_tc sums the top 2)"
+                )
             if k > topk_group * per_group:
                 raise bad(
                     "num_experts_per_tok",

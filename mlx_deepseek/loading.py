@@ -78,7 +78,9 @@ def _download(repo: str) -> Path:
         pass
     except Exception as e:  # network errors, gated repos, 404s
         try:
-            return Path(snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+            return Path(
+                snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+            )
         except Exception:
             raise CheckpointError(
                 f"{repo}: could not download it ({type(e).__name__}) and it is not in the local "
@@ -102,7 +104,7 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The shards a checkpoint consists of: those its index names (all must exist), else *.safetensors."""
+    """The shards of a checkpoint: those its index names (all must exist), else *.safetensors."""
     index = path / "model.safetensors.index.json"
     files: list[Path]
     if index.exists():
@@ -150,7 +152,7 @@ def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
 
 
 def default_dtype() -> mx.Dtype:
-    """bfloat16 on Metal/CUDA; float32 on MLX's CPU backend, where bfloat16 is emulated (~8x slower)."""
+    """bfloat16 on a GPU; float32 on MLX's CPU backend, where bfloat16 is emulated (~8x slower)."""
     return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
 
 
@@ -238,7 +240,9 @@ def available_memory() -> int | None:
     return None
 
 
-def _check_memory(args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype, path: Path) -> None:
+def _check_memory(
+    args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype, path: Path
+) -> None:
     if os.environ.get("MLX_DEEPSEEK_SKIP_MEMORY_CHECK") == "1":
         return
     need_w, need_c = estimate_memory(args, weights, dtype)
@@ -301,7 +305,9 @@ def load_tokenizer(path: Path):
     """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template) for the checkpoint."""
     from mlx_lm.utils import load_tokenizer as _load
 
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if not any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
         raise CheckpointError(
             f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy them from "
             "the original Hugging Face repo"

@@ -23,7 +23,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, index: int):
         super().__init__()
         self.self_attn = MLAttention(args)
-        self.mlp = MoE(args) if args.is_moe_layer(index) else MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = (
+            MoE(args) if args.is_moe_layer(index) else MLP(args.hidden_size, args.intermediate_size)
+        )
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -69,7 +71,7 @@ class DeepseekModel(nn.Module):
             cache = [None] * len(self.layers)
         offset = cache[0].offset if cache[0] is not None else 0
         mask = causal_mask(h.shape[1], offset)
-        for layer, c in zip(self.layers, cache):
+        for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c)
         return h
 
@@ -101,7 +103,9 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         return self.head(self.model(inputs, cache))
 
-    def forward_with_hidden(self, inputs: mx.array, cache: list | None = None) -> tuple[mx.array, mx.array]:
+    def forward_with_hidden(
+        self, inputs: mx.array, cache: list | None = None
+    ) -> tuple[mx.array, mx.array]:
         """(logits, pre-norm last hidden states): what MTP drafting and training need."""
         h = self.model.hidden(inputs, cache)
         return self.head(self.model.norm(h)), h

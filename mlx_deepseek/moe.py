@@ -100,7 +100,9 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate = MoEGate(args)
-        self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts)
+        self.switch_mlp = SwitchGLU(
+            args.hidden_size, args.moe_intermediate_size, args.n_routed_experts
+        )
         if args.n_shared_experts:
             self.shared_experts = MLP(
                 args.hidden_size, args.moe_intermediate_size * args.n_shared_experts

@@ -3,8 +3,7 @@
 - per-expert `mlp.experts.{e}.{gate,up,down}_proj.*` are stacked into `mlp.switch_mlp.*`
   ([E, out, in]); all experts must be present;
 - `self_attn.kv_b_proj` [H*(nope+v), rank] is split per head into `embed_q` (W_uk^T,
-  [H, rank, nope]) and `unembed_out` (W_uv, [H, v, rank]); a quantized one is dequantized,
-  split and quantized again with its own bits / group size (as mlx-lm does);
+  [H, rank, nope]) and `unembed_out` (W_uv, [H, v, rank]), exactly (see _split_kv_b);
 - the MTP layer(s) `model.layers.{num_hidden_layers + j}.*` become `mtp.{j}.*`, dropping their
   `embed_tokens` / `shared_head.head` copies when equal to the main model's;
 - precomputed rotary tables are dropped.
@@ -20,7 +19,9 @@ import mlx.core as mx
 from .config import ModelArgs
 from .errors import CheckpointError
 
-_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_EXPERT = re.compile(
+    r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$"
+)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
@@ -30,11 +31,8 @@ def _rename_mtp(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.a
     out = {}
     for name, value in weights.items():
         m = _LAYER.match(name)
-        if m and int(m.group(1)) >= n_main:
-            j = int(m.group(1)) - n_main
-            if j >= n_mtp:
-                continue  # an MTP layer this config does not use
-            name = f"mtp.{j}.{m.group(2)}"
+        if m and n_main <= int(m.group(1)) < n_main + n_mtp:
+            name = f"mtp.{int(m.group(1)) - n_main}.{m.group(2)}"
         out[name] = value
     return out
 
@@ -73,28 +71,29 @@ def _split_kv_b(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.a
         w = weights.pop(name)
         scales = weights.pop(f"{prefix}.kv_b_proj.scales", None)
         biases = weights.pop(f"{prefix}.kv_b_proj.biases", None)
-        quantized = scales is not None
-        if quantized:
-            bits = (w.shape[-1] * 32) // rank
-            group_size = rank // scales.shape[-1]
-            w = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
-        if tuple(w.shape) != (H * (nope + v), rank):
+        rows = H * (nope + v)
+        if w.shape[0] != rows or (scales is None and w.shape[1] != rank):
             raise CheckpointError(
                 f"tensor {name} has shape {tuple(w.shape)}, but config.json implies "
-                f"{(H * (nope + v), rank)} (num_attention_heads*(qk_nope_head_dim+v_head_dim), "
+                f"{(rows, rank)} (num_attention_heads*(qk_nope_head_dim+v_head_dim), "
                 "kv_lora_rank): check those fields"
             )
-        w = w.reshape(H, nope + v, rank)
-        wk = mx.contiguous(w[:, :nope, :].swapaxes(-1, -2))  # [H, rank, nope]
-        wv = mx.contiguous(w[:, nope:, :])  # [H, v, rank]
-        for key, t in (("embed_q", wk), ("unembed_out", wv)):
-            if quantized:
-                q, s, b = mx.quantize(t, group_size=group_size, bits=bits)
-                weights[f"{prefix}.{key}.weight"] = q
-                weights[f"{prefix}.{key}.scales"] = s
-                weights[f"{prefix}.{key}.biases"] = b
-            else:
-                weights[f"{prefix}.{key}.weight"] = t
+        if scales is None:
+            w = w.reshape(H, nope + v, rank)
+            weights[f"{prefix}.embed_q.weight"] = mx.contiguous(w[:, :nope].swapaxes(-1, -2))
+            weights[f"{prefix}.unembed_out.weight"] = mx.contiguous(w[:, nope:])
+            continue
+        # Quantized (mlx-lm's V2 checkpoints). W_uv's rows are kv_b_proj rows with the same
+        # groups along the rank: slice the packed words, exactly. W_uk is needed transposed
+        # (other groups): keep it dequantized rather than quantizing it a second time.
+        bits = (w.shape[-1] * 32) // rank
+        group_size = rank // scales.shape[-1]
+        for key, t in (("weight", w), ("scales", scales), ("biases", biases)):
+            t = t.reshape(H, nope + v, -1)
+            weights[f"{prefix}.unembed_out.{key}"] = mx.contiguous(t[:, nope:])
+        wk = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+        wk = wk.reshape(H, nope + v, rank)[:, :nope]
+        weights[f"{prefix}.embed_q.weight"] = mx.contiguous(wk.swapaxes(-1, -2))
     return weights
 
 
@@ -110,9 +109,11 @@ def _drop_duplicate_mtp_copies(args: ModelArgs, weights: dict[str, mx.array]) ->
                 if name not in weights:
                     continue
                 ref = weights.get(f"{main_prefix}.{kind}")
-                if ref is not None and ref.shape == weights[name].shape and mx.array_equal(
-                    ref, weights[name]
-                ).item():
+                if (
+                    ref is not None
+                    and ref.shape == weights[name].shape
+                    and mx.array_equal(ref, weights[name]).item()
+                ):
                     del weights[name]
 
 

@@ -149,3 +149,51 @@ def hf_logits(model, tokens) -> torch.Tensor:
 
 def read_config(path: Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def add_mtp_layer(path: Path, seed: int = 1, same_copies: bool = True) -> dict:
+    """Append DeepSeek-V3's MTP layer (index num_hidden_layers) to a saved checkpoint.
+
+    Its decoder block copies the last layer's tensor names with fresh random values; its
+    embed_tokens / shared_head.head equal the main model's (as DeepSeek ships them) unless
+    same_copies is False. Returns the MTP tensors (numpy) by their checkpoint names.
+    """
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    path = Path(path)
+    config = read_config(path)
+    n = config["num_hidden_layers"]
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    rng = np.random.default_rng(seed)
+    mtp = {}
+    prefix = f"model.layers.{n - 1}."
+    for name, t in tensors.items():
+        if name.startswith(prefix):
+            local = name[len(prefix) :]
+            if local.endswith("norm.weight"):
+                value = 1.0 + 0.1 * rng.standard_normal(t.shape)
+            elif local.endswith("e_score_correction_bias"):
+                value = 0.1 * rng.standard_normal(t.shape)
+            else:
+                value = rng.standard_normal(t.shape) / t.shape[-1] ** 0.5
+            mtp[f"model.layers.{n}.{local}"] = value.astype(t.dtype)
+    H = config["hidden_size"]
+    for norm in ("enorm", "hnorm", "shared_head.norm"):
+        mtp[f"model.layers.{n}.{norm}.weight"] = (1.0 + 0.1 * rng.standard_normal(H)).astype(
+            np.float32
+        )
+    mtp[f"model.layers.{n}.eh_proj.weight"] = (
+        rng.standard_normal((H, 2 * H)) / (2 * H) ** 0.5
+    ).astype(np.float32)
+    embed, head = tensors["model.embed_tokens.weight"], tensors["lm_head.weight"]
+    if not same_copies:
+        embed = embed + 0.01 * rng.standard_normal(embed.shape).astype(np.float32)
+        head = head + 0.01 * rng.standard_normal(head.shape).astype(np.float32)
+    mtp[f"model.layers.{n}.embed_tokens.weight"] = embed.copy()
+    mtp[f"model.layers.{n}.shared_head.head.weight"] = head.copy()
+    save_file({**tensors, **mtp}, str(file), metadata={"format": "pt"})
+    config["num_nextn_predict_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return mtp

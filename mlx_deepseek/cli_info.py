@@ -1,0 +1,80 @@
+"""`mlx-deepseek info MODEL`: what a checkpoint is and what running it costs, without loading it."""
+
+from __future__ import annotations
+
+import typer
+
+
+def kv_cache_bytes_per_token(args, dtype_size: int = 2) -> dict[str, int]:
+    """Per layer: our latent cache vs an expanded per-head K/V cache (mlx-lm's V2 cache)."""
+    latent = (args.kv_lora_rank + args.qk_rope_head_dim) * dtype_size
+    expanded = args.num_attention_heads * (args.qk_head_dim + args.v_head_dim) * dtype_size
+    return {"latent": latent, "expanded": expanded}
+
+
+def info_command(
+    model: str = typer.Argument(..., help="Local folder, Hugging Face repo id, or 'demo'."),
+) -> None:
+    """Show a checkpoint's architecture, size, memory need and KV-cache cost per token."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import ModelArgs
+    from .loading import (
+        available_memory,
+        estimate_memory,
+        load_config,
+        read_tensors,
+        resolve_model_path,
+    )
+    from .weights import sanitize
+
+    path = resolve_model_path(model)
+    config = load_config(path)
+    args = ModelArgs.from_dict(config, source=str(path / "config.json"))
+    weights = sanitize(args, read_tensors(path))
+    weight_bytes, cache_bytes = estimate_memory(args, weights, dtype=_dtype_of(weights))
+    kv = kv_cache_bytes_per_token(args)
+    quant = config.get("quantization")
+
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("checkpoint", str(path)),
+        ("model_type", args.model_type),
+        (
+            "layers / hidden / heads",
+            f"{args.num_hidden_layers} / {args.hidden_size} / {args.num_attention_heads}",
+        ),
+        (
+            "experts (routed / shared / top-k)",
+            f"{args.n_routed_experts} / {args.n_shared_experts} / {args.num_experts_per_tok}",
+        ),
+        ("routing", f"{args.topk_method} ({args.scoring_func})"),
+        (
+            "MTP layers in checkpoint",
+            str(len({k.split(".")[1] for k in weights if k.startswith("mtp.")})),
+        ),
+        ("quantization", f"{quant['bits']}-bit, group {quant['group_size']}" if quant else "none"),
+        ("weights", f"{weight_bytes / 1e9:.2f} GB"),
+        ("latent cache, 4096 tokens", f"{cache_bytes / 1e6:.1f} MB"),
+        (
+            "KV cache per token per layer (bf16)",
+            f"{kv['latent']} B latent vs {kv['expanded']} B expanded K/V "
+            f"({kv['expanded'] / kv['latent']:.1f}x less)",
+        ),
+    ]
+    have = available_memory()
+    if have:
+        rows.append(("memory available", f"{have / 1e9:.1f} GB"))
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/bold]", value)
+    Console().print(table)
+
+
+def _dtype_of(weights):
+    import mlx.core as mx
+
+    for v in weights.values():
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return mx.float16
