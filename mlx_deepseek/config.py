@@ -58,7 +58,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelArgs:
-        """Build from a config dict; accepts `rope_scaling` and transformers 5's `rope_parameters`."""
+        """Build from a config dict (`rope_scaling`, or transformers 5's `rope_parameters`)."""
         config = dict(config)
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
