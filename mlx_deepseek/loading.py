@@ -229,7 +229,7 @@ def estimate_memory(
 def available_memory() -> int | None:
     """Bytes MLX may use: the GPU's recommended working set on a Mac, MemAvailable on Linux."""
     if mx.metal.is_available():
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        info = mx.device_info()
         return int(info.get("max_recommended_working_set_size") or info.get("memory_size"))
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -258,13 +258,17 @@ def _check_memory(
 
 
 def _raise_wired_limit() -> None:
+    """On a Mac, let MLX wire the GPU's recommended working set (as mlx-lm does); say so."""
     if sys.platform != "darwin" or not mx.metal.is_available():
         return
-    from mlx_lm.utils import maybe_set_recommended_wired_limit
-
-    limit = maybe_set_recommended_wired_limit()
-    if limit is not None:
-        log.info("raised MLX's wired-memory limit to %.1f GB", limit / 1e9)
+    recommended = mx.device_info().get("max_recommended_working_set_size")
+    if recommended:
+        mx.set_wired_limit(recommended)
+        print(
+            f"mlx-deepseek: MLX's wired-memory limit raised to {recommended / 1e9:.1f} GB "
+            "so the weights stay resident",
+            file=sys.stderr,
+        )
 
 
 def load_model(

@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from .attention import MLAttention, causal_mask
+from .cache import ModelCache
 from .config import ModelArgs
 from .moe import MLP, MoE
 
@@ -110,9 +111,10 @@ class Model(nn.Module):
         h = self.model.hidden(inputs, cache)
         return self.head(self.model.norm(h)), h
 
-    def make_cache(self) -> list[KVCache]:
-        """One latent cache per layer: keys = c_kv [B,1,S,rank], values = k_pe [B,1,S,rope]."""
-        return [KVCache() for _ in self.layers]
+    def make_cache(self) -> ModelCache:
+        """One latent cache per layer (keys = c_kv [B,1,S,rank], values = k_pe [B,1,S,rope]),
+        plus the MTP layers' caches on the same object."""
+        return ModelCache(len(self.layers), len(self.mtp))
 
     # ---- multi-token prediction ------------------------------------------------------------
 
@@ -126,22 +128,31 @@ class Model(nn.Module):
         depth: int = 0,
         cache: KVCache | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """MTP module `depth`: (logits for t_{i+2} [B, L, vocab], its pre-norm hidden [B, L, D]).
+        """MTP module `depth`: (logits for t_{i+2} [B, L, vocab], its hidden [B, L, D]).
 
         hidden: the main model's pre-norm hidden states h_i [B, L, D] (or the previous MTP
         module's output); next_tokens: t_{i+1} [B, L].
         """
+        h = self.mtp_hidden(hidden, next_tokens, depth, cache)
+        return self.mtp_logits(h, depth), h
+
+    def mtp_hidden(
+        self, hidden: mx.array, next_tokens: mx.array, depth: int = 0, cache: KVCache | None = None
+    ) -> mx.array:
+        """The MTP block's output [B, L, D] (before shared_head.norm)."""
         layer = self.mtp[depth]
         embed = layer.get("embed_tokens", self.model.embed_tokens)
         x = layer.eh_proj(
             mx.concatenate([layer.enorm(embed(next_tokens)), layer.hnorm(hidden)], axis=-1)
         )
         offset = cache.offset if cache is not None else 0
-        h = layer(x, causal_mask(x.shape[1], offset), cache)
+        return layer(x, causal_mask(x.shape[1], offset), cache)
+
+    def mtp_logits(self, h: mx.array, depth: int = 0) -> mx.array:
+        layer = self.mtp[depth]
         normed = layer.shared_head.norm(h)
         head = layer.shared_head.get("head")
-        logits = head(normed) if head is not None else self.head(normed)
-        return logits, h
+        return head(normed) if head is not None else self.head(normed)
 
     # ---- checkpoint mapping -----------------------------------------------------------------
 

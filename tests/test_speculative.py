@@ -1,0 +1,156 @@
+"""Self-speculative decoding with the MTP head: greedy output identical to plain decoding,
+exact cache rollback, and the speculative-sampling rule keeps the output distribution."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from checkpoints import add_mtp_layer, build_hf_model, save_hf_checkpoint
+
+import mlx_deepseek
+from mlx_deepseek.generate import StepOptions, decode_steps
+from mlx_deepseek.sampling import SamplingSettings, greedy, make_sampler
+from mlx_deepseek.speculative import MTPDecoder
+
+PROMPT = [5, 9, 33, 100, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = save_hf_checkpoint(build_hf_model("v3_noaux"), tmp_path_factory.mktemp("spec"))
+    add_mtp_layer(path)
+    return mlx_deepseek.load_model(path)
+
+
+def run(model, step_fn, n=24, prompt=PROMPT, sampler=greedy, cache=None, prior=()):
+    cache = cache if cache is not None else model.make_cache()
+    opts = StepOptions(sampler=sampler, logits_processors=[], max_tokens=n, prior_tokens=prior)
+    return [s.token for s in step_fn(model, mx.array(prompt), cache, opts)], cache
+
+
+def oracle_drafts(model, sequence, wrong=()):
+    """Make the MTP head propose the true greedy continuation (wrong at positions `wrong`)."""
+    vocab = model.args.vocab_size
+
+    def mtp_logits(h, depth=0):
+        # the draft predicts the token after the one the MTP cache position pairs with
+        pos = model._oracle_cache.offset + 1
+        token = sequence[pos] if pos < len(sequence) else 0
+        if pos in wrong:
+            token = (token + 1) % vocab
+        return mx.where(mx.arange(vocab) == token, 10.0, -10.0)[None, None]
+
+    return mtp_logits
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 2, 3])
+def test_greedy_output_identical_with_random_drafts(model, draft_tokens):
+    plain, plain_cache = run(model, decode_steps)
+    decoder = MTPDecoder(draft_tokens)
+    spec, spec_cache = run(model, decoder)
+    assert spec == plain
+    assert decoder.stats.drafted > 0
+    # rolled back exactly: same cache length and contents as plain decoding
+    assert spec_cache.length == plain_cache.length
+    n = plain_cache.length
+    for a, b in zip(plain_cache, spec_cache, strict=True):
+        np.testing.assert_allclose(
+            np.array(a.keys[..., :n, :]), np.array(b.keys[..., :n, :]), atol=1e-5
+        )
+
+
+WRONG = {9, 10, 14, 15, 16, 21, 27, 28, 30}
+
+
+@pytest.mark.parametrize(
+    "draft_tokens,wrong", [(1, ()), (3, ()), (1, WRONG), (2, WRONG), (3, WRONG)]
+)
+def test_accepted_drafts_keep_greedy_output(model, monkeypatch, draft_tokens, wrong):
+    plain, _ = run(model, decode_steps, n=30)
+    sequence = PROMPT + plain
+    cache = model.make_cache()
+    model._oracle_cache = cache.mtp[0]
+    monkeypatch.setattr(model, "mtp_logits", oracle_drafts(model, sequence, wrong))
+    decoder = MTPDecoder(draft_tokens)
+    spec, _ = run(model, decoder, n=30, cache=cache)
+    assert spec == plain
+    stats = decoder.stats
+    if not wrong:
+        assert stats.accepted == stats.drafted  # a perfect draft is always accepted
+        assert stats.tokens_per_step > draft_tokens  # k accepted + 1 per verification
+    else:
+        assert 0 < stats.accepted < stats.drafted
+
+
+def test_continuing_a_cache_resyncs_the_mtp_state(model, monkeypatch):
+    """A second call on the same cache (the chat's next turn) keeps greedy output identical."""
+    first, cache = run(model, decode_steps, n=10)
+    full = PROMPT + first
+    # plain continuation of the same context as reference
+    ref, _ = run(model, decode_steps, n=12, prompt=full + [42])
+    decoder = MTPDecoder(2)
+    spec_cache = model.make_cache()
+    first_spec, _ = run(model, decoder, n=10, cache=spec_cache)
+    assert first_spec == first
+    # continue with one new token; the cache holds the prompt and all but the last token
+    held = spec_cache.length
+    tokens_in_cache = full[:held]
+    cont, _ = run(
+        model, decoder, n=12, prompt=full[held:] + [42], cache=spec_cache, prior=tokens_in_cache
+    )
+    assert cont == ref
+
+
+def test_acceptance_rule_gives_the_target_distribution():
+    from mlx_deepseek.speculative import speculative_accept
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(6) * 0.7)
+    q = rng.dirichlet(np.ones(6) * 0.7)
+    p_mx, q_mx = mx.array(p, mx.float32), mx.array(q, mx.float32)
+    mx.random.seed(0)
+    n = 6000
+    counts = np.zeros(6)
+    accepted = 0
+    for d in rng.choice(6, size=n, p=q):
+        ok, token = speculative_accept(p_mx, q_mx, int(d))
+        accepted += ok
+        counts[token] += 1
+    assert 0.5 * np.abs(counts / n - p).sum() < 0.02
+    # the acceptance rate is sum(min(p, q)) in expectation
+    assert abs(accepted / n - np.minimum(p, q).sum()) < 0.03
+    # a draft from the target itself is always accepted
+    assert all(speculative_accept(p_mx, p_mx, d)[0] for d in range(6))
+
+
+@pytest.mark.slow
+def test_sampling_keeps_the_output_distribution(tmp_path):
+    """Second-token marginal of speculative sampling equals plain sampling's exact one."""
+    hf = build_hf_model("v3_noaux", vocab_size=12)
+    path = save_hf_checkpoint(hf, tmp_path / "m")
+    add_mtp_layer(path)
+    model = mlx_deepseek.load_model(path)
+    settings = SamplingSettings(temperature=1.0, top_p=0.9).validated()
+    prompt = [3, 5, 7]
+
+    # exact distribution of the 2nd generated token under plain sampling
+    from mlx_deepseek.sampling import filter_logprobs
+
+    def dist(tokens):
+        lp = model(mx.array([tokens]))[:, -1].astype(mx.float32)
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        return np.array(mx.softmax(filter_logprobs(lp, settings), axis=-1))[0]
+
+    p1 = dist(prompt)
+    exact = sum(p1[t] * dist(prompt + [t]) for t in range(12) if p1[t] > 0)
+
+    decoder = MTPDecoder(1, settings)
+    counts = np.zeros(12)
+    n = 1200
+    mx.random.seed(0)
+    sampler = make_sampler(settings)
+    for _ in range(n):
+        tokens, _ = run(model, decoder, n=3, prompt=prompt, sampler=sampler)
+        counts[tokens[1]] += 1
+    tv = 0.5 * np.abs(counts / n - exact).sum()
+    assert decoder.stats.drafted == n and 0 < decoder.stats.accepted < n
+    assert tv < 0.06, (tv, counts / n, exact)
