@@ -11,6 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from .kernels import fused_moe
+
 
 def _needs_float32_gather(switch_mlp: SwitchGLU, x: mx.array) -> bool:
     return (
@@ -44,6 +46,9 @@ def moe_experts(
     x: [..., D]; inds: [..., k] int; scores: [..., k] float32 routing weights (the routed
     scaling factor already applied).
     """
+    y = fused_moe(x, inds, scores, switch_mlp, shared_experts)
+    if y is not None:  # fused Metal kernels: Metal, quantized experts, 1-8 tokens
+        return y
     if _needs_float32_gather(switch_mlp, x):
         # MLX's CPU gather_mm only takes float32: compute unquantized experts in float32 there
         y = _switch_glu_float32(switch_mlp, x, inds)
