@@ -1,4 +1,9 @@
-"""mlx-deepseek: DeepSeek's MoE/MLA language models on Apple Silicon with MLX."""
+"""mlx-deepseek: DeepSeek's MoE/MLA language models on Apple Silicon with MLX.
+
+    from mlx_deepseek import load, generate, stream_generate
+    model, tokenizer = load("demo")
+    print(generate(model, tokenizer, [{"role": "user", "content": "What is 23 + 45?"}]))
+"""
 
 from ._blas import preload_openblas
 
@@ -6,6 +11,28 @@ preload_openblas()  # must run before mlx.core is first imported
 
 __version__ = "0.1.0"
 
-from .loading import load, load_model  # noqa: E402
+# The public API loads lazily, so `mlx-deepseek --help` does not import MLX and transformers.
+_API = {
+    "load": "loading",
+    "load_model": "loading",
+    "generate": "generate",
+    "stream_generate": "generate",
+    "GenerationResponse": "generate",
+    "ModelArgs": "config",
+    "Model": "model",
+}
 
-__all__ = ["load", "load_model", "__version__"]
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        module = importlib.import_module(f".{_API[name]}", __name__)
+        value = getattr(module, name)
+        # importing the submodule `generate` set the package attribute to the module: the
+        # function wins, as in mlx-lm (`from mlx_deepseek.generate import ...` still works)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,3 +16,6 @@ from .cli_generate import generate  # noqa: E402
 
 app.command("generate")(generate)
 app.command("chat")(chat)
+from .bench.cli import bench_command  # noqa: E402  (light: typer only)
+
+app.command("bench")(bench_command)

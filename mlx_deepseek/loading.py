@@ -305,8 +305,23 @@ def load_model(
     return model
 
 
+def eos_token_ids(path: Path) -> list[int]:
+    """The EOS ids config.json and generation_config.json name (DeepSeek lists them there)."""
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        try:
+            value = json.loads((path / name).read_text()).get("eos_token_id")
+        except (OSError, json.JSONDecodeError):
+            continue
+        for i in [value] if isinstance(value, int) else value or []:
+            if int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
 def load_tokenizer(path: Path):
-    """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template) for the checkpoint."""
+    """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template) for the checkpoint,
+    stopping on the tokenizer's EOS and every EOS id the checkpoint's configs name."""
     from mlx_lm.utils import load_tokenizer as _load
 
     if not any(
@@ -316,7 +331,10 @@ def load_tokenizer(path: Path):
             f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy them from "
             "the original Hugging Face repo"
         )
-    return _load(path)
+    tokenizer = _load(path)
+    for i in eos_token_ids(path):
+        tokenizer.eos_token_ids.add(i)
+    return tokenizer
 
 
 def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = True):

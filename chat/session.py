@@ -1,0 +1,507 @@
+"""A chat conversation without I/O: messages, the KV cache kept between turns, reasoning, stats.
+
+The cache always holds exactly `session.tokens`. Each turn renders the whole conversation
+with the chat template, keeps the longest run of cached tokens whose text is a prefix of
+it, trims the cache there, and prefills only the rest. So turn N prefills just the new
+user message and the template's glue (no BOS or system prompt again), except where the
+history really differs from what the model saw: DeepSeek's templates drop the reasoning
+(`<think>...</think>`) from past answers, so after a reasoning turn the cache is cut back
+to the start of that answer and the answer alone is prefilled again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+from mlx_deepseek.errors import DeepSeekError
+from mlx_deepseek.generate import (
+    DEFAULT_PREFILL_STEP_SIZE,
+    StepFn,
+    cache_length,
+    context_length,
+    make_cache,
+    stream_generate,
+    trim_cache,
+)
+from mlx_deepseek.sampling import SamplingSettings
+
+from .templates import (
+    REASONING_FAMILIES,
+    THINK_END,
+    THINK_START,
+    ChatFormat,
+    chat_format,
+    starts_in_reasoning,
+)
+
+SESSION_FORMAT = "mlx-deepseek-chat/1"
+_ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "kv_lora_rank")
+
+
+class Interrupted(Exception):
+    """Raised by a prefill-progress callback to stop a turn between prefill chunks."""
+
+
+@dataclass
+class Chunk:
+    kind: str  # "reasoning" or "answer"
+    text: str
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int  # prefilled this turn
+    reused_tokens: int  # kept from the cache
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    context_tokens: int  # in the cache after the turn
+    context_limit: int | None
+    finish_reason: str  # "stop", "length" or "interrupted"
+    seconds: float
+    kept: bool = True  # the turn is in the history (an interrupted one without answer is not)
+
+
+@dataclass
+class SessionTotals:
+    turns: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+class ReasoningSplitter:
+    """Splits streamed text into reasoning (inside <think>...</think>) and the answer.
+
+    in_reasoning: the prompt opened the block (R1, V3.1 thinking). detect: else, treat a
+    `<think>` the model writes first as opening it (reasoning models with older templates).
+    """
+
+    def __init__(self, in_reasoning: bool, detect: bool = True):
+        self.state = "reasoning" if in_reasoning else "start" if detect else "answer"
+        self.buffer = ""
+        self.reasoning = ""
+        self.answer = ""
+
+    def feed(self, text: str) -> list[Chunk]:
+        out: list[Chunk] = []
+        self.buffer += text
+        while self.buffer:
+            if self.state == "start":  # does the model open a thinking block itself?
+                head = self.buffer.lstrip()
+                if head.startswith(THINK_START):
+                    self.buffer = head[len(THINK_START) :]
+                    self.state = "reasoning"
+                elif THINK_START.startswith(head):
+                    break  # wait for more text
+                else:
+                    self.state = "answer"
+            elif self.state == "reasoning":
+                i = self.buffer.find(THINK_END)
+                if i >= 0:
+                    self._emit(out, "reasoning", self.buffer[:i])
+                    self.buffer = self.buffer[i + len(THINK_END) :]
+                    self.state = "answer"
+                    continue
+                keep = _partial_suffix(self.buffer, THINK_END)
+                self._emit(out, "reasoning", self.buffer[: len(self.buffer) - keep])
+                self.buffer = self.buffer[len(self.buffer) - keep :]
+                break
+            else:
+                self._emit(out, "answer", self.buffer)
+                self.buffer = ""
+        return out
+
+    def flush(self) -> list[Chunk]:
+        out: list[Chunk] = []
+        kind = "reasoning" if self.state == "reasoning" else "answer"
+        self._emit(out, kind, self.buffer)
+        self.buffer = ""
+        return out
+
+    def _emit(self, out: list[Chunk], kind: str, text: str) -> None:
+        if not text:
+            return
+        if kind == "reasoning":
+            self.reasoning += text
+        else:
+            self.answer += text
+        out.append(Chunk(kind, text))
+
+
+def _prefill_check(
+    stop: Callable[[], bool] | None, progress: Callable[[int, int], None] | None
+) -> Callable[[int, int], None] | None:
+    if stop is None and progress is None:
+        return None
+
+    def check(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        if stop is not None and done < total and stop():
+            raise Interrupted
+
+    return check
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that could be the start of `marker`."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+@dataclass
+class _Turn:
+    """What one respond() call produced (kept for /stats and save files)."""
+
+    reasoning: str = ""
+    answer: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+
+class ChatSession:
+    """A conversation with one model: send messages with `respond`, which streams Chunks."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        fmt: ChatFormat | None = None,
+        config: dict[str, Any] | None = None,
+        name: str = "",
+        system: str | None = None,
+        settings: SamplingSettings | None = None,
+        max_tokens: int = 4096,
+        thinking: bool = False,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+        step_fn: StepFn | None = None,
+    ):
+        from mlx_deepseek.generate import wrap_tokenizer
+
+        self.model = model
+        self.tokenizer = wrap_tokenizer(tokenizer)
+        self.name = name
+        if fmt is None:
+            config = dict(config or {})
+            config.setdefault(
+                "model_type", getattr(getattr(model, "args", None), "model_type", None)
+            )
+            fmt = chat_format(self.tokenizer, config, name)
+        self.fmt = fmt
+        self.settings = (
+            settings or SamplingSettings(temperature=fmt.temperature, top_p=fmt.top_p)
+        ).validated()
+        self.system = system
+        self.max_tokens = max_tokens
+        self.thinking = thinking
+        self.prefill_step_size = prefill_step_size
+        self.step_fn = step_fn  # None: plain decoding; e.g. MTP speculative decoding
+        self.context_limit = context_length(model)
+        self.messages: list[dict[str, str]] = []
+        self.reasoning: dict[int, str] = {}  # message index -> its reasoning (display, saves)
+        self.tokens: list[int] = []  # exactly what the cache holds
+        self.cache = make_cache(model)
+        self._text: str | None = ""  # decode(self.tokens), computed lazily
+        self.last: TurnStats | None = None
+        self.totals = SessionTotals()
+
+    # ---- conversation ----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt and settings stay)."""
+        self.messages, self.reasoning = [], {}
+        self.tokens, self._text = [], ""
+        self.cache = make_cache(self.model)
+        self.last = None
+
+    def set_system(self, text: str | None) -> None:
+        """Change the system prompt; the next turn re-prefills from where it changed."""
+        self.system = text or None
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as the template sees them (system prompt first)."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.fmt.render(self.tokenizer, messages, add_generation_prompt, self.thinking)
+
+    def respond(
+        self,
+        user_text: str,
+        stop: Callable[[], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Iterator[Chunk]:
+        """Send a user message; yields the reply as reasoning / answer Chunks.
+
+        Stop early with `stop` (polled after every prefill chunk and every token; e.g. a
+        Ctrl-C flag) or by closing the generator: the partial answer is kept in the history
+        and the cache stays consistent with it. When nothing of the answer was produced yet,
+        the turn is dropped. `progress(done, total)` follows a long prefill. Stats land in
+        `self.last`.
+        """
+        if not user_text.strip():
+            raise DeepSeekError("the message is empty")
+        messages = self.conversation() + [{"role": "user", "content": user_text}]
+        prompt_text = self.render(messages, add_generation_prompt=True)
+        reused, delta = self._sync(prompt_text)
+        if self.context_limit is not None and reused + len(delta) >= self.context_limit:
+            raise DeepSeekError(
+                f"the conversation is {reused + len(delta)} tokens with this message, but the "
+                f"model's context holds {self.context_limit}: /reset to start over, or send a "
+                "shorter message"
+            )
+        splitter = self._splitter(prompt_text)
+        turn = _Turn()
+        finish = "interrupted"
+        last = None
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        s = self.settings
+        stream = stream_generate(
+            self.model,
+            self.tokenizer,
+            delta,
+            self.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty,
+            repetition_context_size=s.repetition_context_size,
+            seed=s.seed,
+            prompt_cache=self.cache,
+            prior_tokens=self.tokens,  # the repetition penalty and MTP drafting look back
+            prefill_step_size=self.prefill_step_size,
+            prefill_progress=_prefill_check(stop, progress),
+            step_fn=self.step_fn,
+        )
+        try:
+            for r in stream:
+                last = r
+                turn.tokens.append(r.token)
+                yield from splitter.feed(r.text)
+                if r.finish_reason is not None:
+                    finish = r.finish_reason
+                    yield from splitter.flush()
+                elif stop is not None and stop():
+                    break
+        except Interrupted:
+            pass
+        finally:
+            stream.close()
+            # The history takes its text from the tokens, not from the streamed pieces: the
+            # streaming detokenizer may trim a leading space or mend bytes differently than a
+            # full decode, and the cache must match the history's text exactly.
+            generated = turn.tokens
+            if generated and generated[-1] in self.tokenizer.eos_token_ids:
+                generated = generated[:-1]
+            split = self._splitter(prompt_text)
+            split.feed(self._decode(generated))
+            split.flush()
+            turn.reasoning, turn.answer = split.reasoning, split.answer
+            self._commit(messages, delta, turn, finish, last, reused, t0)
+
+    def _splitter(self, prompt_text: str) -> ReasoningSplitter:
+        reasons = self.fmt.family in REASONING_FAMILIES
+        return ReasoningSplitter(starts_in_reasoning(prompt_text), detect=reasons)
+
+    # ---- cache bookkeeping -----------------------------------------------------------------
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(
+            tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+
+    def _cached_text(self) -> str:
+        if self._text is None:
+            self._text = self._decode(self.tokens)
+        return self._text
+
+    def _sync(self, prompt_text: str) -> tuple[int, list[int]]:
+        """Trim the cache to its longest prefix that `prompt_text` continues; the new tokens."""
+        cached = self._cached_text()
+        if prompt_text.startswith(cached):
+            keep, keep_text = len(self.tokens), cached
+        else:
+            lo, hi = 0, len(self.tokens)  # invariant: tokens[:lo] decodes to a prefix
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if prompt_text.startswith(self._decode(self.tokens[:mid])):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            keep, keep_text = lo, self._decode(self.tokens[:lo])
+        if keep and keep_text == prompt_text:  # nothing new: recompute the last token's logits
+            keep -= 1
+            keep_text = self._decode(self.tokens[:keep])
+        self._truncate(keep, keep_text)
+        delta = self.tokenizer.encode(prompt_text[len(keep_text) :], add_special_tokens=False)
+        return keep, list(delta)
+
+    def _truncate(self, keep: int, text: str | None = None) -> None:
+        trim_cache(self.cache, keep)
+        self.tokens = self.tokens[:keep]
+        self._text = text
+
+    def _commit(
+        self,
+        messages: list[dict[str, str]],
+        delta: list[int],
+        turn: _Turn,
+        finish: str,
+        last: Any,
+        reused: int,
+        t0: float,
+    ) -> None:
+        known = self.tokens + delta + turn.tokens
+        keep = min(cache_length(self.cache), len(known))
+        self.tokens = known
+        self._truncate(keep)
+        answered = finish != "interrupted" or turn.answer.strip()
+        if answered:
+            content = self._pick_content(messages, turn.answer)
+            head = 1 if self.system else 0
+            self.messages = messages[head:] + [{"role": "assistant", "content": content}]
+            if turn.reasoning:
+                self.reasoning[len(self.messages) - 1] = turn.reasoning
+        prefilled = max(0, min(keep, reused + len(delta)) - reused)
+        self.totals.prompt_tokens += prefilled
+        self.totals.generation_tokens += len(turn.tokens)
+        self.totals.turns += 1 if answered else 0
+        seconds = time.perf_counter() - t0
+        self.last = TurnStats(
+            prompt_tokens=prefilled if last is None else last.prompt_tokens,
+            reused_tokens=reused,
+            prompt_tps=last.prompt_tps if last else prefilled / max(seconds, 1e-9),
+            generation_tokens=len(turn.tokens),
+            generation_tps=last.generation_tps if last else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            context_tokens=len(self.tokens),
+            context_limit=self.context_limit,
+            finish_reason=finish,
+            seconds=seconds,
+            kept=bool(answered),
+        )
+
+    def _pick_content(self, messages: list[dict[str, str]], answer: str) -> str:
+        """The answer as stored in the history: as generated, unless the template adds its own
+        separator (V2's 'Assistant: ') so that a stripped copy matches what the model saw."""
+        stripped = answer.lstrip()
+        if stripped == answer:
+            return answer
+        cached = self._cached_text()
+
+        def shared(content: str) -> int:
+            text = self.render(messages + [{"role": "assistant", "content": content}], False)
+            return len(os.path.commonprefix([text, cached]))
+
+        return stripped if shared(stripped) > shared(answer) else answer
+
+    # ---- settings --------------------------------------------------------------------------
+
+    def set_thinking(self, on: bool) -> None:
+        if not self.fmt.has_thinking_switch:
+            what = (
+                "always reasons before answering"
+                if self.fmt.family == "r1"
+                else "has no thinking mode"
+            )
+            raise DeepSeekError(f"this model ({self.fmt.family}) {what}; /think does not apply")
+        self.thinking = on
+
+    # ---- save / load -----------------------------------------------------------------------
+
+    def _arch(self) -> dict[str, Any]:
+        args = getattr(self.model, "args", None)
+        return {k: getattr(args, k, None) for k in _ARCH_FIELDS}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the conversation and its cache to one .safetensors file, atomically."""
+        path = Path(path).expanduser()
+        if not path.suffix:
+            path = path.with_suffix(".safetensors")
+        if path.is_dir():
+            raise DeepSeekError(
+                f"{path} is a folder: give a file name, e.g. {path}/chat.safetensors"
+            )
+        if not path.parent.exists():
+            raise DeepSeekError(f"{path.parent}: no such folder")
+        state = {
+            "model": self.name,
+            "arch": self._arch(),
+            "family": self.fmt.family,
+            "system": self.system,
+            "messages": self.messages,
+            "reasoning": {str(k): v for k, v in self.reasoning.items()},
+            "tokens": self.tokens,
+            "settings": asdict(self.settings),
+            "max_tokens": self.max_tokens,
+            "thinking": self.thinking,
+            "totals": asdict(self.totals),
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
+        try:
+            save_prompt_cache(
+                str(tmp), self.cache, {"format": SESSION_FORMAT, "session": json.dumps(state)}
+            )
+            os.replace(tmp, path)
+        except Exception as e:
+            reason = getattr(e, "strerror", None) or e
+            raise DeepSeekError(f"{path}: could not save the session ({reason})") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Replace this conversation with one saved by `save` (same model architecture)."""
+        path = Path(path).expanduser()
+        if not path.exists() and not path.suffix and path.with_suffix(".safetensors").exists():
+            path = path.with_suffix(".safetensors")
+        if not path.is_file():
+            raise DeepSeekError(f"{path}: no such session file")
+        try:
+            cache, meta = load_prompt_cache(str(path), return_metadata=True)
+            if meta.get("format") != SESSION_FORMAT:
+                raise ValueError("format")
+            state = json.loads(meta["session"])
+            tokens = [int(t) for t in state["tokens"]]
+            settings = SamplingSettings(**state["settings"]).validated()
+            messages = [{"role": m["role"], "content": m["content"]} for m in state["messages"]]
+        except Exception:
+            raise DeepSeekError(
+                f"{path}: not a chat session saved by mlx-deepseek (/save writes them)"
+            ) from None
+        if state.get("arch") != self._arch():
+            raise DeepSeekError(
+                f"{path} was saved with another model ({state.get('model') or 'unknown'}, "
+                f"{state.get('arch')}); load it in a chat with that model"
+            )
+        fresh = make_cache(self.model)  # the model's own cache type (it may carry MTP state)
+        if len(cache) != len(fresh) or cache_length(cache) < len(tokens):
+            raise DeepSeekError(f"{path}: the saved cache does not match its conversation")
+        for layer, saved in zip(fresh, cache, strict=True):
+            layer.state = saved.state
+        trim_cache(fresh, len(tokens))
+        self.cache, self.tokens, self._text = fresh, tokens, None
+        self.system = state.get("system")
+        self.messages = messages
+        self.reasoning = {int(k): v for k, v in state.get("reasoning", {}).items()}
+        self.settings = settings
+        self.max_tokens = int(state.get("max_tokens", self.max_tokens))
+        if self.fmt.has_thinking_switch:
+            self.thinking = bool(state.get("thinking", False))
+        self.totals = SessionTotals(**state.get("totals", {}))
+        self.last = None

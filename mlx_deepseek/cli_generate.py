@@ -1,0 +1,153 @@
+"""`mlx-deepseek generate`: one prompt in, the answer streamed to stdout.
+
+Reasoning (R1, V3.1 thinking) goes to stderr, dimmed, so that stdout holds only the answer;
+a stats line follows on stderr. Heavy imports happen inside the command (fast --help).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .errors import DeepSeekError
+
+MODEL_HELP = "Checkpoint folder, Hugging Face repo id, or 'demo' (the bundled demo model)."
+
+
+def load_checkpoint(model: str, quiet: bool = False) -> tuple[Any, Any, Any, str]:
+    """(model, tokenizer, chat format, display name) for a folder, repo id or `demo`."""
+    from rich.console import Console
+
+    from .chat.templates import chat_format, read_model_config
+    from .loading import load, resolve_model_path
+
+    path = resolve_model_path(model)
+    name = model if not Path(model).expanduser().exists() else path.resolve().name
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        m, tokenizer = load(path)
+    else:
+        with console.status(f"loading {name} ...", spinner="dots"):
+            m, tokenizer = load(path)
+    config = read_model_config(path)
+    return m, tokenizer, chat_format(tokenizer, config, name), name
+
+
+def read_prompt(prompt: str | None) -> str:
+    """--prompt's text, or stdin's when --prompt is absent or '-' (must be UTF-8)."""
+    if prompt is not None and prompt != "-":
+        return prompt
+    if prompt is None and sys.stdin.isatty():
+        raise DeepSeekError("no prompt: give --prompt TEXT, or pipe the prompt on stdin")
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DeepSeekError(
+            f"stdin is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): convert "
+            "it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    text = text.rstrip("\r\n")
+    if not text.strip():
+        raise DeepSeekError("the prompt on stdin is empty")
+    return text
+
+
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str | None = typer.Option(
+        None, "--prompt", "-p", help="The prompt; omit it or give '-' to read stdin."
+    ),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-m", help="Longest answer, in tokens."),
+    temp: float | None = typer.Option(
+        None, "--temp", help="Temperature (0 = greedy). Default: the model family's."
+    ),
+    top_p: float | None = typer.Option(
+        None, "--top-p", help="Nucleus sampling threshold in (0, 1]. Default: the family's."
+    ),
+    top_k: int = typer.Option(
+        0, "--top-k", help="Sample among the K most likely tokens (0 = off)."
+    ),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top one's."),
+    repetition_penalty: float | None = typer.Option(
+        None, "--repetition-penalty", help="Penalise the last 20 tokens (1 = off)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (reproducible sampling)."),
+    system: str | None = typer.Option(None, "--system", help="A system prompt."),
+    stop: list[str] | None = typer.Option(  # noqa: B008
+        None, "--stop", help="Stop at this string (repeatable); it is not printed."
+    ),
+    think: bool = typer.Option(
+        False, "--think", help="Thinking mode (models with a switch: V3.1)."
+    ),
+    raw: bool = typer.Option(
+        False, "--raw", help="Send the prompt as is, without the chat template."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No stats line, no spinner."),
+) -> None:
+    """Generate an answer to one prompt (stdout: the answer; stderr: reasoning and stats)."""
+    from rich.console import Console
+
+    from .chat.repl import format_memory
+    from .chat.session import ReasoningSplitter
+    from .chat.templates import REASONING_FAMILIES, starts_in_reasoning
+    from .generate import stream_generate
+
+    text = read_prompt(prompt)
+    m, tokenizer, fmt, _ = load_checkpoint(model, quiet)
+    if think and not fmt.has_thinking_switch:
+        raise DeepSeekError(
+            f"--think: this model's chat format ({fmt.family}) has no thinking switch"
+        )
+    if raw:
+        prompt_text = text
+        tokens: Any = text
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}
+        ]
+        prompt_text = fmt.render(tokenizer, messages, True, think)
+        tokens = tokenizer.encode(prompt_text, add_special_tokens=False)
+    detect = fmt.family in REASONING_FAMILIES
+    splitter = ReasoningSplitter(starts_in_reasoning(prompt_text), detect=detect)
+    err = Console(stderr=True, highlight=False)
+    last = None
+    answered = False
+    for last in stream_generate(
+        m,
+        tokenizer,
+        tokens,
+        max_tokens,
+        temperature=fmt.temperature if temp is None else temp,
+        top_p=fmt.top_p if top_p is None else top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop or None,
+    ):
+        chunks = splitter.feed(last.text) + (splitter.flush() if last.finish_reason else [])
+        for chunk in chunks:
+            if chunk.kind == "reasoning":
+                err.print(chunk.text, style="dim italic", end="", markup=False, soft_wrap=True)
+            else:
+                if splitter.reasoning and not answered:
+                    err.print()  # end the reasoning's line before the answer starts
+                answered = True
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    if splitter.reasoning and not answered:
+        err.print()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if last is not None and not quiet:
+        err.print(
+            f"prompt {last.prompt_tokens} tok {last.prompt_tps:.1f} tok/s · generated "
+            f"{last.generation_tokens} tok {last.generation_tps:.1f} tok/s · peak "
+            f"{format_memory(last.peak_memory)} · {last.finish_reason}",
+            style="dim",
+            markup=False,
+        )

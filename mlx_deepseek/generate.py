@@ -1,0 +1,401 @@
+"""The generation loop: chunked prefill, decode, sampling, stop conditions, streaming text.
+
+One loop serves the Python API (`generate`, `stream_generate`), `mlx-deepseek generate` and
+the chat. It is split in two layers:
+
+- a *step function* turns (model, prompt tokens, cache) into a stream of `Step`s: one sampled
+  token each, with its log-probabilities and whether a draft proposed it. `decode_steps` is
+  the plain one (prefill in chunks, then one token per forward pass).
+  Speculative decoding with the MTP head (issue 8) plugs in here as another step function
+  with the same signature, passed as `stream_generate(..., step_fn=...)`: it may yield
+  several tokens per verification pass, marking accepted drafts `from_draft=True`, and
+  must trim rejected drafts from the cache itself.
+- `stream_generate` owns everything about text: EOS ids, stop strings, max tokens, the
+  streaming detokenizer (never splits a UTF-8 character), timings and memory.
+
+Cache contract for step functions: when the consumer stops after a step, the cache holds
+the prompt and the tokens yielded so far, possibly except the last one (the plain loop
+computes one step ahead, so the last yielded token is usually already in the cache).
+Callers that continue from the cache (the chat) trim it to what they keep.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .errors import DeepSeekError
+from .sampling import (
+    LogitsProcessor,
+    Sampler,
+    SamplingSettings,
+    make_logits_processors,
+    make_sampler,
+)
+from .sampling import seed as seed_rng
+
+DEFAULT_PREFILL_STEP_SIZE = 2048
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece of output (mirrors mlx-lm's GenerationResponse).
+
+    text: the new text since the previous response (may be empty: held-back bytes of a
+    character, or text that might start a stop string); token: the token of this step;
+    logprobs: its log-probabilities over the vocabulary [vocab]; from_draft: proposed by a
+    draft (speculative decoding); prompt_tokens: tokens prefilled for this request (not
+    counting a reused cache); prompt_tps: their tokens/s; generation_tokens: tokens generated
+    so far; generation_tps: decode tokens/s; peak_memory: GB; finish_reason: None while
+    streaming, then "stop" (EOS or a stop string) or "length" (max tokens or context end).
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array | None
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+
+
+class Step(NamedTuple):
+    token: int
+    logprobs: mx.array  # [vocab]
+    from_draft: bool = False
+
+
+@dataclass
+class StepOptions:
+    sampler: Sampler
+    logits_processors: list[LogitsProcessor]
+    max_tokens: int
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE
+    prior_tokens: Sequence[int] = ()  # already in the cache; seen by the repetition penalty
+    prefill_progress: Callable[[int, int], None] | None = None
+
+
+StepFn = Callable[[nn.Module, mx.array, list, StepOptions], Iterator[Step]]
+
+
+# ---- caches --------------------------------------------------------------------------------
+
+
+def make_cache(model: nn.Module) -> list:
+    if hasattr(model, "make_cache"):
+        return model.make_cache()
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+def cache_length(cache: list) -> int:
+    """Tokens held by a per-layer cache list (the least-filled layer)."""
+    return min((c.offset for c in cache), default=0)
+
+
+def trim_cache(cache: list, length: int) -> None:
+    """Cut every layer back to its first `length` tokens."""
+    for c in cache:
+        if c.offset > length:
+            c.trim(c.offset - length)
+
+
+def context_length(model: nn.Module) -> int | None:
+    args = getattr(model, "args", None)
+    return getattr(args, "max_position_embeddings", None)
+
+
+# ---- the plain step function ---------------------------------------------------------------
+
+
+def decode_steps(
+    model: nn.Module, prompt: mx.array, cache: list, opts: StepOptions
+) -> Iterator[Step]:
+    """Prefill `prompt` [L] in chunks, then sample one token per forward pass.
+
+    Each prefill chunk is evaluated before the next starts, so `prefill_progress` may raise
+    (e.g. on Ctrl-C) and leave the cache holding whole chunks only.
+    """
+    processors = opts.logits_processors
+    history = mx.array(list(opts.prior_tokens) + prompt.tolist()) if processors else None
+
+    def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history
+        logits = model(inputs[None], cache=cache)[:, -1, :]
+        if processors:
+            for p in processors:
+                logits = p(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = opts.sampler(logprobs)
+        if processors:
+            history = mx.concatenate([history, token])
+        return token, logprobs.squeeze(0)
+
+    total, done = prompt.size, 0
+    while total - done > 1:
+        n = min(opts.prefill_step_size, total - done - 1)
+        model(prompt[done : done + n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        if opts.prefill_progress is not None:
+            opts.prefill_progress(done, total)
+        mx.clear_cache()
+
+    y, logprobs = step(prompt[done:])
+    mx.async_eval(y, logprobs)
+    n = 0
+    while True:
+        if n + 1 < opts.max_tokens:  # compute the next step while the caller handles this one
+            next_y, next_logprobs = step(y)
+            mx.async_eval(next_y, next_logprobs)
+        if n == 0 and opts.prefill_progress is not None:
+            mx.eval(y)
+            opts.prefill_progress(total, total)
+        yield Step(y.item(), logprobs)
+        n += 1
+        if n >= opts.max_tokens:
+            return
+        if n % 256 == 0:
+            mx.clear_cache()
+        y, logprobs = next_y, next_logprobs
+
+
+# ---- prompts -------------------------------------------------------------------------------
+
+
+def wrap_tokenizer(tokenizer: Any) -> TokenizerWrapper:
+    return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
+
+
+def encode_prompt(
+    tokenizer: Any,
+    prompt: str | Sequence[int] | Sequence[dict] | mx.array,
+    *,
+    system: str | None = None,
+    chat_format: Any = None,
+    thinking: bool = False,
+    model_config: dict | None = None,
+) -> list[int]:
+    """Prompt token ids from text (raw, BOS added unless present), ids, or chat messages.
+
+    Messages (a list of {"role", "content"} dicts) go through the chat template: the
+    checkpoint's own, else the built-in DeepSeek one (see mlx_deepseek.chat.templates).
+    `system` prepends a system message (and turns a text prompt into a one-turn chat).
+    """
+    if isinstance(prompt, mx.array):
+        return [int(t) for t in prompt.reshape(-1).tolist()]
+    if isinstance(prompt, str):
+        if system is None:
+            bos = getattr(tokenizer, "bos_token", None)
+            add_special = bos is None or not prompt.startswith(bos)
+            return list(tokenizer.encode(prompt, add_special_tokens=add_special))
+        prompt = [{"role": "user", "content": prompt}]
+    prompt = list(prompt)
+    if all(isinstance(t, int) for t in prompt):
+        return prompt
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        raise DeepSeekError(
+            "prompt: give a string, a list of token ids, or a list of chat messages "
+            '({"role": "user", "content": "..."})'
+        )
+    messages = list(prompt)
+    if system is not None and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    if chat_format is None:
+        from .chat.templates import chat_format as make_format
+
+        chat_format = make_format(tokenizer, model_config or {})
+    text = chat_format.render(tokenizer, messages, add_generation_prompt=True, thinking=thinking)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+class _StopStrings:
+    """Cuts the text at the first stop string; holds back text that may start one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        buf = self.pending + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.pending = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+# ---- the API -------------------------------------------------------------------------------
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | Sequence[dict] | mx.array,
+    max_tokens: int = 256,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    system: str | None = None,
+    thinking: bool = False,
+    sampler: Sampler | None = None,
+    logits_processors: list[LogitsProcessor] | None = None,
+    prompt_cache: list | None = None,
+    prior_tokens: Sequence[int] = (),
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prefill_progress: Callable[[int, int], None] | None = None,
+    step_fn: StepFn | None = None,
+) -> Iterator[GenerationResponse]:
+    """Generate from `prompt`, yielding a GenerationResponse per token.
+
+    prompt: text (used as is; BOS added unless present), token ids, or chat messages (the
+    chat template is applied). prompt_cache: a cache from `make_cache(model)` that already
+    holds earlier tokens (the prompt continues them) and is updated in place. Sampling:
+    temperature 0 is greedy; `sampler` / `logits_processors` replace the built ones.
+    stop: string(s) that end the answer (not included in the text). Raises DeepSeekError
+    when the prompt does not fit the model's context.
+    """
+    settings = SamplingSettings(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        seed=seed,
+    ).validated()
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise DeepSeekError(f"max_tokens={max_tokens!r}: must be an integer >= 1")
+    tokenizer = wrap_tokenizer(tokenizer)
+    args = getattr(model, "args", None)
+    config = {"model_type": getattr(args, "model_type", None)}
+    tokens = encode_prompt(tokenizer, prompt, system=system, thinking=thinking, model_config=config)
+    if not tokens:
+        raise DeepSeekError("the prompt is empty: give at least one token")
+
+    cache = prompt_cache if prompt_cache is not None else make_cache(model)
+    used = cache_length(cache)
+    limit = context_length(model)
+    if limit is not None:
+        if used + len(tokens) >= limit:
+            held = f" + {used} already in the conversation" if used else ""
+            raise DeepSeekError(
+                f"the prompt is {len(tokens)} tokens{held}, but the model's context holds "
+                f"{limit} (max_position_embeddings) and needs room to answer: shorten the "
+                "prompt" + (" or start a new conversation" if used else "")
+            )
+        max_tokens = min(max_tokens, limit - used - len(tokens))
+
+    seed_rng(settings.seed)
+    opts = StepOptions(
+        sampler=sampler or make_sampler(settings),
+        logits_processors=(
+            logits_processors if logits_processors is not None else make_logits_processors(settings)
+        ),
+        max_tokens=max_tokens,
+        prefill_step_size=max(1, int(prefill_step_size)),
+        prior_tokens=prior_tokens,
+        prefill_progress=prefill_progress,
+    )
+    steps = (step_fn or decode_steps)(model, mx.array(tokens), cache, opts)
+    eos = set(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer
+    stops = _StopStrings([stop] if isinstance(stop, str) else list(stop or ()))
+
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    t_first = tic
+    n = 0
+    try:
+        for step in steps:
+            n += 1
+            now = time.perf_counter()
+            if n == 1:
+                prompt_tps = len(tokens) / max(now - tic, 1e-9)
+                t_first = now
+            finish = None
+            if step.token in eos:
+                detok.finalize()
+                text, _ = stops.feed(detok.last_segment)
+                text += stops.flush()
+                finish = "stop"
+            else:
+                detok.add_token(step.token)
+                text, hit = stops.feed(detok.last_segment)
+                if hit:
+                    finish = "stop"
+                elif n >= max_tokens:
+                    detok.finalize()
+                    more, hit = stops.feed(detok.last_segment)
+                    text += more + ("" if hit else stops.flush())
+                    finish = "stop" if hit else "length"
+            yield GenerationResponse(
+                text=text,
+                token=step.token,
+                logprobs=step.logprobs,
+                from_draft=step.from_draft,
+                prompt_tokens=len(tokens),
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=(n - 1) / (now - t_first) if n > 1 and now > t_first else 0.0,
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+            )
+            if finish is not None:
+                return
+    finally:
+        steps.close()
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[int] | Sequence[dict] | mx.array,
+    max_tokens: int = 256,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """The whole answer as one string (see `stream_generate` for the options)."""
+    text = []
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        text.append(response.text)
+        if verbose:
+            print(response.text, end="", flush=True)
+    if verbose and response is not None:
+        print()
+        print(
+            f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s; "
+            f"generation: {response.generation_tokens} tokens, "
+            f"{response.generation_tps:.1f} tokens/s; peak memory {response.peak_memory:.2f} GB"
+        )
+    return "".join(text)
