@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from mlx_deepseek.cli_generate import MODEL_HELP
+from mlx_deepseek.cli_generate import DRAFT_HELP, MODEL_HELP, MTP_HELP
 
 
 def chat(
@@ -33,6 +33,8 @@ def chat(
     prefill_step_size: int = typer.Option(
         2048, "--prefill-step-size", help="Prompt tokens per prefill pass."
     ),
+    mtp: bool | None = typer.Option(None, "--mtp/--no-mtp", help=MTP_HELP),
+    draft_tokens: int = typer.Option(1, "--draft-tokens", help=DRAFT_HELP),
 ) -> None:
     """Chat with a model in the terminal (streams answers; /help lists the commands)."""
     from mlx_deepseek import cli
@@ -63,6 +65,8 @@ def chat(
         settings=settings,
         max_tokens=max_tokens,
         prefill_step_size=prefill_step_size,
+        mtp=mtp,
+        draft_tokens=draft_tokens,
     )
     if think:
         session.set_thinking(True)

@@ -67,6 +67,8 @@ def stats_line(s: TurnStats) -> str:
         f"context {context}",
         f"peak {format_memory(s.peak_memory)}",
     ]
+    if s.acceptance_rate is not None:
+        parts.append(f"MTP {s.acceptance_rate:.0%} accepted, {s.tokens_per_step:.2f} tok/step")
     if s.finish_reason == "length":
         parts.append("stopped at the token limit")
     return " · ".join(parts)

@@ -70,6 +70,8 @@ class TurnStats:
     finish_reason: str  # "stop", "length" or "interrupted"
     seconds: float
     kept: bool = True  # the turn is in the history (an interrupted one without answer is not)
+    acceptance_rate: float | None = None  # MTP drafts accepted (None: no drafting)
+    tokens_per_step: float | None = None
 
 
 @dataclass
@@ -187,6 +189,8 @@ class ChatSession:
         thinking: bool = False,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         step_fn: StepFn | None = None,
+        mtp: bool | None = None,
+        draft_tokens: int = 1,
     ):
         from mlx_deepseek.generate import wrap_tokenizer
 
@@ -207,7 +211,9 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.thinking = thinking
         self.prefill_step_size = prefill_step_size
-        self.step_fn = step_fn  # None: plain decoding; e.g. MTP speculative decoding
+        self.step_fn = step_fn  # replaces the decoding loop (tests); None: stream_generate's
+        self.mtp = mtp  # MTP self-speculative decoding: None = the default for this device
+        self.draft_tokens = draft_tokens
         self.context_limit = context_length(model)
         self.messages: list[dict[str, str]] = []
         self.reasoning: dict[int, str] = {}  # message index -> its reasoning (display, saves)
@@ -287,6 +293,8 @@ class ChatSession:
             prefill_step_size=self.prefill_step_size,
             prefill_progress=_prefill_check(stop, progress),
             step_fn=self.step_fn,
+            mtp=self.mtp,
+            draft_tokens=self.draft_tokens,
         )
         try:
             for r in stream:
@@ -394,6 +402,8 @@ class ChatSession:
             finish_reason=finish,
             seconds=seconds,
             kept=bool(answered),
+            acceptance_rate=last.acceptance_rate if last else None,
+            tokens_per_step=last.tokens_per_step if last else None,
         )
 
     def _pick_content(self, messages: list[dict[str, str]], answer: str) -> str:

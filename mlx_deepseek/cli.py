@@ -37,7 +37,7 @@ def main() -> None:
 
     _register_commands()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except DeepSeekError as e:
         if _debug or "--debug" in sys.argv:
             raise
@@ -57,3 +57,7 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(130)
         raise
+    if isinstance(rc, int) and rc != 0:  # typer turns Ctrl-C into exit code 130
+        if rc == 130:
+            typer.secho("interrupted", err=True)
+        sys.exit(rc)

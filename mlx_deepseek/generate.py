@@ -66,6 +66,8 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float
     finish_reason: str | None = None
+    acceptance_rate: float | None = None  # MTP drafts accepted / drafted (None: no drafting)
+    tokens_per_step: float | None = None  # tokens per main-model forward while drafting
 
 
 class Step(NamedTuple):
@@ -274,6 +276,8 @@ def stream_generate(
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     prefill_progress: Callable[[int, int], None] | None = None,
     step_fn: StepFn | None = None,
+    mtp: bool | None = None,
+    draft_tokens: int = 1,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a GenerationResponse per token.
 
@@ -283,6 +287,9 @@ def stream_generate(
     temperature 0 is greedy; `sampler` / `logits_processors` replace the built ones.
     stop: string(s) that end the answer (not included in the text). Raises DeepSeekError
     when the prompt does not fit the model's context.
+    mtp: self-speculative decoding with the checkpoint's MTP head, `draft_tokens` drafts per
+    step (None: on where `speculative.mtp_by_default` says it pays off); responses then carry
+    the acceptance rate and tokens per step. `step_fn` replaces the decoding loop entirely.
     """
     settings = SamplingSettings(
         temperature=temperature,
@@ -326,6 +333,11 @@ def stream_generate(
         prior_tokens=prior_tokens,
         prefill_progress=prefill_progress,
     )
+    if step_fn is None:
+        from .speculative import mtp_step_fn
+
+        step_fn = mtp_step_fn(model, cache, mtp, draft_tokens, settings)
+    stats = getattr(step_fn, "stats", None)
     steps = (step_fn or decode_steps)(model, mx.array(tokens), cache, opts)
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
@@ -369,6 +381,8 @@ def stream_generate(
                 generation_tps=(n - 1) / (now - t_first) if n > 1 and now > t_first else 0.0,
                 peak_memory=mx.get_peak_memory() / 1e9,
                 finish_reason=finish,
+                acceptance_rate=stats.acceptance_rate if stats else None,
+                tokens_per_step=stats.tokens_per_step if stats else None,
             )
             if finish is not None:
                 return

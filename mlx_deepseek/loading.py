@@ -162,12 +162,15 @@ def default_dtype() -> mx.Dtype:
 def _quantize(model: Model, quantization: dict[str, Any], weights: dict[str, mx.array]) -> None:
     """Quantize modules the way mlx-lm reads its checkpoints (per-module overrides win)."""
 
+    from mlx_lm.utils import infer_quant_config
+
     def predicate(path: str, module: nn.Module) -> bool | dict:
         if path in quantization:
             return quantization[path]
-        if not hasattr(module, "to_quantized"):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
             return False
-        return f"{path}.scales" in weights
+        # bits / group size from the tensors' shapes (a module may differ from the default)
+        return infer_quant_config(path, module, weights)
 
     nn.quantize(
         model,

@@ -27,8 +27,44 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import ModelCache
+from .errors import DeepSeekError
 from .generate import Step, StepOptions, decode_steps, trim_cache
 from .sampling import SamplingSettings, filter_logprobs
+
+
+def mtp_by_default(model: nn.Module) -> bool:
+    """Whether drafting with the MTP head is on when the user does not say.
+
+    On a GPU, verifying a few tokens costs about what one token does (decode is bound by
+    memory traffic), so drafting pays off whenever the checkpoint has an MTP layer. On MLX's
+    CPU backend the main model's forward grows with the tokens verified and the MTP block is a
+    sizeable extra layer in small models: measured slower there (see README), so off.
+    """
+    return bool(getattr(model, "mtp", None)) and mx.default_device() == mx.gpu
+
+
+def mtp_step_fn(
+    model: nn.Module,
+    cache: list,
+    mtp: bool | None,
+    draft_tokens: int,
+    settings: SamplingSettings | None,
+):
+    """The step function `stream_generate` should use: an MTPDecoder, or None (plain)."""
+    if mtp is None:
+        mtp = mtp_by_default(model)
+    if not mtp:
+        return None
+    if not getattr(model, "mtp", None):
+        raise DeepSeekError(
+            "this checkpoint has no MTP layer, so it cannot draft tokens: drop --mtp (DeepSeek "
+            "V3/R1/V3.1 ship one; convert with --mtp to keep it)"
+        )
+    if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 8:
+        raise DeepSeekError(f"draft_tokens={draft_tokens!r}: must be an integer from 1 to 8")
+    if not isinstance(cache, ModelCache):
+        return None  # a cache without MTP state (e.g. a plain list): plain decoding
+    return MTPDecoder(draft_tokens, settings)
 
 
 @dataclass

@@ -1,0 +1,298 @@
+"""The conversion plan: every source tensor checked, every output tensor decided, up front.
+
+Built from config.json and the safetensors headers only (plus a byte comparison of MTP's
+embedding / head copies), so a bad checkpoint fails here, before anything is written, and
+the writer knows every output tensor's dtype, shape and offset in advance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from mlx_deepseek.config import ModelArgs
+from mlx_deepseek.errors import CheckpointError, ConfigError, DeepSeekError
+
+from .fp8 import DEFAULT_BLOCK, scale_shape
+from .layout import Entry, expected_entries, is_ignorable, kv_b_outputs, mtp_layers
+from .reader import SourceCheckpoint, TensorInfo
+from .recipe import QuantSpec, Recipe, quantization_section
+from .writer import OutTensor
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+@dataclass(frozen=True)
+class Options:
+    bits: int = 4
+    group_size: int = 64
+    recipe: str = "uniform"
+    dtype: str | None = None  # None: the source's torch_dtype if float16/bfloat16/float32
+    quantize: bool = True
+    mtp: bool = True
+    shard_size: int = 5 * 10**9
+
+
+@dataclass
+class Job:
+    """One source tensor -> its output tensor(s); `specs` maps output module -> quantization."""
+
+    entry: Entry
+    src: TensorInfo
+    scale: TensorInfo | None
+    specs: dict[str, QuantSpec | None]
+    dtype: mx.Dtype
+
+    @property
+    def read_bytes(self) -> int:
+        return self.src.nbytes + (self.scale.nbytes if self.scale else 0)
+
+
+@dataclass
+class Plan:
+    args: ModelArgs
+    options: Options
+    dtype: mx.Dtype
+    block: tuple[int, int]
+    jobs: list[Job]
+    tensors: list[OutTensor]
+    config: dict[str, Any]
+    params: int  # weights the output represents (a quantized weight counts its unpacked size)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(j.read_bytes for j in self.jobs)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def out_dtype_name(source_config: dict[str, Any], requested: str | None) -> str:
+    if requested is not None:
+        if requested not in DTYPES:
+            raise DeepSeekError(f"--dtype {requested}: use one of {', '.join(DTYPES)}")
+        return requested
+    src = source_config.get("torch_dtype") or source_config.get("dtype")
+    return src if src in DTYPES else "bfloat16"
+
+
+def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
+    config = source.config
+    cfg_path = str(source.folder / "config.json")
+    if "quantization" in config:
+        raise ConfigError(
+            f"{cfg_path}: this checkpoint is already converted (it has a quantization section); "
+            "convert reads the original Hugging Face checkpoint"
+        )
+    block = _fp8_block(config, cfg_path)
+    args = ModelArgs.from_dict(config, source=cfg_path)
+    dtype_name = out_dtype_name(config, options.dtype)
+    dtype = DTYPES[dtype_name]
+    recipe = Recipe(options.recipe, options.bits, options.group_size)
+    notes: list[str] = []
+
+    keep_mtp = options.mtp and mtp_layers(args) > 0
+    entries = expected_entries(args, keep_mtp)
+    if keep_mtp and not _any_present(source, entries, "mtp."):
+        notes.append("the checkpoint has no MTP layer; converted without it")
+        keep_mtp = False
+        entries = expected_entries(args, False)
+
+    found = _check_tensors(source, entries, block, args)
+    if keep_mtp:
+        notes.extend(_drop_mtp_copies(source, args, found))
+    _check_extras(source, entries, args)
+
+    jobs: list[Job] = []
+    tensors: list[OutTensor] = []
+    stacked: set[str] = set()
+    params = 0
+    decisions: dict[str, QuantSpec | None] = {}
+    for e, (info, scale) in sorted(
+        found.items(), key=lambda kv: (source.file_order[kv[1][0].file], kv[1][0].offset)
+    ):
+        params += math.prod(e.shape)
+        if e.kind == "vector":
+            out_dt = mx.float32 if e.role == "router_bias" else dtype
+            jobs.append(Job(e, info, scale, {}, out_dt))
+            tensors.append(OutTensor(e.out, out_dt, e.shape))
+            continue
+        parts = kv_b_outputs(args, e.out) if e.kind == "kv_b" else ((e.out, e.shape),)
+        specs: dict[str, QuantSpec | None] = {}
+        for out, shape in parts:
+            module = out.rsplit(".", 1)[0]
+            spec = recipe.spec(e.role, shape[-1]) if options.quantize else None
+            specs[module] = spec
+            if options.quantize:
+                decisions[module] = spec
+            if e.expert is not None:
+                if out in stacked:
+                    continue
+                stacked.add(out)
+                shape = (e.n_experts, *shape)
+            tensors += _outputs(module, shape, spec, dtype)
+        jobs.append(Job(e, info, scale, specs, dtype))
+
+    out_config = dict(config)
+    out_config.pop("quantization_config", None)  # the source's FP8 description
+    if options.quantize:
+        out_config["quantization"] = quantization_section(recipe, decisions)
+    if mtp_layers(args) and not keep_mtp:
+        out_config["num_nextn_predict_layers"] = 0
+    for key in ("torch_dtype", "dtype"):
+        if key in out_config:
+            out_config[key] = dtype_name
+    return Plan(args, options, dtype, block, jobs, tensors, out_config, params, notes)
+
+
+def _outputs(
+    module: str, shape: tuple[int, ...], spec: QuantSpec | None, dtype: mx.Dtype
+) -> list[OutTensor]:
+    if spec is None:
+        return [OutTensor(f"{module}.weight", dtype, shape)]
+    *lead, cols = shape
+    return [
+        OutTensor(f"{module}.weight", mx.uint32, (*lead, cols * spec.bits // 32)),
+        OutTensor(f"{module}.scales", dtype, (*lead, cols // spec.group_size)),
+        OutTensor(f"{module}.biases", dtype, (*lead, cols // spec.group_size)),
+    ]
+
+
+def _fp8_block(config: dict[str, Any], cfg_path: str) -> tuple[int, int]:
+    qc = config.get("quantization_config")
+    if not qc:
+        return DEFAULT_BLOCK
+    method = qc.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(
+            f"{cfg_path}: quantization_config.quant_method={method!r} is not supported; convert "
+            "reads bf16/fp16/fp32 checkpoints and DeepSeek's FP8 (quant_method fp8)"
+        )
+    block = qc.get("weight_block_size", list(DEFAULT_BLOCK))
+    if (
+        not isinstance(block, list)
+        or len(block) != 2
+        or not all(isinstance(b, int) and b > 0 for b in block)
+    ):
+        raise ConfigError(
+            f"{cfg_path}: quantization_config.weight_block_size={block!r} is not [rows, cols]"
+        )
+    return block[0], block[1]
+
+
+def _any_present(source: SourceCheckpoint, entries: list[Entry], out_prefix: str) -> bool:
+    return any(e.src in source.tensors for e in entries if e.out.startswith(out_prefix))
+
+
+def _check_tensors(
+    source: SourceCheckpoint, entries: list[Entry], block: tuple[int, int], args: ModelArgs
+) -> dict[Entry, tuple[TensorInfo, TensorInfo | None]]:
+    found: dict[Entry, tuple[TensorInfo, TensorInfo | None]] = {}
+    missing: list[str] = []
+    for e in entries:
+        info = source.tensors.get(e.src)
+        if info is None:
+            if not e.optional:
+                missing.append(e.src)
+            continue
+        if info.shape != e.shape:
+            raise CheckpointError(
+                f"{info.file.name}: tensor {e.src} has shape {list(info.shape)}, but config.json "
+                f"implies {list(e.shape)}: the weights do not match their config "
+                f"(model_type {args.model_type}, {args.num_hidden_layers} layers)"
+            )
+        info.check_dtype()
+        scale = None
+        if info.dtype == "F8_E4M3":
+            scale = _fp8_scale(source, info, block)
+        found[e] = (info, scale)
+    if missing:
+        raise CheckpointError(
+            f"{source.folder}: tensor {missing[0]} is missing ({len(missing)} missing in all): "
+            "the checkpoint is incomplete (a shard or index entry lost?) or its config.json "
+            "does not match it"
+        )
+    return found
+
+
+def _fp8_scale(source: SourceCheckpoint, info: TensorInfo, block: tuple[int, int]) -> TensorInfo:
+    name = f"{info.name}_scale_inv"
+    scale = source.tensors.get(name)
+    if len(info.shape) != 2:
+        raise CheckpointError(f"{info.file.name}: tensor {info.name} is FP8 but not a matrix")
+    if scale is None:
+        raise CheckpointError(
+            f"{source.folder}: tensor {name} is missing: the FP8 weight {info.name} cannot be "
+            "dequantized without it (a shard or index entry lost?)"
+        )
+    want = scale_shape(info.shape, block)
+    if scale.shape != want or scale.dtype not in ("F32", "BF16", "F16"):
+        raise CheckpointError(
+            f"{scale.file.name}: tensor {name} is {scale.dtype} {list(scale.shape)}, but a "
+            f"{list(info.shape)} weight with {block[0]}x{block[1]} blocks needs a float "
+            f"{list(want)}: the checkpoint is corrupt or weight_block_size is wrong"
+        )
+    return scale
+
+
+Found = dict[Entry, tuple[TensorInfo, TensorInfo | None]]
+
+
+def _drop_mtp_copies(source: SourceCheckpoint, args: ModelArgs, found: Found) -> list[str]:
+    """Drop MTP's embed_tokens / shared_head.head when byte-identical to the main model's."""
+    main_head = "model.embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight"
+    mains = {
+        ".embed_tokens.weight": "model.embed_tokens.weight",
+        ".shared_head.head.weight": main_head,
+    }
+    notes = []
+    for e in [e for e in found if e.optional]:
+        main_name = next(m for suffix, m in mains.items() if e.out.endswith(suffix))
+        main = source.tensors[main_name]
+        info, scale = found[e]
+        main_scale = source.tensors.get(f"{main_name}_scale_inv")
+        same = source.same_bytes(info, main) and (
+            scale is None
+            and main_scale is None
+            or scale is not None
+            and main_scale is not None
+            and source.same_bytes(scale, main_scale)
+        )
+        if same:
+            del found[e]
+        else:
+            notes.append(f"{e.src} differs from {main_name}: kept as {e.out}")
+    return notes
+
+
+def _check_extras(source: SourceCheckpoint, entries: list[Entry], args: ModelArgs) -> None:
+    known = {e.src for e in entries}
+    n_main = args.num_hidden_layers
+    extra = []
+    for name in source.tensors:
+        if name in known or is_ignorable(name):
+            continue
+        if name == "lm_head.weight" and args.tie_word_embeddings:
+            continue  # a tied head some exporters still write: the embedding is used
+        if name.endswith("_scale_inv") and name[: -len("_scale_inv")] in source.tensors:
+            continue
+        parts = name.split(".")
+        if (
+            len(parts) > 2
+            and parts[:2] == ["model", "layers"]
+            and parts[2].isdigit()
+            and n_main <= int(parts[2]) < n_main + mtp_layers(args)
+        ):
+            continue  # an MTP layer left out on request (--no-mtp)
+        extra.append(name)
+    if extra:
+        raise CheckpointError(
+            f"{source.folder}: unexpected tensor {extra[0]} ({len(extra)} in all): config.json "
+            "does not match the weights (num_hidden_layers, q_lora_rank, n_routed_experts, "
+            "first_k_dense_replace, ...)"
+        )
