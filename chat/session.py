@@ -23,7 +23,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from mlx_deepseek.errors import DeepSeekError
-from mlx_deepseek.generate import (
+from mlx_deepseek.generation import (
     DEFAULT_PREFILL_STEP_SIZE,
     StepFn,
     cache_length,
@@ -192,7 +192,7 @@ class ChatSession:
         mtp: bool | None = None,
         draft_tokens: int = 1,
     ):
-        from mlx_deepseek.generate import wrap_tokenizer
+        from mlx_deepseek.generation import wrap_tokenizer
 
         self.model = model
         self.tokenizer = wrap_tokenizer(tokenizer)

@@ -15,9 +15,9 @@ __version__ = "0.1.0"
 _API = {
     "load": "loading",
     "load_model": "loading",
-    "generate": "generate",
-    "stream_generate": "generate",
-    "GenerationResponse": "generate",
+    "generate": "generation",
+    "stream_generate": "generation",
+    "GenerationResponse": "generation",
     "ModelArgs": "config",
     "Model": "model",
 }
@@ -31,8 +31,6 @@ def __getattr__(name: str):
 
         module = importlib.import_module(f".{_API[name]}", __name__)
         value = getattr(module, name)
-        # importing the submodule `generate` set the package attribute to the module: the
-        # function wins, as in mlx-lm (`from mlx_deepseek.generate import ...` still works)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -108,7 +108,7 @@ def generate(
     from .chat.repl import format_memory
     from .chat.session import ReasoningSplitter
     from .chat.templates import REASONING_FAMILIES, starts_in_reasoning
-    from .generate import stream_generate
+    from .generation import stream_generate
 
     text = read_prompt(prompt)
     m, tokenizer, fmt, _ = load_checkpoint(model, quiet)

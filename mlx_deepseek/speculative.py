@@ -28,7 +28,7 @@ import mlx.nn as nn
 
 from .cache import ModelCache
 from .errors import DeepSeekError
-from .generate import Step, StepOptions, decode_steps, trim_cache
+from .generation import Step, StepOptions, decode_steps, trim_cache
 from .sampling import SamplingSettings, filter_logprobs
 
 

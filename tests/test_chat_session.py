@@ -16,7 +16,7 @@ from tiny_chat import ScriptedModel, tiny_model, tokenizer_only
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_deepseek.errors import DeepSeekError
-from mlx_deepseek.generate import cache_length, make_cache
+from mlx_deepseek.generation import cache_length, make_cache
 
 EOS = "<｜end▁of▁sentence｜>"
 USER = "<｜User｜>"

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from mlx_deepseek import cli
 from mlx_deepseek.errors import DeepSeekError
-from mlx_deepseek.generate import generate
+from mlx_deepseek.generation import generate
 
 cli._register_commands()
 runner = CliRunner()

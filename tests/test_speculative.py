@@ -7,7 +7,7 @@ import pytest
 from checkpoints import add_mtp_layer, build_hf_model, save_hf_checkpoint
 
 import mlx_deepseek
-from mlx_deepseek.generate import StepOptions, decode_steps
+from mlx_deepseek.generation import StepOptions, decode_steps
 from mlx_deepseek.sampling import SamplingSettings, greedy, make_sampler
 from mlx_deepseek.speculative import MTPDecoder
 
@@ -154,3 +154,101 @@ def test_sampling_keeps_the_output_distribution(tmp_path):
     tv = 0.5 * np.abs(counts / n - exact).sum()
     assert decoder.stats.drafted == n and 0 < decoder.stats.accepted < n
     assert tv < 0.06, (tv, counts / n, exact)
+
+
+# ---- the API and the chat ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mtp_chat_model(tmp_path_factory):
+    """The tiny chat checkpoint (tokenizer included) plus a random MTP layer."""
+    import json
+    import shutil
+
+    from mlx.utils import tree_flatten
+    from tiny_chat import tiny_checkpoint
+
+    from mlx_deepseek.config import ModelArgs
+    from mlx_deepseek.model import Model
+
+    src = tiny_checkpoint()
+    path = tmp_path_factory.mktemp("mtp_chat")
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, path / f.name)
+    config = {**json.loads((src / "config.json").read_text()), "num_nextn_predict_layers": 1}
+    (path / "config.json").write_text(json.dumps(config))
+    mx.random.seed(3)
+    model = Model(ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    for k, v in mx.load(str(src / "model.safetensors")).items():
+        weights[k] = v  # the main model as in the tiny chat checkpoint
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    return mlx_deepseek.load(path)
+
+
+def test_generate_api_with_mtp_is_identical_and_reports_acceptance(mtp_chat_model):
+    from mlx_deepseek import generate, stream_generate
+
+    model, tokenizer = mtp_chat_model
+    messages = [{"role": "user", "content": "Hello there"}]
+    plain = generate(model, tokenizer, messages, max_tokens=20, mtp=False)
+    for k in (1, 2):
+        assert (
+            generate(model, tokenizer, messages, max_tokens=20, mtp=True, draft_tokens=k) == plain
+        )
+    responses = list(stream_generate(model, tokenizer, messages, max_tokens=12, mtp=True))
+    last = responses[-1]
+    assert last.acceptance_rate is not None and 0.0 <= last.acceptance_rate <= 1.0
+    assert last.tokens_per_step >= 1.0
+    off = list(stream_generate(model, tokenizer, messages, max_tokens=5, mtp=False))
+    assert off[-1].acceptance_rate is None
+
+
+def test_mtp_on_a_checkpoint_without_mtp_is_a_clear_error(mtp_chat_model):
+    from tiny_chat import tiny_model
+
+    from mlx_deepseek import generate
+    from mlx_deepseek.errors import DeepSeekError
+
+    model, tokenizer = tiny_model()
+    with pytest.raises(DeepSeekError, match="no MTP layer"):
+        generate(model, tokenizer, "Hi", max_tokens=3, mtp=True)
+    mtp_model, tokenizer = mtp_chat_model
+    with pytest.raises(DeepSeekError, match="draft_tokens=0"):
+        generate(mtp_model, tokenizer, "Hi", max_tokens=3, mtp=True, draft_tokens=0)
+
+
+def test_chat_turns_with_mtp_match_plain_decoding_of_the_same_context(mtp_chat_model, monkeypatch):
+    """Every MTP turn (cache kept between turns) equals greedy decoding of its whole context
+    from scratch. (Contexts can differ from a plain session's: the chat re-encodes history
+    text, and this random model's byte soup does not survive a decode/encode round trip.)"""
+    import mlx_deepseek.chat.session as session_module
+    from mlx_deepseek.chat.session import ChatSession
+
+    from mlx_deepseek.sampling import SamplingSettings
+
+    model, tokenizer = mtp_chat_model
+    calls = []
+    real = session_module.stream_generate
+
+    def recording(model_, tokenizer_, prompt, max_tokens, **kw):
+        context = list(kw["prior_tokens"]) + list(prompt)
+        out = []
+        calls.append((context, out, max_tokens))
+        for r in real(model_, tokenizer_, prompt, max_tokens, **kw):
+            out.append(r.token)
+            yield r
+
+    monkeypatch.setattr(session_module, "stream_generate", recording)
+    session = ChatSession(
+        model, tokenizer, settings=SamplingSettings(temperature=0.0), max_tokens=10, mtp=True
+    )
+    for text in ("Hello", "Tell me more", "Thanks"):
+        for _ in session.respond(text):
+            pass
+        assert session.last.acceptance_rate is not None
+    assert len(calls) == 3 and calls[1][0][: len(calls[0][0])] == calls[0][0]
+    for context, out, max_tokens in calls:
+        plain, _ = run(model, decode_steps, n=max_tokens, prompt=context)
+        assert out == plain[: len(out)]
