@@ -78,8 +78,12 @@ class MLAttention(nn.Module):
         if cache is not None:
             c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)  # [B, 1, S, *]
 
-        # rope part of the scores, pre-scaled, as SDPA's additive mask: [B, H, L, S]
-        pe_scores = (q_pe * self.scale) @ k_pe.swapaxes(-1, -2)
+        # rope part of the scores, pre-scaled, as SDPA's additive mask: [B, H, L, S]. All heads
+        # share the one latent head: fold them into the query axis ([B, 1, H*L, .]) so each
+        # product reads the cache once, not once per head.
+        H, S = self.num_heads, k_pe.shape[2]
+        q_pe = (q_pe * self.scale).reshape(B, 1, H * L, -1)
+        pe_scores = (q_pe @ k_pe.swapaxes(-1, -2)).reshape(B, H, L, S)
         if mask is not None:
             pe_scores = mx.where(
                 mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)
@@ -87,11 +91,11 @@ class MLAttention(nn.Module):
 
         absorb = self.absorb if self.absorb is not None else use_absorbed(self.args, L)
         if absorb:
-            q_lat = self.embed_q(q_nope)  # [B, H, L, rank]
+            q_lat = self.embed_q(q_nope).reshape(B, 1, H * L, -1)  # [B, 1, H*L, rank]
             out = mx.fast.scaled_dot_product_attention(
-                q_lat, c_kv, c_kv, scale=self.scale, mask=pe_scores
-            )  # [B, H, L, rank]
-            out = self.unembed_out(out)  # [B, H, L, v]
+                q_lat, c_kv, c_kv, scale=self.scale, mask=pe_scores.reshape(B, 1, H * L, S)
+            )
+            out = self.unembed_out(out.reshape(B, H, L, -1))  # [B, H, L, v]
         else:
             k_nope = self.embed_q(c_kv, transpose=False)  # [B, H, S, nope]
             v = self.unembed_out(c_kv)  # [B, H, S, v]

@@ -274,6 +274,15 @@ def _raise_wired_limit() -> None:
         )
 
 
+def _tensor_dtype(model: Model, name: str, value: mx.array, compute: mx.Dtype) -> mx.Dtype:
+    """Floats in the compute dtype, except the router (weight and bias) in float32."""
+    if not mx.issubdtype(value.dtype, mx.floating):
+        return value.dtype
+    if name.endswith("mlp.gate.weight") or not model.cast_predicate(name):
+        return mx.float32
+    return compute
+
+
 def load_model(
     path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = True
 ) -> Model:
@@ -293,13 +302,7 @@ def load_model(
     if quantization is not None:
         _quantize(model, quantization, weights)
     _check_tensors(model, weights, path)
-    keep = model.cast_predicate
-    weights = {
-        k: v.astype(compute)
-        if mx.issubdtype(v.dtype, mx.floating) and keep(k) and not k.endswith("mlp.gate.weight")
-        else v
-        for k, v in weights.items()
-    }
+    weights = {k: v.astype(_tensor_dtype(model, k, v, compute)) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     _raise_wired_limit()

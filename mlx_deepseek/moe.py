@@ -92,7 +92,7 @@ class MoEGate(nn.Module):
         )
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        logits = x.astype(mx.float32) @ self.weight.T  # the weight is float32 (loading.py)
         return self._route(logits, self.get("e_score_correction_bias"))
 
 

@@ -91,7 +91,11 @@ def _split_kv_b(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.a
         for key, t in (("weight", w), ("scales", scales), ("biases", biases)):
             t = t.reshape(H, nope + v, -1)
             weights[f"{prefix}.unembed_out.{key}"] = mx.contiguous(t[:, nope:])
-        wk = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+        # float32 scales: W_uk exactly as the quantized values say, not rounded to bf16
+        f32 = mx.float32
+        wk = mx.dequantize(
+            w, scales.astype(f32), biases.astype(f32), group_size=group_size, bits=bits
+        )
         wk = wk.reshape(H, nope + v, rank)[:, :nope]
         weights[f"{prefix}.embed_q.weight"] = mx.contiguous(wk.swapaxes(-1, -2))
     return weights

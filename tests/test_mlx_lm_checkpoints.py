@@ -49,6 +49,22 @@ def test_mlx_lm_quantized_checkpoint_matches_mlx_lm(tmp_path, family, bits, grou
     assert err < tol
 
 
+@pytest.mark.parametrize("family", ["v2_greedy", "v3_noaux"])
+def test_bf16_sourced_mlx_lm_checkpoint_matches_mlx_lm_in_float32(tmp_path, family):
+    """bf16 scales (as real checkpoints have) must not round our split of kv_b_proj."""
+    import torch
+
+    hf_path = save_hf_checkpoint(build_hf_model(family).to(torch.bfloat16), tmp_path / "hf")
+    q_path = mlx_lm_quantized_checkpoint(hf_path, tmp_path / "q", 4, 64)
+    ref_model, _ = mlx_lm_load_model(q_path)
+    ref_model.set_dtype(mx.float32)
+    ref = np.array(ref_model(mx.array(TOKENS)))
+    out = np.array(mlx_deepseek.load_model(q_path, dtype="float32")(mx.array(TOKENS)))
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    print(f"{family} bf16 source: max relative error vs mlx-lm {err:.2e}")
+    assert err < 1e-5
+
+
 def test_quantized_decode_equals_full_forward(tmp_path):
     hf_path = save_hf_checkpoint(build_hf_model("v3_noaux"), tmp_path / "hf")
     q_path = mlx_lm_quantized_checkpoint(hf_path, tmp_path / "q", 4, 64)

@@ -1,0 +1,159 @@
+"""`mlx-deepseek bench`: the typer command (heavy imports happen inside it)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .models import DEFAULT_CACHE, SHAPES
+
+
+def _ints(text: str, option: str) -> list[int]:
+    from mlx_deepseek.errors import DeepSeekError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise DeepSeekError(f"{option} {text!r}: give positive integers separated by commas")
+    return values
+
+
+def _shape_names(given: list[str]) -> list[str]:
+    from mlx_deepseek.errors import DeepSeekError
+
+    names = [n.strip() for g in given for n in g.split(",") if n.strip()]
+    for n in names:
+        if n not in SHAPES:
+            raise DeepSeekError(f"--shape {n!r}: choose from {', '.join(SHAPES)}")
+    return names
+
+
+def bench_command(
+    shape: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--shape",
+            "-s",
+            help=f"Synthetic model(s): {', '.join(SHAPES)} (repeat or comma-separate). "
+            "Default: v2-lite and v3, unless --model is given.",
+        ),
+    ] = None,
+    model: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A real checkpoint folder to measure as well (mlx-lm is compared when it can "
+            "load it).",
+        ),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the full result as JSON here.")
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Write a PNG of decode tok/s vs context (needs the plot extra)."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Compute dtype for BOTH runtimes (default: float32 on CPU, bfloat16 on GPU)."
+        ),  # fmt: skip
+    ] = None,
+    prompt_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Prefill prompt length; 0 skips prefill. (default: 512 on a GPU, 8 on CPU)"
+        ),
+    ] = None,
+    contexts: Annotated[str, typer.Option(help="Decode contexts.")] = "128,2048,8192",
+    decode_tokens: Annotated[
+        int | None,
+        typer.Option(help="Timed decode steps per repeat. (default: 16 on a GPU, 1 on CPU)"),
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(help="Repeats of each measurement. (default: 5 on a GPU, 4 on CPU)"),
+    ] = None,
+    bits: Annotated[int, typer.Option(help="Quantization bits of the synthetic models.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Quantization group size.")] = 64,
+    cache_dir: Annotated[
+        Path, typer.Option(help="Where the synthetic checkpoints are written once.")
+    ] = DEFAULT_CACHE,
+    bandwidth_gb: Annotated[
+        float, typer.Option(help="Size of the array summed to measure read bandwidth.")
+    ] = 2.0,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile", help="Also time each part of a decode step (attention, MLP, head)."
+        ),
+    ] = False,
+    note: Annotated[
+        str | None, typer.Option(help="A line saved with the result (e.g. 'machine shared').")
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Exit 1 if a decode or KV-cache target is missed (for CI)."),
+    ] = False,
+) -> None:
+    """Benchmark mlx-deepseek against mlx-lm on the same models, in one run."""
+    from rich.console import Console
+
+    from mlx_deepseek.errors import DeepSeekError
+
+    from .harness import Settings, run
+    from .report import check_chart_support, print_report, write_chart, write_json
+
+    if (repeats or 1) < 1 or (decode_tokens or 1) < 1 or (prompt_tokens or 0) < 0:
+        raise DeepSeekError("--repeats and --decode-tokens must be >= 1 and --prompt-tokens >= 0")
+    if plot:
+        check_chart_support()
+    models = list(model or [])
+    for p in models:
+        if not p.expanduser().is_dir():
+            raise DeepSeekError(f"--model {p}: no such folder")
+    names = _shape_names(shape) if shape else ([] if models else ["v2-lite", "v3"])
+    settings = Settings(
+        shapes=names,
+        models=[p.expanduser() for p in models],
+        dtype=dtype,
+        prompt_tokens=prompt_tokens,
+        contexts=_ints(contexts, "--contexts"),
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        bits=bits,
+        group_size=group_size,
+        cache_dir=cache_dir,
+        bandwidth_gb=bandwidth_gb,
+        profile=profile,
+    )
+    # wide enough for the tables when the output is a file or a CI log
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    err = Console(stderr=True)
+    result = run(settings, log=lambda msg: err.print(f"[dim]{msg}[/]"))
+    if note:
+        result["settings"]["note"] = note
+    print_report(result, console)
+    if json_path:
+        write_json(result, json_path)
+        console.print(f"wrote {json_path}")
+    if plot:
+        write_chart(result, plot)
+        console.print(f"wrote {plot}")
+    if check:
+        missed = [
+            f"{e['name']}: {t['name']} {t['ratio']:.2f}x (goal {t['goal']})"
+            for e in result["models"]
+            for t in e.get("targets", [])
+            if not t["met"] and "kernel issue" not in t["name"]
+        ]
+        if missed:
+            raise DeepSeekError("targets missed: " + "; ".join(missed))

@@ -1,0 +1,414 @@
+"""The benchmark run: both runtimes, same models, same process, interleaved and repeated."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from . import metrics
+from .counting import count_step
+from .models import DEFAULT_CACHE, SHAPES, prepare
+from .profile import profile
+from .runtimes import (
+    MLX_LM,
+    OURS,
+    Runtime,
+    cache_bytes_per_token,
+    decode_step,
+    filled_cache,
+    load_mlx_lm,
+    load_ours,
+    prefill,
+    restore,
+    rewind,
+    snapshot,
+)
+
+SCHEMA_VERSION = 1
+COUNTING_RULE = (
+    "nodes of one decode step's lazy graph (mx.export_to_dot), weights and cache as leaves; "
+    "views and no-ops (Reshape, Transpose, Slice, Broadcast, Split, ...) excluded; an "
+    "mx.compile fusion counts once; Metal-equivalent: mx.fast rms_norm/rope/SDPA calls that "
+    "MLX's Metal back-end runs fused count as one node (the CPU expands them)"
+)
+CONFIG_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "first_k_dense_replace",
+    "intermediate_size",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "moe_intermediate_size",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "topk_method",
+    "n_group",
+    "topk_group",
+)
+CACHE_FILL = (
+    "random: each runtime's own KV cache filled with random values of its real shape and "
+    "dtype up to the context (no prefill); decode speed does not depend on the values"
+)
+
+
+@dataclass
+class Settings:
+    shapes: list[str] = field(default_factory=lambda: ["v2-lite", "v3"])
+    models: list[Path] = field(default_factory=list)  # user checkpoints, run as given
+    dtype: str | None = None  # None: mlx-deepseek's default for this device
+    # None: the device's default (DEFAULTS): a 2-core CPU cannot afford a GPU's sample sizes
+    prompt_tokens: int | None = None
+    contexts: list[int] = field(default_factory=lambda: [128, 2048, 8192])
+    decode_tokens: int | None = None  # timed decode steps per repeat
+    repeats: int | None = None
+    bits: int = 4
+    group_size: int = 64
+    cache_dir: Path = DEFAULT_CACHE
+    bandwidth_gb: float = 2.0
+    shape_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile: bool = False  # time each part of a decode step at the shortest/longest context
+
+
+Log = Callable[[str], None]
+
+# (prompt tokens, decode tokens per repeat, repeats). MLX's CPU quantized matmul costs the
+# same per row at any batch size, so a CPU's prefill tok/s barely depends on the prompt
+# length; 8 tokens keep the default run near 10 minutes on 2 shared cores.
+DEFAULTS = {"gpu": (512, 16, 5), "cpu": (8, 1, 4)}
+
+
+def resolve_defaults(settings: Settings) -> Settings:
+    """Fill the unset sample sizes with this device's defaults."""
+    from dataclasses import replace
+
+    gpu = mx.default_device() == mx.gpu
+    prompt, tokens, repeats = DEFAULTS["gpu" if gpu else "cpu"]
+    return replace(
+        settings,
+        prompt_tokens=prompt if settings.prompt_tokens is None else settings.prompt_tokens,
+        decode_tokens=tokens if settings.decode_tokens is None else settings.decode_tokens,
+        repeats=repeats if settings.repeats is None else settings.repeats,
+    )
+
+
+def compute_dtype(settings: Settings) -> mx.Dtype:
+    from mlx_deepseek.loading import _parse_dtype
+
+    return _parse_dtype(settings.dtype)
+
+
+def run(settings: Settings, log: Log = print) -> dict[str, Any]:
+    """Measure every model in `settings`; returns the JSON-ready result."""
+    dtype = compute_dtype(settings)
+    settings = resolve_defaults(settings)
+    started = time.perf_counter()
+    log("measuring the machine's read bandwidth")
+    bandwidth = [metrics.read_bandwidth(settings.bandwidth_gb)]
+    results = []
+    for name in settings.shapes:
+        shape = SHAPES[name](**settings.shape_overrides.get(name, {}))
+        ckpts = prepare(
+            shape, settings.cache_dir, bits=settings.bits, group_size=settings.group_size, log=log
+        )
+        log(f"{shape.name}: loading both runtimes")
+        ours = load_ours(ckpts.ours, dtype)
+        lm = load_mlx_lm(ckpts.mlx_lm, dtype)
+        entry = measure_model(settings, [ours, lm], log)
+        entry.update(
+            name=shape.name,
+            title=shape.title,
+            synthetic=True,
+            scaled=shape.scaled,
+            checkpoints={
+                "source_bf16": str(ckpts.source),
+                OURS: str(ckpts.ours),
+                MLX_LM: str(ckpts.mlx_lm),
+                "quantized_by": {OURS: ckpts.ours_quantized_by, MLX_LM: "mlx-lm"},
+            },
+        )
+        entry["notes"] = ckpts.notes + entry["notes"]
+        results.append(entry)
+        del ours, lm
+        mx.clear_cache()
+    for path in settings.models:
+        results.append(measure_user_model(settings, Path(path), dtype, log))
+    log("measuring the machine's read bandwidth again")
+    bandwidth.append(metrics.read_bandwidth(settings.bandwidth_gb))
+    read_gbps = max(b["read_gbps"] for b in bandwidth)
+    for entry in results:
+        derive(entry, read_gbps)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": time.perf_counter() - started,
+        "machine": machine_info(),
+        "settings": {
+            "dtype": str(dtype).split(".")[-1],
+            "prompt_tokens": settings.prompt_tokens,
+            "contexts": settings.contexts,
+            "decode_tokens_per_repeat": settings.decode_tokens,
+            "repeats": settings.repeats,
+            "quantization": {"bits": settings.bits, "group_size": settings.group_size},
+            "cache_fill": CACHE_FILL,
+            "primitive_counting": COUNTING_RULE,
+            "interleaving": "each repeat runs both runtimes back to back, alternating which "
+            "goes first",
+        },
+        "bandwidth": {"read_gbps": read_gbps, "measurements": bandwidth},
+        "models": results,
+    }
+
+
+def measure_user_model(settings: Settings, path: Path, dtype: mx.Dtype, log: Log) -> dict:
+    log(f"{path}: loading with mlx-deepseek")
+    runtimes = [load_ours(path, dtype)]
+    notes = []
+    try:
+        runtimes.append(load_mlx_lm(path, dtype))
+    except Exception as e:  # mlx-lm cannot read every DeepSeek checkpoint (raw FP8, MTP...)
+        notes.append(f"mlx-lm could not load it ({type(e).__name__}: {e}); measured alone")
+    entry = measure_model(settings, runtimes, log)
+    entry.update(
+        name=path.name,
+        title=str(path),
+        synthetic=False,
+        scaled=[],
+        checkpoints={rt.name: str(path) for rt in runtimes},
+    )
+    entry["notes"] = notes + entry["notes"]
+    return entry
+
+
+def _peak(fn: Callable[[], Any], resident: int) -> tuple[Any, int]:
+    """Run fn; return its result and `resident` + the extra memory MLX allocated at peak.
+    (MLX's buffer cache is left alone: clearing it would make each timed step allocate.)"""
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = fn()
+    return out, resident + max(0, mx.get_peak_memory() - base)
+
+
+def measure_model(settings: Settings, runtimes: list[Runtime], log: Log) -> dict[str, Any]:
+    """Every measurement of one model, for each runtime (keyed by runtime name)."""
+    res: dict[str, dict[str, Any]] = {}
+    for rt in runtimes:
+        res[rt.name] = {
+            "checkpoint": str(rt.checkpoint),
+            "notes": rt.notes,
+            "weights_bytes": metrics.parameter_bytes(rt.model),
+            "weight_bytes_per_token": metrics.weight_bytes_per_token(rt.model, rt.config),
+            "decode_tok_s": {},
+            "peak_memory_bytes": {"decode": {}},
+            "cache_bytes": {},
+        }
+    agreement = None
+    if settings.prompt_tokens > 0:
+        agreement = _measure_prefill(settings, runtimes, res, log)
+    for ctx in settings.contexts:
+        _measure_decode(settings, runtimes, res, ctx, log)
+    # last: counting patches mx.fast while it traces
+    _count(runtimes, res, min(settings.contexts) if settings.contexts else 16)
+    config = runtimes[0].config
+    return {
+        "model_type": config.get("model_type"),
+        "config": {k: config.get(k) for k in CONFIG_FIELDS},
+        "runtimes": res,
+        "agreement": agreement,
+        "notes": [],
+    }
+
+
+def _order(runtimes: list[Runtime], rep: int) -> list[Runtime]:
+    return runtimes if rep % 2 == 0 else runtimes[::-1]
+
+
+def _keep_max(table: dict[str, Any], key: str, value: int) -> None:
+    table[key] = max(value, table.get(key, 0))
+
+
+def _measure_prefill(
+    settings: Settings, runtimes: list[Runtime], res: dict[str, Any], log: Log
+) -> dict[str, float] | None:
+    P, R = settings.prompt_tokens, settings.repeats
+    vocab = min(rt.config["vocab_size"] for rt in runtimes)
+    tokens = mx.random.randint(2, vocab, (1, P), key=mx.random.key(1))
+    samples: dict[str, list[float]] = {rt.name: [] for rt in runtimes}
+    last: dict[str, mx.array] = {}
+    for rep in range(R):
+        for rt in _order(runtimes, rep):
+            log(f"  prefill {P} tokens: {rt.name} ({rep + 1}/{R})")
+            t = time.perf_counter()
+            (logits, _), extra = _peak(lambda rt=rt: prefill(rt, tokens), 0)
+            samples[rt.name].append(P / (time.perf_counter() - t))
+            last[rt.name] = logits[0, -1].astype(mx.float32)
+            peaks = res[rt.name]["peak_memory_bytes"]
+            _keep_max(peaks, "prefill", res[rt.name]["weights_bytes"] + extra)
+            del logits
+    for rt in runtimes:
+        res[rt.name]["prefill_tok_s"] = metrics.summary(samples[rt.name])
+    if len(runtimes) != 2:
+        return None
+    a, b = last[runtimes[0].name], last[runtimes[1].name]
+    diff = (mx.abs(a - b).max() / mx.maximum(mx.abs(b).max(), 1e-30)).item()
+    return {"last_logits_max_rel_diff": diff}
+
+
+def _measure_decode(
+    settings: Settings, runtimes: list[Runtime], res: dict[str, Any], ctx: int, log: Log
+) -> None:
+    R, N = settings.repeats, settings.decode_tokens
+    log(f"  decode at context {ctx}: filling both caches with random values")
+    caches = {rt.name: filled_cache(rt, ctx, room=N + 1) for rt in runtimes}
+    for rt in runtimes:
+        c = caches[rt.name]
+        res[rt.name]["kv_bytes_per_token"] = cache_bytes_per_token(c)
+        res[rt.name]["cache_bytes"][str(ctx)] = int(cache_bytes_per_token(c) * ctx)
+        mx.eval(decode_step(rt, mx.array([[1]]), c))  # warm up: compiles, first touch
+
+    def steps(rt: Runtime, cache: list[Any]) -> float:
+        rewind(cache, ctx)
+        tok = mx.array([[1]])
+        t = time.perf_counter()
+        for _ in range(N):
+            tok = decode_step(rt, tok, cache)
+            mx.eval(tok)
+        return N / (time.perf_counter() - t)
+
+    samples: dict[str, list[float]] = {rt.name: [] for rt in runtimes}
+    for rep in range(R):
+        for rt in _order(runtimes, rep):
+            cache = caches[rt.name]
+            resident = res[rt.name]["weights_bytes"]
+            resident += sum(c.keys.nbytes + c.values.nbytes for c in cache)
+            tok_s, peak = _peak(lambda rt=rt, cache=cache: steps(rt, cache), resident)
+            samples[rt.name].append(tok_s)
+            _keep_max(res[rt.name]["peak_memory_bytes"]["decode"], str(ctx), peak)
+        log(
+            f"  decode at {ctx} ({rep + 1}/{R}): "
+            + ", ".join(f"{n} {s[-1]:.2f} tok/s" for n, s in samples.items())
+        )
+    for rt in runtimes:
+        res[rt.name]["decode_tok_s"][str(ctx)] = metrics.summary(samples[rt.name])
+    if settings.profile and ctx in (min(settings.contexts), max(settings.contexts)):
+        log(f"  profiling decode at {ctx}")
+        for name, parts in profile(runtimes, caches, ctx, R).items():
+            res[name].setdefault("profile_ms", {})[str(ctx)] = parts
+    del caches
+    mx.clear_cache()
+
+
+def _count(runtimes: list[Runtime], res: dict[str, Any], ctx: int) -> None:
+    """Primitives of one decode step, on a throwaway cache (the traced step is never run)."""
+    for rt in runtimes:
+        cache = filled_cache(rt, ctx, room=2)
+        saved = snapshot(cache)
+        counts = {}
+        for mode, metal in (("metal_equivalent", True), ("this_backend", False)):
+            restore(cache, saved)
+            counts[mode] = count_step(
+                lambda rt=rt, cache=cache: [decode_step(rt, mx.array([[1]]), cache)], metal
+            ).as_dict()
+        res[rt.name]["primitives_per_token"] = counts
+
+
+def derive(entry: dict[str, Any], read_gbps: float) -> None:
+    """Effective GB/s, fractions of bandwidth, ratios ours / mlx-lm, and the targets."""
+    for r in entry["runtimes"].values():
+        w = r["weight_bytes_per_token"]["total"]
+        r["effective_gbps"], r["bandwidth_fraction"], r["bytes_read_per_token"] = {}, {}, {}
+        for ctx, s in r["decode_tok_s"].items():
+            r["bytes_read_per_token"][ctx] = w + r["cache_bytes"][ctx]
+            gbps = (w + r["cache_bytes"][ctx]) * s["median"] / 1e9
+            r["effective_gbps"][ctx] = gbps
+            r["bandwidth_fraction"][ctx] = gbps / read_gbps
+    rts = entry["runtimes"]
+    if OURS not in rts or MLX_LM not in rts:
+        entry["ratios"], entry["targets"] = {}, []
+        return
+    a, b = rts[OURS], rts[MLX_LM]
+    ratios: dict[str, Any] = {
+        "method": PAIRED,
+        "decode": {
+            c: paired(a["decode_tok_s"][c], b["decode_tok_s"][c]) for c in a["decode_tok_s"]
+        },
+        "kv_bytes_per_token": a["kv_bytes_per_token"] / b["kv_bytes_per_token"],
+        # where decode is bandwidth-bound, the speed ratio tends to the inverse of this
+        "bytes_read_per_token": {
+            c: a["bytes_read_per_token"][c] / b["bytes_read_per_token"][c]
+            for c in a["bytes_read_per_token"]
+        },
+        "primitives_per_token": a["primitives_per_token"]["metal_equivalent"]["total"]
+        / b["primitives_per_token"]["metal_equivalent"]["total"],
+        "weights_bytes": a["weights_bytes"] / b["weights_bytes"],
+        "weight_bytes_per_token": a["weight_bytes_per_token"]["total"]
+        / b["weight_bytes_per_token"]["total"],
+    }
+    if "prefill_tok_s" in a:
+        ratios["prefill"] = paired(a["prefill_tok_s"], b["prefill_tok_s"])
+    entry["ratios"] = ratios
+    targets = []
+    contexts = sorted(ratios["decode"], key=int)
+    v2 = entry.get("model_type") == "deepseek_v2"
+    if contexts:
+        lo, hi = contexts[0], contexts[-1]
+        targets.append(_target(f"decode at {lo}", ratios["decode"][lo], ">=", 1.0))
+        if v2 and int(hi) >= 8192:
+            targets.append(_target(f"decode at {hi}", ratios["decode"][hi], ">=", 2.0))
+    if v2:
+        targets.append(_target("KV bytes per token", ratios["kv_bytes_per_token"], "<=", 1 / 8))
+    targets.append(
+        _target(
+            "primitives per token (after the kernel issue)",
+            ratios["primitives_per_token"],
+            "<=",
+            0.5,
+        )
+    )
+    entry["targets"] = targets
+
+
+PAIRED = (
+    "speed ratios are the median over repeats of ours / mlx-lm, each repeat timing both "
+    "runtimes back to back (robust to the load drifting on a shared machine)"
+)
+
+
+def paired(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Median of per-repeat ratios a/b (repeats are paired: run back to back)."""
+    import statistics
+
+    return statistics.median(x / y for x, y in zip(a["samples"], b["samples"], strict=True))
+
+
+def _target(name: str, value: float, op: str, goal: float) -> dict[str, Any]:
+    met = value >= goal if op == ">=" else value <= goal
+    return {"name": name, "ratio": value, "goal": f"{op} {goal:g}", "met": met}
+
+
+def machine_info() -> dict[str, Any]:
+    import mlx_lm
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": str(mx.default_device()),
+        "metal": bool(mx.metal.is_available()),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "load_average": list(load) if load else None,
+    }

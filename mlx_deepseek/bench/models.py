@@ -1,0 +1,294 @@
+"""The benchmark's models: synthetic DeepSeek checkpoints, each quantized by both tools.
+
+A synthetic model is written ONCE as a bf16 Hugging Face checkpoint (per-expert tensors,
+`kv_b_proj`: DeepSeek's own layout) with random weights, then quantized from those same
+bytes by mlx-lm (`mlx_lm.utils` load/quantize/save, what `mlx_lm.convert -q` does) and by
+mlx-deepseek (`mlx-deepseek convert`). Everything lives in a cache folder keyed by the
+config, so later runs start at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CACHE = Path("~/.cache/mlx_deepseek/bench").expanduser()
+GENERATOR_VERSION = 1  # bump when the synthetic weights change meaning
+
+_YARN_V2 = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+_YARN_V3 = {**_YARN_V2, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+_COMMON: dict[str, Any] = dict(
+    num_key_value_heads=None,  # filled below (= heads)
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    moe_layer_freq=1,
+    max_position_embeddings=163840,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    attention_bias=False,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    torch_dtype="bfloat16",
+    bos_token_id=0,
+    eos_token_id=1,
+    num_nextn_predict_layers=0,
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A synthetic model: its Hugging Face config and what was scaled from the real one."""
+
+    name: str
+    title: str
+    config: dict[str, Any]
+    scaled: list[str] = field(default_factory=list)  # "field: bench (real)" lines
+
+    @property
+    def key(self) -> str:
+        text = json.dumps({"v": GENERATOR_VERSION, **self.config}, sort_keys=True)
+        return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def _config(model_type: str, **fields: Any) -> dict[str, Any]:
+    v3 = model_type == "deepseek_v3"
+    config = {
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "model_type": model_type,
+        **_COMMON,
+        **fields,
+    }
+    config["num_key_value_heads"] = config["num_attention_heads"]
+    return config
+
+
+def v2_lite_shape(moe_layers: int = 3, vocab: int = 16384) -> Shape:
+    """DeepSeek-V2-Lite's per-layer shapes exactly; fewer layers and a smaller vocabulary."""
+    config = _config(
+        "deepseek_v2",
+        vocab_size=vocab,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=1 + moe_layers,
+        first_k_dense_replace=1,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        topk_method="greedy",
+        scoring_func="softmax",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        rope_scaling=dict(_YARN_V2),
+    )
+    scaled = [
+        f"layers: {1 + moe_layers} = 1 dense + {moe_layers} MoE (real 27 = 1 + 26)",
+        f"vocab_size: {vocab} (real 102400)",
+    ]
+    return Shape("v2-lite", "V2-Lite-shaped", config, scaled)
+
+
+def v3_shape(moe_layers: int = 1, experts: int = 32, vocab: int = 16384) -> Shape:
+    """DeepSeek-V3's per-layer shapes (MLA with q LoRA, 2048-wide experts, noaux_tc routing
+    over 8 groups); fewer layers, fewer routed experts and a smaller vocabulary."""
+    config = _config(
+        "deepseek_v3",
+        vocab_size=vocab,
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        num_hidden_layers=1 + moe_layers,
+        first_k_dense_replace=1,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        n_routed_experts=experts,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        n_group=8,
+        topk_group=4,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        rope_scaling=dict(_YARN_V3),
+    )
+    scaled = [
+        f"layers: {1 + moe_layers} = 1 dense + {moe_layers} MoE (real 61 = 3 + 58)",
+        f"n_routed_experts: {experts}, {experts // 8} per group (real 256, 32 per group)",
+        f"vocab_size: {vocab} (real 129280)",
+        "MTP layer: none (real 1; decode does not read it)",
+    ]
+    return Shape("v3", "V3-shaped", config, scaled)
+
+
+def tiny_shape(model_type: str = "deepseek_v2") -> Shape:
+    """A model of a few MB with every structural feature (tests, a harness smoke run)."""
+    v3 = model_type == "deepseek_v3"
+    config = _config(
+        model_type,
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=64 if v3 else None,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        topk_method="noaux_tc" if v3 else "greedy",
+        scoring_func="sigmoid" if v3 else "softmax",
+        n_group=2 if v3 else 1,
+        topk_group=1,
+        norm_topk_prob=v3,
+        routed_scaling_factor=2.5 if v3 else 1.0,
+        max_position_embeddings=4096,
+        # mlx-lm's deepseek_v2 needs a rope_scaling section
+        rope_scaling={**_YARN_V2, "factor": 4, "original_max_position_embeddings": 1024},
+    )
+    name = "tiny-v3" if v3 else "tiny-v2"
+    return Shape(name, f"tiny {model_type}", config, ["everything (a test model)"])
+
+
+SHAPES: dict[str, Callable[[], Shape]] = {
+    "v2-lite": v2_lite_shape,
+    "v3": v3_shape,
+    "tiny-v2": lambda: tiny_shape("deepseek_v2"),
+    "tiny-v3": lambda: tiny_shape("deepseek_v3"),
+}
+
+
+@dataclass
+class Checkpoints:
+    """One model's checkpoints: the bf16 source and each runtime's 4-bit quantization."""
+
+    source: Path
+    ours: Path
+    mlx_lm: Path | None
+    notes: list[str] = field(default_factory=list)
+    ours_quantized_by: str = "mlx-deepseek convert"
+
+
+def prepare(
+    shape: Shape,
+    cache_dir: Path = DEFAULT_CACHE,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    log: Callable[[str], None] = print,
+) -> Checkpoints:
+    """Write (once) the bf16 source and both quantized checkpoints of `shape` under cache_dir."""
+    root = Path(cache_dir).expanduser() / shape.key
+    source = _once(root / "bf16", lambda p: _write_source(shape, p), log, "bf16 source")
+    q = f"q{bits}g{group_size}"
+    lm = _once(
+        root / f"mlx-lm-{q}",
+        lambda p: quantize_with_mlx_lm(source, p, bits, group_size),
+        log,
+        f"mlx-lm {bits}-bit",
+    )
+    notes: list[str] = []
+    try:
+        ours = _once(
+            root / f"mlx-deepseek-{q}",
+            lambda p: quantize_with_ours(source, p, bits, group_size),
+            log,
+            f"mlx-deepseek {bits}-bit",
+        )
+        by = "mlx-deepseek convert"
+    except Exception as e:  # the converter is young: never let it stop the benchmark
+        notes.append(
+            f"mlx-deepseek convert failed ({type(e).__name__}: {e}); mlx-deepseek runs "
+            "mlx-lm's quantized checkpoint instead (its loader reads it exactly)"
+        )
+        ours, by = lm, "mlx-lm (mlx-deepseek convert unavailable)"
+    return Checkpoints(source, ours, lm, notes, by)
+
+
+def _once(folder: Path, make: Callable[[Path], None], log: Callable[[str], None], what: str):
+    """Build `folder` through a staging folder renamed at the end: a crash leaves no half."""
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    log(f"writing {what} -> {folder} (once; cached for later runs)")
+    try:
+        make(staging)
+        (staging / ".complete").write_text("")
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _write_source(shape: Shape, folder: Path) -> None:
+    import numpy as np
+
+    from mlx_deepseek.convert.synthetic import random_tensor, write_checkpoint
+
+    rng = np.random.default_rng(0)
+    # a callable streams tensor by tensor (a dict or None would hold every weight in memory)
+    nbytes = _param_count(shape.config) * 2
+    write_checkpoint(
+        folder,
+        shape.config,
+        lambda name, shp: random_tensor(name, shp, rng),
+        fmt="bf16",
+        shards=max(1, -(-nbytes // (4 * 10**9))),
+    )
+
+
+def _param_count(config: dict[str, Any]) -> int:
+    import math
+
+    from mlx_deepseek.convert.synthetic import source_shapes
+
+    return sum(math.prod(s) for s in source_shapes(config).values())
+
+
+def quantize_with_mlx_lm(source: Path, out: Path, bits: int, group_size: int) -> None:
+    """What `mlx_lm.convert --quantize` writes (tokenizer files copied as they are)."""
+    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+    model, config = load_model(Path(source), lazy=True)
+    model, config = quantize_model(model, config, group_size=group_size, bits=bits)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model, donate_model=True)
+    save_config(config, out / "config.json")
+    for f in Path(source).iterdir():
+        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
+            shutil.copy(f, out / f.name)
+
+
+def quantize_with_ours(source: Path, out: Path, bits: int, group_size: int) -> None:
+    from mlx_deepseek.convert.pipeline import convert
+    from mlx_deepseek.convert.plan import Options
+
+    convert(source, out, Options(bits=bits, group_size=group_size, recipe="uniform"), force=True)

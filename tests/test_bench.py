@@ -1,0 +1,223 @@
+"""`mlx-deepseek bench`: a tiny end-to-end run, the primitive counter, the bytes it reports."""
+
+import json
+import statistics
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from typer.testing import CliRunner
+
+from mlx_deepseek.bench import counting
+from mlx_deepseek.bench.metrics import weight_bytes_per_token
+from mlx_deepseek.bench.models import SHAPES, prepare
+from mlx_deepseek.bench.runtimes import (
+    cache_bytes_per_token,
+    filled_cache,
+    load_mlx_lm,
+    load_ours,
+)
+from mlx_deepseek.cli import _register_commands, app
+
+CONTEXTS = [16, 300]  # 300 crosses mlx-lm's 256-token cache step
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory):
+    """One CLI run on the tiny V2 model (its expanded mlx-lm cache differs from our latent)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    _register_commands()
+    out = tmp / "result.json"
+    args = ["bench", "--shape", "tiny-v2", "--prompt-tokens", "8", "--decode-tokens", "2"]
+    args += ["--repeats", "2", "--contexts", ",".join(map(str, CONTEXTS))]
+    args += ["--cache-dir", str(tmp / "cache"), "--bandwidth-gb", "0.05"]
+    args += ["--json", str(out), "--note", "test run"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "decode tok/s at 300" in result.output
+    return json.loads(out.read_text()), tmp / "cache"
+
+
+RUNTIMES = ("mlx-deepseek", "mlx-lm")
+RUNTIME_FIELDS = {
+    "checkpoint",
+    "notes",
+    "weights_bytes",
+    "weight_bytes_per_token",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "peak_memory_bytes",
+    "cache_bytes",
+    "kv_bytes_per_token",
+    "primitives_per_token",
+    "effective_gbps",
+    "bandwidth_fraction",
+    "bytes_read_per_token",
+}
+
+
+def test_bench_json_has_every_field(bench_json):
+    result, _ = bench_json
+    top = {"schema_version", "created", "seconds", "machine", "settings", "bandwidth", "models"}
+    assert top <= set(result)
+    assert result["settings"]["note"] == "test run"
+    assert "random" in result["settings"]["cache_fill"]
+    assert "export_to_dot" in result["settings"]["primitive_counting"]
+    assert result["settings"]["repeats"] == 2 and result["settings"]["prompt_tokens"] == 8
+    assert result["bandwidth"]["read_gbps"] > 0
+    assert len(result["bandwidth"]["measurements"]) == 2
+    (entry,) = result["models"]
+    assert entry["name"] == "tiny-v2" and entry["model_type"] == "deepseek_v2"
+    assert entry["checkpoints"]["quantized_by"]["mlx-deepseek"] == "mlx-deepseek convert"
+    assert entry["agreement"]["last_logits_max_rel_diff"] < 0.05  # same weights, same maths
+    assert set(entry["runtimes"]) == set(RUNTIMES)
+    for name, r in entry["runtimes"].items():
+        assert RUNTIME_FIELDS <= set(r), (name, RUNTIME_FIELDS - set(r))
+        assert r["prefill_tok_s"]["median"] > 0 and len(r["prefill_tok_s"]["samples"]) == 2
+        for ctx in map(str, CONTEXTS):
+            s = r["decode_tok_s"][ctx]
+            assert s["min"] <= s["median"] <= s["max"] and len(s["samples"]) == 2
+            assert r["peak_memory_bytes"]["decode"][ctx] >= r["weights_bytes"]
+            assert r["bytes_read_per_token"][ctx] == (
+                r["weight_bytes_per_token"]["total"] + r["cache_bytes"][ctx]
+            )
+            assert (
+                0
+                < r["bandwidth_fraction"][ctx]
+                == pytest.approx(r["effective_gbps"][ctx] / result["bandwidth"]["read_gbps"])
+            )
+        assert r["peak_memory_bytes"]["prefill"] >= r["weights_bytes"]
+        counts = r["primitives_per_token"]
+        # the CPU expands fast ops that Metal fuses: the Metal-equivalent graph is smaller
+        assert 0 < counts["metal_equivalent"]["total"] < counts["this_backend"]["total"]
+        assert counts["metal_equivalent"]["by_primitive"]["FusedRMSNorm"] > 0
+    ratios = entry["ratios"]
+    assert set(ratios["decode"]) == set(map(str, CONTEXTS))
+    ours, lm = (entry["runtimes"][n]["decode_tok_s"]["16"]["samples"] for n in RUNTIMES)
+    assert ratios["decode"]["16"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(ours, lm, strict=True))
+    )
+    assert {"prefill", "kv_bytes_per_token", "primitives_per_token"} <= set(ratios)
+    names = {t["name"] for t in entry["targets"]}
+    assert {"decode at 16", "KV bytes per token"} <= names
+
+
+def test_kv_bytes_per_token_equal_the_formula(bench_json):
+    result, _ = bench_json
+    (entry,) = result["models"]
+    c = SHAPES["tiny-v2"]().config
+    layers, f32 = c["num_hidden_layers"], 4  # the CPU default compute dtype is float32
+    latent = layers * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * f32
+    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    expanded = layers * c["num_attention_heads"] * (qk + c["v_head_dim"]) * f32
+    ours, lm = entry["runtimes"]["mlx-deepseek"], entry["runtimes"]["mlx-lm"]
+    assert ours["kv_bytes_per_token"] == latent
+    assert lm["kv_bytes_per_token"] == expanded
+    assert entry["ratios"]["kv_bytes_per_token"] == pytest.approx(latent / expanded)
+    for ctx in CONTEXTS:
+        assert ours["cache_bytes"][str(ctx)] == latent * ctx
+
+
+def test_filled_cache_and_weights_read_per_token(bench_json):
+    _, cache_dir = bench_json
+    shape = SHAPES["tiny-v3"]()
+    ckpt = prepare(shape, cache_dir, log=lambda m: None)
+    c = shape.config
+    for rt in (load_ours(ckpt.ours, mx.float32), load_mlx_lm(ckpt.mlx_lm, mx.float32)):
+        cache = filled_cache(rt, 40, room=3)
+        assert all(x.offset == 40 and x.keys.shape[2] == 256 for x in cache)
+        # V3 in mlx-lm caches the latent too
+        assert cache_bytes_per_token(cache) == 2 * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 4
+        parts = weight_bytes_per_token(rt.model, c)
+        routed = sum(
+            v.nbytes
+            for layer in rt.model.layers[1:]
+            for v in (
+                layer.mlp.switch_mlp.gate_proj.weight,
+                layer.mlp.switch_mlp.gate_proj.scales,
+                layer.mlp.switch_mlp.gate_proj.biases,
+            )
+        )
+        # gate, up and down hold the same bytes; top-2 of 8 experts are read
+        assert parts["routed_experts"] == 3 * routed * 2 // 8
+        assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+
+
+def test_chart_or_a_clear_error(bench_json, tmp_path):
+    import importlib.util
+
+    from mlx_deepseek.bench.report import write_chart
+    from mlx_deepseek.errors import DeepSeekError
+
+    result, _ = bench_json
+    png = tmp_path / "chart.png"
+    if importlib.util.find_spec("matplotlib") is None:  # the optional `plot` extra
+        with pytest.raises(DeepSeekError, match="mlx-deepseek\\[plot\\]"):
+            write_chart(result, png)
+        assert not png.exists()
+    else:
+        write_chart(result, png)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _leaf(shape):
+    a = mx.ones(shape)
+    mx.eval(a)
+    return a
+
+
+def test_counter_counts_a_known_graph():
+    x, w = _leaf((4, 8)), _leaf((8, 8))
+    y = mx.exp(x @ w)  # Matmul, Exp
+    y = y.reshape(8, 4).T + 1.0  # Reshape, Transpose, Broadcast: views; Add
+    fused = mx.compile(lambda a: mx.sin(a) * 2.0 + 1.0)(y)  # one Compiled node
+    count = counting.count_primitives([fused.sum()])  # Sum
+    assert count.by_name.pop(next(n for n in count.by_name if n.startswith("Compiled"))) == 1
+    assert count.by_name == {"Matmul": 1, "Exp": 1, "Add": 1, "Sum": 1}
+    assert count.total == 5
+    assert count.views >= 3
+
+
+def test_metal_equivalent_counting_fuses_what_metal_fuses():
+    norm = nn.RMSNorm(64)
+    mx.eval(norm.parameters())  # an unevaluated weight would count as a `Full` node
+    x = _leaf((1, 4, 1, 64))
+    k, v = _leaf((1, 4, 32, 64)), _leaf((1, 4, 32, 64))
+
+    def step():
+        q = mx.fast.rope(norm(x), 64, traditional=True, base=1e4, scale=1.0, offset=3)
+        return [mx.fast.scaled_dot_product_attention(q, k, v, scale=0.1)]
+
+    cpu = counting.count_step(step, metal_equivalent=False)
+    metal = counting.count_step(step, metal_equivalent=True)
+    assert metal.by_name == {"FusedRMSNorm": 1, "FusedRoPE": 1, "FusedSDPA": 1}
+    assert cpu.total > 10 and "FusedSDPA" not in cpu.by_name
+    # the patches are undone: a real call evaluates to real numbers again
+    assert mx.fast.rms_norm(x, None, 1e-6).sum().item() == pytest.approx(4 * 64)
+
+    # head dim 512 (MLA's absorbed decode) has no fused Metal kernel in MLX 0.32: expanded
+    q512, kv512 = _leaf((1, 16, 1, 512)), _leaf((1, 1, 64, 512))
+    assert not counting.metal_sdpa_fused(q512, kv512, kv512, None)
+    big = counting.count_step(
+        lambda: [mx.fast.scaled_dot_product_attention(q512, kv512, kv512, scale=0.1)]
+    )
+    assert "FusedSDPA" not in big.by_name and big.by_name["Matmul"] == 2
+    # mlx-lm's expanded V2 decode (192/128) has one
+    assert counting.metal_sdpa_fused(_leaf((1, 16, 1, 192)), k, _leaf((1, 16, 32, 128)), None)
+
+
+def test_placeholder_outside_counting_is_refused():
+    with pytest.raises(RuntimeError, match="counting"):
+        counting.placeholder("X", (2,), mx.float32, [])
+
+
+def test_bad_options_give_one_line_errors(tmp_path):
+    _register_commands()
+    runner = CliRunner()
+    for args, text in [
+        (["--shape", "v9"], "choose from"),
+        (["--contexts", "128,x"], "positive integers"),
+        (["--model", str(tmp_path / "nope")], "no such folder"),
+    ]:
+        result = runner.invoke(app, ["bench", *args])
+        assert result.exit_code != 0 and text in str(result.exception), args
