@@ -35,7 +35,6 @@ from mlx_deepseek.generation import (
 from mlx_deepseek.sampling import SamplingSettings
 
 from .templates import (
-    REASONING_FAMILIES,
     THINK_END,
     THINK_START,
     ChatFormat,
@@ -323,8 +322,9 @@ class ChatSession:
             self._commit(messages, delta, turn, finish, last, reused, t0)
 
     def _splitter(self, prompt_text: str) -> ReasoningSplitter:
-        reasons = self.fmt.family in REASONING_FAMILIES
-        return ReasoningSplitter(starts_in_reasoning(prompt_text), detect=reasons)
+        # any family: an answer that opens with <think> is reasoning (R1-style fine-tunes of
+        # V3, the bundled demo), shown apart and kept out of the history
+        return ReasoningSplitter(starts_in_reasoning(prompt_text), detect=True)
 
     # ---- cache bookkeeping -----------------------------------------------------------------
 

@@ -107,7 +107,7 @@ def generate(
 
     from .chat.repl import format_memory
     from .chat.session import ReasoningSplitter
-    from .chat.templates import REASONING_FAMILIES, starts_in_reasoning
+    from .chat.templates import starts_in_reasoning
     from .generation import stream_generate
 
     text = read_prompt(prompt)
@@ -125,8 +125,7 @@ def generate(
         ]
         prompt_text = fmt.render(tokenizer, messages, True, think)
         tokens = tokenizer.encode(prompt_text, add_special_tokens=False)
-    detect = fmt.family in REASONING_FAMILIES
-    splitter = ReasoningSplitter(starts_in_reasoning(prompt_text), detect=detect)
+    splitter = ReasoningSplitter(starts_in_reasoning(prompt_text), detect=True)
     err = Console(stderr=True, highlight=False)
     last = None
     answered = False
