@@ -7,7 +7,9 @@ Only the normalised latent `c_kv` [B, 1, S, kv_lora_rank] and the roped shared k
 - expanded (prefill, many queries): K_nope = c_kv @ W_uk, V = c_kv @ W_uv^T, then attention.
 - absorbed (decode, few queries): q' = q_nope @ W_uk^T lives in latent space; scores are
   q'.c_kv + q_pe.k_pe and the output (softmax @ c_kv) @ W_uv^T — no per-head K/V at all.
-Both add the rope part of the scores as an additive "mask" to one fused SDPA call.
+Both add the rope part of the scores as an additive "mask" to one fused SDPA call. For 1-8
+tokens on Metal the absorbed path runs as two custom kernels instead (mla_kernels.py), and the
+latent's norm and RoPE as one (norm_kernels.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ import mlx.nn as nn
 from mlx_lm.models.mla import MultiLinear
 
 from .config import ModelArgs
+from .mla_kernels import fused_absorbed_attention
+from .norm_kernels import latent_norm_rope
 from .rope import RoPE
+
+CAUSAL = "causal"  # the mask argument for causal attention (built per call as needed)
 
 
 # The absorbed path costs ~2*(rank+rope) per query per cached token and head, the expanded
@@ -58,52 +64,94 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(H * args.v_head_dim, D, bias=args.attention_bias)
         self.rope = RoPE(args)
 
-    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        """x [B, L, D] -> [B, L, D]. mask: None (no mask), CAUSAL, or a boolean array
+        [L, S] (True = attend)."""
         B, L, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, qk]
-        q_nope, q_pe = mx.split(q, [self.nope], axis=-1)
-
-        kv = self.kv_a_proj_with_mqa(x)
-        c_kv, k_pe = mx.split(kv, [self.rank], axis=-1)
-        c_kv = mx.expand_dims(self.kv_a_layernorm(c_kv), 1)  # [B, 1, L, rank]
-        k_pe = mx.expand_dims(k_pe, 1)  # [B, 1, L, rope]
-
         offset = cache.offset if cache is not None else 0
-        q_pe = self.rope(q_pe, offset)
-        k_pe = self.rope(k_pe, offset)
+        q_a = None if self.q_lora_rank is None else self.q_a_proj(x)
+        c_kv, k_pe, q_a = self._latent(self.kv_a_proj_with_mqa(x), offset, q_a)  # [B, 1, L, *]
+        q = self.q_proj(x) if q_a is None else self.q_b_proj(q_a)  # [B, L, H * qk]
         if cache is not None:
             c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)  # [B, 1, S, *]
+        # the kernels imply the causal mask (a single query sees every key)
+        fusable = (mask is None and L == 1) or (isinstance(mask, str) and mask == CAUSAL)
+        if isinstance(mask, str):
+            if mask != CAUSAL:
+                raise ValueError(f"mask {mask!r}: give None, {CAUSAL!r} or a boolean array")
+            mask = causal_mask(L, offset)
 
-        # rope part of the scores, pre-scaled, as SDPA's additive mask: [B, H, L, S]. All heads
-        # share the one latent head: fold them into the query axis ([B, 1, H*L, .]) so each
-        # product reads the cache once, not once per head.
-        H, S = self.num_heads, k_pe.shape[2]
+        H = self.num_heads
+        q_nope, q_pe = mx.split(q.reshape(B, L, H, -1).transpose(0, 2, 1, 3), [self.nope], -1)
+        absorb = self.absorb if self.absorb is not None else use_absorbed(self.args, L)
+        if absorb:
+            q_lat = self.embed_q(q_nope)  # [B, H, L, rank]
+
+            def reference() -> mx.array:
+                return self._absorbed(q_pe, q_lat, c_kv, k_pe, mask, offset)
+
+            out = None
+            if fusable:
+                out = fused_absorbed_attention(self, q, q_lat, c_kv, k_pe, offset, reference)
+            if out is None:
+                out = reference()
+        else:
+            out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask, offset)
+        return self.o_proj(out)
+
+    def _latent(self, kv: mx.array, offset: int, q_a: mx.array | None) -> tuple:
+        """kv_a_proj_with_mqa's output [B, L, rank + rope] -> the normed c_kv [B, 1, L, rank]
+        and the roped k_pe [B, 1, L, rope] that the cache holds, and q_a_layernorm(q_a)
+        (None without q LoRA): one kernel where it applies."""
+        q_norm = self.get("q_a_layernorm")
+        fused = latent_norm_rope(kv, self.kv_a_layernorm, self.rope, self.rank, offset, q_a, q_norm)
+        if fused is not None:
+            return fused if q_a is not None else (*fused, None)
+        c_kv, k_pe = mx.split(kv, [self.rank], axis=-1)
+        c_kv = mx.expand_dims(self.kv_a_layernorm(c_kv), 1)
+        k_pe = self.rope(mx.expand_dims(k_pe, 1), offset)
+        return c_kv, k_pe, None if q_a is None else q_norm(q_a)
+
+    def _pe_scores(self, q_pe, k_pe, mask, offset: int) -> mx.array:
+        """The rope part of the scores, pre-scaled and masked, as SDPA's additive mask:
+        [B, H, L, S]. All heads share the one latent head: fold them into the query axis
+        ([B, 1, H*L, .]) so each product reads the cache once, not once per head."""
+        B, H, L, _ = q_pe.shape
+        S = k_pe.shape[2]
+        q_pe = self.rope(q_pe, offset)
         q_pe = (q_pe * self.scale).reshape(B, 1, H * L, -1)
         pe_scores = (q_pe @ k_pe.swapaxes(-1, -2)).reshape(B, H, L, S)
         if mask is not None:
             pe_scores = mx.where(
                 mask, pe_scores, mx.array(mx.finfo(pe_scores.dtype).min, pe_scores.dtype)
             )
+        return pe_scores
 
-        absorb = self.absorb if self.absorb is not None else use_absorbed(self.args, L)
-        if absorb:
-            q_lat = self.embed_q(q_nope).reshape(B, 1, H * L, -1)  # [B, 1, H*L, rank]
-            out = mx.fast.scaled_dot_product_attention(
-                q_lat, c_kv, c_kv, scale=self.scale, mask=pe_scores.reshape(B, 1, H * L, S)
-            )
-            out = self.unembed_out(out.reshape(B, H, L, -1))  # [B, H, L, v]
-        else:
-            k_nope = self.embed_q(c_kv, transpose=False)  # [B, H, S, nope]
-            v = self.unembed_out(c_kv)  # [B, H, S, v]
-            out = mx.fast.scaled_dot_product_attention(
-                q_nope, k_nope, v, scale=self.scale, mask=pe_scores
-            )
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out)
+    def _absorbed(self, q_pe, q_lat, c_kv, k_pe, mask, offset: int) -> mx.array:
+        """Attention in latent space -> [B, L, H * v] (MLX's path)."""
+        B, H, L, _ = q_lat.shape
+        S = k_pe.shape[2]
+        pe_scores = self._pe_scores(q_pe, k_pe, mask, offset)
+        out = mx.fast.scaled_dot_product_attention(
+            q_lat.reshape(B, 1, H * L, -1),
+            c_kv,
+            c_kv,
+            scale=self.scale,
+            mask=pe_scores.reshape(B, 1, H * L, S),
+        )
+        out = self.unembed_out(out.reshape(B, H, L, -1))  # [B, H, L, v]
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, offset: int) -> mx.array:
+        """Per-head K and V expanded from the latent -> [B, L, H * v] (prefill)."""
+        B, H, L, _ = q_nope.shape
+        pe_scores = self._pe_scores(q_pe, k_pe, mask, offset)
+        k_nope = self.embed_q(c_kv, transpose=False)  # [B, H, S, nope]
+        v = self.unembed_out(c_kv)  # [B, H, S, v]
+        out = mx.fast.scaled_dot_product_attention(
+            q_nope, k_nope, v, scale=self.scale, mask=pe_scores
+        )
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
 def causal_mask(L: int, offset: int) -> mx.array | None:

@@ -14,10 +14,26 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
-from .attention import MLAttention, causal_mask
+from .attention import CAUSAL, MLAttention
 from .cache import ModelCache
 from .config import ModelArgs
 from .moe import MLP, MoE
+from .norm_kernels import add_rms_norm, quantized_embedding
+
+
+def add_norm(x: mx.array, r: mx.array | None, norm: nn.Module) -> tuple[mx.array, mx.array]:
+    """(h, norm(h)) with h = x + r (r None: h = x); one fused kernel where it applies."""
+    if r is None:
+        return x, norm(x)
+    fused = add_rms_norm(x, r, norm)
+    if fused is not None:
+        return fused[0], fused[1]
+    h = x + r
+    return h, norm(h)
+
+
+def mask_for(L: int) -> str | None:
+    return CAUSAL if L > 1 else None
 
 
 class DecoderLayer(nn.Module):
@@ -30,9 +46,33 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, cache: Any = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, x: mx.array, mask: Any, cache: Any = None) -> mx.array:
+        h, m = self.step(x, None, mask, cache)
+        return h + m
+
+    def step(
+        self,
+        x: mx.array,
+        pending: mx.array | None,
+        mask: Any,
+        cache: Any = None,
+        normed: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array]:
+        """The layer on the residual stream x + pending, returning it as (h, m) with h + m
+        its output: each residual add is left to the next norm, where a kernel fuses the two.
+        normed: input_layernorm(x) when the caller has it (pending None)."""
+        if normed is None:
+            h, n = add_norm(x, pending, self.input_layernorm)
+        else:
+            h, n = x, normed
+        a = self.self_attn(n, mask, cache)
+        if isinstance(self.mlp, MoE) and x.dtype != mx.float32:
+            # the router takes the normed x in float32: the kernel writes that copy too
+            fused = add_rms_norm(h, a, self.post_attention_layernorm, float32_copy=True)
+            if fused is not None:
+                return fused[0], self.mlp(fused[1], fused[2])
+        h, n = add_norm(h, a, self.post_attention_layernorm)
+        return h, self.mlp(n)
 
 
 class SharedHead(nn.Module):
@@ -65,19 +105,33 @@ class DeepseekModel(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def hidden(self, inputs: mx.array, cache: list | None = None) -> mx.array:
-        """Last hidden states BEFORE the final norm: [B, L, D]."""
-        h = self.embed_tokens(inputs)
+    def _layers(self, inputs: mx.array, cache: list | None) -> tuple[mx.array, mx.array | None]:
+        """The decoder stack: the last hidden states as (h, m), h + m BEFORE the final norm."""
+        # the embedding and the first layer's input norm: one kernel where it applies
+        first = self.layers[0].input_layernorm if self.layers else None
+        fused = quantized_embedding(self.embed_tokens, inputs, first)
+        h, normed = fused if fused is not None else (self.embed_tokens(inputs), None)
         if cache is None:
             cache = [None] * len(self.layers)
-        offset = cache[0].offset if cache[0] is not None else 0
-        mask = causal_mask(h.shape[1], offset)
+        mask, m = mask_for(h.shape[1]), None
         for layer, c in zip(self.layers, cache, strict=True):
-            h = layer(h, mask, c)
-        return h
+            h, m = layer.step(h, m, mask, c, normed)
+            normed = None
+        return h, m
+
+    def hidden(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """Last hidden states BEFORE the final norm: [B, L, D]."""
+        h, m = self._layers(inputs, cache)
+        return h if m is None else h + m
+
+    def hidden_and_normed(
+        self, inputs: mx.array, cache: list | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """(last hidden states before the final norm, after it)."""
+        return add_norm(*self._layers(inputs, cache), self.norm)
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
-        return self.norm(self.hidden(inputs, cache))
+        return self.hidden_and_normed(inputs, cache)[1]
 
 
 class Model(nn.Module):
@@ -108,8 +162,8 @@ class Model(nn.Module):
         self, inputs: mx.array, cache: list | None = None
     ) -> tuple[mx.array, mx.array]:
         """(logits, pre-norm last hidden states): what MTP drafting and training need."""
-        h = self.model.hidden(inputs, cache)
-        return self.head(self.model.norm(h)), h
+        h, normed = self.model.hidden_and_normed(inputs, cache)
+        return self.head(normed), h
 
     def make_cache(self) -> ModelCache:
         """One latent cache per layer (keys = c_kv [B,1,S,rank], values = k_pe [B,1,S,rope]),
@@ -145,8 +199,7 @@ class Model(nn.Module):
         x = layer.eh_proj(
             mx.concatenate([layer.enorm(embed(next_tokens)), layer.hnorm(hidden)], axis=-1)
         )
-        offset = cache.offset if cache is not None else 0
-        return layer(x, causal_mask(x.shape[1], offset), cache)
+        return layer(x, mask_for(x.shape[1]), cache)
 
     def mtp_logits(self, h: mx.array, depth: int = 0) -> mx.array:
         layer = self.mtp[depth]

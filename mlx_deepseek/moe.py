@@ -10,6 +10,8 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from .config import ModelArgs
 from .experts import moe_experts
+from .kernels import fused_mlp
+from .router_kernel import fused_route
 
 
 class MLP(nn.Module):
@@ -22,6 +24,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
+        y = fused_mlp(x, self)  # two Metal kernels for 1-8 tokens of a quantized MLP
+        if y is not None:
+            return y
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -78,22 +83,28 @@ class MoEGate(nn.Module):
         self.weight = mx.zeros((E, args.hidden_size), dtype=mx.float32)
         if args.topk_method == "noaux_tc":
             self.e_score_correction_bias = mx.zeros((E,), dtype=mx.float32)
-        self._route = mx.compile(
-            partial(
-                route,
-                top_k=args.num_experts_per_tok,
-                topk_method=args.topk_method,
-                scoring_func=args.scoring_func,
-                n_group=args.n_group or 1,
-                topk_group=args.topk_group or 1,
-                norm_topk_prob=bool(args.norm_topk_prob),
-                routed_scaling_factor=float(args.routed_scaling_factor),
-            )
+        self._config = dict(
+            top_k=args.num_experts_per_tok,
+            topk_method=args.topk_method,
+            scoring_func=args.scoring_func,
+            n_group=args.n_group or 1,
+            topk_group=args.topk_group or 1,
+            norm_topk_prob=bool(args.norm_topk_prob),
+            routed_scaling_factor=float(args.routed_scaling_factor),
         )
+        self._route = self._compiled_route = mx.compile(partial(route, **self._config))
 
-    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        logits = x.astype(mx.float32) @ self.weight.T  # the weight is float32 (loading.py)
-        return self._route(logits, self.get("e_score_correction_bias"))
+    def __call__(self, x: mx.array, x32: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """x [..., D] -> (inds [..., k], weights [..., k] float32); x32: x in float32 when
+        the caller has it already."""
+        x32 = x.astype(mx.float32) if x32 is None else x32
+        logits = x32 @ self.weight.T  # the weight is float32 (loading.py)
+        bias = self.get("e_score_correction_bias")
+        if self._route is self._compiled_route:  # not hooked (training's load accounting)
+            fused = fused_route(logits, bias, self._route, **self._config)  # one Metal kernel
+            if fused is not None:
+                return fused
+        return self._route(logits, bias)
 
 
 class MoE(nn.Module):
@@ -108,6 +119,6 @@ class MoE(nn.Module):
                 args.hidden_size, args.moe_intermediate_size * args.n_shared_experts
             )
 
-    def __call__(self, x: mx.array) -> mx.array:
-        inds, scores = self.gate(x)
+    def __call__(self, x: mx.array, x32: mx.array | None = None) -> mx.array:
+        inds, scores = self.gate(x, x32)
         return moe_experts(x, inds, scores, self.switch_mlp, self.get("shared_experts"))

@@ -63,6 +63,7 @@ def test_bench_json_has_every_field(bench_json):
     assert result["settings"]["note"] == "test run"
     assert "random" in result["settings"]["cache_fill"]
     assert "export_to_dot" in result["settings"]["primitive_counting"]
+    assert "one node" in result["settings"]["kernel_counting"]
     assert result["settings"]["repeats"] == 2 and result["settings"]["prompt_tokens"] == 8
     assert result["bandwidth"]["read_gbps"] > 0
     assert len(result["bandwidth"]["measurements"]) == 2
@@ -90,7 +91,10 @@ def test_bench_json_has_every_field(bench_json):
         counts = r["primitives_per_token"]
         # the CPU expands fast ops that Metal fuses: the Metal-equivalent graph is smaller
         assert 0 < counts["metal_equivalent"]["total"] < counts["this_backend"]["total"]
-        assert counts["metal_equivalent"]["by_primitive"]["FusedRMSNorm"] > 0
+        # mlx-lm's norms are MLX's fused RMSNorm; ours are in the custom kernels (stood in by
+        # one placeholder each where there is no Metal)
+        fused = "FusedRMSNorm" if name == "mlx-lm" else "Fusedadd_rms_norm"
+        assert counts["metal_equivalent"]["by_primitive"][fused] > 0
     ratios = entry["ratios"]
     assert set(ratios["decode"]) == set(map(str, CONTEXTS))
     ours, lm = (entry["runtimes"][n]["decode_tok_s"]["16"]["samples"] for n in RUNTIMES)
@@ -221,3 +225,71 @@ def test_bad_options_give_one_line_errors(tmp_path):
     ]:
         result = runner.invoke(app, ["bench", *args])
         assert result.exit_code != 0 and text in str(result.exception), args
+
+
+# ---- bench --kernels -------------------------------------------------------------------------
+
+
+def _kernel_bench(cache_dir, tmp_path) -> tuple[object, dict]:
+    out = tmp_path / "kernels.json"
+    args = ["bench", "--kernels", "--shape", "tiny-v3", "--contexts", "16", "--group-size", "32"]
+    args += ["--decode-tokens", "1", "--repeats", "1", "--cache-dir", str(cache_dir)]
+    args += ["--json", str(out)]
+    _register_commands()
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    return result, json.loads(out.read_text())
+
+
+def _check_kernel_result(data: dict, modes: list[str]) -> None:
+    assert data["kind"] == "kernels" and data["settings"]["modes"] == modes
+    (entry,) = data["models"]
+    assert entry["name"] == "tiny-v3" and len(entry["layer_weight_bytes"]) == 2
+    for mode in modes:
+        r = entry["modes"][mode]
+        tok_s = r["decode_tok_s"]["16"]["median"]
+        assert r["weights_gbps"]["16"] == pytest.approx(
+            entry["weight_bytes_per_token"] * tok_s / 1e9
+        )
+        assert r["effective_gbps"]["16"] > r["weights_gbps"]["16"] > 0  # + the KV cache
+        dense, moe = r["layers"]["16"]
+        assert (dense["kind"], moe["kind"]) == ("dense", "moe")
+        for layer, nbytes in zip((dense, moe), entry["layer_weight_bytes"], strict=True):
+            for part in ("attention", "mlp"):
+                seconds = layer[f"{part}_ms"] / 1e3
+                assert layer[f"{part}_gbps"] == pytest.approx(nbytes[part] / seconds / 1e9)
+    # the MoE layer reads top-2 of its 8 experts
+    assert entry["layer_weight_bytes"][1]["mlp"] < entry["layer_weight_bytes"][0]["mlp"]
+
+
+def test_bench_kernels_says_in_one_line_when_they_cannot_run(bench_json, tmp_path):
+    from mlx_deepseek import kernels
+    from mlx_deepseek.bench.kernel_bench import NO_METAL
+
+    result, data = _kernel_bench(bench_json[1], tmp_path)
+    if kernels.available():  # a Mac: both sides measured
+        _check_kernel_result(data, ["off", "on"])
+        return
+    assert result.output.count(NO_METAL) == 1  # on one line of the report
+    assert data["note"] == NO_METAL and not data["kernels_available"]
+    _check_kernel_result(data, ["off"])
+    assert "kernels off (MLX)" in result.output and "kernels on" not in result.output
+
+
+def test_bench_kernels_compares_on_and_off(bench_json, tmp_path, monkeypatch):
+    from test_fused_kernels import metal
+
+    from mlx_deepseek import kernels
+
+    with metal(monkeypatch):  # the CPU emulator of Metal stands in where there is no GPU
+        result, data = _kernel_bench(bench_json[1], tmp_path)
+        assert kernels.failed_families() == []
+    _check_kernel_result(data, ["off", "on"])
+    assert data["kernels_available"] and data["note"] is None
+    assert "on / off" in result.output and "attention on" in result.output
+
+
+def test_bench_kernels_refuses_options_it_does_not_take():
+    _register_commands()
+    result = CliRunner().invoke(app, ["bench", "--kernels", "--check"])
+    assert result.exit_code != 0 and "--kernels does not take" in str(result.exception)

@@ -352,7 +352,7 @@ def test_fused_moe_self_checks_once_then_falls_back_with_one_warning(monkeypatch
     if not ON_METAL:  # stand the emulator in for Metal
         monkeypatch.setattr(mx.metal, "is_available", lambda: True)
         monkeypatch.setattr(mx.fast, "metal_kernel", MAKE_KERNEL)
-    monkeypatch.setattr(kernels._State, "disabled", False)
+    monkeypatch.setattr(kernels._State, "disabled", set())
     monkeypatch.setattr(kernels._State, "checked", set())
     switch, shared = _modules(mx.float16, D=128, I=128, E=4, n_shared=1)
     rng = np.random.default_rng(7)
@@ -382,7 +382,7 @@ def test_a_kernel_that_fails_to_compile_falls_back_with_a_warning(monkeypatch):
     if not ON_METAL:
         monkeypatch.setattr(mx.metal, "is_available", lambda: True)
         monkeypatch.setattr(mx.fast, "metal_kernel", MAKE_KERNEL)
-    monkeypatch.setattr(kernels._State, "disabled", False)
+    monkeypatch.setattr(kernels._State, "disabled", set())
     monkeypatch.setattr(kernels._State, "checked", set())
     broken = kernels._source("moe_gate_up.metal") + "\nthis does not compile;\n"
     monkeypatch.setitem(kernels._sources, "moe_gate_up.metal", broken)
@@ -429,3 +429,27 @@ def test_sweep_covers_every_bits_group_and_dtype():
     }
     assert {c.down[0] for c in cases} == set(kernels.SUPPORTED_BITS)
     assert {c.n_tokens for c in cases} >= {1, 8} and any(c.I == 1408 for c in cases)
+
+
+def test_a_dense_mlp_runs_as_one_shared_slot():
+    # no routed slot (top_k 0): the dense MLP's whole width (320, not a multiple of the row
+    # tile) is one always-on slot; mixed quantization between gate/up and down
+    mx.random.seed(9)
+    mlp = MLP(128, 320)
+    mlp.set_dtype(mx.bfloat16)
+    nn.quantize(mlp, 64, 8, class_predicate=lambda p, m: p != "down_proj")
+    mlp.down_proj = mlp.down_proj.to_quantized(32, 4)
+    x = mx.array(np.random.default_rng(10).normal(size=(1, 3, 128)).astype(np.float32))
+    x = x.astype(mx.bfloat16)
+    plan = kernels.plan_mlp(x, mlp)
+    v = plan.variant
+    assert (v.top_k, v.n_shared, v.inter, v.gate_up, v.down) == (0, 1, 320, (8, 64), (4, 32))
+    y = kernels.run_plan(plan, MAKE_KERNEL)
+    w = {p: dequantize(*(getattr(mlp, p)[k] for k in ("weight", "scales", "biases")),
+                       getattr(mlp, p).bits, getattr(mlp, p).group_size)
+         for p in ("gate_proj", "up_proj", "down_proj")}  # fmt: skip
+    xs = f64(x).reshape(3, 128)
+    ref = (silu(xs @ w["gate_proj"].T) * (xs @ w["up_proj"].T)) @ w["down_proj"].T
+    assert y.shape == x.shape and y.dtype == mx.bfloat16
+    assert ulps(y, ref.reshape(x.shape), mx.bfloat16) <= Y_TOLERANCE[mx.bfloat16]
+    assert kernels.plan_mlp(x.astype(mx.int32), mlp) is None  # declined, not wrong

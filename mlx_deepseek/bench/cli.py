@@ -103,6 +103,14 @@ def bench_command(
         bool,
         typer.Option("--check", help="Exit 1 if a decode or KV-cache target is missed (for CI)."),
     ] = False,
+    kernels: Annotated[
+        bool,
+        typer.Option(
+            "--kernels",
+            help="Instead: mlx-deepseek alone, its Metal kernels on vs off: decode tok/s, each "
+            "layer's time and the GB/s of weights read (needs Metal for the 'on' side).",
+        ),
+    ] = False,
 ) -> None:
     """Benchmark mlx-deepseek against mlx-lm on the same models, in one run."""
     from rich.console import Console
@@ -114,6 +122,8 @@ def bench_command(
 
     if (repeats or 1) < 1 or (decode_tokens or 1) < 1 or (prompt_tokens or 0) < 0:
         raise DeepSeekError("--repeats and --decode-tokens must be >= 1 and --prompt-tokens >= 0")
+    if kernels and (plot or check or profile):
+        raise DeepSeekError("--kernels does not take --plot, --check or --profile")
     if plot:
         check_chart_support()
     models = list(model or [])
@@ -121,6 +131,10 @@ def bench_command(
         if not p.expanduser().is_dir():
             raise DeepSeekError(f"--model {p}: no such folder")
     names = _shape_names(shape) if shape else ([] if models else ["v2-lite", "v3"])
+    if kernels:
+        _kernel_bench(names, models, dtype, contexts, decode_tokens, repeats, bits, group_size,
+                      cache_dir, json_path, note)  # fmt: skip
+        return
     settings = Settings(
         shapes=names,
         models=[p.expanduser() for p in models],
@@ -157,3 +171,37 @@ def bench_command(
         ]
         if missed:
             raise DeepSeekError("targets missed: " + "; ".join(missed))
+
+
+def _kernel_bench(
+    names, models, dtype, contexts, decode_tokens, repeats, bits, group_size, cache_dir, json_path,
+    note,
+) -> None:  # fmt: skip
+    """`bench --kernels` (kernel_bench.py)."""
+    import mlx.core as mx
+    from rich.console import Console
+
+    from . import kernel_bench
+    from .report import write_json
+
+    gpu = mx.default_device() == mx.gpu
+    settings = kernel_bench.KernelSettings(
+        shapes=names,
+        models=[p.expanduser() for p in models],
+        dtype=dtype,
+        contexts=_ints(contexts, "--contexts"),
+        decode_tokens=decode_tokens or (16 if gpu else 1),
+        repeats=repeats or (5 if gpu else 3),
+        bits=bits,
+        group_size=group_size,
+        cache_dir=cache_dir,
+    )
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    err = Console(stderr=True)
+    result = kernel_bench.run(settings, log=lambda msg: err.print(f"[dim]{msg}[/]"))
+    if note:
+        result["settings"]["note"] = note
+    kernel_bench.print_report(result, console)
+    if json_path:
+        write_json(result, json_path)
+        console.print(f"wrote {json_path}")

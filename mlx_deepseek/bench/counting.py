@@ -9,12 +9,14 @@ The counting rule, applied identically to every runtime:
    slices, broadcasts, splits, ...): MLX runs those without a kernel. A `Compiled...` node
    (an `mx.compile` fusion) counts once: it is one kernel.
 3. "Metal-equivalent": on a CPU, MLX expands its fast ops (`mx.fast.rms_norm`,
-   `layer_norm`, `rope`, `scaled_dot_product_attention`) into a dozen primitives each,
-   where Metal runs one fused kernel. With `metal_equivalent=True` each such call is
-   stood in by ONE placeholder node of the same output shape, and SDPA only when MLX's
-   Metal back-end (0.32.x) has a fused kernel for its shapes (otherwise Metal expands it
-   too, and so do we). Custom Metal kernels, which cannot run here, use `placeholder()`
-   the same way.
+   `layer_norm`, `rope`, `scaled_dot_product_attention`) and `mx.dequantize` into a dozen
+   primitives each, where Metal runs one kernel (a dequantize is one `fast::Quantize`
+   primitive on the GPU). With `metal_equivalent=True` each such call is stood in by ONE
+   placeholder node of the same output shape, and SDPA only when MLX's Metal back-end
+   (0.32.x) has a fused kernel for its shapes (otherwise Metal expands it too, and so do
+   we). mlx-deepseek's custom Metal kernels, which cannot run without Metal (a call
+   raises at once), are switched on as on a Mac (`kernels.pretend_metal`) and each launch
+   is stood in by ONE placeholder node with the kernel's output shapes: "Fused<kernel>".
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ import io
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+from mlx_deepseek import kernels
+from mlx_deepseek.kernels import KernelSpec
 
 VIEWS = frozenset(
     {
@@ -103,14 +108,29 @@ def placeholder(kind: str, shape: Sequence[int], dtype: mx.Dtype, inputs: Sequen
 
     For counting only (its values are zeros); valid inside `counting()`.
     """
+    return placeholders(kind, [shape], [dtype], inputs)[0]
+
+
+def placeholders(
+    kind: str, shapes: Sequence[Sequence[int]], dtypes: Sequence[mx.Dtype], inputs: Sequence
+) -> list[mx.array]:
+    """ONE graph node with an output per shape/dtype (a kernel with several outputs),
+    depending on `inputs`, counted once as 'Fused<kind>'. Valid inside `counting()`."""
     if _placeholders is None:
         raise RuntimeError("placeholder() is only for graphs built inside counting()")
-    leaf = mx.zeros(tuple(shape), dtype=dtype)
-    mx.eval(leaf)
+    leaves = [mx.zeros(tuple(s), dtype=d) for s, d in zip(shapes, dtypes, strict=True)]
+    mx.eval(leaves)
     deps = [x for x in inputs if isinstance(x, mx.array)]
-    out = mx.depends([leaf], deps)[0] if deps else leaf
-    _placeholders[f"{PLACEHOLDER_PREFIX}{kind}_{len(_placeholders)}"] = out
-    return out
+    outs = mx.depends(leaves, deps) if deps else leaves
+    for out in outs:
+        _placeholders[f"{PLACEHOLDER_PREFIX}{kind}_{len(_placeholders)}"] = out
+    return list(outs)
+
+
+def _kernel_placeholders(spec: KernelSpec, inputs: Sequence[mx.array]) -> list[mx.array]:
+    """A custom kernel launch as one placeholder node ('Fused<kernel name>')."""
+    kind = spec.name.removeprefix("mdsk_")
+    return placeholders(kind, spec.output_shapes, spec.output_dtypes, inputs)
 
 
 def metal_sdpa_fused(q: mx.array, k: mx.array, v: mx.array, mask) -> bool:
@@ -140,7 +160,9 @@ def counting(metal_equivalent: bool = True) -> Iterator[dict[str, mx.array]]:
         raise RuntimeError("counting() does not nest")
     _placeholders = {}
     saved: dict[str, Callable] = {}
+    pretend = nullcontext()
     if metal_equivalent:
+        pretend = kernels.pretend_metal(_kernel_placeholders)
         saved = {n: getattr(mx.fast, n) for n in ("rms_norm", "layer_norm", "rope")}
         saved["scaled_dot_product_attention"] = mx.fast.scaled_dot_product_attention
         sdpa = saved["scaled_dot_product_attention"]
@@ -161,15 +183,27 @@ def counting(metal_equivalent: bool = True) -> Iterator[dict[str, mx.array]]:
             shape = (*q.shape[:-1], v.shape[-1])
             return placeholder("SDPA", shape, q.dtype, [q, k, v, mask, kw.get("sinks")])
 
+        def dequantize(w, scales, biases=None, group_size=None, bits=None, mode="affine", **kw):
+            dtype = kw.get("dtype") or scales.dtype
+            if mode != "affine" or biases is None:
+                return saved_dequantize(w, scales, biases, group_size, bits, mode, **kw)
+            shape = (*w.shape[:-1], w.shape[-1] * 32 // (bits or 4))
+            return placeholder("Dequantize", shape, dtype, [w, scales, biases])
+
+        saved_dequantize = mx.dequantize
         mx.fast.rms_norm = rms_norm
         mx.fast.layer_norm = layer_norm
         mx.fast.rope = rope
         mx.fast.scaled_dot_product_attention = attention
+        mx.dequantize = dequantize
     try:
-        yield _placeholders
+        with pretend:
+            yield _placeholders
     finally:
         for n, f in saved.items():
             setattr(mx.fast, n, f)
+        if metal_equivalent:
+            mx.dequantize = saved_dequantize
         _placeholders = None
 
 

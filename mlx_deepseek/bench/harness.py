@@ -36,8 +36,15 @@ COUNTING_RULE = (
     "nodes of one decode step's lazy graph (mx.export_to_dot), weights and cache as leaves; "
     "views and no-ops (Reshape, Transpose, Slice, Broadcast, Split, ...) excluded; an "
     "mx.compile fusion counts once; Metal-equivalent: mx.fast rms_norm/rope/SDPA calls that "
-    "MLX's Metal back-end runs fused count as one node (the CPU expands them)"
+    "MLX's Metal back-end runs fused, and mx.dequantize, count as one node (the CPU expands "
+    "them); mlx-deepseek's custom Metal kernels are on as on a Mac, each launch counted as one "
+    "node"
 )
+KERNEL_COUNTING = {
+    True: "custom Metal kernels: this machine runs them; each launch counted as one node",
+    False: "custom Metal kernels: a kernel call raises here (no Metal back-end), so each launch "
+    "is counted as one node: a placeholder with the kernel's output shapes ('Fused<kernel>')",
+}
 CONFIG_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -164,6 +171,7 @@ def run(settings: Settings, log: Log = print) -> dict[str, Any]:
             "quantization": {"bits": settings.bits, "group_size": settings.group_size},
             "cache_fill": CACHE_FILL,
             "primitive_counting": COUNTING_RULE,
+            "kernel_counting": KERNEL_COUNTING[bool(mx.metal.is_available())],
             "interleaving": "each repeat runs both runtimes back to back, alternating which "
             "goes first",
         },

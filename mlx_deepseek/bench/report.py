@@ -154,6 +154,8 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
         f"{s['decode_tokens_per_repeat']} decode tokens; median (± half the min-max spread)"
     )
     console.print(f"long contexts: {s['cache_fill']}")
+    if s.get("kernel_counting"):
+        console.print(f"primitives per token (Metal-equivalent): {s['kernel_counting']}")
     ratio_note = next((e["ratios"]["method"] for e in result["models"] if e.get("ratios")), None)
     if ratio_note:
         console.print(ratio_note)
