@@ -17,7 +17,7 @@ from .errors import DeepSeekError
 MODEL_HELP = "Checkpoint folder, Hugging Face repo id, or 'demo' (the bundled demo model)."
 MTP_HELP = (
     "Draft tokens with the checkpoint's MTP head and verify them in one pass (self-speculative "
-    "decoding; same output). Default: on with a GPU when the checkpoint has an MTP layer."
+    "decoding; same output). Default: on when the checkpoint has an MTP layer."
 )
 DRAFT_HELP = "Tokens the MTP head drafts per step (1 is DeepSeek's; more apply it recursively)."
 
