@@ -59,6 +59,13 @@ def format_memory(gb: float) -> str:
     return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
 
 
+DEMO_BANNER = (
+    "This is the bundled demo: a 1.2M-parameter model with DeepSeek-V3's architecture, trained "
+    "for this repo (it adds, subtracts, counts, spells backwards). For a real DeepSeek: "
+    "mlx-deepseek chat mlx-community/DeepSeek-V2-Lite-Chat-4bit-mlx"
+)
+
+
 def stats_line(s: TurnStats) -> str:
     context = f"{s.context_tokens}" + (f"/{s.context_limit}" if s.context_limit else "")
     parts = [
@@ -107,6 +114,8 @@ class Repl:
             f"mlx-deepseek chat · {s.name or 'model'} · {fmt.family} format ({fmt.source}){think}",
             style="bold",
         )
+        if s.name == "demo":
+            self.say(DEMO_BANNER, style="cyan")
         self.say(
             f"temperature {s.settings.temperature:g}, top_p {s.settings.top_p:g}, "
             f"max_tokens {s.max_tokens}. /help for commands; Ctrl-C stops an answer; "
