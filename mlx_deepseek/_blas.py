@@ -18,10 +18,12 @@ _CANDIDATES = (
 )
 
 loaded: str | None = None
+_lib: ctypes.CDLL | None = None
+default_threads: int | None = None  # OpenBLAS's own choice, before anyone changed it
 
 
 def preload_openblas() -> str | None:
-    global loaded
+    global loaded, _lib
     if loaded or not sys.platform.startswith("linux"):
         return loaded
     if os.environ.get("MLX_DEEPSEEK_NO_OPENBLAS") == "1":
@@ -29,9 +31,25 @@ def preload_openblas() -> str | None:
     for path in _CANDIDATES:
         if os.path.exists(path):
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                _lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError:
                 continue
             loaded = path
             break
+    global default_threads
+    default_threads = threads()
     return loaded
+
+
+def threads() -> int | None:
+    """OpenBLAS's thread count, or None when it is not the loaded BLAS."""
+    fn = getattr(_lib, "openblas_get_num_threads", None)
+    return None if fn is None else int(fn())
+
+
+def set_threads(n: int) -> None:
+    """Set OpenBLAS's thread count (nothing without OpenBLAS). One thread when work is split
+    across MLX streams already: its idle helper threads spin and steal those cores."""
+    fn = getattr(_lib, "openblas_set_num_threads", None)
+    if fn is not None:
+        fn(int(n))

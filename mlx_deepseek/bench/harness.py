@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,8 +239,10 @@ def measure_model(settings: Settings, runtimes: list[Runtime], log: Log) -> dict
     }
 
 
-def _order(runtimes: list[Runtime], rep: int) -> list[Runtime]:
-    return runtimes if rep % 2 == 0 else runtimes[::-1]
+def _order(runtimes: list[Runtime], rep: int) -> Iterator[Runtime]:
+    """The runtimes, reversed on odd repeats, each made active as it comes up."""
+    for rt in runtimes if rep % 2 == 0 else runtimes[::-1]:
+        yield rt.activate()
 
 
 def _keep_max(table: dict[str, Any], key: str, value: int) -> None:
@@ -280,7 +282,7 @@ def _measure_decode(
     R, N = settings.repeats, settings.decode_tokens
     log(f"  decode at context {ctx}: filling both caches with random values")
     caches = {rt.name: filled_cache(rt, ctx, room=N + 1) for rt in runtimes}
-    for rt in runtimes:
+    for rt in _order(runtimes, 0):
         c = caches[rt.name]
         res[rt.name]["kv_bytes_per_token"] = cache_bytes_per_token(c)
         res[rt.name]["cache_bytes"][str(ctx)] = int(cache_bytes_per_token(c) * ctx)

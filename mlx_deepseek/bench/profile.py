@@ -52,11 +52,11 @@ def profile(
 ) -> dict[str, dict[str, float]]:
     """Median milliseconds per part for each runtime, interleaved like the timings."""
     for rt in runtimes:  # warm up
-        decode_parts(rt, caches[rt.name], context)
+        decode_parts(rt.activate(), caches[rt.name], context)
     samples: dict[str, list[dict[str, float]]] = {rt.name: [] for rt in runtimes}
     for rep in range(repeats):
         for rt in runtimes if rep % 2 == 0 else runtimes[::-1]:
-            samples[rt.name].append(decode_parts(rt, caches[rt.name], context))
+            samples[rt.name].append(decode_parts(rt.activate(), caches[rt.name], context))
     out = {}
     for name, runs in samples.items():
         out[name] = {k: 1e3 * statistics.median(r[k] for r in runs) for k in runs[0]}

@@ -9,6 +9,7 @@ would take many minutes.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from mlx_deepseek import _blas
+
 OURS = "mlx-deepseek"
 MLX_LM = "mlx-lm"
-CACHE_STEP = 256  # mlx-lm's KVCache grows in steps of 256 tokens
+CACHE_STEP = 256
+BLAS_SETTLE_S = 0.3  # mlx-lm's KVCache grows in steps of 256 tokens
 
 
 @dataclass
@@ -29,7 +33,18 @@ class Runtime:
     checkpoint: Path
     config: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    blas_threads: int | None = None  # OpenBLAS threads this runtime runs with (None: as is)
     _layout: list[Any] | None = None
+
+    def activate(self) -> Runtime:
+        """Set the process-wide state this runtime runs with (OpenBLAS's thread count: ours
+        splits work across CPU streams and wants one; mlx-lm gets OpenBLAS's default)."""
+        if self.blas_threads is not None and self.blas_threads != _blas.threads():
+            _blas.set_threads(self.blas_threads)
+            # OpenBLAS's idle helper threads spin ~2^28 cycles before sleeping: let them stop
+            # before timing a runtime that does not use them
+            time.sleep(BLAS_SETTLE_S)
+        return self
 
     def make_cache(self) -> list[Any]:
         from mlx_lm.models.cache import make_prompt_cache
@@ -42,9 +57,9 @@ def load_ours(path: Path, dtype: mx.Dtype) -> Runtime:
 
     from mlx_deepseek.loading import load_model
 
-    model = load_model(path, dtype=dtype, lazy=False)
+    model = load_model(path, dtype=dtype, lazy=False)  # sets OpenBLAS's threads as it wants
     config = json.loads((Path(path) / "config.json").read_text())
-    return Runtime(OURS, model, Path(path), config)
+    return Runtime(OURS, model, Path(path), config, blas_threads=_blas.threads())
 
 
 def load_mlx_lm(path: Path, dtype: mx.Dtype) -> Runtime:
@@ -70,7 +85,7 @@ def load_mlx_lm(path: Path, dtype: mx.Dtype) -> Runtime:
         names = ", ".join(sorted(str(d).split(".")[-1] for d in dtypes - {dtype}))
         notes.append(f"parameters cast from {names} to {str(dtype).split('.')[-1]}")
     model.eval()
-    return Runtime(MLX_LM, model, Path(path), config, notes)
+    return Runtime(MLX_LM, model, Path(path), config, notes, blas_threads=_blas.default_threads)
 
 
 def _is_float(v: mx.array) -> bool:

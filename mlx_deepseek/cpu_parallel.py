@@ -1,0 +1,202 @@
+"""Decoding on every CPU core: the big quantized matmuls split across MLX CPU streams.
+
+MLX runs each stream's operations on a thread of its own, and its CPU quantized matmul is
+single-threaded. So on the CPU back-end (Linux, or `mx.cpu` on a Mac) a decode step that
+issues one matmul at a time uses one core, reading 4-bit weights at ~0.5 GB/s here. This
+module splits the work that reads the weights across `threads()` CPU streams and joins
+the parts on the default stream:
+
+- a quantized linear layer by its output rows (`RowSplitQuantizedLinear`, installed on the
+  big layers by `install(model)` at load; same parameters, so nothing else changes);
+- a MoE layer's selected experts, the shared experts counting as their width in experts
+  (`split_slots`, used by experts.py);
+- absorbed attention by heads (used by attention.py), each part reading the latent cache.
+
+A part runs on one stream only: inside `parallel()` nothing splits again. Each join costs
+~12 us here, so only weights of at least MIN_PART_BYTES per part are split. Nothing of this
+runs on Metal (the GPU is already parallel) nor inside kernels.pretend_metal() (the graph a
+Mac would run). MLX_DEEPSEEK_CPU_THREADS=N sets the number of streams (1 = off); the default
+is the number of cores this process may use, at most 8.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import _blas
+
+ENV_THREADS = "MLX_DEEPSEEK_CPU_THREADS"
+MAX_DEFAULT_THREADS = 8
+MIN_PART_BYTES = 256 * 1024  # below this a part's matmul is too short to repay a join
+
+
+class _State:
+    streams: list[mx.Stream] = []
+    inside = False  # building a part: do not split again
+
+
+def threads() -> int:
+    """How many CPU streams share the work (1: no splitting)."""
+    value = os.environ.get(ENV_THREADS, "").strip()
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"{ENV_THREADS}={value!r}: give a whole number of threads") from None
+        return max(n, 1)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    return min(cores, MAX_DEFAULT_THREADS)
+
+
+def workers() -> list[mx.Stream]:
+    """The CPU streams to split the current graph across; [] when it should not split (not on
+    the CPU, one thread, inside a part, or building a Mac's graph)."""
+    from .kernels import _State as KernelState
+
+    if _State.inside or KernelState.pretend is not None:
+        return []
+    if mx.default_device() != mx.cpu:
+        return []
+    n = threads()
+    if n < 2:
+        return []
+    while len(_State.streams) < n:
+        _State.streams.append(mx.new_stream(mx.cpu))
+    return _State.streams[:n]
+
+
+def parallel(parts: Sequence[Callable[[], mx.array]], streams: Sequence[mx.Stream]) -> list[mx.array]:
+    """Build each part's graph on its own stream (part i on streams[i % n])."""
+    saved, _State.inside = _State.inside, True
+    try:
+        out = []
+        for i, part in enumerate(parts):
+            with mx.stream(streams[i % len(streams)]):
+                out.append(part())
+        return out
+    finally:
+        _State.inside = saved
+
+
+def ranges(total: int, n: int) -> list[tuple[int, int]]:
+    """[0, total) cut into at most n near-equal non-empty ranges."""
+    n = max(1, min(n, total))
+    cuts = [total * i // n for i in range(n + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def split_slots(k: int, shared_units: int, n: int) -> list[tuple[int, int]]:
+    """The routed slots [0, k) as n contiguous ranges balancing the load when the first part
+    also computes the shared experts (worth `shared_units` routed experts). A range may be
+    empty (the first part's, when the shared experts alone are its share)."""
+    total = k + shared_units
+    cuts = [round(total * i / n) for i in range(n + 1)]
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        lo, hi = (min(max(c - shared_units, 0), k) for c in (a, b))
+        out.append((lo, hi))
+    out[-1] = (out[-1][0], k)
+    return out
+
+
+def _rows(layer: nn.Module, x: mx.array, lo: int, hi: int) -> mx.array:
+    """Rows [lo, hi) of a (quantized) linear layer's x @ W^T (weight rows are contiguous, so
+    these are views)."""
+    w = layer["weight"][lo:hi]
+    if "scales" not in layer:
+        return x @ w.T
+    biases = layer.get("biases")
+    return mx.quantized_matmul(
+        x,
+        w,
+        scales=layer["scales"][lo:hi],
+        biases=None if biases is None else biases[lo:hi],
+        transpose=True,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
+def row_split(layer: nn.Module, x: mx.array) -> mx.array | None:
+    """layer's matmul x @ W^T computed in row ranges on the worker streams, or None when it
+    should not split."""
+    streams = workers()
+    if not streams:
+        return None
+    rows = layer["weight"].shape[0]
+    n = min(len(streams), layer["weight"].nbytes // MIN_PART_BYTES)
+    if n < 2:
+        return None
+    parts = [
+        lambda lo=lo, hi=hi: _rows(layer, x, lo, hi) for lo, hi in ranges(rows, n)
+    ]
+    return mx.concatenate(parallel(parts, streams), axis=-1)
+
+
+class RowSplitLinear(nn.Linear):
+    """nn.Linear whose matmul splits by output rows across the CPU streams."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = row_split(self, x)
+        if y is None:
+            return super().__call__(x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class RowSplitQuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear whose matmul splits by output rows across the CPU streams."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = row_split(self, x)
+        if y is None:
+            return super().__call__(x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class RowSplitEmbedding(nn.Embedding):
+    """nn.Embedding whose as_linear (a tied LM head) splits like the linear layers."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = row_split(self, x)
+        return super().as_linear(x) if y is None else y
+
+
+class RowSplitQuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose as_linear (a tied LM head) splits like the linear layers."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = row_split(self, x)
+        return super().as_linear(x) if y is None else y
+
+
+_SPLIT_CLASS: dict[type, type] = {
+    nn.Linear: RowSplitLinear,
+    nn.QuantizedLinear: RowSplitQuantizedLinear,
+    nn.Embedding: RowSplitEmbedding,
+    nn.QuantizedEmbedding: RowSplitQuantizedEmbedding,
+}
+
+
+def install(model: nn.Module) -> int:
+    """Make every linear layer (and embedding, for a tied head) big enough to split a
+    row-splitting one, in place (same parameters), and returns how many. Whether to split is
+    decided per call, so this is harmless on Metal. When the CPU will split such a model,
+    OpenBLAS is set to one thread: the streams are the parallelism, and its idle helper threads
+    would spin on their cores."""
+    count = 0
+    for _, module in model.named_modules():
+        cls = _SPLIT_CLASS.get(type(module))
+        if cls is not None and module["weight"].nbytes >= 2 * MIN_PART_BYTES:
+            module.__class__ = cls
+            count += 1
+    if count and workers():
+        _blas.set_threads(1)
+    return count

@@ -1,0 +1,189 @@
+"""Decode work split across CPU streams (cpu_parallel.py) computes the same function as one
+stream: the row-split linear layers, the MoE's shared-out experts, the absorbed attention
+split by cached positions (merged flash-decoding style) and the expanded one by heads."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from checkpoints import BASE, FAMILIES
+from mlx.utils import tree_flatten
+from mlx_lm.models.mla import MultiLinear
+
+from mlx_deepseek import _blas, cpu_parallel, kernels
+from mlx_deepseek.attention import exp_nonpositive
+from mlx_deepseek.config import ModelArgs
+from mlx_deepseek.model import Model
+
+TOKENS = mx.array(np.random.RandomState(0).randint(2, 320, size=(2, 12)))
+
+
+def tiny_model(family: str, quantized: bool) -> Model:
+    fields = {**BASE, **FAMILIES[family]}
+    fields["scoring_func"] = "softmax" if fields["model_type"] == "deepseek_v2" else "sigmoid"
+    if fields["q_lora_rank"]:
+        fields["q_lora_rank"] = 32  # a whole quantization group
+    args = ModelArgs.from_dict(fields)
+    mx.random.seed(0)
+    model = Model(args)
+    for layer in model.layers:  # the router starts at zeros: give it a real choice
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.weight = mx.random.normal(layer.mlp.gate.weight.shape)
+    if quantized:
+        nn.quantize(
+            model,
+            group_size=32,
+            bits=4,
+            # MLA's per-head W_uk / W_uv stay float (their 16-wide rows are under a group)
+            class_predicate=lambda _, m: hasattr(m, "to_quantized") and not isinstance(m, MultiLinear),
+        )
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture
+def split_all(monkeypatch):
+    """Split everything, over 3 streams (more than this machine's cores: uneven ranges)."""
+    monkeypatch.setattr(cpu_parallel, "MIN_PART_BYTES", 1)
+    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "3")
+    saved = _blas.threads()
+    yield
+    if saved is not None:
+        _blas.set_threads(saved)
+
+
+@pytest.fixture
+def count_parts(monkeypatch):
+    """How many parts were built on worker streams, by the caller's function name."""
+    import sys
+
+    counts: dict[str, int] = {}
+    original = cpu_parallel.parallel
+
+    def counting(parts, streams):
+        caller = sys._getframe(1).f_code.co_name
+        counts[caller] = counts.get(caller, 0) + len(parts)
+        return original(parts, streams)
+
+    monkeypatch.setattr(cpu_parallel, "parallel", counting)
+    return counts
+
+
+def run(model: Model, absorb: bool | None) -> list[np.ndarray]:
+    """A 12-token prefill of 2 sequences, then 3 cached decode steps: every output."""
+    for layer in model.layers:
+        layer.self_attn.absorb = absorb
+    cache = model.make_cache()
+    outs = [model(TOKENS, cache=cache)]
+    tok = mx.argmax(outs[-1][:, -1:], axis=-1)
+    for _ in range(3):
+        outs.append(model(tok, cache=cache))
+        tok = mx.argmax(outs[-1][:, -1:], axis=-1)
+    return [np.array(o) for o in outs]
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["4bit", "float"])
+@pytest.mark.parametrize("family", ["v2_greedy", "v3_noaux"])
+@pytest.mark.parametrize("absorb", [True, False], ids=["absorbed", "expanded"])
+def test_split_equals_one_stream(family, quantized, absorb, split_all, count_parts, monkeypatch):
+    model = tiny_model(family, quantized)
+    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "1")
+    ref = run(model, absorb)
+    assert not count_parts
+    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "3")
+    assert cpu_parallel.install(model) > 0
+    got = run(model, absorb)
+    for g, r in zip(got, ref, strict=True):
+        err = np.abs(g - r).max() / np.abs(r).max()
+        assert err < 2e-6, err
+    # every kind of split happened
+    assert count_parts.get("row_split", 0) > 0
+    assert count_parts.get("_absorbed_split" if absorb else "_expanded", 0) > 0
+    if quantized:  # unquantized experts (float32 gather_mm on the CPU) are not split
+        assert count_parts.get("_split_experts", 0) > 0
+
+
+def test_install_keeps_the_parameters_and_sets_blas(split_all):
+    model = tiny_model("v3_noaux", quantized=True)
+    before = dict(tree_flatten(model.parameters()))
+    n = cpu_parallel.install(model)
+    after = dict(tree_flatten(model.parameters()))
+    assert n > 0 and before.keys() == after.keys()
+    assert all(before[k] is after[k] for k in before)
+    assert isinstance(model.lm_head, cpu_parallel.RowSplitQuantizedLinear)
+    assert isinstance(model.lm_head, nn.QuantizedLinear)  # still what other code checks for
+    if _blas.loaded and len(cpu_parallel.workers()) > 1:
+        assert _blas.threads() == 1
+
+
+def test_small_models_are_not_split(monkeypatch):
+    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "2")
+    model = tiny_model("v3_noaux", quantized=True)
+    assert cpu_parallel.install(model) == 0  # below MIN_PART_BYTES: one stream is faster
+
+
+def test_no_split_when_building_a_macs_graph(split_all):
+    assert len(cpu_parallel.workers()) == 3
+    with kernels.pretend_metal(lambda spec, inputs: []):
+        assert cpu_parallel.workers() == []
+
+
+def test_threads_setting(monkeypatch):
+    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "1")
+    assert cpu_parallel.workers() == []
+    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "two")
+    with pytest.raises(ValueError, match="MLX_DEEPSEEK_CPU_THREADS='two': give a whole number"):
+        cpu_parallel.threads()
+    monkeypatch.delenv(cpu_parallel.ENV_THREADS)
+    assert 1 <= cpu_parallel.threads() <= cpu_parallel.MAX_DEFAULT_THREADS
+
+
+@pytest.mark.parametrize("k", range(1, 10))
+@pytest.mark.parametrize("shared", range(0, 4))
+@pytest.mark.parametrize("n", range(1, 5))
+def test_split_slots_cover_and_balance(k, shared, n):
+    slots = cpu_parallel.split_slots(k, shared, n)
+    assert len(slots) == n and slots[0][0] == 0 and slots[-1][1] == k
+    assert all(a[1] == b[0] for a, b in zip(slots, slots[1:]))  # contiguous, in order
+    loads = [hi - lo for lo, hi in slots]
+    loads[0] += shared
+    fair = math.ceil((k + shared) / n)
+    assert max(loads[1:], default=0) <= fair
+    assert loads[0] <= max(fair, shared)  # the shared experts are not split
+
+
+def test_ranges():
+    assert cpu_parallel.ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert cpu_parallel.ranges(2, 4) == [(0, 1), (1, 2)]
+
+
+def test_exp_nonpositive_is_exp():
+    x = -np.linspace(0.0, 87.0, 400_001).astype(np.float32)  # down to exp(-87) = 1.6e-38
+    got = np.array(exp_nonpositive(mx.array(x)), dtype=np.float64)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) < 2.5e-7  # 2 ulp
+    # far below: vanishing next to 1 (a softmax numerator's maximum), never 0/0 or NaN
+    tiny = np.array(exp_nonpositive(mx.array([-100.0, -3e38], dtype=mx.float32)))
+    assert np.all(np.isfinite(tiny)) and np.all(tiny < 1.7e-38)
+
+
+@pytest.mark.parametrize("mtp", [False, True], ids=["plain", "mtp"])
+def test_demo_answers_the_same_split(split_all, monkeypatch, mtp):
+    """End to end through the generation loop (one-step-ahead async evaluation, MTP drafts
+    verified in 2-token forwards): the bundled demo, everything split, says the same."""
+    import mlx_deepseek
+
+    messages = [{"role": "user", "content": "What is 123 + 456?"}]
+    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "1")
+    model, tokenizer = mlx_deepseek.load("demo")
+    ref = mlx_deepseek.generate(model, tokenizer, messages, max_tokens=80, mtp=mtp)
+    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "3")
+    model, tokenizer = mlx_deepseek.load("demo")  # install() now splits every layer
+    assert isinstance(model.model.layers[0].self_attn.q_a_proj, cpu_parallel.RowSplitQuantizedLinear)
+    got = mlx_deepseek.generate(model, tokenizer, messages, max_tokens=80, mtp=mtp)
+    assert got == ref and "579" in ref
