@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.mla import MultiLinear
 
-from . import cpu_parallel
+from . import cpu
 from .config import ModelArgs
 from .mla_kernels import fused_absorbed_attention
 from .norm_kernels import latent_norm_rope
@@ -151,19 +151,19 @@ class MLAttention(nn.Module):
         split: W_uk and W_uv by heads, the attention itself by cached positions (each part
         reads 1/n of the cache for all heads; the parts merge by their softmax maxima and
         sums, as flash-decoding does)."""
-        streams = cpu_parallel.workers()
+        streams = cpu.workers()
         reads = c_kv.nbytes + k_pe.nbytes + self.embed_q["weight"].nbytes
         reads += self.unembed_out["weight"].nbytes
-        n = min(len(streams), reads // cpu_parallel.MIN_PART_BYTES)
+        n = min(len(streams), reads // cpu.MIN_PART_BYTES)
         if n < 2:
             return None
         B, H, L, _ = q_nope.shape
         S = c_kv.shape[2]
-        heads = cpu_parallel.ranges(H, n)
+        heads = cpu.ranges(H, n)
 
         def by_heads(layer: nn.Module, x: mx.array) -> mx.array:
             parts = [partial(head_slice, layer, x[:, lo:hi], lo, hi) for lo, hi in heads]
-            return mx.concatenate(cpu_parallel.parallel(parts, streams), axis=1)
+            return mx.concatenate(cpu.parallel(parts, streams), axis=1)
 
         q_lat = by_heads(self.embed_q, q_nope) * self.scale  # [B, H, L, rank]
         q_lat = q_lat.reshape(B, 1, H * L, -1)
@@ -179,8 +179,8 @@ class MLAttention(nn.Module):
             p = exp_nonpositive(s - m)
             return m, p.sum(axis=-1, keepdims=True), p @ c
 
-        positions = cpu_parallel.ranges(S, n)
-        parts = cpu_parallel.parallel([partial(part, lo, hi) for lo, hi in positions], streams)
+        positions = cpu.ranges(S, n)
+        parts = cpu.parallel([partial(part, lo, hi) for lo, hi in positions], streams)
         m = parts[0][0]
         for pm, _, _ in parts[1:]:
             m = mx.maximum(m, pm)
@@ -206,13 +206,13 @@ class MLAttention(nn.Module):
                 q_nope[:, lo:hi], k_nope, v, scale=self.scale, mask=pe_scores[:, lo:hi]
             )
 
-        streams = cpu_parallel.workers()
+        streams = cpu.workers()
         n = min(len(streams), H)
         if n < 2:
             out = heads(0, H)
         else:
-            parts = [partial(heads, lo, hi) for lo, hi in cpu_parallel.ranges(H, n)]
-            out = mx.concatenate(cpu_parallel.parallel(parts, streams), axis=1)
+            parts = [partial(heads, lo, hi) for lo, hi in cpu.ranges(H, n)]
+            out = mx.concatenate(cpu.parallel(parts, streams), axis=1)
         return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
@@ -222,11 +222,11 @@ def head_slice(layer: nn.Module, x: mx.array, lo: int, hi: int, transpose: bool 
     if "scales" not in layer:
         return x @ (w.swapaxes(-1, -2) if transpose else w)
     biases = layer.get("biases")
-    return mx.quantized_matmul(
+    return cpu.matmul(  # dequantized for a long prefill on the CPU
         x,
         w,
-        scales=layer["scales"][lo:hi],
-        biases=None if biases is None else biases[lo:hi],
+        layer["scales"][lo:hi],
+        None if biases is None else biases[lo:hi],
         transpose=transpose,
         group_size=layer.group_size,
         bits=layer.bits,

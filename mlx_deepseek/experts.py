@@ -2,21 +2,22 @@
 
 Everything that computes experts goes through `moe_experts`: the MLX reference
 (`mx.gather_qmm` / `mx.gather_mm` through mlx-lm's SwitchGLU, which sorts the tokens by
-expert for large batches) and, on Metal, the fused kernels of `kernels.py`.
+expert for large batches); on Metal, the fused kernels of `kernels.py`; on the CPU (see
+cpu.py), the selected experts shared out across its streams, and for many tokens each
+expert's weights dequantized once instead of decoded per token.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from . import cpu_parallel
+from . import cpu
 from .kernels import fused_moe
-
-# the CPU splits a MoE layer's experts across its streams for up to this many tokens
-# (decode and MTP verification); longer batches go through SwitchGLU's sorted gather
-MAX_SPLIT_TOKENS = 16
 
 
 def _needs_float32_gather(switch_mlp: SwitchGLU, x: mx.array) -> bool:
@@ -54,8 +55,11 @@ def moe_experts(
     y = fused_moe(x, inds, scores, switch_mlp, shared_experts)
     if y is not None:  # fused Metal kernels: Metal, quantized experts, 1-8 tokens
         return y
+    y = _experts_grouped(x, inds, scores, switch_mlp, shared_experts)
+    if y is not None:  # the CPU, many tokens: by expert, dequantized, on its streams
+        return y
     y = _split_experts(x, inds, scores, switch_mlp, shared_experts)
-    if y is not None:  # the CPU's streams, a share of the experts each
+    if y is not None:  # the CPU, a few tokens: a share of the slots on each stream
         return y
     return _experts(x, inds, scores, switch_mlp, shared_experts)
 
@@ -86,22 +90,22 @@ def _split_experts(
     switch_mlp: SwitchGLU,
     shared_experts: nn.Module | None,
 ) -> mx.array | None:
-    """The experts of a few tokens split across the CPU streams, each stream computing a
-    contiguous share of the selected slots (the first also the shared experts), summed on the
-    default stream. None when it should not split."""
-    streams = cpu_parallel.workers()
-    tokens = x.size // x.shape[-1]
-    if not streams or tokens > MAX_SPLIT_TOKENS or "scales" not in switch_mlp.gate_proj:
+    """The experts split across the CPU streams, each stream computing a contiguous share of
+    every token's selected slots (the first also the shared experts; for many tokens each
+    share goes through SwitchGLU's sorted gather), summed on the default stream. None when it
+    should not split."""
+    streams = cpu.workers()
+    if not streams or "scales" not in switch_mlp.gate_proj:
         return None
     k = inds.shape[-1]
     w = switch_mlp.gate_proj["weight"]
-    if 3 * k * (w.nbytes // w.shape[0]) < 2 * cpu_parallel.MIN_PART_BYTES:
+    if 3 * k * (w.nbytes // w.shape[0]) < 2 * cpu.MIN_PART_BYTES:
         return None  # too little to read for a join to pay
     per_expert = w.shape[-2]
     shared_units = 0
     if shared_experts is not None:
         shared_units = round(shared_experts.gate_proj["weight"].shape[0] / per_expert)
-    slots = cpu_parallel.split_slots(k, shared_units, len(streams))
+    slots = cpu.split_slots(k, shared_units, len(streams))
 
     def part(i: int, lo: int, hi: int) -> mx.array | None:
         def run() -> mx.array | None:
@@ -118,8 +122,79 @@ def _split_experts(
 
     parts = [part(i, lo, hi) for i, (lo, hi) in enumerate(slots)]
     parts = [p for i, p in enumerate(parts) if slots[i][1] > slots[i][0] or i == 0]
-    outs = [y for y in cpu_parallel.parallel(parts, streams) if y is not None]
+    outs = [y for y in cpu.parallel(parts, streams) if y is not None]
     y = outs[0]
     for other in outs[1:]:
         y = y + other
     return y.astype(x.dtype)
+
+
+def _expert_matmul(layer: nn.Module, e: int, x: mx.array) -> mx.array:
+    """x @ W_e^T for expert e of a quantized SwitchLinear (dequantized for many rows)."""
+    biases = layer.get("biases")
+    y = cpu.matmul(
+        x,
+        layer["weight"][e],
+        layer["scales"][e],
+        None if biases is None else biases[e],
+        transpose=True,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+    return y + layer["bias"][e] if "bias" in layer else y
+
+
+def _experts_grouped(
+    x: mx.array,
+    inds: mx.array,
+    scores: mx.array,
+    switch_mlp: SwitchGLU,
+    shared_experts: nn.Module | None,
+) -> mx.array | None:
+    """Many tokens on the CPU (prefill): for each selected expert, its tokens gathered, its
+    SwiGLU (cpu.matmul: dequantized once for DEQUANT_MIN_TOKENS tokens or more, instead of
+    MLX's per-token decoding), the weighted result added back at their rows; the experts dealt
+    out to the CPU streams by token count. Reads the routing on the host: one sync per layer.
+    None when it does not apply."""
+    D = x.shape[-1]
+    T = x.size // D
+    if T < cpu.DEQUANT_MIN_TOKENS or not cpu.on_cpu() or "scales" not in switch_mlp.gate_proj:
+        return None
+    k = inds.shape[-1]
+    flat = np.array(inds.reshape(-1))  # the sync
+    order = np.argsort(flat, kind="stable")
+    experts, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
+    jobs = [(int(e), order[a : a + c]) for e, a, c in zip(experts, starts, counts, strict=True)]
+    streams = cpu.workers()
+    bins: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(max(1, len(streams)))]
+    loads = [0] * len(bins)
+    for job in sorted(jobs, key=lambda j: -len(j[1])):  # longest first, to the lightest bin
+        i = loads.index(min(loads))
+        bins[i].append(job)
+        loads[i] += len(job[1])
+    xf = x.reshape(T, D)
+    weights = scores.reshape(-1)
+
+    def run(jobs: list[tuple[int, np.ndarray]]) -> mx.array:
+        y = mx.zeros((T, D), mx.float32)
+        for e, positions in jobs:
+            rows = mx.array(positions // k)
+            xe = xf[rows]
+            gate = _expert_matmul(switch_mlp.gate_proj, e, xe)
+            h = nn.silu(gate) * _expert_matmul(switch_mlp.up_proj, e, xe)
+            ye = _expert_matmul(switch_mlp.down_proj, e, h).astype(mx.float32)
+            y = y.at[rows].add(ye * weights[mx.array(positions)][:, None])
+        return y
+
+    if streams:
+        parts = cpu.parallel([partial(run, b) for b in bins if b], streams)
+    else:
+        parts = [run(bins[0])]
+    y = parts[0]
+    for other in parts[1:]:
+        y = y + other
+    y = y.astype(x.dtype).reshape(x.shape)
+    if shared_experts is not None:
+        y = y + shared_experts(x)
+    return y

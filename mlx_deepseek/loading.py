@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu_parallel
+from . import cpu
 from .config import ModelArgs
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
 from .model import Model
@@ -306,7 +306,7 @@ def load_model(
     weights = {k: v.astype(_tensor_dtype(model, k, v, compute)) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    cpu_parallel.install(model)  # big quantized layers split across CPU streams (CPU only)
+    cpu.install(model)  # big quantized layers split across CPU streams (CPU only)
     _raise_wired_limit()
     if not lazy:
         mx.eval(model.parameters())

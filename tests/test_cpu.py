@@ -1,4 +1,4 @@
-"""Decode work split across CPU streams (cpu_parallel.py) computes the same function as one
+"""Decode work split across CPU streams (cpu.py) computes the same function as one
 stream: the row-split linear layers, the MoE's shared-out experts, the absorbed attention
 split by cached positions (merged flash-decoding style) and the expanded one by heads."""
 
@@ -14,7 +14,7 @@ from checkpoints import BASE, FAMILIES
 from mlx.utils import tree_flatten
 from mlx_lm.models.mla import MultiLinear
 
-from mlx_deepseek import _blas, cpu_parallel, kernels
+from mlx_deepseek import _blas, cpu, kernels
 from mlx_deepseek.attention import exp_nonpositive
 from mlx_deepseek.config import ModelArgs
 from mlx_deepseek.model import Model
@@ -39,7 +39,9 @@ def tiny_model(family: str, quantized: bool) -> Model:
             group_size=32,
             bits=4,
             # MLA's per-head W_uk / W_uv stay float (their 16-wide rows are under a group)
-            class_predicate=lambda _, m: hasattr(m, "to_quantized") and not isinstance(m, MultiLinear),
+            class_predicate=lambda _, m: (
+                hasattr(m, "to_quantized") and not isinstance(m, MultiLinear)
+            ),
         )
     model.eval()
     mx.eval(model.parameters())
@@ -49,8 +51,8 @@ def tiny_model(family: str, quantized: bool) -> Model:
 @pytest.fixture
 def split_all(monkeypatch):
     """Split everything, over 3 streams (more than this machine's cores: uneven ranges)."""
-    monkeypatch.setattr(cpu_parallel, "MIN_PART_BYTES", 1)
-    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "3")
+    monkeypatch.setattr(cpu, "MIN_PART_BYTES", 1)
+    monkeypatch.setenv(cpu.ENV_THREADS, "3")
     saved = _blas.threads()
     yield
     if saved is not None:
@@ -63,14 +65,14 @@ def count_parts(monkeypatch):
     import sys
 
     counts: dict[str, int] = {}
-    original = cpu_parallel.parallel
+    original = cpu.parallel
 
     def counting(parts, streams):
         caller = sys._getframe(1).f_code.co_name
         counts[caller] = counts.get(caller, 0) + len(parts)
         return original(parts, streams)
 
-    monkeypatch.setattr(cpu_parallel, "parallel", counting)
+    monkeypatch.setattr(cpu, "parallel", counting)
     return counts
 
 
@@ -90,13 +92,20 @@ def run(model: Model, absorb: bool | None) -> list[np.ndarray]:
 @pytest.mark.parametrize("quantized", [True, False], ids=["4bit", "float"])
 @pytest.mark.parametrize("family", ["v2_greedy", "v3_noaux"])
 @pytest.mark.parametrize("absorb", [True, False], ids=["absorbed", "expanded"])
-def test_split_equals_one_stream(family, quantized, absorb, split_all, count_parts, monkeypatch):
+@pytest.mark.parametrize("dequant_from", [16, 1])
+def test_cpu_paths_equal_mlx(
+    family, quantized, absorb, dequant_from, split_all, count_parts, monkeypatch
+):
+    """MLX's own path (one stream, quantized matmuls throughout) vs every CPU strategy:
+    split across 3 streams, and dequantized from 16 rows (the 24-token prefill) or always."""
     model = tiny_model(family, quantized)
-    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "1")
+    monkeypatch.setenv(cpu.ENV_THREADS, "1")
+    monkeypatch.setattr(cpu, "DEQUANT_MIN_TOKENS", 10**9)
     ref = run(model, absorb)
     assert not count_parts
-    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "3")
-    assert cpu_parallel.install(model) > 0
+    monkeypatch.setenv(cpu.ENV_THREADS, "3")
+    monkeypatch.setattr(cpu, "DEQUANT_MIN_TOKENS", dequant_from)
+    assert cpu.install(model) > 0
     got = run(model, absorb)
     for g, r in zip(got, ref, strict=True):
         err = np.abs(g - r).max() / np.abs(r).max()
@@ -104,52 +113,66 @@ def test_split_equals_one_stream(family, quantized, absorb, split_all, count_par
     # every kind of split happened
     assert count_parts.get("row_split", 0) > 0
     assert count_parts.get("_absorbed_split" if absorb else "_expanded", 0) > 0
-    if quantized:  # unquantized experts (float32 gather_mm on the CPU) are not split
-        assert count_parts.get("_split_experts", 0) > 0
+    if quantized:  # unquantized experts (float32 gather_mm on the CPU) are left to MLX
+        assert count_parts.get("_experts_grouped", 0) > 0  # the prefill
+        if dequant_from > 1:
+            assert count_parts.get("_split_experts", 0) > 0  # the decode steps
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantized_matmul_equals_quantized_matmul(transpose, bits):
+    w = mx.random.normal((3, 96, 128), key=mx.random.key(1))
+    q = mx.quantize(w, group_size=64, bits=bits)
+    x = mx.random.normal((3, 20, 96 if not transpose else 128), key=mx.random.key(2))
+    ref = mx.quantized_matmul(x, *q, transpose=transpose, group_size=64, bits=bits)
+    got = cpu.matmul(x, *q, transpose=transpose, group_size=64, bits=bits)  # 60 rows: dequantized
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert (mx.abs(got - ref).max() / mx.abs(ref).max()).item() < 1e-6
 
 
 def test_install_keeps_the_parameters_and_sets_blas(split_all):
     model = tiny_model("v3_noaux", quantized=True)
     before = dict(tree_flatten(model.parameters()))
-    n = cpu_parallel.install(model)
+    n = cpu.install(model)
     after = dict(tree_flatten(model.parameters()))
     assert n > 0 and before.keys() == after.keys()
     assert all(before[k] is after[k] for k in before)
-    assert isinstance(model.lm_head, cpu_parallel.RowSplitQuantizedLinear)
+    assert isinstance(model.lm_head, cpu.RowSplitQuantizedLinear)
     assert isinstance(model.lm_head, nn.QuantizedLinear)  # still what other code checks for
-    if _blas.loaded and len(cpu_parallel.workers()) > 1:
+    if _blas.loaded and len(cpu.workers()) > 1:
         assert _blas.threads() == 1
 
 
 def test_small_models_are_not_split(monkeypatch):
-    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "2")
+    monkeypatch.setenv(cpu.ENV_THREADS, "2")
     model = tiny_model("v3_noaux", quantized=True)
-    assert cpu_parallel.install(model) == 0  # below MIN_PART_BYTES: one stream is faster
+    assert cpu.install(model) == 0  # below MIN_PART_BYTES: one stream is faster
 
 
 def test_no_split_when_building_a_macs_graph(split_all):
-    assert len(cpu_parallel.workers()) == 3
+    assert len(cpu.workers()) == 3
     with kernels.pretend_metal(lambda spec, inputs: []):
-        assert cpu_parallel.workers() == []
+        assert cpu.workers() == []
 
 
 def test_threads_setting(monkeypatch):
-    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "1")
-    assert cpu_parallel.workers() == []
-    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "two")
+    monkeypatch.setenv(cpu.ENV_THREADS, "1")
+    assert cpu.workers() == []
+    monkeypatch.setenv(cpu.ENV_THREADS, "two")
     with pytest.raises(ValueError, match="MLX_DEEPSEEK_CPU_THREADS='two': give a whole number"):
-        cpu_parallel.threads()
-    monkeypatch.delenv(cpu_parallel.ENV_THREADS)
-    assert 1 <= cpu_parallel.threads() <= cpu_parallel.MAX_DEFAULT_THREADS
+        cpu.threads()
+    monkeypatch.delenv(cpu.ENV_THREADS)
+    assert 1 <= cpu.threads() <= cpu.MAX_DEFAULT_THREADS
 
 
 @pytest.mark.parametrize("k", range(1, 10))
 @pytest.mark.parametrize("shared", range(0, 4))
 @pytest.mark.parametrize("n", range(1, 5))
 def test_split_slots_cover_and_balance(k, shared, n):
-    slots = cpu_parallel.split_slots(k, shared, n)
+    slots = cpu.split_slots(k, shared, n)
     assert len(slots) == n and slots[0][0] == 0 and slots[-1][1] == k
-    assert all(a[1] == b[0] for a, b in zip(slots, slots[1:]))  # contiguous, in order
+    assert all(a[1] == b[0] for a, b in zip(slots, slots[1:], strict=False))  # contiguous, in order
     loads = [hi - lo for lo, hi in slots]
     loads[0] += shared
     fair = math.ceil((k + shared) / n)
@@ -158,8 +181,8 @@ def test_split_slots_cover_and_balance(k, shared, n):
 
 
 def test_ranges():
-    assert cpu_parallel.ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
-    assert cpu_parallel.ranges(2, 4) == [(0, 1), (1, 2)]
+    assert cpu.ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert cpu.ranges(2, 4) == [(0, 1), (1, 2)]
 
 
 def test_exp_nonpositive_is_exp():
@@ -179,11 +202,11 @@ def test_demo_answers_the_same_split(split_all, monkeypatch, mtp):
     import mlx_deepseek
 
     messages = [{"role": "user", "content": "What is 123 + 456?"}]
-    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "1")
+    monkeypatch.setenv(cpu.ENV_THREADS, "1")
     model, tokenizer = mlx_deepseek.load("demo")
     ref = mlx_deepseek.generate(model, tokenizer, messages, max_tokens=80, mtp=mtp)
-    monkeypatch.setenv(cpu_parallel.ENV_THREADS, "3")
+    monkeypatch.setenv(cpu.ENV_THREADS, "3")
     model, tokenizer = mlx_deepseek.load("demo")  # install() now splits every layer
-    assert isinstance(model.model.layers[0].self_attn.q_a_proj, cpu_parallel.RowSplitQuantizedLinear)
+    assert isinstance(model.model.layers[0].self_attn.q_a_proj, cpu.RowSplitQuantizedLinear)
     got = mlx_deepseek.generate(model, tokenizer, messages, max_tokens=80, mtp=mtp)
     assert got == ref and "579" in ref
