@@ -217,21 +217,9 @@ class MLAttention(nn.Module):
 
 
 def head_slice(layer: nn.Module, x: mx.array, lo: int, hi: int, transpose: bool = True) -> mx.array:
-    """Heads [lo, hi) of a (quantized) mlx-lm MultiLinear [H, out, in] applied to x."""
-    w = layer["weight"][lo:hi]
-    if "scales" not in layer:
-        return x @ (w.swapaxes(-1, -2) if transpose else w)
-    biases = layer.get("biases")
-    return cpu.matmul(  # dequantized for a long prefill on the CPU
-        x,
-        w,
-        layer["scales"][lo:hi],
-        None if biases is None else biases[lo:hi],
-        transpose=transpose,
-        group_size=layer.group_size,
-        bits=layer.bits,
-        mode=layer.mode,
-    )
+    """Heads [lo, hi) of a (quantized) mlx-lm MultiLinear [H, out, in] applied to x
+    (dequantized for a long prefill on the CPU)."""
+    return cpu.layer_matmul(layer, x, slice(lo, hi), transpose)
 
 
 @mx.compile

@@ -84,10 +84,9 @@ def matmul(
     bits: int,
     mode: str = "affine",
 ) -> mx.array:
-    """mx.quantized_matmul, or on the CPU for DEQUANT_MIN_TOKENS rows of x or more, the
-    dequantized weights in one BLAS matmul (float32)."""
-    rows = x.size // x.shape[-1] if x.ndim else 0
-    if rows < DEQUANT_MIN_TOKENS or not on_cpu():
+    """mx.quantized_matmul, or on the CPU when each weight matrix meets DEQUANT_MIN_TOKENS
+    rows of x or more, the dequantized weights in one BLAS matmul (float32)."""
+    if rows_per_matrix(x, w) < DEQUANT_MIN_TOKENS or not on_cpu():
         return mx.quantized_matmul(
             x,
             w,
@@ -102,6 +101,19 @@ def matmul(
     dense = dense.astype(mx.float32)
     y = x.astype(mx.float32) @ (dense.swapaxes(-1, -2) if transpose else dense)
     return y.astype(x.dtype)
+
+
+def rows_per_matrix(x: mx.array, w: mx.array) -> int:
+    """How many rows of x each weight matrix of a batched matmul x @ w meets: x's second-last
+    axis times its batch axes that w does not index (w [h, out, in] with x [B, h, L, in]: B*L)."""
+    if x.ndim < 2:
+        return 1
+    rows = x.shape[-2]
+    x_batch, w_batch = x.shape[:-2], w.shape[:-2]
+    for i, d in enumerate(reversed(x_batch)):
+        if i >= len(w_batch) or w_batch[-1 - i] == 1:
+            rows *= d
+    return rows
 
 
 def workers() -> list[mx.Stream]:
@@ -153,19 +165,22 @@ def split_slots(k: int, shared_units: int, n: int) -> list[tuple[int, int]]:
     return out
 
 
-def _rows(layer: nn.Module, x: mx.array, lo: int, hi: int) -> mx.array:
-    """Rows [lo, hi) of a (quantized) linear layer's x @ W^T (weight rows are contiguous, so
-    these are views)."""
-    w = layer["weight"][lo:hi]
+def layer_matmul(
+    layer: nn.Module, x: mx.array, part: int | slice = slice(None), transpose: bool = True
+) -> mx.array:
+    """x @ W[part]^T (or x @ W[part]) for a (quantized) layer's weight W, `part` indexing its
+    first axis: rows of a linear layer, heads of a MultiLinear, an expert of a SwitchLinear
+    (all views). Quantized, it goes through `matmul`."""
+    w = layer["weight"][part]
     if "scales" not in layer:
-        return x @ w.T
+        return x @ (w.swapaxes(-1, -2) if transpose else w)
     biases = layer.get("biases")
     return matmul(
         x,
         w,
-        layer["scales"][lo:hi],
-        None if biases is None else biases[lo:hi],
-        transpose=True,
+        layer["scales"][part],
+        None if biases is None else biases[part],
+        transpose=transpose,
         group_size=layer.group_size,
         bits=layer.bits,
         mode=layer.mode,
@@ -179,8 +194,8 @@ def row_split(layer: nn.Module, x: mx.array) -> mx.array | None:
     rows = layer["weight"].shape[0]
     n = min(len(streams), layer["weight"].nbytes // MIN_PART_BYTES)
     if n < 2:
-        return _rows(layer, x, 0, rows) if "scales" in layer and on_cpu() else None
-    parts = [partial(_rows, layer, x, lo, hi) for lo, hi in ranges(rows, n)]
+        return layer_matmul(layer, x) if "scales" in layer and on_cpu() else None
+    parts = [partial(layer_matmul, layer, x, slice(lo, hi)) for lo, hi in ranges(rows, n)]
     return mx.concatenate(parallel(parts, streams), axis=-1)
 
 

@@ -131,17 +131,7 @@ def _split_experts(
 
 def _expert_matmul(layer: nn.Module, e: int, x: mx.array) -> mx.array:
     """x @ W_e^T for expert e of a quantized SwitchLinear (dequantized for many rows)."""
-    biases = layer.get("biases")
-    y = cpu.matmul(
-        x,
-        layer["weight"][e],
-        layer["scales"][e],
-        None if biases is None else biases[e],
-        transpose=True,
-        group_size=layer.group_size,
-        bits=layer.bits,
-        mode=layer.mode,
-    )
+    y = cpu.layer_matmul(layer, x, e)
     return y + layer["bias"][e] if "bias" in layer else y
 
 

@@ -119,6 +119,14 @@ def test_cpu_paths_equal_mlx(
             assert count_parts.get("_split_experts", 0) > 0  # the decode steps
 
 
+def test_rows_per_matrix():
+    w2, w3 = mx.zeros((8, 4)), mx.zeros((16, 8, 4))  # one matrix; 16 heads' matrices
+    assert cpu.rows_per_matrix(mx.zeros((2, 12, 4)), w2) == 24  # batch 2 x 12 tokens
+    assert cpu.rows_per_matrix(mx.zeros((1, 16, 1, 4)), w3) == 1  # a decode step, per head
+    assert cpu.rows_per_matrix(mx.zeros((2, 1, 300, 4)), w3) == 600  # a latent broadcast
+    assert cpu.rows_per_matrix(mx.zeros((4,)), w2) == 1
+
+
 @pytest.mark.parametrize("transpose", [True, False])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_dequantized_matmul_equals_quantized_matmul(transpose, bits):
