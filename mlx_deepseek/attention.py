@@ -14,7 +14,7 @@ latent's norm and RoPE as one (norm_kernels.py).
 
 from __future__ import annotations
 
-from functools import partial
+from functools import partial, reduce
 from typing import Any
 
 import mlx.core as mx
@@ -167,28 +167,22 @@ class MLAttention(nn.Module):
 
         q_lat = by_heads(self.embed_q, q_nope) * self.scale  # [B, H, L, rank]
         q_lat = q_lat.reshape(B, 1, H * L, -1)
-        q_pe = (self.rope(q_pe, offset) * self.scale).reshape(B, 1, H * L, -1)
-        low = mx.array(mx.finfo(q_lat.dtype).min, q_lat.dtype)
 
         def part(lo: int, hi: int) -> tuple[mx.array, mx.array, mx.array]:
             c = c_kv[:, :, lo:hi]
-            s = q_lat @ c.swapaxes(-1, -2) + q_pe @ k_pe[:, :, lo:hi].swapaxes(-1, -2)
-            if mask is not None:  # [L, S] -> each head's rows
-                s = mx.where(mask[:, lo:hi], s.reshape(B, H, L, -1), low).reshape(s.shape)
-            m = s.max(axis=-1, keepdims=True)  # finite: masked scores are `low`, not -inf
+            part_mask = None if mask is None else mask[:, lo:hi]
+            s = self._pe_scores(q_pe, k_pe[:, :, lo:hi], part_mask, offset)  # [B, H, L, hi-lo]
+            s = q_lat @ c.swapaxes(-1, -2) + s.reshape(B, 1, H * L, -1)
+            m = s.max(axis=-1, keepdims=True)  # finite: masked scores are finfo.min, not -inf
             p = exp_nonpositive(s - m)
             return m, p.sum(axis=-1, keepdims=True), p @ c
 
         positions = cpu.ranges(S, n)
         parts = cpu.parallel([partial(part, lo, hi) for lo, hi in positions], streams)
-        m = parts[0][0]
-        for pm, _, _ in parts[1:]:
-            m = mx.maximum(m, pm)
-        total = out = None
-        for pm, pl, po in parts:
-            w = mx.exp(pm - m)  # ~0 for a part whose every score is masked
-            total = w * pl if total is None else total + w * pl
-            out = w * po if out is None else out + w * po
+        m = reduce(mx.maximum, [pm for pm, _, _ in parts])
+        weights = [mx.exp(pm - m) for pm, _, _ in parts]  # ~0 for a part wholly masked
+        total = reduce(mx.add, [w * pl for w, (_, pl, _) in zip(weights, parts, strict=True)])
+        out = reduce(mx.add, [w * po for w, (_, _, po) in zip(weights, parts, strict=True)])
         out = (out / total).astype(q_lat.dtype).reshape(B, H, L, -1)
         out = by_heads(self.unembed_out, out)  # [B, H, L, v]
         return out.transpose(0, 2, 1, 3).reshape(B, L, -1)

@@ -154,15 +154,10 @@ def ranges(total: int, n: int) -> list[tuple[int, int]]:
 def split_slots(k: int, shared_units: int, n: int) -> list[tuple[int, int]]:
     """The routed slots [0, k) as n contiguous ranges balancing the load when the first part
     also computes the shared experts (worth `shared_units` routed experts). A range may be
-    empty (the first part's, when the shared experts alone are its share)."""
+    empty: the first part's when the shared experts alone are its share, or any when k < n."""
     total = k + shared_units
-    cuts = [round(total * i / n) for i in range(n + 1)]
-    out = []
-    for a, b in zip(cuts, cuts[1:], strict=False):
-        lo, hi = (min(max(c - shared_units, 0), k) for c in (a, b))
-        out.append((lo, hi))
-    out[-1] = (out[-1][0], k)
-    return out
+    cuts = [min(max(round(total * i / n) - shared_units, 0), k) for i in range(n + 1)]
+    return list(zip(cuts, cuts[1:], strict=False))
 
 
 def layer_matmul(

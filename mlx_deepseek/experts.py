@@ -9,7 +9,7 @@ expert's weights dequantized once instead of decoded per token.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import partial, reduce
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -106,27 +106,20 @@ def _split_experts(
     if shared_experts is not None:
         shared_units = round(shared_experts.gate_proj["weight"].shape[0] / per_expert)
     slots = cpu.split_slots(k, shared_units, len(streams))
+    # (lo, hi, with the shared experts) per stream; an empty share is dropped
+    jobs = [(lo, hi, i == 0 and shared_experts is not None) for i, (lo, hi) in enumerate(slots)]
+    jobs = [job for job in jobs if job[1] > job[0] or job[2]]
 
-    def part(i: int, lo: int, hi: int) -> mx.array | None:
-        def run() -> mx.array | None:
-            y = None
-            if hi > lo:
-                y = switch_mlp(x, inds[..., lo:hi])
-                y = (y * scores[..., lo:hi, None]).sum(axis=-2)
-            if i == 0 and shared_experts is not None:
-                shared = shared_experts(x).astype(mx.float32 if y is None else y.dtype)
-                y = shared if y is None else y + shared
-            return y
+    def part(lo: int, hi: int, shared: bool) -> mx.array:
+        ys = []
+        if hi > lo:
+            ys.append((switch_mlp(x, inds[..., lo:hi]) * scores[..., lo:hi, None]).sum(axis=-2))
+        if shared:
+            ys.append(shared_experts(x).astype(mx.float32))
+        return reduce(mx.add, ys)
 
-        return run
-
-    parts = [part(i, lo, hi) for i, (lo, hi) in enumerate(slots)]
-    parts = [p for i, p in enumerate(parts) if slots[i][1] > slots[i][0] or i == 0]
-    outs = [y for y in cpu.parallel(parts, streams) if y is not None]
-    y = outs[0]
-    for other in outs[1:]:
-        y = y + other
-    return y.astype(x.dtype)
+    outs = cpu.parallel([partial(part, *job) for job in jobs], streams)
+    return reduce(mx.add, outs).astype(x.dtype)
 
 
 def _expert_matmul(layer: nn.Module, e: int, x: mx.array) -> mx.array:
@@ -181,10 +174,7 @@ def _experts_grouped(
         parts = cpu.parallel([partial(run, b) for b in bins if b], streams)
     else:
         parts = [run(bins[0])]
-    y = parts[0]
-    for other in parts[1:]:
-        y = y + other
-    y = y.astype(x.dtype).reshape(x.shape)
+    y = reduce(mx.add, parts).astype(x.dtype).reshape(x.shape)
     if shared_experts is not None:
         y = y + shared_experts(x)
     return y
