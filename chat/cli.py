@@ -6,35 +6,39 @@ import sys
 
 import typer
 
-from mlx_deepseek.cli_generate import DRAFT_HELP, MODEL_HELP, MTP_HELP
+from mlx_deepseek.cli_generate import (
+    MODEL_HELP,
+    DraftTokens,
+    MaxTokens,
+    MinP,
+    Mtp,
+    RepetitionPenalty,
+    Seed,
+    System,
+    Temp,
+    TopK,
+    TopP,
+)
 
 
 def chat(
     model: str = typer.Argument("demo", help=MODEL_HELP),
-    temp: float | None = typer.Option(
-        None, "--temp", help="Temperature (0 = greedy). Default: the model family's (R1: 0.6)."
-    ),
-    top_p: float | None = typer.Option(
-        None, "--top-p", help="Nucleus sampling threshold in (0, 1]. Default: the family's."
-    ),
-    top_k: int = typer.Option(
-        0, "--top-k", help="Sample among the K most likely tokens (0 = off)."
-    ),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top one's."),
-    repetition_penalty: float | None = typer.Option(
-        None, "--repetition-penalty", help="Penalise the last 20 tokens (1 = off)."
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed (reproducible sampling)."),
-    max_tokens: int = typer.Option(4096, "--max-tokens", "-m", help="Longest answer, in tokens."),
-    system: str | None = typer.Option(None, "--system", help="A system prompt."),
+    temp: Temp = None,
+    top_p: TopP = None,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = None,
+    seed: Seed = None,
+    max_tokens: MaxTokens = 4096,
+    system: System = None,
     think: bool = typer.Option(
         False, "--think", help="Start in thinking mode (models with a switch: V3.1)."
     ),
     prefill_step_size: int = typer.Option(
         2048, "--prefill-step-size", help="Prompt tokens per prefill pass."
     ),
-    mtp: bool | None = typer.Option(None, "--mtp/--no-mtp", help=MTP_HELP),
-    draft_tokens: int = typer.Option(1, "--draft-tokens", help=DRAFT_HELP),
+    mtp: Mtp = None,
+    draft_tokens: DraftTokens = 1,
 ) -> None:
     """Chat with a model in the terminal (streams answers; /help lists the commands)."""
     from mlx_deepseek import cli

@@ -8,18 +8,50 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from .errors import DeepSeekError
 
 MODEL_HELP = "Checkpoint folder, Hugging Face repo id, or 'demo' (the bundled demo model)."
-MTP_HELP = (
-    "Draft tokens with the checkpoint's MTP head and verify them in one pass (self-speculative "
-    "decoding; same output). Default: on when the checkpoint has an MTP layer."
-)
-DRAFT_HELP = "Tokens the MTP head drafts per step (1 is DeepSeek's; more apply it recursively)."
+
+# The options `generate` and `chat` share (each command gives its own default value)
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-m", help="Longest answer, in tokens.")]
+Temp = Annotated[
+    float | None,
+    typer.Option("--temp", help="Temperature (0 = greedy). Default: the model family's (R1: 0.6)."),
+]
+TopP = Annotated[
+    float | None,
+    typer.Option("--top-p", help="Nucleus sampling threshold in (0, 1]. Default: the family's."),
+]
+TopK = Annotated[
+    int, typer.Option("--top-k", help="Sample among the K most likely tokens (0 = off).")
+]
+MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens below min_p x the top one's.")]
+RepetitionPenalty = Annotated[
+    float | None,
+    typer.Option("--repetition-penalty", help="Penalise the last 20 tokens (1 = off)."),
+]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (reproducible sampling).")]
+System = Annotated[str | None, typer.Option("--system", help="A system prompt.")]
+Mtp = Annotated[
+    bool | None,
+    typer.Option(
+        "--mtp/--no-mtp",
+        help="Draft tokens with the checkpoint's MTP head and verify them in one pass "
+        "(self-speculative decoding; same output). Default: on when the checkpoint has an MTP "
+        "layer.",
+    ),
+]
+DraftTokens = Annotated[
+    int,
+    typer.Option(
+        "--draft-tokens",
+        help="Tokens the MTP head drafts per step (1 is DeepSeek's; more apply it recursively).",
+    ),
+]
 
 
 def mtp_stats(acceptance_rate: float | None, tokens_per_step: float | None) -> str:
@@ -73,22 +105,14 @@ def generate(
     prompt: str | None = typer.Option(
         None, "--prompt", "-p", help="The prompt; omit it or give '-' to read stdin."
     ),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-m", help="Longest answer, in tokens."),
-    temp: float | None = typer.Option(
-        None, "--temp", help="Temperature (0 = greedy). Default: the model family's."
-    ),
-    top_p: float | None = typer.Option(
-        None, "--top-p", help="Nucleus sampling threshold in (0, 1]. Default: the family's."
-    ),
-    top_k: int = typer.Option(
-        0, "--top-k", help="Sample among the K most likely tokens (0 = off)."
-    ),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top one's."),
-    repetition_penalty: float | None = typer.Option(
-        None, "--repetition-penalty", help="Penalise the last 20 tokens (1 = off)."
-    ),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed (reproducible sampling)."),
-    system: str | None = typer.Option(None, "--system", help="A system prompt."),
+    max_tokens: MaxTokens = 512,
+    temp: Temp = None,
+    top_p: TopP = None,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = None,
+    seed: Seed = None,
+    system: System = None,
     stop: list[str] | None = typer.Option(  # noqa: B008
         None, "--stop", help="Stop at this string (repeatable); it is not printed."
     ),
@@ -99,8 +123,8 @@ def generate(
         False, "--raw", help="Send the prompt as is, without the chat template."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No stats line, no spinner."),
-    mtp: bool | None = typer.Option(None, "--mtp/--no-mtp", help=MTP_HELP),
-    draft_tokens: int = typer.Option(1, "--draft-tokens", help=DRAFT_HELP),
+    mtp: Mtp = None,
+    draft_tokens: DraftTokens = 1,
 ) -> None:
     """Generate an answer to one prompt (stdout: the answer; stderr: reasoning and stats)."""
     from rich.console import Console
