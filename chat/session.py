@@ -22,25 +22,24 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from mlx_deepseek.errors import DeepSeekError
-from mlx_deepseek.generation import (
+from mlx_deepseek.decoding import (
     DEFAULT_PREFILL_STEP_SIZE,
     StepFn,
     cache_length,
     context_length,
     make_cache,
-    stream_generate,
     trim_cache,
 )
-from mlx_deepseek.sampling import SamplingSettings
-
-from .templates import (
+from mlx_deepseek.errors import DeepSeekError
+from mlx_deepseek.formats.templates import (
     THINK_END,
     THINK_START,
     ChatFormat,
     chat_format,
     starts_in_reasoning,
 )
+from mlx_deepseek.generation import stream_generate
+from mlx_deepseek.sampling import SamplingSettings
 
 SESSION_FORMAT = "mlx-deepseek-chat/1"
 _ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "kv_lora_rank")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx_deepseek.config import ModelArgs
+from mlx_deepseek.models.config import ModelArgs
 
 # What each role means to a recipe; the last three are never quantized.
 QUANTIZABLE_ROLES = (

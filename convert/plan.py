@@ -13,8 +13,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_deepseek.config import ModelArgs
 from mlx_deepseek.errors import CheckpointError, ConfigError, DeepSeekError
+from mlx_deepseek.models.config import ModelArgs
 
 from .fp8 import DEFAULT_BLOCK, scale_shape
 from .layout import Entry, expected_entries, is_ignorable, kv_b_outputs, mtp_layers

@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_deepseek.config import ModelArgs
+from mlx_deepseek.models.config import ModelArgs
 
 from .layout import expected_entries
 from .writer import OutTensor, Shard, ShardWriter

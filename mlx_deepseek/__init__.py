@@ -1,8 +1,8 @@
 """mlx-deepseek: DeepSeek's MoE/MLA language models on Apple Silicon with MLX.
 
-    from mlx_deepseek import load, generate, stream_generate
-    model, tokenizer = load("demo")
-    print(generate(model, tokenizer, [{"role": "user", "content": "What is 23 + 45?"}]))
+from mlx_deepseek import load, generate, stream_generate
+model, tokenizer = load("demo")
+print(generate(model, tokenizer, [{"role": "user", "content": "What is 23 + 45?"}]))
 """
 
 from ._blas import preload_openblas
@@ -18,8 +18,8 @@ _API = {
     "generate": "generation",
     "stream_generate": "generation",
     "GenerationResponse": "generation",
-    "ModelArgs": "config",
-    "Model": "model",
+    "ModelArgs": "models.config",
+    "Model": "models.deepseek_v3",
 }
 
 __all__ = [*_API, "__version__"]

@@ -69,7 +69,7 @@ def threads() -> int:
 def on_cpu() -> bool:
     """Whether the graph being built runs on MLX's CPU back-end (not when building a Mac's
     graph inside kernels.pretend_metal())."""
-    from .kernels import _State as KernelState
+    from .kernels.runtime import _State as KernelState
 
     return KernelState.pretend is None and mx.default_device() == mx.cpu
 

@@ -17,7 +17,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from . import cpu
-from .kernels import fused_moe
+from .kernels.runtime import fused_moe
 
 
 def _needs_float32_gather(switch_mlp: SwitchGLU, x: mx.array) -> bool:

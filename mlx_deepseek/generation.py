@@ -1,22 +1,10 @@
-"""The generation loop: chunked prefill, decode, sampling, stop conditions, streaming text.
+"""The generation API: prompt in, streamed text out (`stream_generate`, `generate`).
 
-One loop serves the Python API (`generate`, `stream_generate`), `mlx-deepseek generate` and
-the chat. It is split in two layers:
-
-- a *step function* turns (model, prompt tokens, cache) into a stream of `Step`s: one sampled
-  token each, with its log-probabilities and whether a draft proposed it. `decode_steps` is
-  the plain one (prefill in chunks, then one token per forward pass).
-  Speculative decoding with the MTP head (issue 8) plugs in here as another step function
-  with the same signature, passed as `stream_generate(..., step_fn=...)`: it may yield
-  several tokens per verification pass, marking accepted drafts `from_draft=True`, and
-  must trim rejected drafts from the cache itself.
-- `stream_generate` owns everything about text: EOS ids, stop strings, max tokens, the
-  streaming detokenizer (never splits a UTF-8 character), timings and memory.
-
-Cache contract for step functions: when the consumer stops after a step, the cache holds
-the prompt and the tokens yielded so far, possibly except the last one (the plain loop
-computes one step ahead, so the last yielded token is usually already in the cache).
-Callers that continue from the cache (the chat) trim it to what they keep.
+One loop serves the Python API, `mlx-deepseek generate` and the chat. A *step function*
+(decoding.py: plain; speculative.py: MTP drafting) turns the prompt tokens and a cache into
+sampled tokens; `stream_generate` owns everything about text: the prompt's encoding, EOS
+ids, stop strings, max tokens, the streaming detokenizer (never splits a UTF-8 character),
+timings and memory.
 """
 
 from __future__ import annotations
@@ -24,12 +12,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .decoding import (
+    DEFAULT_PREFILL_STEP_SIZE,
+    StepFn,
+    StepOptions,
+    cache_length,
+    context_length,
+    decode_steps,
+    make_cache,
+)
 from .errors import DeepSeekError
 from .sampling import (
     LogitsProcessor,
@@ -39,8 +36,7 @@ from .sampling import (
     make_sampler,
 )
 from .sampling import seed as seed_rng
-
-DEFAULT_PREFILL_STEP_SIZE = 2048
+from .speculative import mtp_step_fn
 
 
 @dataclass
@@ -70,108 +66,6 @@ class GenerationResponse:
     tokens_per_step: float | None = None  # tokens per main-model forward while drafting
 
 
-class Step(NamedTuple):
-    token: int
-    logprobs: mx.array  # [vocab]
-    from_draft: bool = False
-
-
-@dataclass
-class StepOptions:
-    sampler: Sampler
-    logits_processors: list[LogitsProcessor]
-    max_tokens: int
-    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE
-    prior_tokens: Sequence[int] = ()  # already in the cache; seen by the repetition penalty
-    prefill_progress: Callable[[int, int], None] | None = None
-
-
-StepFn = Callable[[nn.Module, mx.array, list, StepOptions], Iterator[Step]]
-
-
-# ---- caches --------------------------------------------------------------------------------
-
-
-def make_cache(model: nn.Module) -> list:
-    if hasattr(model, "make_cache"):
-        return model.make_cache()
-    from mlx_lm.models.cache import make_prompt_cache
-
-    return make_prompt_cache(model)
-
-
-def cache_length(cache: list) -> int:
-    """Tokens held by a per-layer cache list (the least-filled layer)."""
-    return min((c.offset for c in cache), default=0)
-
-
-def trim_cache(cache: list, length: int) -> None:
-    """Cut every layer back to its first `length` tokens."""
-    for c in cache:
-        if c.offset > length:
-            c.trim(c.offset - length)
-
-
-def context_length(model: nn.Module) -> int | None:
-    args = getattr(model, "args", None)
-    return getattr(args, "max_position_embeddings", None)
-
-
-# ---- the plain step function ---------------------------------------------------------------
-
-
-def decode_steps(
-    model: nn.Module, prompt: mx.array, cache: list, opts: StepOptions
-) -> Iterator[Step]:
-    """Prefill `prompt` [L] in chunks, then sample one token per forward pass.
-
-    Each prefill chunk is evaluated before the next starts, so `prefill_progress` may raise
-    (e.g. on Ctrl-C) and leave the cache holding whole chunks only.
-    """
-    processors = opts.logits_processors
-    history = mx.array(list(opts.prior_tokens) + prompt.tolist()) if processors else None
-
-    def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
-        nonlocal history
-        logits = model(inputs[None], cache=cache)[:, -1, :]
-        if processors:
-            for p in processors:
-                logits = p(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = opts.sampler(logprobs)
-        if processors:
-            history = mx.concatenate([history, token])
-        return token, logprobs.squeeze(0)
-
-    total, done = prompt.size, 0
-    while total - done > 1:
-        n = min(opts.prefill_step_size, total - done - 1)
-        model(prompt[done : done + n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        done += n
-        if opts.prefill_progress is not None:
-            opts.prefill_progress(done, total)
-        mx.clear_cache()
-
-    y, logprobs = step(prompt[done:])
-    mx.async_eval(y, logprobs)
-    n = 0
-    while True:
-        if n + 1 < opts.max_tokens:  # compute the next step while the caller handles this one
-            next_y, next_logprobs = step(y)
-            mx.async_eval(next_y, next_logprobs)
-        if n == 0 and opts.prefill_progress is not None:
-            mx.eval(y)
-            opts.prefill_progress(total, total)
-        yield Step(y.item(), logprobs)
-        n += 1
-        if n >= opts.max_tokens:
-            return
-        if n % 256 == 0:
-            mx.clear_cache()
-        y, logprobs = next_y, next_logprobs
-
-
 # ---- prompts -------------------------------------------------------------------------------
 
 
@@ -191,7 +85,7 @@ def encode_prompt(
     """Prompt token ids from text (raw, BOS added unless present), ids, or chat messages.
 
     Messages (a list of {"role", "content"} dicts) go through the chat template: the
-    checkpoint's own, else the built-in DeepSeek one (see mlx_deepseek.chat.templates).
+    checkpoint's own, else the built-in DeepSeek one (see mlx_deepseek.formats.templates).
     `system` prepends a system message (and turns a text prompt into a one-turn chat).
     """
     if isinstance(prompt, mx.array):
@@ -214,7 +108,7 @@ def encode_prompt(
     if system is not None and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
     if chat_format is None:
-        from .chat.templates import chat_format as make_format
+        from .formats.templates import chat_format as make_format
 
         chat_format = make_format(tokenizer, model_config or {})
     text = chat_format.render(tokenizer, messages, add_generation_prompt=True, thinking=thinking)
@@ -334,8 +228,6 @@ def stream_generate(
         prefill_progress=prefill_progress,
     )
     if step_fn is None:
-        from .speculative import mtp_step_fn
-
         step_fn = mtp_step_fn(model, cache, mtp, draft_tokens, settings)
     stats = getattr(step_fn, "stats", None)
     steps = (step_fn or decode_steps)(model, mx.array(tokens), cache, opts)

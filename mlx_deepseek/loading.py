@@ -20,9 +20,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import cpu
-from .config import ModelArgs
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
-from .model import Model
+from .models.config import ModelArgs
+from .models.deepseek_v3 import Model
 
 log = logging.getLogger("mlx_deepseek")
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import ModelCache
+from .decoding import Step, StepOptions, decode_steps, trim_cache
 from .errors import DeepSeekError
-from .generation import Step, StepOptions, decode_steps, trim_cache
+from .models.cache import ModelCache
 from .sampling import SamplingSettings, filter_logprobs
 
 

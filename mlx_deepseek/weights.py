@@ -16,8 +16,8 @@ import re
 
 import mlx.core as mx
 
-from .config import ModelArgs
 from .errors import CheckpointError
+from .models.config import ModelArgs
 
 _EXPERT = re.compile(
     r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$"

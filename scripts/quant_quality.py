@@ -29,8 +29,8 @@ from mlx_deepseek.convert.recipe import QuantSpec, Recipe
 from mlx_deepseek.convert.synthetic import tiny_config, write_checkpoint
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx)
-from mlx_deepseek.config import ModelArgs
 from mlx_deepseek.loading import load_model
+from mlx_deepseek.models.config import ModelArgs
 
 # experts ~90% of the weights, 6 of 64 routed per token (V2-Lite's proportions, scaled down)
 DEMO = dict(

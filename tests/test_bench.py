@@ -17,7 +17,7 @@ from mlx_deepseek.bench.runtimes import (
     load_mlx_lm,
     load_ours,
 )
-from mlx_deepseek.cli import _register_commands, app
+from mlx_deepseek.cli import app
 
 CONTEXTS = [16, 300]  # 300 crosses mlx-lm's 256-token cache step
 
@@ -26,7 +26,6 @@ CONTEXTS = [16, 300]  # 300 crosses mlx-lm's 256-token cache step
 def bench_json(tmp_path_factory):
     """One CLI run on the tiny V2 model (its expanded mlx-lm cache differs from our latent)."""
     tmp = tmp_path_factory.mktemp("bench")
-    _register_commands()
     out = tmp / "result.json"
     args = ["bench", "--shape", "tiny-v2", "--prompt-tokens", "8", "--decode-tokens", "2"]
     args += ["--repeats", "2", "--contexts", ",".join(map(str, CONTEXTS))]
@@ -216,7 +215,6 @@ def test_placeholder_outside_counting_is_refused():
 
 
 def test_bad_options_give_one_line_errors(tmp_path):
-    _register_commands()
     runner = CliRunner()
     for args, text in [
         (["--shape", "v9"], "choose from"),
@@ -235,7 +233,6 @@ def _kernel_bench(cache_dir, tmp_path) -> tuple[object, dict]:
     args = ["bench", "--kernels", "--shape", "tiny-v3", "--contexts", "16", "--group-size", "32"]
     args += ["--decode-tokens", "1", "--repeats", "1", "--cache-dir", str(cache_dir)]
     args += ["--json", str(out)]
-    _register_commands()
     result = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     return result, json.loads(out.read_text())
@@ -263,8 +260,8 @@ def _check_kernel_result(data: dict, modes: list[str]) -> None:
 
 
 def test_bench_kernels_says_in_one_line_when_they_cannot_run(bench_json, tmp_path):
-    from mlx_deepseek import kernels
     from mlx_deepseek.bench.kernel_bench import NO_METAL
+    from mlx_deepseek.kernels import runtime as kernels
 
     result, data = _kernel_bench(bench_json[1], tmp_path)
     if kernels.available():  # a Mac: both sides measured
@@ -279,7 +276,7 @@ def test_bench_kernels_says_in_one_line_when_they_cannot_run(bench_json, tmp_pat
 def test_bench_kernels_compares_on_and_off(bench_json, tmp_path, monkeypatch):
     from test_fused_kernels import metal
 
-    from mlx_deepseek import kernels
+    from mlx_deepseek.kernels import runtime as kernels
 
     with metal(monkeypatch):  # the CPU emulator of Metal stands in where there is no GPU
         result, data = _kernel_bench(bench_json[1], tmp_path)
@@ -290,6 +287,5 @@ def test_bench_kernels_compares_on_and_off(bench_json, tmp_path, monkeypatch):
 
 
 def test_bench_kernels_refuses_options_it_does_not_take():
-    _register_commands()
     result = CliRunner().invoke(app, ["bench", "--kernels", "--check"])
     assert result.exit_code != 0 and "--kernels does not take" in str(result.exception)

@@ -5,18 +5,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_deepseek.chat.session import ChatSession, ReasoningSplitter
-from mlx_deepseek.chat.templates import (
+from tiny_chat import ScriptedModel, tiny_model, tokenizer_only
+
+import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_deepseek.decoding import cache_length, make_cache
+from mlx_deepseek.errors import DeepSeekError
+from mlx_deepseek.formats.templates import (
     BUILTIN_TEMPLATES,
     ChatFormat,
     _model_name,
     chat_format,
     detect_family,
 )
-from tiny_chat import ScriptedModel, tiny_model, tokenizer_only
-
-import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_deepseek.errors import DeepSeekError
-from mlx_deepseek.generation import cache_length, make_cache
 
 EOS = "<｜end▁of▁sentence｜>"
 USER = "<｜User｜>"

@@ -11,7 +11,6 @@ from mlx_deepseek import cli
 from mlx_deepseek.errors import DeepSeekError
 from mlx_deepseek.generation import generate
 
-cli._register_commands()
 runner = CliRunner()
 
 

@@ -19,7 +19,7 @@ from mlx_lm.utils import quantize_model
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from mlx_deepseek.cli import _register_commands, app
+from mlx_deepseek.cli import app
 from mlx_deepseek.loading import load_model
 
 TOKENS = np.random.RandomState(0).randint(2, 300, size=(2, 16))
@@ -245,7 +245,6 @@ def test_v2_keeps_kv_b_proj_and_both_loaders_agree(v2, recipe):
 
 def test_cli_converts_into_small_shards(fp8, tmp_path):
     root, _ = fp8
-    _register_commands()
     dst = tmp_path / "cli"
     args = ["convert", str(root / "src"), "-o", str(dst), "--recipe", "mixed"]
     result = CliRunner().invoke(app, [*args, "--dtype", "float32", "--shard-size", "150KB"])

@@ -16,7 +16,7 @@ import pytest
 from mlx_deepseek.convert.synthetic import source_shapes, tiny_config, write_checkpoint
 from typer.testing import CliRunner
 
-from mlx_deepseek.cli import _register_commands, app
+from mlx_deepseek.cli import app
 from mlx_deepseek.errors import DeepSeekError
 
 FP8 = dict(fmt="fp8", shards=3, block=(32, 48), scales_elsewhere=True)
@@ -36,7 +36,6 @@ def src(pristine, tmp_path) -> Path:
 
 
 def run(*args) -> object:
-    _register_commands()
     return CliRunner().invoke(app, ["convert", *map(str, args)])
 
 

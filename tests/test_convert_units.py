@@ -5,15 +5,15 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_deepseek.convert.cli import parse_size
 from mlx_deepseek.convert.layout import expected_entries
 from mlx_deepseek.convert.recipe import QuantSpec, Recipe, high_bits, quantization_section
 from mlx_deepseek.convert.synthetic import tiny_config
 from mlx_deepseek.convert.writer import OutTensor, ShardWriter, Staging, plan_shards
 from safetensors import safe_open
 
-from mlx_deepseek.config import ModelArgs
+from mlx_deepseek.cli.convert import parse_size
 from mlx_deepseek.errors import DeepSeekError
+from mlx_deepseek.models.config import ModelArgs
 
 
 def test_mixed_recipe_keeps_experts_low_and_everything_else_high():

@@ -14,10 +14,11 @@ from checkpoints import BASE, FAMILIES
 from mlx.utils import tree_flatten
 from mlx_lm.models.mla import MultiLinear
 
-from mlx_deepseek import _blas, cpu, kernels
-from mlx_deepseek.attention import exp_nonpositive
-from mlx_deepseek.config import ModelArgs
-from mlx_deepseek.model import Model
+from mlx_deepseek import _blas, cpu
+from mlx_deepseek.kernels import runtime as kernels
+from mlx_deepseek.models.config import ModelArgs
+from mlx_deepseek.models.deepseek_v3 import Model
+from mlx_deepseek.models.mla import exp_nonpositive
 
 TOKENS = mx.array(np.random.RandomState(0).randint(2, 320, size=(2, 12)))
 

@@ -10,11 +10,11 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from test_fused_kernels import metal
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_deepseek import kernels
 from mlx_deepseek.bench.counting import count_step
 from mlx_deepseek.bench.runtimes import MLX_LM, OURS, Runtime, decode_step, filled_cache
-from mlx_deepseek.config import ModelArgs
-from mlx_deepseek.model import Model
+from mlx_deepseek.kernels import runtime as kernels
+from mlx_deepseek.models.config import ModelArgs
+from mlx_deepseek.models.deepseek_v3 import Model
 
 # Measured with this code (tiny V3 below, float32, Metal-equivalent, kernel launches as one
 # placeholder each): 33 for mlx-deepseek, 78 for mlx-lm. A change that adds a dispatch to the

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from mlx_deepseek import load
-from mlx_deepseek.config import ModelArgs
 from mlx_deepseek.demo_train import data
 from mlx_deepseek.demo_train.config import CONFIG, TRAIN_CONTEXT, count_parameters
 from mlx_deepseek.demo_train.evaluate import (
@@ -21,7 +20,8 @@ from mlx_deepseek.demo_train.evaluate import (
     greedy_generate,
 )
 from mlx_deepseek.loading import demo_path
-from mlx_deepseek.model import Model
+from mlx_deepseek.models.config import ModelArgs
+from mlx_deepseek.models.deepseek_v3 import Model
 
 DEMO = demo_path()
 

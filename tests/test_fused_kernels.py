@@ -11,9 +11,12 @@ import pytest
 from test_kernels import EPS, MAKE_KERNEL, ON_METAL, dequantize, f64
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_deepseek import kernels, mla_kernels, norm_kernels, router_kernel
-from mlx_deepseek.config import ModelArgs
-from mlx_deepseek.rope import RoPE
+from mlx_deepseek.kernels import mla as mla_kernels
+from mlx_deepseek.kernels import norm as norm_kernels
+from mlx_deepseek.kernels import router as router_kernel
+from mlx_deepseek.kernels import runtime as kernels
+from mlx_deepseek.models.config import ModelArgs
+from mlx_deepseek.models.rope import RoPE
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -214,7 +217,7 @@ def route_ref(logits: np.ndarray, bias: np.ndarray | None, c: dict):
 def test_router_matches_float64(monkeypatch, name):
     from functools import partial
 
-    from mlx_deepseek.moe import route
+    from mlx_deepseek.models.moe import route
 
     c = dict(ROUTINGS[name])
     E, has_bias = c.pop("E"), c.pop("bias")
@@ -352,7 +355,7 @@ def test_a_failing_family_is_switched_off_alone(monkeypatch):
     E, _ = c.pop("E"), c.pop("bias")
     from functools import partial
 
-    from mlx_deepseek.moe import route
+    from mlx_deepseek.models.moe import route
 
     reference = mx.compile(partial(route, **c))
     logits = normal(np.random.default_rng(4), (1, E))

@@ -6,14 +6,9 @@ import pytest
 from tiny_chat import ScriptedModel, tiny_model, tokenizer_only
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_deepseek.decoding import Step, cache_length, make_cache
 from mlx_deepseek.errors import DeepSeekError
-from mlx_deepseek.generation import (
-    Step,
-    cache_length,
-    generate,
-    make_cache,
-    stream_generate,
-)
+from mlx_deepseek.generation import generate, stream_generate
 
 PROMPT = "Tell me a story about a dragon."
 

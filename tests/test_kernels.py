@@ -15,9 +15,9 @@ import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_deepseek import kernels
-from mlx_deepseek.kernels import Variant, kernel_specs
-from mlx_deepseek.moe import MLP
+from mlx_deepseek.kernels import runtime as kernels
+from mlx_deepseek.kernels.runtime import Variant, kernel_specs
+from mlx_deepseek.models.moe import MLP
 
 ON_METAL = mx.metal.is_available()
 if ON_METAL:
@@ -328,7 +328,7 @@ def _decline_cases():
 
 
 def test_unsupported_calls_are_declined_with_a_debug_log(caplog):
-    caplog.set_level("DEBUG", logger="mlx_deepseek.kernels")
+    caplog.set_level("DEBUG", logger="mlx_deepseek.kernels.runtime")
     for reason, args in _decline_cases().items():
         caplog.clear()
         assert kernels.plan_moe(*args) is None, reason

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import mlx_deepseek
 from mlx_deepseek import loading
-from mlx_deepseek.cli import _register_commands, app
+from mlx_deepseek.cli import app
 from mlx_deepseek.errors import CheckpointError, ConfigError, OutOfMemoryError
 
 
@@ -154,7 +154,7 @@ def test_memory_check_refuses_with_numbers(ckpt, monkeypatch):
 
 
 def test_memory_estimate_counts_weights_and_cache(ckpt):
-    from mlx_deepseek.config import ModelArgs
+    from mlx_deepseek.models.config import ModelArgs
     from mlx_deepseek.weights import sanitize
 
     args = ModelArgs.from_dict(read_config(ckpt))
@@ -186,7 +186,6 @@ def test_hub_repo_resolves_offline_from_local_cache(good, tmp_path, monkeypatch)
 
 
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
-    _register_commands()
     runner = CliRunner()
     result = runner.invoke(app, ["info", str(tmp_path)], standalone_mode=False)
     assert isinstance(result.exception, CheckpointError)

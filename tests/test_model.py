@@ -6,7 +6,7 @@ import pytest
 from checkpoints import FAMILIES, build_hf_model, hf_logits, save_hf_checkpoint
 
 import mlx_deepseek
-from mlx_deepseek.attention import MLAttention
+from mlx_deepseek.models.mla import MLAttention
 
 TOKENS = np.random.RandomState(0).randint(2, 320, size=(2, 16))
 
@@ -107,8 +107,8 @@ def test_low_precision_moe_matches_float32_for_the_same_routing(tmp_path, dtype)
 
 
 def test_absorb_heuristic_prefers_expanded_for_long_prefill():
-    from mlx_deepseek.attention import use_absorbed
-    from mlx_deepseek.config import ModelArgs
+    from mlx_deepseek.models.config import ModelArgs
+    from mlx_deepseek.models.mla import use_absorbed
 
     args = ModelArgs()  # DeepSeek-V3 shapes
     assert use_absorbed(args, 1) and use_absorbed(args, 8)

@@ -7,7 +7,7 @@ import pytest
 from checkpoints import add_mtp_layer, build_hf_model, save_hf_checkpoint
 
 import mlx_deepseek
-from mlx_deepseek.generation import StepOptions, decode_steps
+from mlx_deepseek.decoding import StepOptions, decode_steps
 from mlx_deepseek.sampling import SamplingSettings, greedy, make_sampler
 from mlx_deepseek.speculative import MTPDecoder
 
@@ -168,8 +168,8 @@ def mtp_chat_model(tmp_path_factory):
     from mlx.utils import tree_flatten
     from tiny_chat import tiny_checkpoint
 
-    from mlx_deepseek.config import ModelArgs
-    from mlx_deepseek.model import Model
+    from mlx_deepseek.models.config import ModelArgs
+    from mlx_deepseek.models.deepseek_v3 import Model
 
     src = tiny_checkpoint()
     path = tmp_path_factory.mktemp("mtp_chat")

@@ -132,8 +132,8 @@ def tiny_checkpoint(name: str = "tiny-deepseek-v3", chat_template: str | None = 
     """A loadable checkpoint folder (config.json, model.safetensors, tokenizer files)."""
     from mlx.utils import tree_flatten
 
-    from mlx_deepseek.config import ModelArgs
-    from mlx_deepseek.model import Model
+    from mlx_deepseek.models.config import ModelArgs
+    from mlx_deepseek.models.deepseek_v3 import Model
 
     path = _ROOT / name
     build_tokenizer(path, chat_template)

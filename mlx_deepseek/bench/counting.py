@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlx_deepseek import kernels
-from mlx_deepseek.kernels import KernelSpec
+from mlx_deepseek.kernels import runtime as kernels
+from mlx_deepseek.kernels.runtime import KernelSpec
 
 VIEWS = frozenset(
     {

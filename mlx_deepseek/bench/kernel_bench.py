@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_deepseek import kernels
+from mlx_deepseek.kernels import runtime as kernels
 
 from . import metrics
 from .models import DEFAULT_CACHE, SHAPES, prepare

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_deepseek.model import Model
+from mlx_deepseek.models.deepseek_v3 import Model
 
 GENERATION_CONFIG = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False}
 

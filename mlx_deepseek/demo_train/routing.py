@@ -10,8 +10,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from mlx_deepseek.model import Model
-from mlx_deepseek.moe import MoE
+from mlx_deepseek.models.deepseek_v3 import Model
+from mlx_deepseek.models.moe import MoE
 
 
 def moe_layers(model: Model) -> list[tuple[str, MoE]]:

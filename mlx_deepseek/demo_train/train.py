@@ -23,8 +23,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_deepseek.config import ModelArgs
-from mlx_deepseek.model import Model
+from mlx_deepseek.models.config import ModelArgs
+from mlx_deepseek.models.deepseek_v3 import Model
 
 from .config import CONFIG, TRAIN_CONTEXT, count_parameters
 from .data import make_split

@@ -7,6 +7,13 @@ import sys
 
 import typer
 
+from .bench import bench_command
+from .chat import chat
+from .convert import convert_command
+from .generate import generate
+from .info import info_command
+from .options import State
+
 app = typer.Typer(
     name="mlx-deepseek",
     help="Run DeepSeek's MoE/MLA language models locally with MLX.",
@@ -15,31 +22,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_debug = False
-
 
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
-    global _debug
-    _debug = debug or os.environ.get("MLX_DEEPSEEK_DEBUG") == "1"
+    State.debug = debug or os.environ.get("MLX_DEEPSEEK_DEBUG") == "1"
 
 
-def _register_commands() -> None:
-    # Each command module adds itself to `app`; imports stay light until a command runs.
-    from . import cli_commands  # noqa: F401
+# Each command's body imports its heavy modules when it runs, so `--help` stays fast.
+app.command("chat")(chat)
+app.command("generate")(generate)
+app.command("convert")(convert_command)
+app.command("info")(info_command)
+app.command("bench")(bench_command)
 
 
 def main() -> None:
     """Console-script entry: user mistakes print one line and exit 1 (traceback with --debug)."""
-    from .errors import DeepSeekError
+    from ..errors import DeepSeekError
 
-    _register_commands()
     try:
         rc = app(standalone_mode=False)
     except DeepSeekError as e:
-        if _debug or "--debug" in sys.argv:
+        if State.debug or "--debug" in sys.argv:
             raise
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         sys.exit(1)

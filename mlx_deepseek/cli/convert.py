@@ -78,8 +78,8 @@ def convert_command(
         TransferSpeedColumn,
     )
 
-    from .pipeline import convert, upload
-    from .plan import Options
+    from ..convert.pipeline import convert, upload
+    from ..convert.plan import Options
 
     options = Options(
         bits=bits,

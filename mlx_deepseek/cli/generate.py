@@ -8,50 +8,24 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
-from .errors import DeepSeekError
-
-MODEL_HELP = "Checkpoint folder, Hugging Face repo id, or 'demo' (the bundled demo model)."
-
-# The options `generate` and `chat` share (each command gives its own default value)
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-m", help="Longest answer, in tokens.")]
-Temp = Annotated[
-    float | None,
-    typer.Option("--temp", help="Temperature (0 = greedy). Default: the model family's (R1: 0.6)."),
-]
-TopP = Annotated[
-    float | None,
-    typer.Option("--top-p", help="Nucleus sampling threshold in (0, 1]. Default: the family's."),
-]
-TopK = Annotated[
-    int, typer.Option("--top-k", help="Sample among the K most likely tokens (0 = off).")
-]
-MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens below min_p x the top one's.")]
-RepetitionPenalty = Annotated[
-    float | None,
-    typer.Option("--repetition-penalty", help="Penalise the last 20 tokens (1 = off)."),
-]
-Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (reproducible sampling).")]
-System = Annotated[str | None, typer.Option("--system", help="A system prompt.")]
-Mtp = Annotated[
-    bool | None,
-    typer.Option(
-        "--mtp/--no-mtp",
-        help="Draft tokens with the checkpoint's MTP head and verify them in one pass "
-        "(self-speculative decoding; same output). Default: on when the checkpoint has an MTP "
-        "layer.",
-    ),
-]
-DraftTokens = Annotated[
-    int,
-    typer.Option(
-        "--draft-tokens",
-        help="Tokens the MTP head drafts per step (1 is DeepSeek's; more apply it recursively).",
-    ),
-]
+from ..errors import DeepSeekError
+from .options import (
+    MODEL_HELP,
+    DraftTokens,
+    MaxTokens,
+    MinP,
+    Mtp,
+    RepetitionPenalty,
+    Seed,
+    System,
+    Temp,
+    TopK,
+    TopP,
+)
 
 
 def mtp_stats(acceptance_rate: float | None, tokens_per_step: float | None) -> str:
@@ -65,8 +39,8 @@ def load_checkpoint(model: str, quiet: bool = False) -> tuple[Any, Any, Any, str
     """(model, tokenizer, chat format, display name) for a folder, repo id or `demo`."""
     from rich.console import Console
 
-    from .chat.templates import chat_format, read_model_config
-    from .loading import load, resolve_model_path
+    from ..formats.templates import chat_format, read_model_config
+    from ..loading import load, resolve_model_path
 
     path = resolve_model_path(model)
     name = model if not Path(model).expanduser().exists() else path.resolve().name
@@ -129,10 +103,10 @@ def generate(
     """Generate an answer to one prompt (stdout: the answer; stderr: reasoning and stats)."""
     from rich.console import Console
 
-    from .chat.repl import format_memory
-    from .chat.session import ReasoningSplitter
-    from .chat.templates import starts_in_reasoning
-    from .generation import stream_generate
+    from ..chat.repl import format_memory
+    from ..chat.session import ReasoningSplitter
+    from ..formats.templates import starts_in_reasoning
+    from ..generation import stream_generate
 
     text = read_prompt(prompt)
     m, tokenizer, fmt, _ = load_checkpoint(model, quiet)

@@ -22,7 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .kernels import (
+from .runtime import (
     SUPPORTED_DTYPES,
     KernelSpec,
     Unsupported,

@@ -8,10 +8,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from ..experts import moe_experts
+from ..kernels.router import fused_route
+from ..kernels.runtime import fused_mlp
 from .config import ModelArgs
-from .experts import moe_experts
-from .kernels import fused_mlp
-from .router_kernel import fused_route
 
 
 class MLP(nn.Module):

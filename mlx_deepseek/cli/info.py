@@ -19,15 +19,15 @@ def info_command(
     from rich.console import Console
     from rich.table import Table
 
-    from .config import ModelArgs
-    from .loading import (
+    from ..loading import (
         available_memory,
         estimate_memory,
         load_config,
         read_tensors,
         resolve_model_path,
     )
-    from .weights import sanitize
+    from ..models.config import ModelArgs
+    from ..weights import sanitize
 
     path = resolve_model_path(model)
     config = load_config(path)

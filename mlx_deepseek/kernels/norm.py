@@ -18,7 +18,8 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 
-from .kernels import (
+from ..models.rope import RoPE
+from .runtime import (
     SUPPORTED_DTYPES,
     KernelSpec,
     Unsupported,
@@ -30,7 +31,6 @@ from .kernels import (
     source,
     token_count,
 )
-from .rope import RoPE
 
 log = logging.getLogger(__name__)
 

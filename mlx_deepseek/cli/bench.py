@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .models import DEFAULT_CACHE, SHAPES
+from ..bench.models import DEFAULT_CACHE, SHAPES
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -117,8 +117,8 @@ def bench_command(
 
     from mlx_deepseek.errors import DeepSeekError
 
-    from .harness import Settings, run
-    from .report import check_chart_support, print_report, write_chart, write_json
+    from ..bench.harness import Settings, run
+    from ..bench.report import check_chart_support, print_report, write_chart, write_json
 
     if (repeats or 1) < 1 or (decode_tokens or 1) < 1 or (prompt_tokens or 0) < 0:
         raise DeepSeekError("--repeats and --decode-tokens must be >= 1 and --prompt-tokens >= 0")
@@ -181,8 +181,8 @@ def _kernel_bench(
     import mlx.core as mx
     from rich.console import Console
 
-    from . import kernel_bench
-    from .report import write_json
+    from ..bench import kernel_bench
+    from ..bench.report import write_json
 
     gpu = mx.default_device() == mx.gpu
     settings = kernel_bench.KernelSettings(

@@ -14,11 +14,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
-from .attention import CAUSAL, MLAttention
+from ..kernels.norm import add_rms_norm, quantized_embedding
 from .cache import ModelCache
 from .config import ModelArgs
+from .mla import CAUSAL, MLAttention
 from .moe import MLP, MoE
-from .norm_kernels import add_rms_norm, quantized_embedding
 
 
 def add_norm(x: mx.array, r: mx.array | None, norm: nn.Module) -> tuple[mx.array, mx.array]:
@@ -211,7 +211,7 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map raw Hugging Face / mlx-lm tensor names onto this model's parameters."""
-        from .weights import sanitize
+        from ..weights import sanitize
 
         return sanitize(self.args, weights)
 

@@ -21,10 +21,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.mla import MultiLinear
 
-from . import cpu
+from .. import cpu
+from ..kernels.mla import fused_absorbed_attention
+from ..kernels.norm import latent_norm_rope
 from .config import ModelArgs
-from .mla_kernels import fused_absorbed_attention
-from .norm_kernels import latent_norm_rope
 from .rope import RoPE
 
 CAUSAL = "causal"  # the mask argument for causal attention (built per call as needed)

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from mlx_deepseek.cli_generate import (
+from .options import (
     MODEL_HELP,
     DraftTokens,
     MaxTokens,
@@ -14,6 +14,7 @@ from mlx_deepseek.cli_generate import (
     Mtp,
     RepetitionPenalty,
     Seed,
+    State,
     System,
     Temp,
     TopK,
@@ -41,13 +42,11 @@ def chat(
     draft_tokens: DraftTokens = 1,
 ) -> None:
     """Chat with a model in the terminal (streams answers; /help lists the commands)."""
-    from mlx_deepseek import cli
-    from mlx_deepseek.cli_generate import load_checkpoint
-    from mlx_deepseek.errors import DeepSeekError
-    from mlx_deepseek.sampling import SamplingSettings
-
-    from .repl import Repl
-    from .session import ChatSession
+    from ..chat.repl import Repl
+    from ..chat.session import ChatSession
+    from ..errors import DeepSeekError
+    from ..sampling import SamplingSettings
+    from .generate import load_checkpoint
 
     if max_tokens < 1:
         raise DeepSeekError(f"--max-tokens {max_tokens}: must be at least 1")
@@ -81,5 +80,5 @@ def chat(
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    code = Repl(session, debug=cli._debug).run()
+    code = Repl(session, debug=State.debug).run()
     raise typer.Exit(code)

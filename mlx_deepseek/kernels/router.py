@@ -13,7 +13,7 @@ import logging
 
 import mlx.core as mx
 
-from .kernels import (
+from .runtime import (
     KernelSpec,
     Unsupported,
     enabled,

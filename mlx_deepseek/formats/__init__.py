@@ -1,0 +1,1 @@
+"""Chat formats: each family's prompt template and sampling defaults (templates.py)."""
