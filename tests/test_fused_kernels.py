@@ -18,6 +18,8 @@ from mlx_deepseek.kernels import runtime as kernels
 from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.models.rope import RoPE
 
+pytestmark = pytest.mark.emulator  # without Metal: needs clang >= 16 (conftest.py)
+
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 

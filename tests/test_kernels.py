@@ -25,6 +25,8 @@ if ON_METAL:
 else:
     from metal_emulator import metal_kernel as MAKE_KERNEL
 
+pytestmark = pytest.mark.emulator  # without Metal: needs clang >= 16 (conftest.py)
+
 EPS = {mx.float32: 2.0**-23, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}
 # Errors are max |kernel - reference| / max |reference| in units of EPS. h is float32 summed in
 # fp32; y is rounded once to the activation dtype (<= 0.5 of its EPS) after fp32 sums.
