@@ -147,14 +147,10 @@ def generate(
     draft_tokens: DraftTokens = 1,
 ) -> None:
     """Generate an answer to one prompt (stdout: the answer; stderr: reasoning and stats)."""
-    from rich.console import Console
-
-    from ..chat.repl import format_memory
-    from ..chat.session import ReasoningSplitter, no_thinking_switch
-    from ..decoding import context_length
-    from ..formats.templates import starts_in_reasoning
-    from ..generation import stream_generate
-
+    # text first (no MLX import needed), then the options; all before loading the model
+    stop = [argv_text(s, "--stop") for s in stop or ()]
+    system = argv_text(system, "--system") if system is not None else None
+    text = read_prompt(prompt)
     check_options(
         max_tokens=max_tokens,
         temp=temp,
@@ -165,9 +161,14 @@ def generate(
         seed=seed,
         draft_tokens=draft_tokens,
     )
-    stop = [argv_text(s, "--stop") for s in stop or ()]
-    system = argv_text(system, "--system") if system is not None else None
-    text = read_prompt(prompt)
+    from rich.console import Console
+
+    from ..chat.repl import format_memory
+    from ..chat.session import ReasoningSplitter, no_thinking_switch
+    from ..decoding import context_length
+    from ..formats.templates import starts_in_reasoning
+    from ..generation import stream_generate
+
     m, tokenizer, fmt, _ = load_checkpoint(model, quiet)
     if think and not fmt.has_thinking_switch:
         raise no_thinking_switch(fmt, "--think")
