@@ -66,6 +66,8 @@ def save_target(name: str | os.PathLike) -> tuple[Path, bool]:
         raise SessionFileError(f"{parent}: no such folder")
     if not parent.is_dir():
         raise SessionFileError(f"{parent} is not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SessionFileError(f"{path} is read-only: save under another name")
     return path, added
 
 

@@ -79,14 +79,22 @@ def vocab_size(model: nn.Module) -> int | None:
 # ---- token ids from outside ----------------------------------------------------------------
 
 
-def check_token_ids(ids: Any, vocab: int | None, what: str = "prompt") -> list[int]:
-    """`ids` (a sequence of integers or an integer mx.array) as a list of ints, each in
+def check_token_ids(
+    ids: Any, vocab: int | None, what: str = "prompt", check_range: bool = True
+) -> list[int]:
+    """`ids` (a sequence of integers, or an integer mx / NumPy array) as a list of ints, each in
     [0, vocab); else ArgumentTypeError / ArgumentValueError naming `what`, the first bad id
-    and its position. Every id that comes from outside the process (the API, a saved session,
-    a server request) passes here before it can reach the embedding's gather, which does not
-    check its indices."""
+    and its position (check_range=False: types only). Every id that comes from outside the
+    process (the API, a saved session, a server request) passes here before it can reach the
+    embedding's gather, which does not check its indices."""
     if isinstance(ids, mx.array):
         if ids.dtype == mx.bool_ or not mx.issubdtype(ids.dtype, mx.integer):
+            raise ArgumentTypeError(
+                f"{what}: token ids must be integers, got an array of {ids.dtype}"
+            )
+        ids = ids.reshape(-1).tolist()
+    elif hasattr(ids, "dtype") and hasattr(ids, "tolist"):  # a NumPy array
+        if getattr(ids.dtype, "kind", None) not in ("i", "u"):
             raise ArgumentTypeError(
                 f"{what}: token ids must be integers, got an array of {ids.dtype}"
             )
@@ -100,7 +108,7 @@ def check_token_ids(ids: Any, vocab: int | None, what: str = "prompt") -> list[i
                 f"{what}: token ids must be integers, got {type(t).__name__} {t!r} at position {i}"
             )
         t = int(t)
-        if t < 0 or (vocab is not None and t >= vocab):
+        if check_range and (t < 0 or (vocab is not None and t >= vocab)):
             where = f"[0, {vocab})" if vocab is not None else "[0, vocab_size)"
             raise ArgumentValueError(
                 f"{what}: token id {t} at position {i} is outside the model's vocabulary "

@@ -136,8 +136,8 @@ def encode_prompt(
     """
     if system is not None:
         check_text(system, "system")
-    if isinstance(prompt, mx.array):
-        return check_token_ids(prompt, None)
+    if isinstance(prompt, mx.array) or (hasattr(prompt, "dtype") and hasattr(prompt, "tolist")):
+        return check_token_ids(prompt, None, check_range=False)  # an MLX or NumPy array of ids
     if isinstance(prompt, str):
         check_text(prompt, "prompt")
         if system is None:
@@ -151,7 +151,7 @@ def encode_prompt(
             f'({{"role": "user", "content": "..."}}), got {type(prompt).__name__}'
         )
     if not prompt or not isinstance(prompt[0], dict):
-        return check_token_ids(prompt, None)
+        return check_token_ids(prompt, None, check_range=False)
     messages = _check_messages(list(prompt))
     if system is not None and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
