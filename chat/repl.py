@@ -66,6 +66,26 @@ def help_text() -> str:
     return HELP.format(default=Path.cwd() / DEFAULT_NAME, interrupt=INTERRUPT_HELP)
 
 
+class LeadingBlankLines:
+    """Drops the blank lines a streamed answer starts with (after a reasoning block models
+    write two newlines): `feed` returns what to show of each piece."""
+
+    def __init__(self) -> None:
+        self.pending = ""  # whitespace at the start, held back
+        self.started = False
+
+    def feed(self, text: str) -> str:
+        if self.started:
+            return text
+        text = self.pending + text
+        if not text.strip():
+            self.pending = text
+            return ""
+        lead = len(text) - len(text.lstrip())
+        self.started = True
+        return text[text.rfind("\n", 0, lead) + 1 :]  # whole blank lines only
+
+
 def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: "" if m.group() == "\r" else "\ufffd", text)
 
@@ -217,6 +237,8 @@ class Repl:
 
         previous = signal.signal(signal.SIGINT, on_sigint)
         kind = None
+        reasoning_end = ""  # whitespace at the end of the reasoning so far, held back
+        answer = LeadingBlankLines()
         try:
             for chunk in self.session.respond(text, stop=lambda: self._stop, progress=progress):
                 if shown:
@@ -226,9 +248,14 @@ class Repl:
                     if chunk.kind == "reasoning":
                         self._write("thinking: ", "dim bold")
                     elif kind == "reasoning":
-                        self._write("\n\n")
+                        self._write("\n\n")  # one blank line between reasoning and answer
                     kind = chunk.kind
-                self._write(chunk.text, "dim italic" if chunk.kind == "reasoning" else None)
+                if kind == "reasoning":
+                    body = (reasoning_end + chunk.text).rstrip()
+                    reasoning_end = (reasoning_end + chunk.text)[len(body) :]
+                    self._write(body, "dim italic")
+                else:
+                    self._write(answer.feed(chunk.text))
         finally:
             signal.signal(signal.SIGINT, previous)
             if shown:

@@ -94,25 +94,23 @@ def read_prompt(prompt: str | None) -> str:
 
 
 class _Answer:
-    """Writes the answer to stdout without the blank lines it may start with (after a
-    reasoning block the model usually writes two newlines): `$(mlx-deepseek generate ...)`
-    gets the answer itself."""
+    """The answer on stdout, without the blank lines it may start with: `$(mlx-deepseek
+    generate ...)` gets the answer itself."""
 
     def __init__(self) -> None:
-        self.pending = ""  # whitespace at the start of the answer, held back
-        self.started = False
+        from ..chat.repl import LeadingBlankLines
+
+        self.lines = LeadingBlankLines()
+
+    @property
+    def started(self) -> bool:
+        return self.lines.started
 
     def write(self, text: str) -> None:
-        if not self.started:
-            text = self.pending + text
-            if not text.strip():
-                self.pending = text
-                return
-            lead = len(text) - len(text.lstrip())
-            text = text[text.rfind("\n", 0, lead) + 1 :]  # drop whole blank lines only
-            self.started = True
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        text = self.lines.feed(text)
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
     def end(self) -> None:
         if self.started:
