@@ -286,9 +286,11 @@ def _tensor_dtype(model: Model, name: str, value: mx.array, compute: mx.Dtype) -
 
 
 def load_model(
-    path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = True
+    path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False
 ) -> Model:
-    """Build the model from a checkpoint; tensors stay lazy (memory-mapped) unless lazy=False."""
+    """Build the model from a checkpoint, its tensors read (as mlx-lm does). lazy=True leaves
+    them to be read at first use, which must then happen in the thread that loaded them (MLX
+    evaluates a graph only on the streams of the thread that built it)."""
     path = resolve_model_path(path_or_repo)
     config = load_config(path)
     args = model_args(config, source=str(path / "config.json"))
@@ -347,7 +349,7 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = True):
+def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False):
     """Load a DeepSeek checkpoint: returns (model, tokenizer).
 
     `path_or_repo`: a local folder, a Hugging Face repo id (resolved offline from the local
