@@ -68,7 +68,7 @@ def _from_template(t: str) -> str | None:
         if THINK_END in t or THINK_START in t:  # R1: history drops the text before </think>
             user_then_assistant = re.search(r"'<｜User｜>'\s*\+\s*\w+(\['content'\])?\s*\+", t)
             return "r1-0528" if user_then_assistant else "r1"
-        return "v3" if "is_first_sp" in t or "tool▁calls" in t else "v2.5"
+        return "v3" if "is_first_sp" in t else "v2.5"  # V2.5 keeps only the last system
     if "User: " in t and "Assistant:" in t:
         return "v2"
     return None
