@@ -134,9 +134,10 @@ class OutputParser:
         if marker == THINK_END:
             self._emit(out, "text", before)
             self.in_reasoning = False
-        else:
-            self._emit(out, "text", before.rstrip())
-            self.raw, self.state = marker, "section"
+        else:  # whitespace before a tool block is dropped, unless the block is not one
+            text = before.rstrip()
+            self._emit(out, "text", text)
+            self.raw, self.state = before[len(text) :] + marker, "section"
         return True
 
     def _section(self, out: list[Event], final: bool) -> bool:
@@ -167,16 +168,16 @@ class OutputParser:
             return False
         body = self.buffer[:i]
         call = self.fmt.parse_call(body)
-        raw_call = self.fmt.call_begin + body + self.fmt.call_end
+        raw = self.raw + body + self.fmt.call_end
         self.buffer = self.buffer[i + len(self.fmt.call_end) :]
-        if call is None:
-            self._emit(out, "text", raw_call)
-        else:
-            call_id = call.id or f"{self.id_prefix}{self.calls}"
-            event = Event("tool_call", name=call.name, arguments=call.arguments, id=call_id)
-            self.calls += 1
-            self.tool_calls.append(event)
-            out.append(event)
+        if call is None:  # the block so far goes back as text; what follows is text too
+            self._malformed(out, raw[len(self.raw) :])
+            return True
+        call_id = call.id or f"{self.id_prefix}{self.calls}"
+        event = Event("tool_call", name=call.name, arguments=call.arguments, id=call_id)
+        self.calls += 1
+        self.tool_calls.append(event)
+        out.append(event)
         self.raw, self.state = "", "section"
         return True
 
