@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (template text reads best unbroken)
 """Test data: transcriptions of DeepSeek's Python prompt encoders (DeepSeek-V3.2's
 encoding/encoding_dsv32.py and DeepSeek-V4's encoding_dsv4.py), kept in their shape
 (render_message(index, messages) per message, the same branch order and checks) and

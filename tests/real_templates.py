@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (template text reads best unbroken)
 """Test data: transcriptions of the chat templates DeepSeek and Moonshot ship, in their
 own structure (namespace flags, branch order), written for these tests from reading the
 published tokenizer_config.json / chat_template.jinja files. The built-in templates are

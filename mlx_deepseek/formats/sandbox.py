@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.filters
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlx_deepseek.errors import CheckpointError
@@ -94,6 +96,19 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
 
 
+_WIDTH = re.compile(r"\d{7,}")  # a width or precision of a million or more in a format
+
+
+def _check_format(fmt: Any) -> None:
+    if isinstance(fmt, str) and _WIDTH.search(fmt):
+        raise jinja2.exceptions.SecurityError("format width or precision too large")
+
+
+def _format_filter(value: Any, *args: Any, **kwargs: Any) -> str:
+    _check_format(value)
+    return jinja2.filters.do_format(value, *args, **kwargs)
+
+
 def _size(x: Any) -> int | None:
     return len(x) if isinstance(x, (str, bytes, list, tuple)) else None
 
@@ -101,12 +116,13 @@ def _size(x: Any) -> int | None:
 class _Environment(ImmutableSandboxedEnvironment):
     """The sandbox, with arithmetic and calls that cannot build giant objects."""
 
-    intercepted_binops = frozenset({"+", "*", "**"})
+    intercepted_binops = frozenset({"+", "*", "**", "%"})
 
     def __init__(self, max_chars: int):
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         self.max_chars = max_chars
         self.filters["tojson"] = _tojson
+        self.filters["format"] = _format_filter
         self.globals["raise_exception"] = _raise_exception
         self.globals["strftime_now"] = _strftime_now
         self.globals["namespace"] = _Namespace
@@ -130,6 +146,8 @@ class _Environment(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        if getattr(__obj, "__name__", "") in ("format", "format_map"):
+            _check_format(getattr(__obj, "__self__", None))
         for value in (*args, *kwargs.values()):
             if (
                 isinstance(value, int)
