@@ -19,8 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu
+from . import ops
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
+from .models import build_model, model_args
 from .models.config import ModelArgs
 from .models.deepseek_v3 import Model
 
@@ -290,9 +291,9 @@ def load_model(
     """Build the model from a checkpoint; tensors stay lazy (memory-mapped) unless lazy=False."""
     path = resolve_model_path(path_or_repo)
     config = load_config(path)
-    args = ModelArgs.from_dict(config, source=str(path / "config.json"))
+    args = model_args(config, source=str(path / "config.json"))
     compute = _parse_dtype(dtype)
-    model = Model(args)
+    model = build_model(args)
     weights = model.sanitize(read_tensors(path))
     _check_memory(args, weights, compute, path)
     # checkpoints often drop the MTP layer(s) their config announces: build only those present
@@ -306,7 +307,8 @@ def load_model(
     weights = {k: v.astype(_tensor_dtype(model, k, v, compute)) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    cpu.install(model)  # big quantized layers split across CPU streams (CPU only)
+    ops.resolve()  # the back-end for this device: MLX, the CPU strategies or Metal kernels
+    ops.prepare(model)  # its one-time changes (the CPU's row-split layers)
     _raise_wired_limit()
     if not lazy:
         mx.eval(model.parameters())

@@ -26,12 +26,12 @@ def info_command(
         read_tensors,
         resolve_model_path,
     )
-    from ..models.config import ModelArgs
+    from ..models import model_args
     from ..weights import sanitize
 
     path = resolve_model_path(model)
     config = load_config(path)
-    args = ModelArgs.from_dict(config, source=str(path / "config.json"))
+    args = model_args(config, source=str(path / "config.json"))
     weights = sanitize(args, read_tensors(path))
     weight_bytes, cache_bytes = estimate_memory(args, weights, dtype=_dtype_of(weights))
     kv = kv_cache_bytes_per_token(args)

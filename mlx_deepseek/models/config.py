@@ -62,10 +62,10 @@ class ModelArgs:
         config = dict(config)
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"{source}: model_type={model_type!r} is not supported; mlx-deepseek runs "
-                f"{' and '.join(SUPPORTED_MODEL_TYPES)} (DeepSeek V2, V2.5, Coder-V2, V3, R1, V3.1)"
-            )
+            from . import family
+
+            family(model_type, source)  # raises, naming what is supported
+            raise ConfigError(f"{source}: model_type={model_type!r} is not a DeepSeek V2/V3 model")
         required = (
             "hidden_size",
             "num_hidden_layers",
