@@ -125,7 +125,7 @@ def workers() -> list[mx.Stream]:
     if n < 2:
         return []
     while len(_State.streams) < n:
-        _State.streams.append(mx.new_stream(mx.cpu))
+        _State.streams.append(mx.new_thread_local_stream(mx.cpu))  # usable from any thread (the server's engine)
     return _State.streams[:n]
 
 
