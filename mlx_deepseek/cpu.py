@@ -125,7 +125,8 @@ def workers() -> list[mx.Stream]:
     if n < 2:
         return []
     while len(_State.streams) < n:
-        _State.streams.append(mx.new_thread_local_stream(mx.cpu))  # usable from any thread (the server's engine)
+        # thread-local: usable from any thread (the server's engine runs the model on its own)
+        _State.streams.append(mx.new_thread_local_stream(mx.cpu))
     return _State.streams[:n]
 
 

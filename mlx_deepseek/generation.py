@@ -115,7 +115,7 @@ def encode_prompt(
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-class _StopStrings:
+class StopStrings:
     """Cuts the text at the first stop string; holds back text that may start one."""
 
     def __init__(self, stops: Sequence[str]):
@@ -233,7 +233,7 @@ def stream_generate(
     steps = (step_fn or decode_steps)(model, mx.array(tokens), cache, opts)
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
-    stops = _StopStrings([stop] if isinstance(stop, str) else list(stop or ()))
+    stops = StopStrings([stop] if isinstance(stop, str) else list(stop or ()))
 
     tic = time.perf_counter()
     prompt_tps = 0.0
