@@ -329,21 +329,12 @@ def eos_token_ids(path: Path) -> list[int]:
 
 
 def load_tokenizer(path: Path):
-    """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template) for the checkpoint,
-    stopping on the tokenizer's EOS and every EOS id the checkpoint's configs name."""
-    from mlx_lm.utils import load_tokenizer as _load
+    """mlx-lm's TokenizerWrapper (streaming detokenizer) for the checkpoint's tokenizer (a
+    Hugging Face one or Kimi's tiktoken files, read as data: formats.tokenizer), stopping on
+    the tokenizer's EOS and every EOS id the checkpoint's configs name."""
+    from .formats.tokenizer import load_tokenizer as _load
 
-    if not any(
-        (path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    ):
-        raise CheckpointError(
-            f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy them from "
-            "the original Hugging Face repo"
-        )
-    tokenizer = _load(path)
-    for i in eos_token_ids(path):
-        tokenizer.eos_token_ids.add(i)
-    return tokenizer
+    return _load(Path(path), eos_token_ids(Path(path)))
 
 
 def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = True):
