@@ -40,7 +40,7 @@ def serve(
 ) -> None:
     """Serve a model over HTTP: OpenAI (/v1/...) and Ollama (/api/...) APIs and a chat page."""
     from ..errors import DeepSeekError
-    from ..formats.templates import read_model_config
+    from ..formats import read_model_config
     from ..loading import resolve_model_path
     from ..serve.server import bind, is_loopback, make_state, uvicorn_server
     from .generate import load_checkpoint

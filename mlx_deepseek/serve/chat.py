@@ -1,35 +1,20 @@
 """Between the HTTP messages and the model: prompts from OpenAI-style messages, and the model's
 text split into reasoning, answer and tool calls, through the checkpoint's chat format
-(mlx_deepseek.formats: the family's encoder or the checkpoint's own template).
-
-A thin adapter: where the format offers a streaming output parser (`fmt.output_parser`),
-its events are used as they are; otherwise the text is split at `<think>`/`</think>` only
-(chat.session.ReasoningSplitter) and no tool calls are recognised.
+(mlx_deepseek.formats: the family's encoder or the checkpoint's own template, and its
+streaming output parser).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from ..chat.session import ReasoningSplitter
 from ..errors import DeepSeekError
-from ..formats.templates import ChatFormat, starts_in_reasoning
+from ..formats import ChatFormat, Event, OutputParser, starts_in_reasoning
 from .protocol import Message, RequestError
 
-
-@dataclass
-class Event:
-    """A piece of the answer: kind "reasoning" / "content" (text), or "tool_call"."""
-
-    kind: str
-    text: str = ""
-    name: str = ""
-    arguments: str = ""  # a JSON object, as text
-    id: str = ""
+__all__ = ["ChatAdapter", "Event", "OutputParser", "new_call_id", "to_template_messages"]
 
 
 def new_call_id() -> str:
@@ -80,13 +65,10 @@ class ChatAdapter:
     def __init__(self, tokenizer: Any, fmt: ChatFormat):
         self.tokenizer = tokenizer
         self.fmt = fmt
-        params = inspect.signature(fmt.render).parameters
-        self.renders_tools = "tools" in params
-        self.parses_tools = hasattr(fmt, "output_parser")
 
     @property
     def has_thinking_switch(self) -> bool:
-        return bool(getattr(self.fmt, "has_thinking_switch", False))
+        return bool(self.fmt.has_thinking_switch)
 
     def render(
         self,
@@ -94,55 +76,14 @@ class ChatAdapter:
         thinking: bool = False,
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The prompt text; RequestError naming `messages` / `tools` when it cannot be built."""
-        kwargs: dict[str, Any] = {"thinking": thinking}
-        if tools:
-            if not self.renders_tools:
-                raise RequestError(
-                    f"tools: this server cannot write tool definitions into a {self.fmt.family} "
-                    "prompt yet; send the request without tools",
-                    "tools",
-                )
-            kwargs["tools"] = tools
+        """The prompt text; RequestError naming the field when it cannot be built."""
         try:
-            return self.fmt.render(self.tokenizer, messages, True, **kwargs)
+            return self.fmt.render(self.tokenizer, messages, True, thinking=thinking, tools=tools)
         except DeepSeekError as e:
-            raise RequestError(str(e), "messages") from None
+            text = str(e)
+            param = text.split(":", 1)[0] if text.startswith(("messages", "tools")) else "messages"
+            raise RequestError(text, param) from None
 
     def parser(self, prompt_text: str) -> OutputParser:
-        return OutputParser(self.fmt, starts_in_reasoning(prompt_text), self.parses_tools)
-
-
-class OutputParser:
-    """Streaming: feed(text) -> Events, finish() -> the rest. Never raises on odd text."""
-
-    def __init__(self, fmt: ChatFormat, in_reasoning: bool, use_format: bool):
-        self._inner = fmt.output_parser(in_reasoning) if use_format else None
-        self._split = None if use_format else ReasoningSplitter(in_reasoning, detect=True)
-
-    def feed(self, text: str) -> list[Event]:
-        if self._inner is not None:
-            return [_event(e) for e in self._inner.feed(text)]
-        return [_chunk(c) for c in self._split.feed(text)]
-
-    def finish(self) -> list[Event]:
-        if self._inner is not None:
-            return [_event(e) for e in self._inner.finish()]
-        return [_chunk(c) for c in self._split.flush()]
-
-
-def _chunk(chunk: Any) -> Event:
-    return Event("reasoning" if chunk.kind == "reasoning" else "content", chunk.text)
-
-
-def _event(e: Any) -> Event:
-    """The format's event -> ours (attribute names as the formats package defines them)."""
-    kind = getattr(e, "kind", "content")
-    if kind == "tool_call":
-        args = getattr(e, "arguments", "{}")
-        if not isinstance(args, str):
-            args = json.dumps(args, ensure_ascii=False)
-        return Event(
-            "tool_call", name=getattr(e, "name", ""), arguments=args, id=getattr(e, "id", "") or ""
-        )
-    return Event(kind, getattr(e, "text", ""))
+        """A streaming parser for one answer: feed(text) / finish() -> Events; never raises."""
+        return self.fmt.output_parser(starts_in_reasoning(prompt_text))

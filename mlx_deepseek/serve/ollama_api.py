@@ -265,7 +265,7 @@ def _model_entry(state: ServerState) -> dict[str, Any]:
 
 def _show(state: ServerState) -> dict[str, Any]:
     caps = ["completion"]
-    if state.adapter.renders_tools:
+    if state.adapter.fmt.tool_format:
         caps.append("tools")
     if state.adapter.has_thinking_switch or state.adapter.fmt.family in ("r1", "v3.1"):
         caps.append("thinking")

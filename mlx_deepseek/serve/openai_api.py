@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..generation import encode_prompt
 from .app import (
     Prepared,
     ServerState,
@@ -246,10 +247,8 @@ async def text_completions(state: ServerState, request: Request) -> Response:
     req: CompletionRequest = await read_body(state, request, CompletionRequest)
     check_model(state, req.model)
     if isinstance(req.prompt, str):
-        bos = getattr(state.tokenizer, "bos_token", None)
-        with state.tokenizer_lock:
-            add = bos is None or not req.prompt.startswith(bos)
-            prompt = list(state.tokenizer.encode(req.prompt, add_special_tokens=add))
+        with state.tokenizer_lock:  # raw text: BOS added unless present
+            prompt = encode_prompt(state.tokenizer, req.prompt)
         prompt_text = req.prompt
     else:
         check_token_ids(state, req.prompt, "prompt")

@@ -118,7 +118,8 @@ class PrefixCache:
         held = _view(caches, len(tokens))
         mtp_held = _view(mtp, min(mtp[0].offset, len(tokens))) if mtp else None
         arr = np.asarray(tokens, dtype=np.int64)
-        nbytes = cache_nbytes(held) + cache_nbytes(mtp_held or [])
+        # the buffers the slices keep alive, not only the tokens they show
+        nbytes = cache_nbytes(caches) + cache_nbytes(mtp or [])
         if nbytes > self.max_bytes:
             return
         with self._lock:

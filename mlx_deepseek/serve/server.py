@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from ..formats.templates import ChatFormat
+from ..formats import ChatFormat
 from ..generation import wrap_tokenizer
 from .app import DEFAULT_MAX_BODY, DEFAULT_MAX_TOKENS, ServerState, make_app
 from .chat import ChatAdapter
