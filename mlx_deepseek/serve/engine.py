@@ -493,6 +493,8 @@ def _eval_constants(model: nn.Module) -> None:
     """Evaluate the arrays a model keeps outside its parameters (e.g. RoPE frequencies on a
     plain object): unevaluated, they belong to this thread's MLX stream, which the engine's
     thread cannot run."""
+    if not isinstance(model, nn.Module):  # a model-protocol object of another kind
+        return
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, mx.array):
