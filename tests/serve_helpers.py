@@ -50,7 +50,7 @@ def scripted_server(
 
 def request(
     url: str, body: Any = None, method: str | None = None, headers: dict | None = None
-) -> tuple[int, dict, dict]:
+) -> tuple[int, Any, Any]:
     """(status, JSON body, headers) of one call; body: a dict (sent as JSON) or raw bytes."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
@@ -59,9 +59,9 @@ def request(
         req.add_header(k, v)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read() or b"null"), dict(r.headers)
+            return r.status, json.loads(r.read() or b"null"), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null"), dict(e.headers)
+        return e.code, json.loads(e.read() or b"null"), e.headers
 
 
 def stream(url: str, body: dict) -> list[str]:
