@@ -47,7 +47,7 @@ class MtpFeed:
         self.pending_h: mx.array | None = None  # [1, 1, D]
 
     def feed(self, model: nn.Module, cache: Any, x: mx.array) -> None:
-        h = model.model.hidden(x, cache)  # [1, n, D]
+        h = model.hidden(x, cache)  # [1, n, D]
         hs = h[:, :-1] if self.pending_h is None else mx.concatenate([self.pending_h, h[:, :-1]], 1)
         ts = x[:, 1:] if self.pending_h is None else x
         if hs.shape[1] > 0:
