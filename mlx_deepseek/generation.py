@@ -183,7 +183,7 @@ def _stop_strings(stop: Any) -> list[str]:
     return [check_text(s, f"stop[{i}]") for i, s in enumerate(stop)]
 
 
-class _StopStrings:
+class StopStrings:
     """Cuts the text at the first stop string; holds back text that may start one."""
 
     def __init__(self, stops: Sequence[str]):
@@ -259,7 +259,7 @@ def stream_generate(
     for name, flag in (("thinking", thinking), ("mtp", mtp)):
         if not (isinstance(flag, bool) or (name == "mtp" and flag is None)):
             raise ArgumentTypeError(f"{name}={flag!r}: must be True or False")
-    stops = _StopStrings(_stop_strings(stop))
+    stops = StopStrings(_stop_strings(stop))
     settings = SamplingSettings(
         temperature=temperature,
         top_p=top_p,

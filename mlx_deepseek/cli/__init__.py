@@ -13,6 +13,7 @@ from .convert import convert_command
 from .generate import generate
 from .info import info_command
 from .options import State
+from .serve import serve
 from .usage import ClickException, Command, Group, UsageError, show_usage_error
 
 app = typer.Typer(
@@ -48,6 +49,7 @@ app.command("generate", cls=Command)(generate)
 app.command("convert", cls=Command)(convert_command)
 app.command("info", cls=Command)(info_command)
 app.command("bench", cls=Command)(bench_command)
+app.command("serve", cls=Command)(serve)
 
 
 def main() -> None:
