@@ -1,6 +1,9 @@
 """The model architectures, one module per family, and what they share.
 
 - deepseek_v3.py: DeepSeek V2 / V2.5 / Coder-V2 / V3 / R1 / V3.1 (MLA + DeepSeekMoE, MTP)
+- deepseek_v4.py: DeepSeek V4 Flash / Pro (shared-KV MQA with window, compressed and sparse
+  layers, hash routing, hyper-connections, MTP); v4_attention.py, v4_cache.py, v4_config.py,
+  v4_weights.py hold its attention, cache, config and checkpoint mapping
 - mla.py: Multi-head Latent Attention with the latent KV cache
 - moe.py: DeepSeekMoE (routing, the MoE block, the SwiGLU MLP)
 - config.py, rope.py, cache.py: the config fields, RoPE / YaRN, the model's cache
@@ -23,8 +26,9 @@ from ..errors import ConfigError
 MODEL_TYPES: dict[str, str] = {
     "deepseek_v2": "deepseek_v3",
     "deepseek_v3": "deepseek_v3",
+    "deepseek_v4": "deepseek_v4",
 }
-FAMILY_NAMES = "DeepSeek V2, V2.5, Coder-V2, V3, R1, V3.1"
+FAMILY_NAMES = "DeepSeek V2, V2.5, Coder-V2, V3, R1, V3.1, V4"
 
 
 def family(model_type: Any, source: str = "config.json") -> ModuleType:
