@@ -48,6 +48,15 @@ def model_args(config: dict[str, Any], source: str = "config.json") -> Any:
     return family(config.get("model_type"), source).ModelArgs.from_dict(config, source=source)
 
 
+def sanitize_weights(args: Any, weights: dict[str, Any]) -> dict[str, Any]:
+    """The family's checkpoint mapping (a family module's `sanitize(args, weights)`, else the
+    V2/V3 one), without building a model."""
+    fn = getattr(family(args.model_type), "sanitize", None)
+    if fn is None:
+        from ..weights import sanitize as fn
+    return fn(args, weights)
+
+
 def build_model(args: Any) -> Any:
     """An (unloaded) model for validated args."""
     return family(args.model_type).Model(args)

@@ -21,8 +21,9 @@ from ..ops import v4 as ops
 from .v4_attention import V4Attention
 from .v4_cache import V4Cache, V4LayerCache
 from .v4_config import ModelArgs
+from .v4_weights import sanitize
 
-__all__ = ["Model", "ModelArgs"]
+__all__ = ["Model", "ModelArgs", "sanitize"]
 
 # parameters kept in float32 whatever the compute dtype (as DeepSeek and transformers do)
 FLOAT32_PARAMS = ("hc_", "attn_sink", ".ape", "ffn.gate.weight", "ffn.gate.bias")
@@ -307,8 +308,6 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map DeepSeek's or transformers' tensor names (FP8 / FP4 decoded) onto ours."""
-        from .v4_weights import sanitize
-
         return sanitize(self.args, weights)
 
     @property
