@@ -120,15 +120,18 @@ def index_scores(q: mx.array, rows: mx.array, weights: mx.array, scale: float) -
     q [B, H, L, d]; rows [B, N, d]; weights [B, L, H] -> [B, L, N]. Long prefills are scored
     in blocks of queries so the [H, L, N] products never all exist at once.
     """
-    B, H, L, _ = q.shape
+    B, H, L, d = q.shape
     N = rows.shape[1]
-    keys = rows.astype(mx.float32).swapaxes(-1, -2)[:, None]  # [B, 1, d, N]
+    keys = rows.astype(mx.float32).swapaxes(-1, -2)  # [B, d, N]
     w = (weights.astype(mx.float32) * scale).swapaxes(-1, -2)[..., None]  # [B, H, L, 1]
     step = max(1, INDEX_BLOCK_ELEMENTS // max(1, H * N))
     parts = []
     for lo in range(0, L, step):
-        s = mx.maximum(q[:, :, lo : lo + step].astype(mx.float32) @ keys, 0.0)  # [B, H, l, N]
-        parts.append((s * w[:, :, lo : lo + step]).sum(axis=1))
+        ql = q[:, :, lo : lo + step].astype(mx.float32)
+        l = ql.shape[2]
+        # all heads' queries as rows of one matmul (reads the rows once)
+        s = (ql.reshape(B, H * l, d) @ keys).reshape(B, H, l, N)
+        parts.append((mx.maximum(s, 0.0) * w[:, :, lo : lo + step]).sum(axis=1))
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
 
