@@ -240,3 +240,76 @@ class ScriptedModel:
         logits = mx.zeros((1, n, self.vocab))
         logits[0, -1, self._next(self.context)] = 30.0
         return logits
+
+
+# DeepSeek's special tokens beyond BOS/EOS/User/Assistant (tool calls, as in V3's vocabulary)
+TOOL_TOKENS = [
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+]
+
+
+def build_deepseek_tokenizer(out_dir: Path, chat_template: str | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json in the shape DeepSeek ships them: a ByteLevel
+    post-processor (no BOS template in tokenizer.json), `add_bos_token: true` and
+    `tokenizer_class: LlamaTokenizerFast` in the config, tokens as AddedToken objects.
+    transformers 5 loads this with add_bos_token False: encode() adds no BOS."""
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in TOOL_TOKENS])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in ADDED])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+
+    def added(content: str) -> dict:
+        return {
+            "__type": "AddedToken",
+            "content": content,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        }
+
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": added(BOS),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": added(EOS),
+        "legacy": True,
+        "model_max_length": 16384,
+        "pad_token": added(EOS),
+        "sp_model_kwargs": {},
+        "unk_token": None,
+        "tokenizer_class": "LlamaTokenizerFast",
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from ..ops import v4 as ops
+from .. import ops
 from .v4_attention import V4Attention
 from .v4_cache import V4Cache, V4LayerCache
 from .v4_config import ModelArgs
@@ -255,6 +255,15 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         return self.head(self.model(inputs, cache))
+
+    def hidden(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """The last layer's copies [B, L, hc, D] (before the head's collapse): what MTP
+        drafts from."""
+        return self.model.hidden(inputs, cache)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """The copies [B, L, hc, D] (from `hidden`) -> logits [B, L, vocab]."""
+        return self.head(self.model.norm(hidden))
 
     def forward_with_hidden(
         self, inputs: mx.array, cache: list | None = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..ops import v4 as ops
+from .. import ops
 from .rope import rope_inv_freq
 from .v4_cache import RowBuffer, V4LayerCache
 from .v4_config import CSA, SLIDING, ModelArgs
