@@ -349,3 +349,38 @@ def test_info_prints_the_cache_bytes_per_token(official, tmp_path):
     text = " ".join(result.output.split())
     assert "6,880 B (3,440 values" in text
     assert "21 compressed sparse (1/4, top 512), 20 heavily compressed (1/128)" in text
+
+
+def test_memory_preflight_counts_v4_weights_and_cache(official):
+    from safetensors.torch import load_file
+
+    from mlx_deepseek.loading import estimate_memory, read_tensors
+    from mlx_deepseek.models import sanitize_weights
+
+    root = official[0]
+    path = root / "official"
+    args = model_args(json.loads((path / "config.json").read_text()))
+    weights, cache = estimate_memory(
+        args, sanitize_weights(args, read_tensors(path)), mx.bfloat16, 4096
+    )
+    # from the file: FP8 weights become bf16 (2 bytes a value, their scales go), FP4 experts
+    # stay as they are (a byte per two values + a scale byte per 32), floats in bf16, the
+    # hash table int32
+    want = 0
+    for name, t in load_file(str(path / "model.safetensors")).items():
+        if t.dtype == torch.float8_e4m3fn:
+            want += 2 * t.numel()
+        elif t.dtype == torch.int8 or (t.dtype == torch.float8_e8m0fnu and ".experts." in name):
+            want += t.numel()
+        elif t.dtype in (torch.float32, torch.bfloat16):
+            want += 2 * t.numel()
+        elif name.endswith("tid2eid"):
+            want += 4 * t.numel()
+    assert weights == want
+    # 5 layers (4 + MTP) of 8-row windows x 32, sparse rows 1/4 (32 + 16), heavy 1/8 (32)
+    values = 5 * 8 * 32 + 3 * (4096 // 4) * (32 + 16) + (4096 // 8) * 32
+    assert cache == 2 * values
+    # Flash: 44 windows of 128 x 512; 21 sparse layers, 20 heavy ones
+    flash = model_args(FLASH)
+    values = 44 * 128 * 512 + 21 * 1024 * (512 + 128) + 20 * 32 * 512
+    assert flash.cache_bytes(4096) == 2 * values
