@@ -413,6 +413,10 @@ class ChatSession:
             )
         if not path.parent.exists():
             raise DeepSeekError(f"{path.parent}: no such folder")
+        if not all(getattr(c, "savable", True) for c in self.cache):
+            raise DeepSeekError(
+                f"{path}: this model's cache (DeepSeek V4) cannot be saved to a session file yet"
+            )
         state = {
             "model": self.name,
             "arch": self._arch(),

@@ -9,6 +9,7 @@ from tiny_chat import ScriptedModel, tokenizer_only
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_deepseek.decoding import cache_length, can_trim_cache
+from mlx_deepseek.errors import DeepSeekError
 from mlx_deepseek.models.v4_cache import CacheTrimError
 
 ROLLBACK = 4
@@ -61,3 +62,19 @@ def test_dropped_reasoning_far_back_prefills_anew(bounded):
     else:
         assert last.reused_tokens > 0
         assert last.prompt_tokens < last.context_tokens - last.generation_tokens
+
+
+def test_saving_a_session_over_an_unsavable_cache_is_one_line(tmp_path):
+    class V4LikeCache(KVCache):
+        savable = False
+
+    class V4LikeModel(ScriptedModel):
+        def make_cache(self):
+            return [V4LikeCache() for _ in self.layers]
+
+    tok = tokenizer_only()
+    s = ChatSession(V4LikeModel(tok, ["Hi."]), tok, name="DeepSeek-V3-tiny")
+    list(s.respond("Hello"))
+    with pytest.raises(DeepSeekError, match="cannot be saved to a session file yet"):
+        s.save(tmp_path / "chat")
+    assert not list(tmp_path.iterdir())  # nothing half-written

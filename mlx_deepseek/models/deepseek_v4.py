@@ -2,9 +2,9 @@
 hash routing in the first layers, the head's collapse of the copies, and the MTP module.
 
 Follows the V3 model's interface: `model(inputs, cache=None)` -> logits [B, L, vocab],
-`model.layers`, `model.make_cache()`, and for MTP drafting (speculative.py) `model.model.
-hidden` (the last layer's residual copies [B, L, hc, D]), `model.model.norm` (their collapse
-and the final RMSNorm), `model.head`, `model.mtp_hidden`, `model.mtp_logits`. Parameter
+`model.layers`, `model.make_cache()`, and for MTP drafting (speculative.py) `model.hidden`
+(the last layer's residual copies [B, L, hc, D]), `model.logits` (their collapse, the final
+RMSNorm and the head), `model.mtp_hidden`, `model.mtp_logits`. Parameter
 names follow DeepSeek's checkpoint under `model.` (v4_weights.py maps both published layouts
 onto them); the routed experts are stacked as `ffn.switch_mlp.{gate,up,down}_proj`.
 """

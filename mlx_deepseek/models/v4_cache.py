@@ -76,6 +76,9 @@ class RowBuffer:
 class V4LayerCache:
     """One attention layer's cache; `ratio` 0 for a sliding-window layer."""
 
+    # mlx-lm's prompt-cache files rebuild each layer by class name from its own module
+    savable = False
+
     def __init__(self, window: int, ratio: int = 0, overlap: bool = False, indexer: bool = False):
         self.window_size, self.ratio, self.overlap = window, ratio, overlap
         self.offset = 0
