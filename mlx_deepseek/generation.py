@@ -123,7 +123,7 @@ def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
     return ids
 
 
-class _StopStrings:
+class StopStrings:
     """Cuts the text at the first stop string; holds back text that may start one."""
 
     def __init__(self, stops: Sequence[str]):
@@ -241,7 +241,7 @@ def stream_generate(
     steps = (step_fn or decode_steps)(model, mx.array(tokens), cache, opts)
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
-    stops = _StopStrings([stop] if isinstance(stop, str) else list(stop or ()))
+    stops = StopStrings([stop] if isinstance(stop, str) else list(stop or ()))
 
     tic = time.perf_counter()
     prompt_tps = 0.0

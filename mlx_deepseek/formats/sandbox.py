@@ -138,6 +138,8 @@ class _Environment(ImmutableSandboxedEnvironment):
                 size = _size(seq)
                 if size is not None and isinstance(n, int) and size * n > cap:
                     raise jinja2.exceptions.SecurityError(f"'*' would build {size * n} items")
+        elif operator == "%":  # printf-style formatting: a width can build a giant string
+            _check_format(left)
         elif (
             operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float))
         ):
