@@ -24,6 +24,7 @@ from mlx_deepseek.decoding import (
     DEFAULT_PREFILL_STEP_SIZE,
     StepFn,
     cache_length,
+    can_trim_cache,
     context_length,
     make_cache,
     trim_cache,
@@ -342,6 +343,8 @@ class ChatSession:
         if keep and keep_text == prompt_text:  # nothing new: recompute the last token's logits
             keep -= 1
             keep_text = self._decode(self.tokens[:keep])
+        if keep and not can_trim_cache(self.cache, keep):
+            keep, keep_text = 0, ""  # the cache cannot roll back that far (V4): prefill anew
         self._truncate(keep, keep_text)
         delta = self.tokenizer.encode(prompt_text[len(keep_text) :], add_special_tokens=False)
         return keep, list(delta)
@@ -354,6 +357,8 @@ class ChatSession:
         text ends with."""
         probe = [{"role": "user", "content": "\ue000"}]
         keep, text = self._cached_prefix(self.render(self.conversation() + probe, True))
+        if keep < len(self.tokens) and not can_trim_cache(self.cache, keep):
+            keep, text = 0, ""  # as the next turn will (_sync): the cache cannot roll back
         self._truncate(keep, text)
 
     def _truncate(self, keep: int, text: str | None = None) -> None:
@@ -437,6 +442,10 @@ class ChatSession:
         suffix unless it has it), atomically: an existing file is replaced whole or not at
         all. Returns the path written."""
         path, _ = save_target(name)
+        if not all(getattr(c, "savable", True) for c in self.cache):
+            raise DeepSeekError(
+                f"{path}: this model's cache (DeepSeek V4) cannot be saved to a session file yet"
+            )
         state = {
             "model": self.name,
             "arch": self._arch(),
@@ -462,6 +471,10 @@ class ChatSession:
         dims = (getattr(args, "kv_lora_rank", None), getattr(args, "qk_rope_head_dim", None))
         saved = read_session(path, self._arch(), vocab_size(self.model), dims)
         fresh = make_cache(self.model)  # the model's own cache type (it may carry MTP state)
+        if not all(getattr(c, "savable", True) for c in fresh):
+            raise DeepSeekError(
+                f"{path}: this model's cache (DeepSeek V4) cannot be loaded from a session file yet"
+            )
         if len(saved.layers) != len(fresh):
             raise DeepSeekError(
                 f"{path}: its cache has {len(saved.layers)} layers, this model {len(fresh)}"

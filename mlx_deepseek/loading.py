@@ -239,13 +239,15 @@ def _check_tensors(model: Model, weights: dict[str, mx.array], path: Path) -> No
 def estimate_memory(
     args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype, context: int = DEFAULT_CONTEXT
 ) -> tuple[int, int]:
-    """(weight bytes in the compute dtype, latent-cache bytes for `context` tokens)."""
+    """(weight bytes in the compute dtype, cache bytes for `context` tokens)."""
     total = 0
     for k, v in weights.items():
         if mx.issubdtype(v.dtype, mx.floating) and "e_score_correction_bias" not in k:
             total += v.size * dtype.size
         else:
             total += v.nbytes
+    if hasattr(args, "cache_bytes"):  # a family whose cache is not one row per token (V4)
+        return total, args.cache_bytes(context, dtype.size)
     per_token = (args.num_hidden_layers + args.num_nextn_predict_layers) * (
         args.kv_lora_rank + args.qk_rope_head_dim
     )
@@ -324,6 +326,8 @@ def load_model(
     model.mtp = model.mtp[: len(present)]
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")
+    if quantization is None and any(k.endswith(".scales") for k in weights):
+        quantization = {}  # quantized tensors without MLX's section (V4's MXFP4 experts)
     if quantization is not None:
         _quantize(model, quantization, weights)
     _check_tensors(model, weights, path)
