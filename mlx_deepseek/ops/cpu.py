@@ -20,7 +20,12 @@ single-threaded scalar code. So on the CPU (Linux, or `mx.cpu` on a Mac):
    whole matvec (it re-decodes the weights for every token): 512 tokens x a 8192x2048 4-bit
    matrix take 10.6 s, while dequantizing it once and one BLAS matmul take 0.37 s. From
    DEQUANT_MIN_TOKENS rows on, `matmul` does that (the same products, summed in another
-   order), also per expert in a MoE layer and per head in MLA's expansion.
+   order), also per expert in a MoE layer and per head in MLA's expansion. Where the weights
+   pack whole values per uint32 (affine, 2/4/8 bits), a compiled unpacking (`dense_weights`)
+   replaces MLX's scalar dequantize, and from FAST_DEQUANT_MIN_ROWS rows on: so a server's
+   batched decode step (8 sequences: 8 rows per matrix) reads each dense weight once, not 8
+   times. Routed experts at decode stay on MLX's gather qmm: 8 tokens x 6 slots touch ~35 of
+   64 experts, about one row each, so there is nothing to share.
 
 All of it applies only while this is the back-end in use (ops.backend): on Metal the GPU is
 parallel already and has its own quantized kernels. The ops not defined here are MLX's.
