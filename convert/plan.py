@@ -147,6 +147,8 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
     for key in ("torch_dtype", "dtype"):
         if key in out_config:
             out_config[key] = dtype_name
+    # what will be written must load back: the loader's own field checks on it
+    ModelArgs.from_dict(out_config, source=f"{cfg_path} (as converted)")
     return Plan(args, options, dtype, block, jobs, tensors, out_config, params, notes)
 
 
@@ -278,7 +280,14 @@ def _check_extras(source: SourceCheckpoint, entries: list[Entry], args: ModelArg
         if name in known or is_ignorable(name):
             continue
         if name == "lm_head.weight" and args.tie_word_embeddings:
-            continue  # a tied head some exporters still write: the embedding is used
+            embed = source.tensors.get("model.embed_tokens.weight")
+            if embed is not None and source.same_bytes(source.tensors[name], embed):
+                continue  # a tied head some exporters still write: equal to the embedding
+            raise CheckpointError(
+                f"{source.folder / 'config.json'}: tie_word_embeddings=true, but lm_head.weight "
+                "differs from model.embed_tokens.weight and would be lost: set "
+                "tie_word_embeddings to false"
+            )
         if name.endswith("_scale_inv") and name[: -len("_scale_inv")] in source.tensors:
             continue
         parts = name.split(".")
