@@ -14,6 +14,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_deepseek.errors import CheckpointError, ConfigError, DeepSeekError
+from mlx_deepseek.loading import check_layers
 from mlx_deepseek.models.config import ModelArgs
 
 from .fp8 import DEFAULT_BLOCK, scale_shape
@@ -91,6 +92,7 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
         )
     block = _fp8_block(config, cfg_path)
     args = ModelArgs.from_dict(config, source=cfg_path)
+    check_layers(args, source.tensors, source.folder)  # before listing every expected tensor
     dtype_name = out_dtype_name(config, options.dtype)
     dtype = DTYPES[dtype_name]
     recipe = Recipe(options.recipe, options.bits, options.group_size)
@@ -169,6 +171,8 @@ def _fp8_block(config: dict[str, Any], cfg_path: str) -> tuple[int, int]:
     qc = config.get("quantization_config")
     if not qc:
         return DEFAULT_BLOCK
+    if not isinstance(qc, dict):
+        raise ConfigError(f"{cfg_path}: quantization_config={qc!r:.60} is not an object")
     method = qc.get("quant_method")
     if method != "fp8":
         raise ConfigError(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, DeepSeekError
-from .safetensors_check import SafetensorsHeader, TensorEntry
+from .safetensors_check import SafetensorsHeader, TensorEntry, json_type
 
 INDEX_NAME = "model.safetensors.index.json"
 SUFFIX = ".safetensors"
@@ -29,7 +29,7 @@ def read_json_object(path: Path, error: type[DeepSeekError] = CheckpointError) -
     except OSError as e:
         raise error(f"{path}: cannot read it ({e.strerror or e})") from None
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark is harmless
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text (byte {e.start}); re-download the file") from None
     except (ValueError, RecursionError) as e:
@@ -37,9 +37,7 @@ def read_json_object(path: Path, error: type[DeepSeekError] = CheckpointError) -
         where = f" at line {e.lineno} column {e.colno}" if hasattr(e, "lineno") else ""
         raise error(f"{path}: not valid JSON ({why}{where}); re-download the file") from None
     if not isinstance(value, dict):
-        raise error(
-            f"{path}: holds a JSON {type(value).__name__}, not an object; re-download the file"
-        )
+        raise error(f"{path}: holds a JSON {json_type(value)}, not an object; re-download the file")
     return value
 
 

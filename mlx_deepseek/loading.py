@@ -47,6 +47,7 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-
 _WEIGHT_DTYPES = ("F16", "BF16", "F32", "U32", "U8", "F8_E4M3")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _MTP = re.compile(r"^mtp\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 
 
 def demo_path() -> Path:
@@ -328,15 +329,27 @@ def mtp_layers_present(args: ModelArgs, names: Iterable[str]) -> int:
 
 
 def check_layers(args: ModelArgs, names: Iterable[str], path: Path) -> None:
-    """The config's layer count against the layers the headers hold, before anything the
-    size of num_hidden_layers is built (a config saying 10,000,000 layers fails here)."""
-    main = {int(m.group(1)) for m in map(_LAYER.match, names) if m}
-    main = {i for i in main if i < args.num_hidden_layers}
+    """The config's layer and expert counts against what the tensor names hold, before
+    anything that size is built or listed (a config saying 10,000,000 layers fails here)."""
+    main: set[int] = set()
+    experts: set[int] = set()
+    for name in names:
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) < args.num_hidden_layers:
+            main.add(int(m.group(1)))
+        e = _EXPERT.search(name)
+        if e:
+            experts.add(int(e.group(1)))
     if len(main) < args.num_hidden_layers:
         held = f"layers {min(main)}..{max(main)}" if main else "no decoder layers"
         raise CheckpointError(
             f"{path / 'config.json'}: num_hidden_layers={args.num_hidden_layers}, but the "
             f"weights hold {held} ({len(main)} in all): the config does not match the weights"
+        )
+    if experts and (args.n_routed_experts or 0) > len(experts):
+        raise CheckpointError(
+            f"{path / 'config.json'}: n_routed_experts={args.n_routed_experts}, but the "
+            f"weights hold {len(experts)} experts per layer: the config does not match the weights"
         )
 
 

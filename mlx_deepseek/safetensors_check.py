@@ -120,7 +120,7 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
         ) from None
     if not isinstance(header, dict):
         raise CheckpointError(
-            f"{path}: safetensors header is a JSON {type(header).__name__}, not an object: {_FIX}"
+            f"{path}: safetensors header is a JSON {json_type(header)}, not an object: {_FIX}"
         )
     data_start = 8 + n
     data_size = size - data_start
@@ -192,6 +192,16 @@ def _check_overlaps(path: Path, tensors: dict[str, TensorEntry]) -> None:
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
         if begin_b < end_a:
             raise CheckpointError(f"{path}: tensors {a!r} and {b!r} share bytes: {_FIX}")
+
+
+def json_type(value: Any) -> str:
+    """What JSON calls a parsed value's type (for messages)."""
+    if value is None:
+        return "null"
+    for py, name in ((bool, "boolean"), (dict, "object"), (list, "array"), (str, "string")):
+        if isinstance(value, py):
+            return name
+    return "number"
 
 
 def _is_int(x: Any) -> bool:

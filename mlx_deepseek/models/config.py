@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..safetensors_check import json_type
 from .config_fields import check_fields, show
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -69,7 +70,7 @@ class ModelArgs:
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelArgs:
         """Build from a config dict (`rope_scaling`, or transformers 5's `rope_parameters`)."""
         if not isinstance(config, dict):
-            raise ConfigError(f"{source}: holds a JSON {type(config).__name__}, not an object")
+            raise ConfigError(f"{source}: holds a JSON {json_type(config)}, not an object")
         config = dict(config)
         model_type = config.get("model_type")
         if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
