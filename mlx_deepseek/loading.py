@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 
 from . import checkpoint_files, cpu
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
+from .models import build_model, model_args
 from .models.config import ModelArgs
 from .models.deepseek_v3 import Model
 from .safetensors_check import (
@@ -381,7 +382,7 @@ def check_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Any], dict[Path, 
     names, every safetensors header, the index's claims, the layer count. Returns
     (args, config, headers). The converter runs it on its output before publishing it."""
     config = load_config(path)
-    args = ModelArgs.from_dict(config, source=str(path / "config.json"))
+    args = model_args(config, source=str(path / "config.json"))
     headers = read_headers(path)
     check_layers(args, tensor_entries(path, headers), path)
     return args, config, headers
@@ -400,7 +401,7 @@ def load_model(
     present = mtp_layers_present(args, tensors)
     if present < args.num_nextn_predict_layers:
         args = dataclasses.replace(args, num_nextn_predict_layers=present)
-    model = Model(args)
+    model = build_model(args)
     weights = model.sanitize(read_tensors(path, headers))
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")

@@ -74,9 +74,11 @@ class ModelArgs:
         config = dict(config)
         model_type = config.get("model_type")
         if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
+            from . import family
+
+            family(model_type, source)  # raises, naming what is supported
             raise ConfigError(
-                f"{source}: model_type={show(model_type)} is not supported; mlx-deepseek runs "
-                f"{' and '.join(SUPPORTED_MODEL_TYPES)} (DeepSeek V2, V2.5, Coder-V2, V3, R1, V3.1)"
+                f"{source}: model_type={show(model_type)} is not a DeepSeek V2/V3 model"
             )
         for key, value in FAMILY_DEFAULTS.get(model_type, {}).items():
             if config.get(key) is None:
