@@ -14,7 +14,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_deepseek.errors import CheckpointError, ConfigError, DeepSeekError
-from mlx_deepseek.loading import check_layers
+from mlx_deepseek.loading import check_layers, mtp_layers_present
 from mlx_deepseek.models.config import ModelArgs
 
 from .fp8 import DEFAULT_BLOCK, scale_shape
@@ -99,11 +99,16 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
     notes: list[str] = []
 
     keep_mtp = options.mtp and mtp_layers(args) > 0
-    entries = expected_entries(args, keep_mtp)
-    if keep_mtp and not _any_present(source, entries, "mtp."):
+    present = mtp_layers_present(args, source.tensors)
+    if keep_mtp and present == 0:
         notes.append("the checkpoint has no MTP layer; converted without it")
         keep_mtp = False
-        entries = expected_entries(args, False)
+    elif keep_mtp and present < mtp_layers(args):
+        raise CheckpointError(
+            f"{cfg_path}: num_nextn_predict_layers={args.num_nextn_predict_layers}, but the "
+            f"weights hold {present} MTP layer(s): fix the config, or convert with --no-mtp"
+        )
+    entries = expected_entries(args, keep_mtp)
 
     found = _check_tensors(source, entries, block, args)
     if keep_mtp:
@@ -189,10 +194,6 @@ def _fp8_block(config: dict[str, Any], cfg_path: str) -> tuple[int, int]:
             f"{cfg_path}: quantization_config.weight_block_size={block!r} is not [rows, cols]"
         )
     return block[0], block[1]
-
-
-def _any_present(source: SourceCheckpoint, entries: list[Entry], out_prefix: str) -> bool:
-    return any(e.src in source.tensors for e in entries if e.out.startswith(out_prefix))
 
 
 def _check_tensors(
