@@ -115,10 +115,17 @@ def loader_runs(pristine, sharded, tmp_path_factory):
     prepared["hf-cache"] = hf_cache_layout(sharded, cache)
     before = {k: tree_digest(p.parent) for k, p in prepared.items()}
     before["hf-cache"] = tree_digest(cache)
-    results = run_worker(
-        "files_worker.py", [{"id": k, "path": str(p)} for k, p in prepared.items()]
-    )
-    return {k: (p, before[k], results[k]) for k, p in prepared.items()}
+    cases = [
+        {"id": f"{command}:{k}", "path": str(p), "command": command}
+        for k, p in prepared.items()
+        for command in ("load", "info")
+    ]
+    results = run_worker("files_worker.py", cases)
+    return {
+        f"{command}:{k}": (p, before[k], results[f"{command}:{k}"])
+        for k, p in prepared.items()
+        for command in ("load", "info")
+    }
 
 
 def check_loader_case(loader_runs, key: str, expect: str) -> None:
@@ -142,9 +149,10 @@ def test_header_validator(pristine, tmp_path, name, mutate, expect):
     assert tree_digest(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", ["load", "info"])
 @pytest.mark.parametrize("name,expect", [(c[0], c[2]) for c in HEADER_CASES], ids=HEADER_IDS)
-def test_header_loader(loader_runs, name, expect):
-    check_loader_case(loader_runs, f"h-{name}", expect)
+def test_header_loader_and_info(loader_runs, name, expect, command):
+    check_loader_case(loader_runs, f"{command}:h-{name}", expect)
 
 
 @pytest.mark.parametrize("name,mutate,expect", HEADER_CASES, ids=HEADER_IDS)
@@ -158,8 +166,8 @@ def test_header_converter(pristine, tmp_path, name, mutate, expect):
 
 @pytest.mark.parametrize("name", [c[0] for c in HEADER_CONTROLS])
 def test_header_controls_still_load_and_convert(loader_runs, tmp_path, name):
-    src, before, result = loader_runs[f"hc-{name}"]
-    assert result == {"ok": True}
+    src, before, result = loader_runs[f"load:hc-{name}"]
+    assert result == {"ok": True} and loader_runs[f"info:hc-{name}"][2] == {"ok": True}
     assert validate_safetensors(src / "model.safetensors")
     result = convert(src, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
@@ -169,27 +177,26 @@ def test_header_controls_still_load_and_convert(loader_runs, tmp_path, name):
 # ---- index entries: the loader (child process), the converter, info -------------------------
 
 
+@pytest.mark.parametrize("command", ["load", "info"])
 @pytest.mark.parametrize("name,expect", [(c[0], c[2]) for c in INDEX_CASES], ids=INDEX_IDS)
-def test_index_loader(loader_runs, name, expect):
-    check_loader_case(loader_runs, f"i-{name}", expect)
+def test_index_loader_and_info(loader_runs, name, expect, command):
+    check_loader_case(loader_runs, f"{command}:i-{name}", expect)
 
 
-@pytest.mark.parametrize("command", ["convert", "info"])
 @pytest.mark.parametrize("name,mutate,expect", INDEX_CASES, ids=INDEX_IDS)
-def test_index_converter_and_info(sharded, tmp_path, name, mutate, expect, command):
+def test_index_converter(sharded, tmp_path, name, mutate, expect):
     src = copy_to(sharded, tmp_path)
     mutate(src, tmp_path / "outside")
     before = tree_digest(tmp_path)
-    args = [src, "-o", tmp_path / "out"] if command == "convert" else [src]
-    result = CliRunner().invoke(app, [command, *map(str, args)])
-    assert_refused(result, expect)
+    assert_refused(convert(src, "-o", tmp_path / "out"), expect)
     assert tree_digest(tmp_path) == before
 
 
 @pytest.mark.parametrize("name", [c[0] for c in INDEX_CONTROLS] + ["hf-cache"])
 def test_index_controls_load_and_convert(loader_runs, tmp_path, name):
-    src, before, result = loader_runs[f"i-{name}" if name != "hf-cache" else name]
-    assert result == {"ok": True}
+    key = f"i-{name}" if name != "hf-cache" else name
+    src, before, result = loader_runs[f"load:{key}"]
+    assert result == {"ok": True} and loader_runs[f"info:{key}"][2] == {"ok": True}
     result = convert(src, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     root = src.parents[2] if name == "hf-cache" else src.parent
