@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -227,10 +229,25 @@ def config_field_cases(fields: dict[str, Any]) -> list[tuple[str, str, Any, str]
     return cases
 
 
-def run_worker(script: str, cases: list[dict[str, Any]], timeout: float = 300) -> dict[str, dict]:
+def _pump(out: Any, lines: queue.Queue) -> None:
+    for line in out:
+        lines.put(line)
+    lines.put(None)
+
+
+def _feed(stdin: Any, text: str) -> None:
+    try:
+        stdin.write(text)
+        stdin.close()
+    except OSError:  # the child died: its cases are reported from stdout
+        pass
+
+
+def run_worker(script: str, cases: list[dict[str, Any]], per_case: float = 120) -> dict[str, dict]:
     """Run `cases` (dicts with an "id") through a child process (script beside this file,
-    one JSON line per case on stdin), so that a crash (a signal) or a hang costs that case,
-    not the test run. Returns id -> the child's result, {"signal": N} or {"hung": True}."""
+    one JSON line per case on stdin), so that a crash (a signal) or a hang (no answer within
+    `per_case` seconds) costs that case, not the test run. Returns id -> the child's
+    result, {"signal": N} or {"hung": True}."""
     worker = Path(__file__).with_name(script)
     results: dict[str, dict] = {}
     todo = list(cases)
@@ -239,28 +256,34 @@ def run_worker(script: str, cases: list[dict[str, Any]], timeout: float = 300) -
             [sys.executable, str(worker)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             text=True,
         )
-        try:
-            out, err = proc.communicate("".join(json.dumps(c) + "\n" for c in todo), timeout)
-            hung = False
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            hung = True
+        lines: queue.Queue[str | None] = queue.Queue()
+        text = "".join(json.dumps(c) + "\n" for c in todo)
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        threading.Thread(target=_feed, args=(proc.stdin, text), daemon=True).start()
         started = None
-        for line in out.splitlines():
-            msg = json.loads(line)
-            if "started" in msg:
-                started = msg["id"]
-            else:
-                results[msg.pop("id")] = msg
-                started = None
-        if started is not None:  # the case the child died (or hung) in
-            results[started] = {"hung": True} if hung else {"signal": -proc.returncode}
-        elif proc.returncode != 0 or hung:
-            raise RuntimeError(f"{script} failed ({proc.returncode}): {err[-2000:]}")
+        try:
+            while (line := lines.get(timeout=per_case + 60 * (started is None))) is not None:
+                msg = json.loads(line)
+                if "started" in msg:
+                    started = msg["id"]
+                else:
+                    results[msg.pop("id")] = msg
+                    started = None
+            proc.wait()
+            if started is not None:  # the case the child died in
+                results[started] = {"signal": -proc.returncode}
+            elif proc.returncode != 0:
+                raise RuntimeError(f"{script} failed with exit code {proc.returncode}")
+        except queue.Empty:
+            if started is None:
+                raise RuntimeError(f"{script} did not start") from None
+            results[started] = {"hung": True}
+        finally:
+            proc.kill()
+            proc.wait()
         todo = [c for c in todo if c["id"] not in results]
     return results
 
