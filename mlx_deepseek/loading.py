@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import checkpoint_files, cpu
+from . import checkpoint_files, ops
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
 from .models import build_model, model_args
 from .models.config import ModelArgs
@@ -389,9 +389,11 @@ def check_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Any], dict[Path, 
 
 
 def load_model(
-    path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = True
+    path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False
 ) -> Model:
-    """Build the model from a checkpoint; tensors stay lazy (memory-mapped) unless lazy=False."""
+    """Build the model from a checkpoint, its tensors read (as mlx-lm does). lazy=True leaves
+    them to be read at first use, which must then happen in the thread that loaded them (MLX
+    evaluates a graph only on the streams of the thread that built it)."""
     path = resolve_model_path(path_or_repo)
     compute = _parse_dtype(dtype)
     args, config, headers = check_checkpoint(path)
@@ -411,7 +413,8 @@ def load_model(
     weights = {k: v.astype(_tensor_dtype(model, k, v, compute)) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    cpu.install(model)  # big quantized layers split across CPU streams (CPU only)
+    ops.resolve()  # the back-end for this device: MLX, the CPU strategies or Metal kernels
+    ops.prepare(model)  # its one-time changes (the CPU's row-split layers)
     _raise_wired_limit()
     if not lazy:
         mx.eval(model.parameters())
@@ -440,24 +443,15 @@ def eos_token_ids(path: Path) -> list[int]:
 
 
 def load_tokenizer(path: Path):
-    """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template) for the checkpoint,
-    stopping on the tokenizer's EOS and every EOS id the checkpoint's configs name."""
-    from mlx_lm.utils import load_tokenizer as _load
+    """mlx-lm's TokenizerWrapper (streaming detokenizer) for the checkpoint's tokenizer (a
+    Hugging Face one or Kimi's tiktoken files, read as data: formats.tokenizer), stopping on
+    the tokenizer's EOS and every EOS id the checkpoint's configs name."""
+    from .formats.tokenizer import load_tokenizer as _load
 
-    if not any(
-        (path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    ):
-        raise CheckpointError(
-            f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy them from "
-            "the original Hugging Face repo"
-        )
-    tokenizer = _load(path)
-    for i in eos_token_ids(path):
-        tokenizer.eos_token_ids.add(i)
-    return tokenizer
+    return _load(Path(path), eos_token_ids(Path(path)))
 
 
-def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = True):
+def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False):
     """Load a DeepSeek checkpoint: returns (model, tokenizer).
 
     `path_or_repo`: a local folder, a Hugging Face repo id (resolved offline from the local

@@ -164,10 +164,11 @@ class MTPDecoder:
             tokens = prior[len(prior) - need :] + tokens
         history = prior[: len(prior) - (main_len - cache.length)] + tokens
         start = cache.length
+        base = len(history)  # history grows by each token as it is yielded
         yielded = 0
         try:
             h_last = self._prefill(model, tokens, cache, mtp_cache, opts)
-            logprobs = self._process(model.head(model.model.norm(h_last))[:, -1], history, opts)
+            logprobs = self._process(model.logits(h_last)[:, -1], history, opts)
             token, _ = self._draw(logprobs)
             pend_h, pend_t = h_last, [token]
             history.append(token)
@@ -181,8 +182,9 @@ class MTPDecoder:
                 pend_t = out
                 yielded += len(out)
         finally:
-            # the cache holds exactly the prompt and the yielded tokens but the last one
-            keep = start + len(tokens) + yielded - 1
+            # the cache holds exactly the prompt and the yielded tokens but the last one (also
+            # when the consumer stops in the middle of a round of drafts)
+            keep = start + len(tokens) + (len(history) - base) - 1
             if cache.length > keep:
                 trim_cache(cache, keep)
             cache.trim_mtp(max(keep - 1, 0))
@@ -196,7 +198,7 @@ class MTPDecoder:
         pend_h = None  # h at the last position of the previous chunk, waiting for its token
         while done < total:
             n = min(opts.prefill_step_size, total - done)
-            h = model.model.hidden(x[:, done : done + n], cache)  # [1, n, D]
+            h = model.hidden(x[:, done : done + n], cache)  # [1, n, D]
             # MTP pairs (h_i, t_{i+1}) for the positions whose next token is known
             hs = h[:, :-1] if pend_h is None else mx.concatenate([pend_h, h[:, :-1]], axis=1)
             ts = x[:, done + 1 : done + n] if pend_h is None else x[:, done : done + n]
@@ -227,8 +229,8 @@ class MTPDecoder:
         cache.trim_mtp(mtp_len)
 
         # 2. verify all drafts with one forward of the main model
-        h_v = model.model.hidden(mx.array([[pend_t[-1]] + drafts]), cache)  # [1, k+1, D]
-        logits_v = model.head(model.model.norm(h_v))
+        h_v = model.hidden(mx.array([[pend_t[-1]] + drafts]), cache)  # [1, k+1, D]
+        logits_v = model.logits(h_v)
         out: list[int] = []
         steps: list[Step] = []
         for j in range(k + 1):

@@ -51,6 +51,7 @@ class RoPE:
             )
         # mx.fast.rope takes wavelengths-per-radian ("freqs"), the reciprocal of inv_freq.
         self.freqs = 1.0 / inv_freq
+        mx.eval(self.freqs)  # a constant: computed now, not in whichever thread first runs
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         # x: [B, H, L, dims]
