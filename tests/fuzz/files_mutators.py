@@ -265,7 +265,7 @@ def run_worker(script: str, cases: list[dict[str, Any]], per_case: float = 120) 
         threading.Thread(target=_feed, args=(proc.stdin, text), daemon=True).start()
         started = None
         try:
-            while (line := lines.get(timeout=per_case + 60 * (started is None))) is not None:
+            while (line := lines.get(timeout=per_case + 600 * (started is None))) is not None:
                 msg = json.loads(line)
                 if "started" in msg:
                     started = msg["id"]
