@@ -69,7 +69,7 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
             )
         return path
     path = Path(name).expanduser()
-    if path.exists():
+    if _exists(path):
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; give the checkpoint's folder")
         if not (path / "config.json").exists():
@@ -86,6 +86,13 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
     if Path(owner).is_dir():  # a mistyped local path, not a hub id
         raise CheckpointError(f"{name}: no such folder ({owner}/ exists but holds no {rest})")
     return _download(name)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the OS, or holding a NUL byte
+        return False
 
 
 def looks_like_repo_id(name: str) -> bool:

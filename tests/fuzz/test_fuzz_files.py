@@ -393,12 +393,14 @@ def test_tied_config_with_a_different_lm_head_is_refused(tied_but_different, tmp
 
 MISTYPED = ["./my-modle", "~/models/x", "a/b/c", "/nonexistent/x", "models/x", "my model/x"]
 MISTYPED += ["owner/na me", "x/../y", "owner--x/y", "owner/", "/", "owner/name.git/x"]
+MISTYPED += ["x" * 5000, "owner/" + "n" * 300, "loop"]
 
 
 @pytest.mark.parametrize("name", MISTYPED)
 def test_a_mistyped_local_path_says_no_such_folder(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()  # so "models/x" is clearly a local path
+    (tmp_path / "loop").symlink_to("loop")
     before = tree_digest(tmp_path)
     result = CliRunner().invoke(app, ["info", name])
     if name == "/":
