@@ -1,9 +1,11 @@
 """Loading: a local folder, a hub repo id, or `demo` -> (model, tokenizer).
 
 Reads raw Hugging Face DeepSeek checkpoints (fp32/bf16/fp16 safetensors, sharded with an
-index) and quantized MLX checkpoints in mlx-lm's layout, lazily: tensors stay memory-mapped
-until first used. Before building anything it checks that the weights and a default
-context's latent cache fit in memory.
+index) and quantized MLX checkpoints in mlx-lm's layout. Every file is untrusted: before
+anything is built, config.json is checked field by field, the shard names the index gives
+(checkpoint_files), every safetensors header (safetensors_check), the layer and expert
+counts against the tensor names, and whether the weights and a default context's latent
+cache fit in memory (from the headers alone). Only then does MLX read a file.
 """
 
 from __future__ import annotations
