@@ -45,12 +45,13 @@ _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 # what Hugging Face accepts as owner/name (huggingface_hub's validate_repo_id, simplified)
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-# what a weight tensor may be: floats (F8 only to say "convert it first"), packed U32
-# quantized weights, U8 scales of MLX's fp4/fp8 quantization modes
-_WEIGHT_DTYPES = ("F16", "BF16", "F32", "U32", "U8", "F8_E4M3")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_MTP = re.compile(r"^mtp\.(\d+)\.")
-_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+# safetensors dtypes MLX's loader cannot read (the model checks the others' meaning)
+_MLX_UNREADABLE = ("F64", "F8_E5M2")
+# tensor names of a decoder layer, an MTP layer, a routed expert (V4's DeepSeek layout has
+# no "model." and calls the MLP "ffn")
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+_MTP = re.compile(r"^(?:model\.)?mtp\.(\d+)\.")
+_EXPERT = re.compile(r"\.(?:mlp|ffn)\.experts\.(\d+)\.")
 
 
 def demo_path() -> Path:
@@ -158,10 +159,10 @@ def tensor_entries(
     headers = read_headers(path) if headers is None else headers
     located = checkpoint_files.tensor_map(path, headers, checkpoint_files.read_index(path))
     for name, (file, entry) in located.items():
-        if entry.dtype not in _WEIGHT_DTYPES:
+        if entry.dtype in _MLX_UNREADABLE:
             raise CheckpointError(
-                f"{file}: tensor {name} has dtype {entry.dtype}, which no DeepSeek checkpoint "
-                f"uses ({', '.join(_WEIGHT_DTYPES)}): the file is corrupt or not a DeepSeek model"
+                f"{file}: tensor {name} has dtype {entry.dtype}, which MLX cannot read: "
+                "convert it to bfloat16 or float32 first"
             )
     return located
 
@@ -268,18 +269,25 @@ def _check_tensors(model: Model, weights: dict[str, mx.array], path: Path) -> No
 
 def estimate_memory(
     args: ModelArgs,
-    tensors: Mapping[str, TensorEntry],
+    tensors: Mapping[str, TensorEntry | mx.array],
     dtype: mx.Dtype,
     context: int = DEFAULT_CONTEXT,
 ) -> tuple[int, int]:
-    """(weight bytes in the compute dtype, latent-cache bytes for `context` tokens), from
-    the config and the safetensors headers alone: nothing is built or read."""
+    """(weight bytes in the compute dtype, cache bytes for `context` tokens). `tensors`:
+    safetensors header entries (the preflight: nothing built or read) or arrays."""
     total = 0
     for name, t in tensors.items():
-        if t.dtype in FLOAT_DTYPES and "e_score_correction_bias" not in name:
-            total += math.prod(t.shape) * dtype.size
+        if isinstance(t, TensorEntry):  # ue8m0 scales stay bytes; FP8 weights become floats
+            floating = t.dtype in FLOAT_DTYPES and t.dtype != "F8_E8M0"
+            size, nbytes = math.prod(t.shape), math.prod(t.shape) * DTYPE_SIZES[t.dtype]
         else:
-            total += math.prod(t.shape) * DTYPE_SIZES[t.dtype]
+            floating, size, nbytes = mx.issubdtype(t.dtype, mx.floating), t.size, t.nbytes
+        if floating and "e_score_correction_bias" not in name:
+            total += size * dtype.size
+        else:
+            total += nbytes
+    if hasattr(args, "cache_bytes"):  # a family whose cache is not one row per token (V4)
+        return total, args.cache_bytes(context, dtype.size)
     per_token = (args.num_hidden_layers + args.num_nextn_predict_layers) * (
         args.kv_lora_rank + args.qk_rope_head_dim
     )
@@ -326,7 +334,7 @@ def mtp_layers_present(args: ModelArgs, names: Iterable[str]) -> int:
     """How many of the MTP layers the config announces the checkpoint holds (raw layout:
     model.layers.{num_hidden_layers + j}; converted: mtp.{j})."""
     n_main = args.num_hidden_layers
-    n_mtp = args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0
+    n_mtp = 0 if args.model_type == "deepseek_v2" else args.num_nextn_predict_layers
     found = set()
     for name in names:
         m = _LAYER.match(name) or _MTP.match(name)
@@ -416,6 +424,8 @@ def load_model(
     weights = model.sanitize(read_tensors(path, headers))
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")
+    if quantization is None and any(k.endswith(".scales") for k in weights):
+        quantization = {}  # quantized tensors without MLX's section (V4's MXFP4 experts)
     if quantization is not None:
         _quantize(model, quantization, weights)
     _check_tensors(model, weights, path)

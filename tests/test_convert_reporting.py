@@ -71,7 +71,7 @@ def test_info_reports_a_uniform_recipe_in_one_figure(converted):
 
 def test_info_shows_small_weights_in_mb(converted):
     out = info(converted / "uniform")
-    weights = out[out.index("weights") : out.index("latentcache")]
+    weights = out[out.index("weights") : out.index("cache,4096tokens")]
     assert weights.endswith("MB") and "0.00GB" not in out
     mb = float(weights[len("weights") : -2])
     files = sum(f.stat().st_size for f in (converted / "uniform").glob("*.safetensors"))
