@@ -394,13 +394,18 @@ def _tensor_dtype(model: Model, name: str, value: mx.array, compute: mx.Dtype) -
     return compute
 
 
-def check_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Any], dict[Path, SafetensorsHeader]]:
-    """What loading checks before it builds anything: config.json (every field), the shard
-    names, every safetensors header, the index's claims, the layer count. Returns
-    (args, config, headers). The converter runs it on its output before publishing it."""
+def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Any], dict[Path, SafetensorsHeader]]:
+    """config.json (every field checked), the shard names and every safetensors header
+    (validated): (args, config, headers). Reads nothing else."""
     config = load_config(path)
     args = model_args(config, source=str(path / "config.json"))
-    headers = read_headers(path)
+    return args, config, read_headers(path)
+
+
+def check_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Any], dict[Path, SafetensorsHeader]]:
+    """What loading checks before it builds anything: read_checkpoint, the index's claims,
+    the layer and expert counts. The converter runs it on its output before publishing it."""
+    args, config, headers = read_checkpoint(path)
     check_layers(args, tensor_entries(path, headers), path)
     return args, config, headers
 

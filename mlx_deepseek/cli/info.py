@@ -21,16 +21,16 @@ def info_command(
 
     from ..loading import (
         available_memory,
-        check_checkpoint,
         estimate_memory,
         format_bytes,
         mtp_layers_present,
+        read_checkpoint,
         resolve_model_path,
         tensor_entries,
     )
 
     path = resolve_model_path(model)
-    args, config, headers = check_checkpoint(path)  # headers only: no tensor is read
+    args, config, headers = read_checkpoint(path)  # headers only: no tensor is read
     tensors = {name: entry for name, (_, entry) in tensor_entries(path, headers).items()}
     weight_bytes, cache_bytes = estimate_memory(args, tensors, dtype=_dtype_of(tensors))
     quant = config.get("quantization")
