@@ -52,6 +52,16 @@ MAX_DIM = 2**31 - 1  # MLX array dimensions are 32-bit
 _FIX = "re-download it, or re-convert the checkpoint"
 
 
+class SafetensorsError(CheckpointError):
+    """A file that is not valid safetensors: `reason` says what is wrong with it (without
+    the advice, which depends on what the file was meant to be)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}: {_FIX}")
+        self.path = path
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor of a validated header; `begin`/`end` are relative to the data section."""
@@ -81,7 +91,8 @@ class SafetensorsHeader:
 
 def validate_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     """The header of a safetensors file (the parsed JSON), or CheckpointError (one line)
-    naming the file and what is wrong with it."""
+    naming the file and what is wrong with it: SafetensorsError (`.reason`) when the file
+    is not valid safetensors, plain CheckpointError when it cannot be read at all."""
     return read_safetensors_header(path).raw
 
 
@@ -93,34 +104,31 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(
-                    f"{path}: {size} bytes is too short for a safetensors file: {_FIX}"
-                )
+                raise SafetensorsError(path, f"{size} bytes is too short for a safetensors file")
             (n,) = struct.unpack("<Q", head)
             if n < 2 or n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: not a safetensors file, or truncated (header length {n}, file "
-                    f"size {size} bytes): {_FIX}"
+                raise SafetensorsError(
+                    path,
+                    f"not a safetensors file, or truncated (header length {n}, file size "
+                    f"{size} bytes)",
                 )
             raw_header = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     if len(raw_header) != n:
-        raise CheckpointError(f"{path}: changed while being read: {_FIX}")
+        raise SafetensorsError(path, "changed while being read")
     try:
         header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: safetensors header is not UTF-8 text: {_FIX}") from None
+        raise SafetensorsError(path, "safetensors header is not UTF-8 text") from None
     except _Duplicate as e:
-        raise CheckpointError(f"{path}: safetensors header names {e} twice: {_FIX}") from None
+        raise SafetensorsError(path, f"safetensors header names {e} twice") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, over-long integers, nesting
         why = getattr(e, "msg", None) or type(e).__name__
-        raise CheckpointError(
-            f"{path}: safetensors header is not valid JSON ({why}): {_FIX}"
-        ) from None
+        raise SafetensorsError(path, f"safetensors header is not valid JSON ({why})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(
-            f"{path}: safetensors header is a JSON {json_type(header)}, not an object: {_FIX}"
+        raise SafetensorsError(
+            path, f"safetensors header is a JSON {json_type(header)}, not an object"
         )
     data_start = 8 + n
     data_size = size - data_start
@@ -152,16 +160,15 @@ def _metadata(path: Path, value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
-        raise CheckpointError(
-            f"{path}: safetensors __metadata__ must map strings to strings, got "
-            f"{_short(value)}: {_FIX}"
+        raise SafetensorsError(
+            path, f"safetensors __metadata__ must map strings to strings, got {_short(value)}"
         )
     return value
 
 
 def _entry(path: Path, name: str, entry: Any, data_size: int) -> TensorEntry:
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{path}: tensor {name!r} {what}: {_FIX}")
+    def bad(what: str) -> SafetensorsError:
+        return SafetensorsError(path, f"tensor {name!r} {what}")
 
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise bad(f"has header entry {_short(entry)}, not {{dtype, shape, data_offsets}}")
@@ -191,7 +198,7 @@ def _check_overlaps(path: Path, tensors: dict[str, TensorEntry]) -> None:
     # sorted by start, any overlap shows between neighbours
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
         if begin_b < end_a:
-            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} share bytes: {_FIX}")
+            raise SafetensorsError(path, f"tensors {a!r} and {b!r} share bytes")
 
 
 def json_type(value: Any) -> str:
