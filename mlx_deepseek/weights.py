@@ -134,5 +134,17 @@ def sanitize(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.arra
     _drop_duplicate_mtp_copies(args, weights)
     if args.tie_word_embeddings:
         for kind in ("weight", "scales", "biases"):
-            weights.pop(f"lm_head.{kind}", None)
+            head, embed = (
+                weights.pop(f"lm_head.{kind}", None),
+                weights.get(f"model.embed_tokens.{kind}"),
+            )
+            if head is not None and not (
+                embed is not None
+                and head.shape == embed.shape
+                and mx.array_equal(head, embed).item()
+            ):
+                raise CheckpointError(
+                    f"config.json says tie_word_embeddings=true, but tensor lm_head.{kind} "
+                    f"differs from model.embed_tokens.{kind}: set tie_word_embeddings to false"
+                )
     return weights
