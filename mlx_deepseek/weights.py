@@ -13,6 +13,7 @@ Already-mapped names (mlx-lm or converted checkpoints) pass through unchanged.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -37,16 +38,24 @@ def _rename_mtp(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.a
     return out
 
 
-def _stack_experts(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+def stack_experts(
+    weights: dict[str, mx.array],
+    n_experts: int,
+    pattern: re.Pattern = _EXPERT,
+    proj_name: Callable[[str], str] = str,
+) -> dict[str, mx.array]:
+    """Per-expert tensors (`pattern` groups: prefix, expert, projection, kind) stacked as
+    `{prefix}.switch_mlp.{proj_name(projection)}.{kind}` [E, ...]; every expert 0..E-1 must
+    be there (CheckpointError naming the first missing one otherwise)."""
     groups: dict[tuple[str, str, str], dict[int, mx.array]] = {}
     out = {}
     for name, value in weights.items():
-        m = _EXPERT.match(name)
+        m = pattern.match(name)
         if m:
             groups.setdefault((m.group(1), m.group(3), m.group(4)), {})[int(m.group(2))] = value
         else:
             out[name] = value
-    E = args.n_routed_experts or 0
+    E = n_experts
     for (prefix, proj, kind), experts in groups.items():
         missing = [e for e in range(E) if e not in experts]
         if missing or len(experts) != E:
@@ -55,7 +64,8 @@ def _stack_experts(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, m
                 f"(config.json says n_routed_experts={E}; the checkpoint has {len(experts)}): "
                 "re-download the checkpoint or fix n_routed_experts"
             )
-        out[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([experts[e] for e in range(E)])
+        stacked = mx.stack([experts[e] for e in range(E)])
+        out[f"{prefix}.switch_mlp.{proj_name(proj)}.{kind}"] = stacked
     return out
 
 
@@ -129,7 +139,7 @@ def sanitize(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.arra
             "`mlx-deepseek convert SRC -o DST`, then load DST"
         )
     weights = _rename_mtp(args, weights)
-    weights = _stack_experts(args, weights)
+    weights = stack_experts(weights, args.n_routed_experts or 0)
     weights = _split_kv_b(args, weights)
     _drop_duplicate_mtp_copies(args, weights)
     if args.tie_word_embeddings:
