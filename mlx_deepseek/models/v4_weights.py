@@ -23,8 +23,8 @@ import re
 import mlx.core as mx
 
 from ..errors import CheckpointError
-from ..weights import stack_experts
 from .v4_config import ModelArgs
+from .weights import stack_experts
 
 FP8_BLOCK = 128
 FP4_GROUP = 32

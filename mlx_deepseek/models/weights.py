@@ -1,4 +1,5 @@
-"""Checkpoint tensor mapping: raw Hugging Face DeepSeek names -> this model's parameters.
+"""Checkpoint tensor mapping for the MLA families (V2, V2.5, V3, R1, V3.1): raw Hugging Face
+DeepSeek names -> this model's parameters (V4's own layouts: v4_weights.py).
 
 - per-expert `mlp.experts.{e}.{gate,up,down}_proj.*` are stacked into `mlp.switch_mlp.*`
   ([E, out, in]); all experts must be present;
@@ -17,8 +18,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from .errors import CheckpointError
-from .models.config import ModelArgs
+from ..errors import CheckpointError
+from .config import ModelArgs
 
 _EXPERT = re.compile(
     r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$"
