@@ -1,8 +1,10 @@
 """One batched decode step of the serving engine (`PaddedBatch.forward`) on the V2-Lite
-bench shape, 1 row vs 8 rows, with the CPU's dequantize-once path for a few rows
-(ops/cpu.py FAST_DEQUANT_MIN_ROWS) on and off, interleaved in one process so that the
-shared machine's load hits every variant alike. Prints each variant's step time (median
-and min of the repeats) and the aggregate tokens/s it implies.
+bench shape, 1 row vs 8 rows, with the CPU's dequantize-once-and-BLAS path (ops/cpu.py,
+`matmul`: DEQUANT_MIN_TOKENS, 16 rows by default) lowered to 2 rows (so a decode step of 8
+sequences dequantizes each dense weight once, and groups the routed experts) or not,
+interleaved in one process so that the shared machine's load hits every variant alike.
+Prints each variant's step time (median and min of the repeats) and the aggregate
+tokens/s it implies.
 
     .venv/bin/python scripts/bench_batch_decode.py [--repeats 5] [--context 64]
 """
@@ -50,16 +52,16 @@ def main() -> None:
         mx.eval(b.forward([5 + r for r in range(rows)]))
         return time.perf_counter() - t0
 
-    variants = {"qmm per row": 10**9, "dequantize once": cpu.FAST_DEQUANT_MIN_ROWS}
+    variants = {"qmm per row": cpu.DEQUANT_MIN_TOKENS, "dequantize once": 2}
     times: dict[tuple[str, int], list[float]] = {(v, n): [] for v in variants for n in (1, 8)}
     batches = {n: batch_of(n) for n in (1, 8)}
     for threshold in variants.values():  # warm-up: compiles
-        cpu.FAST_DEQUANT_MIN_ROWS = threshold
+        cpu.DEQUANT_MIN_TOKENS = threshold
         for n in (1, 8):
             step(batches[n], n)
     for _ in range(args.repeats):
         for name, threshold in variants.items():
-            cpu.FAST_DEQUANT_MIN_ROWS = threshold
+            cpu.DEQUANT_MIN_TOKENS = threshold
             for n in (1, 8):
                 times[(name, n)].append(step(batches[n], n))
     for name in variants:

@@ -102,12 +102,10 @@ def test_cpu_paths_equal_mlx(
     model = tiny_model(family, quantized)
     monkeypatch.setenv(cpu.ENV_THREADS, "1")
     monkeypatch.setattr(cpu, "DEQUANT_MIN_TOKENS", 10**9)
-    monkeypatch.setattr(cpu, "FAST_DEQUANT_MIN_ROWS", 10**9)
     ref = run(model, absorb)
     assert not count_parts
     monkeypatch.setenv(cpu.ENV_THREADS, "3")
     monkeypatch.setattr(cpu, "DEQUANT_MIN_TOKENS", dequant_from)
-    monkeypatch.setattr(cpu, "FAST_DEQUANT_MIN_ROWS", dequant_from)
     assert cpu.prepare(model) > 0
     got = run(model, absorb)
     for g, r in zip(got, ref, strict=True):
@@ -224,44 +222,3 @@ def test_demo_answers_the_same_split(split_all, monkeypatch, mtp):
     assert isinstance(model.model.layers[0].self_attn.q_a_proj, cpu.RowSplitQuantizedLinear)
     got = mlx_deepseek.generate(model, tokenizer, messages, max_tokens=80, mtp=mtp)
     assert got == ref and "579" in ref
-
-
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_compiled_dequantization_equals_mlx(bits, group_size):
-    """dense_weights == mx.dequantize, on whole matrices, stacked experts and row slices."""
-    w = mx.random.normal((4, 48, 256), key=mx.random.key(bits + group_size)) * 3
-    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
-    unpack = cpu.dense_weights(bits, group_size)
-    for part in (slice(None), 2, (1, slice(5, 29))):
-        ref = mx.dequantize(q[part], s[part], b[part], group_size=group_size, bits=bits)
-        got = unpack(q[part], s[part], b[part])
-        assert got.dtype == mx.float32 and got.shape == ref.shape
-        assert mx.array_equal(got, ref.astype(mx.float32)).item(), part
-
-
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
-@pytest.mark.parametrize("bits", [3, 4, 8])
-def test_a_batched_decode_step_takes_the_dequantized_path(rows, bits, monkeypatch):
-    """A few rows (a decode step of `rows` sequences, [B, 1, D]) go through the compiled
-    dequantization when the width packs whole values, else through MLX's qmm; the same
-    products either way."""
-    calls = []
-    real = cpu.dense_weights
-    monkeypatch.setattr(cpu, "dense_weights", lambda *a: calls.append(a) or real(*a))
-    w = mx.random.normal((200, 128), key=mx.random.key(rows)).astype(mx.bfloat16)
-    q = mx.quantize(w, group_size=64, bits=bits)
-    x = mx.random.normal((rows, 1, 128), key=mx.random.key(7)).astype(mx.bfloat16)
-    ref = mx.quantized_matmul(x, *q, transpose=True, group_size=64, bits=bits)
-    got = cpu.matmul(x, *q, transpose=True, group_size=64, bits=bits)
-    assert got.shape == ref.shape and got.dtype == ref.dtype
-    exact = x.astype(mx.float32) @ mx.dequantize(*q, group_size=64, bits=bits).T
-    scale = mx.abs(exact).max()
-    err_got = (mx.abs(got.astype(mx.float32) - exact).max() / scale).item()
-    err_ref = (mx.abs(ref.astype(mx.float32) - exact).max() / scale).item()
-    assert err_ref < 4 * 2**-7, err_ref  # MLX's bfloat16 qmm sums more coarsely
-    assert bool(calls) == (rows >= cpu.FAST_DEQUANT_MIN_ROWS and bits != 3)
-    if calls:
-        assert err_got < 2**-7, err_got  # bfloat16's rounding of the float32 product
-    else:
-        assert mx.array_equal(got, ref).item()

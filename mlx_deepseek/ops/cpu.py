@@ -20,12 +20,7 @@ single-threaded scalar code. So on the CPU (Linux, or `mx.cpu` on a Mac):
    whole matvec (it re-decodes the weights for every token): 512 tokens x a 8192x2048 4-bit
    matrix take 10.6 s, while dequantizing it once and one BLAS matmul take 0.37 s. From
    DEQUANT_MIN_TOKENS rows on, `matmul` does that (the same products, summed in another
-   order), also per expert in a MoE layer and per head in MLA's expansion. Where the weights
-   pack whole values per uint32 (affine, 2/4/8 bits), a compiled unpacking (`dense_weights`)
-   replaces MLX's scalar dequantize, and from FAST_DEQUANT_MIN_ROWS rows on: so a server's
-   batched decode step (8 sequences: 8 rows per matrix) reads each dense weight once, not 8
-   times. Routed experts at decode stay on MLX's gather qmm: 8 tokens x 6 slots touch ~35 of
-   64 experts, about one row each, so there is nothing to share.
+   order), also per expert in a MoE layer and per head in MLA's expansion.
 
 All of it applies only while this is the back-end in use (ops.backend): on Metal the GPU is
 parallel already and has its own quantized kernels. The ops not defined here are MLX's.
@@ -37,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from functools import cache, partial, reduce
+from functools import partial, reduce
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,10 +48,6 @@ ENV_THREADS = "MLX_DEEPSEEK_CPU_THREADS"
 MAX_DEFAULT_THREADS = 8
 MIN_PART_BYTES = 256 * 1024  # below this a part's matmul is too short to repay a join
 DEQUANT_MIN_TOKENS = 16  # from this many rows of x, dequantize + BLAS beats MLX's CPU qmm
-# from this many rows, the compiled unpacking (`dense_weights`) + BLAS beats MLX's CPU qmm: a
-# batched decode step (8 sequences: 8 rows per matrix) reads each weight once, not 8 times
-FAST_DEQUANT_MIN_ROWS = 2
-FAST_DEQUANT_BITS = (2, 4, 8)  # affine widths that pack whole values into each uint32
 
 
 class _State:
@@ -96,10 +87,9 @@ def matmul(
     bits: int,
     mode: str = "affine",
 ) -> mx.array:
-    """mx.quantized_matmul, or on the CPU when each weight matrix meets enough rows of x
-    (`dequant_from`), the weights dequantized once and one BLAS matmul (float32)."""
-    fast = mode == "affine" and biases is not None and bits in FAST_DEQUANT_BITS
-    if not on_cpu() or rows_per_matrix(x, w) < dequant_from(fast):
+    """mx.quantized_matmul, or on the CPU when each weight matrix meets DEQUANT_MIN_TOKENS
+    rows of x or more, the dequantized weights in one BLAS matmul (float32)."""
+    if rows_per_matrix(x, w) < DEQUANT_MIN_TOKENS or not on_cpu():
         return mx.quantized_matmul(
             x,
             w,
@@ -110,38 +100,10 @@ def matmul(
             bits=bits,
             mode=mode,
         )
-    if fast:
-        dense = dense_weights(bits, group_size)(w, scales, biases)
-    else:
-        dense = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
-        dense = dense.astype(mx.float32)
+    dense = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+    dense = dense.astype(mx.float32)
     y = x.astype(mx.float32) @ (dense.swapaxes(-1, -2) if transpose else dense)
     return y.astype(x.dtype)
-
-
-def dequant_from(fast: bool) -> int:
-    """From how many rows of x per weight matrix `matmul` dequantizes (fast: the compiled
-    unpacking applies)."""
-    return FAST_DEQUANT_MIN_ROWS if fast else DEQUANT_MIN_TOKENS
-
-
-@cache
-def dense_weights(bits: int, group_size: int) -> Callable[..., mx.array]:
-    """A compiled affine dequantization to float32: (w uint32 [..., n, k*bits/32], scales and
-    biases [..., n, k/group_size]) -> [..., n, k], equal to mx.dequantize's. MLX's CPU
-    dequantize is a scalar loop; compiled, the shifts, masks and multiply-adds become one
-    vectorised loop (~4x faster here), which lets a batch of a few rows take the BLAS path."""
-    mask = (1 << bits) - 1
-
-    def unpack(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
-        shifts = mx.arange(0, 32, bits, dtype=mx.uint32)  # value j of a word: bits [j*b, j*b+b)
-        q = (w[..., None] >> shifts) & mask  # [..., n, words, 32/bits]
-        q = q.reshape(*w.shape[:-1], -1, group_size).astype(mx.float32)
-        s = scales[..., None].astype(mx.float32)
-        d = q * s + biases[..., None].astype(mx.float32)  # [..., n, groups, group_size]
-        return d.reshape(*w.shape[:-1], -1)
-
-    return mx.compile(unpack)
 
 
 def rows_per_matrix(x: mx.array, w: mx.array) -> int:
