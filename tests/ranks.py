@@ -1,0 +1,81 @@
+"""Local ranks for the distributed tests: the processes mlx.launch would start on one machine
+(the ring backend over loopback), started directly so that a test can time, kill or stop one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PYTHON = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_hostfile(folder: Path, n: int) -> Path:
+    """The ring backend's hostfile for n local ranks (what mlx.launch -n n writes)."""
+    path = Path(folder) / "hosts.json"
+    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    return path
+
+
+def rank_env(folder: Path, n: int, extra: dict[str, str] | None = None) -> list[dict[str, str]]:
+    hostfile = write_hostfile(folder, n)
+    base = {**os.environ, "MLX_HOSTFILE": str(hostfile), "PYTHONUNBUFFERED": "1"}
+    base.setdefault("MLX_DEEPSEEK_PEER_TIMEOUT", "20")  # a loaded CI machine starves threads
+    base.setdefault("MLX_DEEPSEEK_CONNECT_TIMEOUT", "120")  # imports take a while there
+    base.update(extra or {})
+    return [{**base, "MLX_RANK": str(r)} for r in range(n)]
+
+
+@dataclass
+class Ranks:
+    procs: list[subprocess.Popen]
+    started: float
+
+    def wait(self, timeout: float) -> list[tuple[int, str, str]]:
+        """(exit code, stdout, stderr) of each rank; kills them all past `timeout`."""
+        out = []
+        deadline = self.started + timeout
+        for p in self.procs:
+            try:
+                stdout, stderr = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                for q in self.procs:
+                    q.kill()
+                stdout, stderr = p.communicate()
+                raise AssertionError(f"ranks still running after {timeout} s:\n{stderr}") from None
+            out.append((p.returncode, stdout, stderr))
+        return out
+
+
+def start(argv: list[str], n: int, folder: Path, env: dict[str, str] | None = None) -> Ranks:
+    """n local ranks running `argv` (each with MLX_RANK and a shared hostfile)."""
+    procs = [
+        subprocess.Popen(
+            argv,
+            env=e,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for e in rank_env(folder, n, env)
+    ]
+    return Ranks(procs, time.monotonic())
