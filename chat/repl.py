@@ -201,7 +201,7 @@ class Repl:
         previous = signal.signal(signal.SIGINT, on_sigint)
         kind = None
         try:
-            for chunk in self.session.respond(text, stop=lambda: self._stop, progress=progress):
+            for chunk in self.session.respond(text, stop=self.stop_requested, progress=progress):
                 if shown:
                     self.console.file.write("\r\x1b[2K")
                     shown = False
@@ -224,6 +224,10 @@ class Repl:
             kept = "answer kept" if stats.kept else "nothing kept"
             self.say(f"[interrupted: {kept}]", style="yellow")
         self.say(stats_line(stats), style="dim")
+
+    def stop_requested(self) -> bool:
+        """Polled after every token and prefill chunk: whether Ctrl-C asked to stop."""
+        return self._stop
 
     # ---- slash commands --------------------------------------------------------------------
 

@@ -1,25 +1,24 @@
-"""One rank of the distributed tests: run under mlx.launch (or tests/launch.py's local ranks).
+"""One rank of the distributed tests: run under mlx.launch (or tests/ranks.py's local ranks).
 
 argv[1]: a JSON spec {"runs": [{"checkpoint", "kind", "prompt": [ids], "max_tokens", "mtp",
 "temperature", "seed"}], "out": path, "sleep_after_tokens": n (optional)}. For each run every
 rank loads its part and decodes; rank 0 writes, per run: the tokens, every rank's loaded
-weight bytes, and the bytes this rank sent for one more decode step (counted by comm.py and,
-on Linux, by the kernel: /proc/self/io's wchar).
+weight bytes, and the bytes this rank sent for one more decode step: as comm.py counts them,
+and as the kernel counts them on the ring's TCP sockets (Linux's TCP_INFO; -1 elsewhere).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import struct
 import sys
-
-sys.modules.setdefault(
-    "torch", None
-)  # a rank needs no torch (a test-only dependency): import faster
-
-import json  # noqa: E402
 import time
 from pathlib import Path
 
 import mlx.core as mx
+import no_torch  # noqa: F401  (before anything imports transformers)
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core's first use)
 from mlx_deepseek import distributed
@@ -28,14 +27,30 @@ from mlx_deepseek.sampling import SamplingSettings, make_sampler
 from mlx_deepseek.speculative import MTPDecoder
 
 
-def wchar() -> int:
+def tcp_bytes_sent() -> int:
+    """Bytes this process has sent on its TCP sockets (the ring's), from the kernel's
+    tcp_info (bytes_sent, Linux >= 4.19); -1 where that cannot be read."""
+    total = 0
     try:
-        for line in Path("/proc/self/io").read_text().splitlines():
-            if line.startswith("wchar:"):
-                return int(line.split()[1])
+        fds = [int(f) for f in os.listdir("/proc/self/fd")]
     except OSError:
-        pass
-    return -1
+        return -1
+    for fd in fds:
+        try:
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6):
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                if len(info) < 208:
+                    return -1
+                total += struct.unpack_from("<Q", info, 200)[0]  # tcpi_bytes_sent
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return total
 
 
 def run_one(world, run: dict, slow_after: int | None) -> dict:
@@ -58,9 +73,9 @@ def run_one(world, run: dict, slow_after: int | None) -> dict:
     # one more decode step, measured
     last = mx.array([[tokens[-1]]])
     mx.eval(model(last, cache=cache))
-    before, w0 = distributed.TRAFFIC.snapshot()[0], wchar()
+    before, w0 = distributed.TRAFFIC.snapshot()[0], tcp_bytes_sent()
     mx.eval(model(last, cache=cache))
-    sent, wire = distributed.TRAFFIC.snapshot()[0] - before, wchar() - w0
+    sent, wire = distributed.TRAFFIC.snapshot()[0] - before, tcp_bytes_sent() - w0
     return {
         "kind": loaded.plan.kind,
         "plan": [loaded.plan.describe(r) for r in range(world.size)],

@@ -54,6 +54,8 @@ class Ranks:
         deadline = self.started + timeout
         for p in self.procs:
             try:
+                if p.stdin is not None and p.stdin.closed:
+                    p.stdin = None  # written and closed by start()
                 stdout, stderr = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 for q in self.procs:
@@ -64,18 +66,30 @@ class Ranks:
         return out
 
 
-def start(argv: list[str], n: int, folder: Path, env: dict[str, str] | None = None) -> Ranks:
-    """n local ranks running `argv` (each with MLX_RANK and a shared hostfile)."""
-    procs = [
-        subprocess.Popen(
+def start(
+    argv: list[str],
+    n: int,
+    folder: Path,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+) -> Ranks:
+    """n local ranks running `argv` (each with MLX_RANK and a shared hostfile); `stdin` goes
+    to rank 0 (the others get none: only rank 0 reads input)."""
+    procs = []
+    for r, e in enumerate(rank_env(folder, n, env)):
+        feed = r == 0 and stdin is not None
+        p = subprocess.Popen(
             argv,
             env=e,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
+            cwd=folder,
+            stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
-        for e in rank_env(folder, n, env)
-    ]
+        )
+        if feed:
+            p.stdin.write(stdin)
+            p.stdin.close()
+            p.stdin = None
+        procs.append(p)
     return Ranks(procs, time.monotonic())

@@ -12,6 +12,7 @@ from .options import (
     MaxTokens,
     MinP,
     Mtp,
+    Parallel,
     RepetitionPenalty,
     Seed,
     State,
@@ -40,17 +41,19 @@ def chat(
     ),
     mtp: Mtp = None,
     draft_tokens: DraftTokens = 1,
+    parallel: Parallel = None,
 ) -> None:
     """Chat with a model in the terminal (streams answers; /help lists the commands)."""
     from ..chat.repl import Repl
     from ..chat.session import ChatSession
     from ..errors import DeepSeekError
     from ..sampling import SamplingSettings
-    from .generate import load_checkpoint
+    from .generate import join_ranks, load_checkpoint
 
     if max_tokens < 1:
         raise DeepSeekError(f"--max-tokens {max_tokens}: must be at least 1")
-    m, tokenizer, fmt, name = load_checkpoint(model)
+    world = join_ranks(parallel)
+    m, tokenizer, fmt, name = load_checkpoint(model, parallel=parallel)
     settings = SamplingSettings(
         temperature=fmt.temperature if temp is None else temp,
         top_p=fmt.top_p if top_p is None else top_p,
@@ -73,6 +76,10 @@ def chat(
     )
     if think:
         session.set_thinking(True)
+    if world is not None and not world.leader:  # a follower: rank 0 reads the keyboard
+        from ..chat.distributed import RankRepl
+
+        raise typer.Exit(RankRepl(session, world, debug=State.debug).run())
     if hasattr(sys.stdin, "reconfigure"):  # a bad byte costs one message, not the session
         sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
@@ -80,5 +87,9 @@ def chat(
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+    if world is not None:
+        from ..chat.distributed import RankRepl
+
+        raise typer.Exit(RankRepl(session, world, debug=State.debug).run())
     code = Repl(session, debug=State.debug).run()
     raise typer.Exit(code)

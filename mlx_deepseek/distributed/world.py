@@ -157,6 +157,8 @@ def start(debug: bool = False) -> World:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides; it tells us
         if not debug:
             _quiet()
+    elif not os.isatty(2) and not debug:
+        _drop_backend_noise(out_fd)
     return world
 
 
@@ -248,3 +250,59 @@ def _quiet() -> None:
         except OSError:
             pass
     os.close(devnull)
+
+
+_NOISE = (b"[ring]", b"[jaccl]")
+
+
+def _drop_backend_noise(out_fd: int) -> None:
+    """Pass fd 2 through a filter that drops MLX's backend lines ("[ring] Socket 4 was closed
+    by the peer", ten times over, when another rank goes away): the watch reports that in one
+    line. Installed where stderr is not a terminal (mlx.launch pipes it); text that cannot
+    start such a line is passed on at once."""
+    r, w = os.pipe()
+    os.dup2(w, 2)
+    os.close(w)
+
+    def pump() -> None:
+        buf = b""
+        while True:
+            data = os.read(r, 65536)
+            if not data:
+                break
+            buf = _forward(buf + data, out_fd)
+        if buf:
+            os.write(out_fd, buf)
+
+    thread = threading.Thread(target=pump, name="mlx-deepseek-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        try:
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os.dup2(out_fd, 2)  # closes the pipe's last writer: the pump drains and stops
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
+
+def _forward(buf: bytes, out_fd: int) -> bytes:
+    """Write `buf` on but for whole noise lines; return what must wait (a possible start)."""
+    out = []
+    while buf:
+        if buf.startswith(_NOISE) or any(n.startswith(buf) for n in _NOISE):
+            end = buf.find(b"\n")
+            if end < 0:
+                break  # wait for the rest of the line
+            if buf.startswith(_NOISE):
+                buf = buf[end + 1 :]
+                continue
+        end = buf.find(b"\n")
+        cut = len(buf) if end < 0 else end + 1
+        out.append(buf[:cut])
+        buf = buf[cut:]
+    if out:
+        os.write(out_fd, b"".join(out))
+    return buf
