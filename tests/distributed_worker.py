@@ -37,6 +37,11 @@ def tcp_bytes_sent() -> int:
         return -1
     for fd in fds:
         try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+        except OSError:
+            continue
+        try:
             s = socket.socket(fileno=os.dup(fd))
         except OSError:
             continue
@@ -57,7 +62,9 @@ def run_one(world, run: dict, slow_after: int | None) -> dict:
     loaded = distributed.load_part(run["checkpoint"], run["kind"], world)
     world.seed()
     model = loaded.model
-    settings = SamplingSettings(temperature=run.get("temperature", 0.0), seed=run.get("seed"))
+    settings = SamplingSettings(
+        temperature=run.get("temperature", 0.0), top_p=run.get("top_p", 1.0), seed=run.get("seed")
+    )
     if settings.seed is not None:
         mx.random.seed(settings.seed)
     opts = StepOptions(

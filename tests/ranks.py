@@ -72,11 +72,17 @@ def start(
     folder: Path,
     env: dict[str, str] | None = None,
     stdin: str | None = None,
+    rank_envs: dict[int, dict[str, str]] | None = None,
+    only: list[int] | None = None,
 ) -> Ranks:
     """n local ranks running `argv` (each with MLX_RANK and a shared hostfile); `stdin` goes
-    to rank 0 (the others get none: only rank 0 reads input)."""
+    to rank 0 (the others get none: only rank 0 reads input); `rank_envs` adds variables to
+    some ranks; `only` starts just those ranks (the others never come)."""
     procs = []
     for r, e in enumerate(rank_env(folder, n, env)):
+        if only is not None and r not in only:
+            continue
+        e = {**e, **(rank_envs or {}).get(r, {})}
         feed = r == 0 and stdin is not None
         p = subprocess.Popen(
             argv,
@@ -93,3 +99,22 @@ def start(
             p.stdin = None
         procs.append(p)
     return Ranks(procs, time.monotonic())
+
+
+def read_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
+    """Read proc's stdout until `needle` shows (or fail after `timeout` s); what was read."""
+    import select
+
+    seen, deadline = "", time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    while needle not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            raise AssertionError(f"no {needle!r} from the rank in {timeout} s (got {seen!r})")
+        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if ready:
+            chunk = os.read(fd, 4096).decode(errors="replace")
+            if not chunk:
+                raise AssertionError(f"the rank closed its output (got {seen!r})")
+            seen += chunk
+    return seen
