@@ -101,13 +101,14 @@ def start(
     return Ranks(procs, time.monotonic())
 
 
-def read_until(proc: subprocess.Popen, needle: str, timeout: float) -> str:
-    """Read proc's stdout until `needle` shows (or fail after `timeout` s); what was read."""
+def read_until(proc: subprocess.Popen, needle: str, timeout: float, stderr: bool = False) -> str:
+    """Read proc's stdout (or stderr) until `needle` shows, after at least one character (or
+    fail after `timeout` s); what was read (communicate() then returns the rest)."""
     import select
 
     seen, deadline = "", time.monotonic() + timeout
-    fd = proc.stdout.fileno()
-    while needle not in seen:
+    fd = (proc.stderr if stderr else proc.stdout).fileno()
+    while needle not in seen or not seen:
         left = deadline - time.monotonic()
         if left <= 0 or proc.poll() is not None:
             raise AssertionError(f"no {needle!r} from the rank in {timeout} s (got {seen!r})")

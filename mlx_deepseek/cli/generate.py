@@ -91,14 +91,19 @@ def _load_part(path: Path, parallel: str, world: Any, console: Any, quiet: bool)
     held = world.gather(loaded.weight_bytes)
     if world.leader and not quiet:
         plan = loaded.plan
-        parts = [f"rank {r}: {plan.describe(r)} ({held[r] / 1e9:.2f} GB)" for r in range(plan.size)]
+        parts = [f"rank {r}: {plan.describe(r)} ({_size(held[r])})" for r in range(plan.size)]
         console.print(
             f"{plan.kind} parallel over {plan.size} ranks: " + "; ".join(parts),
             style="dim",
             markup=False,
             highlight=False,
+            soft_wrap=True,
         )
     return loaded.model
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def read_prompt(prompt: str | None) -> str:

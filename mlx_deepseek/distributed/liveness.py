@@ -129,6 +129,8 @@ class Watch:
             if failed is not None and self._reports(failed):
                 break
             time.sleep(INTERVAL / 4)
+        if failed is not None and self.peers[failed].gone is None:
+            self.fatal(self._describe(failed, "went away (its connection closed)"))
         self.fatal(self._describe(failed, f"lost the connection to another rank ({error})"))
 
     # ---- the thread ------------------------------------------------------------------------
@@ -220,6 +222,8 @@ class Watch:
             if message:
                 return f"error: {where}: {message}"
             return f"error: {me}{where} exited with code {code}; ending every rank"
+        if why:
+            return f"error: {me}{where} {why}; ending every rank"
         return (
             f"error: {me}{where} stopped responding (no heartbeat for "
             f"{time.monotonic() - peer.last_seen:.0f} s: it died, or its host cannot be "

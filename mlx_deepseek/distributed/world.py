@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -162,29 +163,35 @@ def start(debug: bool = False) -> World:
     return world
 
 
+# Runs in a small watchdog process: mx.distributed.init holds the GIL while it waits for the
+# other ranks, so no thread of this process could end the wait.
+_WATCHDOG = """
+import os, select, signal, sys
+pid, limit, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if not select.select([sys.stdin], [], [], limit)[0]:
+    os.write(2, (message + "\\n").encode())
+    os.kill(pid, signal.SIGTERM)
+"""
+
+
 def _init_with_deadline(hosts: list[list[str]], rank: str) -> mx.distributed.Group:
-    """mx.distributed.init, which waits for every rank for ever: a timer ends this process
-    with one line when the others do not answer in time."""
+    """mx.distributed.init, which waits for every rank for ever: a watchdog process ends this
+    one with one line when the others do not answer in time."""
     try:
         limit = float(os.environ.get(ENV_CONNECT, "") or DEFAULT_CONNECT_TIMEOUT)
     except ValueError:
         limit = DEFAULT_CONNECT_TIMEOUT
-    where = ", ".join(h[0] for h in hosts) if hosts else "the hosts mlx.launch was given"
-
-    def give_up() -> None:
-        os.write(
-            2,
-            (
-                f"error: rank {rank}: could not reach every rank within {limit:.0f} s ({where}): "
-                "check that each host is up and reachable on those ports and that mlx.launch "
-                f"started the command there (set {ENV_CONNECT} to wait longer)\n"
-            ).encode(),
-        )
-        os._exit(1)
-
-    timer = threading.Timer(limit, give_up)
-    timer.daemon = True
-    timer.start()
+    where = ", ".join(h[0].rsplit(":", 1)[0] for h in hosts) if hosts else "mlx.launch's hosts"
+    message = (
+        f"error: rank {rank}: could not reach every rank within {limit:.0f} s ({where}): check "
+        "that each host is up and reachable on those ports and that mlx.launch started the "
+        f"command there (set {ENV_CONNECT} to wait longer)"
+    )
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(limit), message],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         return mx.distributed.init(strict=True)
     except Exception as e:
@@ -192,7 +199,8 @@ def _init_with_deadline(hosts: list[list[str]], rank: str) -> mx.distributed.Gro
             f"MLX's distributed backend did not start ({e}): {LAUNCH_HINT}"
         ) from None
     finally:
-        timer.cancel()
+        watchdog.stdin.close()  # the watchdog sees end of input and leaves
+        watchdog.wait()
 
 
 def _my_address(rank: int, hosts: list[list[str]]) -> str:
