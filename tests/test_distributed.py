@@ -87,14 +87,19 @@ def check_split(models, n, tmp_path):
         # relatively more: norms, the router, the latent projections)
         total = weight_bytes(models[fam])
         shares = [b / total for b in got["weight_bytes"]]
-        assert max(shares) < 1.35 / n, (fam, kind, shares)
+        assert max(shares) < 1.4 / n, (fam, kind, shares)
         # the bytes one decoded token costs, as costs.py computes them (float32 here)
         args = model_args(load_config(models[fam]))
         expected = costs.step_bytes(costs.Shape.from_args(args), n, kind, itemsize=4)
         assert got["step_bytes"] == expected, (fam, kind)
         wire = got["step_wire_bytes"]
         if sys.platform == "linux" and min(wire) >= 0:  # the kernel's count of the ring's bytes
-            assert all(c <= w <= 1.1 * c + 512 for c, w in zip(expected, wire, strict=True))
+            assert all(abs(w - c) <= 0.1 * c + 512 for c, w in zip(expected, wire, strict=True)), (
+                fam,
+                kind,
+                expected,
+                wire,
+            )
         report.append((fam, kind, [round(s, 3) for s in shares], expected, wire))
     print(json.dumps(report))
 
@@ -128,9 +133,10 @@ def without_timings(text: str) -> str:
 
 
 def test_generate_under_mlx_launch_prints_once(tmp_path):
-    """mlx.launch starts both ranks; rank 0 prints one process's answer, rank 1 nothing."""
-    model = str(tiny_checkpoint())
-    args = ["generate", model, "-p", "Hello there", "-m", "10", "--temp", "0"]
+    """mlx.launch starts both ranks; rank 0 prints one process's answer, rank 1 nothing. The
+    bundled demo is 4-bit with an MTP layer: quantized tensors are cut on group boundaries
+    (its one-group shared expert stays whole on rank 0), and MTP drafts across ranks."""
+    args = ["generate", "demo", "-p", "Hello there", "-m", "10", "--temp", "0"]
     alone = cli(*args, cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr
     port = ranks.free_ports(1)[0]
@@ -143,7 +149,8 @@ def test_generate_under_mlx_launch_prints_once(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout == alone.stdout  # rank 0's answer, once
-    assert "tensor parallel over 2 ranks: rank 0: heads 0-0" in r.stderr
+    assert "tensor parallel over 2 ranks: rank 0: heads 0-1, experts 0-3" in r.stderr
+    assert "MTP 100% accepted" in r.stderr
 
 
 def test_chat_runs_on_rank_0_and_the_other_follows(tmp_path):

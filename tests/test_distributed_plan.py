@@ -91,6 +91,17 @@ def test_tensor_plan_for_v3_on_three_ranks():
     assert Plan.from_json(plan.to_json()) == plan
 
 
+def test_quantized_splits_keep_whole_groups():
+    # 4 heads of v_head_dim 32 in groups of 64: heads go in pairs, so 3 ranks cannot share them
+    args = ModelArgs.from_dict(tiny_config("v3_noaux", v_head_dim=32, n_shared_experts=1))
+    assert tensor_plan(args, 2, unit=64).heads == ((0, 2), (2, 4))
+    with pytest.raises(PlanError, match="4 cannot be split over 3 ranks in blocks of 2"):
+        tensor_plan(args, 3, unit=64)
+    # a shared expert of one group (32 hidden units) cannot be cut: rank 0 runs it whole
+    plan = tensor_plan(args, 2, unit=64)
+    assert plan.shared == ((0, 32), (32, 32)) and plan.dense == ((0, 64), (64, 96))
+
+
 def test_plans_refuse_what_cannot_fit_or_split():
     args = ModelArgs.from_dict(tiny_config("v2_greedy", num_hidden_layers=3))
     s = Sizes([100, 100, 100], embed=10, head=10)

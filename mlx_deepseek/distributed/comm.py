@@ -40,12 +40,12 @@ def group() -> mx.distributed.Group:
     return mx.distributed.init()
 
 
-def all_sum(x: mx.array) -> mx.array:
+def all_sum(x: mx.array, stream: mx.Stream | mx.Device | None = None) -> mx.array:
     n = group().size()
     if n == 1:
         return x
     TRAFFIC.add("all_sum", 2 * (n - 1) * x.nbytes // n)
-    return mx.distributed.all_sum(x)
+    return mx.distributed.all_sum(x, stream=stream)
 
 
 def all_gather(x: mx.array) -> mx.array:
@@ -57,18 +57,21 @@ def all_gather(x: mx.array) -> mx.array:
     return mx.distributed.all_gather(x)
 
 
+# A pipeline's sends, receives and logits' broadcast run on the CPU stream: a receive waits
+# for every earlier stage's work (seconds for a long prefill chunk), longer than a Metal
+# command buffer may run before the GPU times it out.
 def send(x: mx.array, dst: int) -> mx.array:
     """x, which when evaluated has been sent to rank dst."""
     TRAFFIC.add("send", x.nbytes)
-    return mx.distributed.send(x, dst)
+    return mx.distributed.send(x, dst, stream=mx.cpu)
 
 
-def recv_like(x: mx.array, src: int) -> mx.array:
-    """An array shaped and typed as x, received from rank src."""
-    return mx.distributed.recv_like(x, src)
+def recv(shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array:
+    """An array of `shape` and `dtype` received from rank src."""
+    return mx.distributed.recv(shape, dtype, src, stream=mx.cpu)
 
 
 def share(x: mx.array) -> mx.array:
     """One rank's x on every rank, exactly: the others pass zeros of its shape and dtype (which
     may carry dependencies, e.g. on a send that must happen first) and all_sum adds them."""
-    return all_sum(x)
+    return all_sum(x, stream=mx.cpu)

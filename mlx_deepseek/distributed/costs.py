@@ -75,6 +75,7 @@ class Shape:
     replicated_params: int  # per layer, held whole by every tensor rank (latent, router)
     dense_params: int  # per dense layer's MLP
     cache_width: int  # latent cache values per token and layer
+    residual: int = 2  # hidden-size vectors a pipeline stage sends on: (h, m); V4's mHC: 4
 
     @property
     def total_params(self) -> int:
@@ -124,11 +125,12 @@ def _mla_shape(name: str, **config) -> Shape:
 
 def _v4_shape(name: str, hidden, layers, vocab, experts, top_k, moe_inter, active, width) -> Shape:
     """DeepSeek V4 (not MLA): experts exact; attention per layer from the published active
-    parameters (what is left after the experts and the head), replicated ~ its latent."""
+    parameters (what is left after the experts and the head), replicated ~ its latent; four
+    residual streams (mHC, hc_mult 4) cross a pipeline stage."""
     expert = 3 * hidden * moe_inter
     attention = (active - layers * (top_k + 1) * expert - vocab * hidden) // layers
     return Shape(name, hidden, layers, layers, vocab, experts, top_k, 1, expert, attention,
-                 hidden * 1536 + experts * hidden, 0, width)  # fmt: skip
+                 hidden * 1536 + experts * hidden, 0, width, residual=4)  # fmt: skip
 
 
 SHAPES = {
@@ -164,7 +166,7 @@ def step_bytes(shape: Shape, n: int, kind: str, itemsize: int = 2) -> list[int]:
     D, V = shape.hidden, shape.vocab
     if kind == "pipeline":
         logits = 2 * (n - 1) * V * itemsize // n
-        return [2 * D * itemsize + logits] * (n - 1) + [logits]
+        return [shape.residual * D * itemsize + logits] * (n - 1) + [logits]
     reduce = 2 * (n - 1) * D * itemsize // n
     width = math.ceil(V / n)
     return [(2 * shape.layers + 1) * reduce + (n - 1) * width * itemsize] * n
@@ -222,7 +224,7 @@ def predict(
     D, V = shape.hidden, shape.vocab
     if kind == "pipeline" or n == 1:
         compute = (shape.active_params * b + cache) / speed
-        hops = (n - 1) * (link.latency + 2 * D * itemsize / link.bandwidth)
+        hops = (n - 1) * (link.latency + shape.residual * D * itemsize / link.bandwidth)
         logits = 2 * (n - 1) * (link.latency + V * itemsize / n / link.bandwidth) if n > 1 else 0
         held = shape.total_params * b / n
         return _done(compute, hops + logits, held, machine)

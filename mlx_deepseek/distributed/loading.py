@@ -15,14 +15,12 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .. import ops
-from ..errors import CheckpointError
 from ..loading import (
     _add_mtp_copies,
     _check_tensors,
@@ -236,6 +234,8 @@ def _tensor_selector(args: ModelArgs, plan: Plan, rank: int) -> Selector:
                 continue
             proj = rest[len(part) :]
             lo, hi = ranges[rank]
+            if hi == lo and proj.startswith(("gate_proj.", "up_proj.", "down_proj.")):
+                return None  # rank 0 holds this MLP whole
             if proj.startswith(("gate_proj.", "up_proj.")):
                 return name, (lo, hi), None
             if proj.startswith("down_proj."):
@@ -269,16 +269,3 @@ def _renamer(plan: Plan, rank: int) -> Callable[[str], str]:
         return f"{m.group(1)}.shard{name[len(m.group(1)) :]}" if m else name
 
     return tensor_name
-
-
-def checkpoint_names(path: Path) -> list[str]:
-    """Every tensor name of a checkpoint (for tests and tools)."""
-    return list(checkpoint.scan(path))
-
-
-def describe(loaded: Loaded, rank: int) -> dict[str, Any]:
-    """What this rank holds (for logs and tests)."""
-    return {"rank": rank, "plan": loaded.plan.describe(rank), "weight_bytes": loaded.weight_bytes}
-
-
-__all__ = ["Loaded", "load_part", "mtp_count", "rank_memory", "CheckpointError"]

@@ -81,7 +81,7 @@ class PipelineModel(Model):
             h, normed = ops.embed(self.model.embed_tokens, inputs, layers[0].input_layernorm)
             m = None
         else:
-            hm = mx.distributed.recv((B, L, 2 * D), self.dtype, self.rank - 1)  # [B, L, 2D]
+            hm = comm.recv((B, L, 2 * D), self.dtype, self.rank - 1)  # [B, L, 2D]: (h, m)
             h, m = hm[..., :D], hm[..., D:]
             normed = None
         for layer, c in zip(layers, cache, strict=True):

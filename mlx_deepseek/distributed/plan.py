@@ -14,6 +14,7 @@ rank's memory, and shared with the others as JSON, so every rank holds the same 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from ..errors import DeepSeekError
 from ..models.config import ModelArgs
 from .checkpoint import TensorInfo
+from .costs import LINKS, predict_split
 
 KINDS = ("pipeline", "tensor")
 Range = tuple[int, int]
@@ -180,20 +182,30 @@ def even(total: int, n: int, unit: int = 1, what: str = "") -> list[Range]:
     return out
 
 
+def even_or_first(total: int, n: int, unit: int) -> list[Range]:
+    """`even`, or all of [0, total) on rank 0 when there are fewer blocks than ranks (a shared
+    expert of one quantization group cannot be cut; rank 0 runs it whole)."""
+    if -(-total // unit) < n:
+        return [(0, total)] + [(total, total)] * (n - 1)
+    return even(total, n, unit)
+
+
 def tensor_plan(args: ModelArgs, n: int, unit: int = 1) -> Plan:
     """Heads, experts, vocabulary and MLP hidden units split evenly over n ranks (`unit`: the
     quantization group size, so that column slices keep whole groups)."""
     shared = (args.moe_intermediate_size or 0) * (args.n_shared_experts or 0)
+    # o_proj's input columns are cut at head boundaries: whole quantization groups
+    head_unit = math.lcm(args.v_head_dim, unit) // args.v_head_dim
     return Plan(
         "tensor",
         n,
-        heads=tuple(even(args.num_attention_heads, n, 1, "num_attention_heads")),
+        heads=tuple(even(args.num_attention_heads, n, head_unit, "num_attention_heads")),
         experts=tuple(even(args.n_routed_experts, n, 1, "n_routed_experts"))
         if args.n_routed_experts
         else (),
         vocab=tuple(even(args.vocab_size, n, 1, "vocab_size")),
-        shared=tuple(even(shared, n, unit, "the shared experts' hidden size")) if shared else (),
-        dense=tuple(even(args.intermediate_size, n, unit, "intermediate_size")),
+        shared=tuple(even_or_first(shared, n, unit)) if shared else (),
+        dense=tuple(even_or_first(args.intermediate_size, n, unit)),
     )
 
 
@@ -257,8 +269,6 @@ def make_plan(
 def choose(args: ModelArgs, s: Sizes, memory: list[int], unit: int, backend: str) -> str:
     """`auto`: tensor parallel when every rank can hold an even share and the cost model says
     it decodes faster over this link; else pipeline (which also sizes ranges by memory)."""
-    from .costs import LINKS, predict_split
-
     n = len(memory)
     try:
         tensor_plan(args, n, unit)

@@ -63,7 +63,7 @@ class ExpertParallelMoE(MoE):
         self.gate = MoEGate(args)
         self.first_expert, self.num_local = experts[0], experts[1] - experts[0]
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, self.num_local)
-        if shared is not None:
+        if shared is not None and shared[1] > shared[0]:
             self.shared_experts = MLP(args.hidden_size, shared[1] - shared[0])
 
     def __call__(self, x: mx.array, x32: mx.array | None = None) -> mx.array:
@@ -82,6 +82,13 @@ class ShardedMLP(MLP):
 
     def __call__(self, x: mx.array) -> mx.array:
         return comm.all_sum(ops.mlp(x, self))
+
+
+class NoMLP(nn.Module):
+    """A rank's share of a dense MLP too small to cut (rank 0 runs it whole): zeros, added."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return comm.all_sum(mx.zeros_like(x))
 
 
 def _gather_vocab(local: mx.array, vocab: tuple[Range, ...]) -> mx.array:
@@ -143,7 +150,7 @@ def shard_model(model: Model, plan: Plan, rank: int) -> None:
             layer.mlp = ExpertParallelMoE(args, plan.experts[rank], shared)
         else:
             a, b = plan.dense[rank]
-            layer.mlp = ShardedMLP(args.hidden_size, b - a)
+            layer.mlp = ShardedMLP(args.hidden_size, b - a) if b > a else NoMLP()
     a, b = plan.vocab[rank]
     D = args.hidden_size
 

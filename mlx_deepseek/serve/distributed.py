@@ -126,17 +126,12 @@ class LeaderEngine(_Replicated):
         }
         try:
             self.world.share(message)
-        except Exception as e:
-            if is_peer_error(e):
-                self.world.peer_lost(e)
-            raise
-        self._announced.update(s.handle.id for s in new)
-        self._cancel_ids.update(cancel)
-        try:
+            self._announced.update(s.handle.id for s in new)
+            self._cancel_ids.update(cancel)
             super()._iteration()
         except Exception as e:
             if is_peer_error(e):
-                self.world.peer_lost(e)
+                self.world.peer_lost(e)  # another rank went away: end all (no return)
             raise
 
     def _admit(self) -> None:
