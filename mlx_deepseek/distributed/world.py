@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +107,13 @@ class World:
     # ---- ending ----------------------------------------------------------------------------
 
     def end(self, code: int, message: str = "", reported: bool = True) -> None:
-        """This rank is exiting: tell the others (once)."""
+        """This rank is exiting: tell the others (once). A rank other than 0 with an error
+        first waits a moment for rank 0's notice: the same error on every rank (a bad option)
+        is then reported once, by rank 0, and this rank ends quietly on its notice."""
+        if not self.leader and code != 0 and not reported:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and self.watch.peers[0].gone is None:
+                time.sleep(0.05)
         if self.watch.claim_exit():
             self.watch.bye(code, message, reported)
 
