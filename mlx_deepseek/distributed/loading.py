@@ -31,7 +31,7 @@ from ..loading import (
     load_config,
     resolve_model_path,
 )
-from ..models import model_args
+from ..models import MODEL_TYPES, model_args
 from ..models.config import ModelArgs
 from ..models.deepseek_v3 import Model
 from ..weights import sanitize
@@ -86,6 +86,12 @@ def load_part(
     path = resolve_model_path(path_or_repo)
     config = load_config(path)
     args = model_args(config, source=str(path / "config.json"))
+    if MODEL_TYPES.get(args.model_type) != "deepseek_v3":
+        raise PlanError(
+            f"--parallel: model_type {args.model_type} cannot be split yet (pipeline and tensor "
+            "parallel cover the MLA families: V2, V2.5, Coder-V2, V3, R1, V3.1); run it in one "
+            "process"
+        )
     compute = _parse_dtype(dtype)
     tensors = checkpoint.scan(path)
     quantization = config.get("quantization")
