@@ -147,7 +147,8 @@ def post(url: str, body: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_serve_on_two_ranks_answers_as_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["tensor", "pipeline"])
+def test_serve_on_two_ranks_answers_as_one_process(kind, tmp_path):
     """Rank 0 serves HTTP; both ranks run each engine step (two requests batched, then one);
     Ctrl-C on rank 0 shuts every rank down."""
     from mlx_deepseek.loading import load
@@ -166,7 +167,7 @@ def test_serve_on_two_ranks_answers_as_one_process(tmp_path):
         want = [post(f"{alone.url}/v1/completions", b)["choices"][0]["text"] for b in bodies]
     port = ranks.free_ports(1)[0]
     argv = [ranks.PYTHON, RANK_MAIN, "serve", str(model_dir), "--port", str(port)]
-    r = ranks.start([*argv, "--parallel", "tensor"], 2, tmp_path)
+    r = ranks.start([*argv, "--parallel", kind], 2, tmp_path)
     ranks.read_until(r.procs[0], "serving", timeout=600, stderr=True)
     url = f"http://127.0.0.1:{port}/v1/completions"
     import concurrent.futures
