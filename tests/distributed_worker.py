@@ -58,6 +58,20 @@ def tcp_bytes_sent() -> int:
     return total
 
 
+def settled_tcp_bytes_sent() -> int:
+    """tcp_bytes_sent once it stops moving: a collective can return on this rank while its
+    own half is still being written by the backend's threads (seen under load: half an
+    all_sum counted in the next step)."""
+    last = tcp_bytes_sent()
+    for _ in range(30):
+        time.sleep(0.1)
+        now = tcp_bytes_sent()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def run_one(world, run: dict, slow_after: int | None) -> dict:
     loaded = distributed.load_part(run["checkpoint"], run["kind"], world)
     world.seed()
@@ -80,9 +94,9 @@ def run_one(world, run: dict, slow_after: int | None) -> dict:
     # one more decode step, measured
     last = mx.array([[tokens[-1]]])
     mx.eval(model(last, cache=cache))
-    before, w0 = distributed.TRAFFIC.snapshot()[0], tcp_bytes_sent()
+    before, w0 = distributed.TRAFFIC.snapshot()[0], settled_tcp_bytes_sent()
     mx.eval(model(last, cache=cache))
-    sent, wire = distributed.TRAFFIC.snapshot()[0] - before, tcp_bytes_sent() - w0
+    sent, wire = distributed.TRAFFIC.snapshot()[0] - before, settled_tcp_bytes_sent() - w0
     return {
         "kind": loaded.plan.kind,
         "plan": [loaded.plan.describe(r) for r in range(world.size)],

@@ -208,3 +208,20 @@ def test_step_bytes_follow_the_collectives():
     # tensor over 2: an all_sum of D after the embedding and twice per layer, then the
     # logits gathered (half the vocabulary from the other rank)
     assert costs.step_bytes(shape, 2, "tensor") == [(2 * L + 1) * D * 2 + V // 2 * 2] * 2
+
+
+def test_a_v4_checkpoint_is_refused_in_one_line(tmp_path):
+    """V4 is not split yet (its hyper-connected residual, hash-routed first layers and
+    compressed caches have no stage model): one line before any rank reads a tensor."""
+    from v4_checkpoints import build_v4, save_v4
+
+    from mlx_deepseek.distributed import load_part
+
+    path = save_v4(build_v4(), tmp_path / "v4")
+    for kind in ("pipeline", "tensor", "auto"):
+        with pytest.raises(PlanError) as e:
+            load_part(path, kind, world=None)  # refused before the ranks are asked anything
+        message = str(e.value)
+        assert "\n" not in message
+        assert message.startswith("--parallel: model_type deepseek_v4 cannot be split yet")
+        assert "run it in one process" in message
