@@ -49,9 +49,10 @@ class Ranks:
     started: float
 
     def wait(self, timeout: float) -> list[tuple[int, str, str]]:
-        """(exit code, stdout, stderr) of each rank; kills them all past `timeout`."""
+        """(exit code, stdout, stderr) of each rank; kills them all if they still run
+        `timeout` seconds from now."""
         out = []
-        deadline = self.started + timeout
+        deadline = time.monotonic() + timeout
         for p in self.procs:
             try:
                 if p.stdin is not None and p.stdin.closed:

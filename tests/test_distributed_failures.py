@@ -181,4 +181,5 @@ def test_serve_on_two_ranks_answers_as_one_process(kind, tmp_path):
     (rc0, _, err0), (rc1, out1, err1) = r.wait(10)
     # uvicorn shuts down gracefully, then raises the Ctrl-C again (one process does the same)
     assert rc0 == 130 and lines(err0)[-1] == "interrupted", err0[-2000:]
-    assert rc1 == 0 and out1 == err1 == ""  # rank 0's engine said stop
+    # rank 0's engine said stop (0), or rank 0's exit notice came first (its code): quietly
+    assert rc1 in (0, 130) and out1 == err1 == ""

@@ -297,8 +297,17 @@ def _drop_backend_noise(out_fd: int) -> None:
             sys.stderr.flush()
         except Exception:
             pass
-        os.dup2(out_fd, 2)  # closes the pipe's last writer: the pump drains and stops
+        # While this rank ends, the backend may still report the other ranks' sockets closing
+        # (they end on its notice): its writes to fd 2 go nowhere from now on, Python's own
+        # go to the real stderr.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)  # closes the pipe's last writer: the pump drains and stops
+        os.close(devnull)
         thread.join(timeout=2)
+        try:
+            sys.stderr = os.fdopen(os.dup(out_fd), "w", buffering=1, errors="backslashreplace")
+        except OSError:
+            pass
 
     atexit.register(restore)
 
