@@ -10,9 +10,6 @@ whole tensors, so this small reader stands beside it.
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..loading import weight_files
+from ..safetensors_check import read_safetensors_header
 
 # safetensors dtype -> (numpy dtype of the raw bytes, MLX dtype to reinterpret them as)
 DTYPES: dict[str, tuple[np.dtype, mx.Dtype | None]] = {
@@ -37,7 +35,6 @@ DTYPES: dict[str, tuple[np.dtype, mx.Dtype | None]] = {
     "U64": (np.dtype(np.uint64), None),
     "BOOL": (np.dtype(np.bool_), None),
 }
-_MAX_HEADER = 100 << 20
 
 
 @dataclass(frozen=True)
@@ -57,51 +54,22 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """One safetensors file's tensors, checked against the file's size (no data read)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: not a safetensors file, or truncated (header length {n}, file "
-                    f"size {size}): re-download it"
-                )
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e}): re-download it") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: re-download it")
+    """One safetensors file's tensors, its header validated as every reader's is
+    (safetensors_check: entries, sizes and offsets against the file; no data read)."""
+    header = read_safetensors_header(path)
     tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = str(entry["dtype"]), tuple(int(d) for d in entry["shape"])
-            start, end = (int(v) for v in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name}") from None
-        if dtype not in DTYPES:
-            if dtype.startswith("F8"):
+    for name, entry in header.tensors.items():
+        if entry.dtype not in DTYPES:
+            if entry.dtype.startswith("F8"):
                 raise CheckpointError(
-                    f"{path}: tensor {name} is {dtype}: convert the checkpoint first with "
+                    f"{path}: tensor {name} is {entry.dtype}: convert the checkpoint first with "
                     "`mlx-deepseek convert SRC -o DST`, then load DST"
                 )
-            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which MLX cannot hold")
-        if 8 + n + end > size or start > end:
             raise CheckpointError(
-                f"{path} is truncated: its header places tensor {name} up to byte {8 + n + end} "
-                f"of {size}; re-download it"
+                f"{path}: tensor {name} has dtype {entry.dtype}, which MLX cannot hold"
             )
-        if math.prod(shape) * DTYPES[dtype][0].itemsize != end - start:
-            raise CheckpointError(
-                f"{path}: tensor {name} spans {end - start} bytes, but shape {list(shape)} of "
-                f"{dtype} needs {math.prod(shape) * DTYPES[dtype][0].itemsize}: the file is corrupt"
-            )
-        tensors[name] = TensorInfo(name, path, dtype, shape, 8 + n + start, end - start)
+        offset = header.data_start + entry.begin
+        tensors[name] = TensorInfo(name, path, entry.dtype, entry.shape, offset, entry.nbytes)
     return tensors
 
 

@@ -34,7 +34,7 @@ from ..loading import (
 from ..models import MODEL_TYPES, model_args
 from ..models.config import ModelArgs
 from ..models.deepseek_v3 import Model
-from ..weights import sanitize
+from ..models.weights import sanitize
 from . import checkpoint
 from .checkpoint import TensorInfo
 from .pipeline import PipelineModel
