@@ -57,7 +57,9 @@ def test_a_rank_killed_mid_generation_ends_the_others(tmp_path):
 
 @pytest.mark.slow
 def test_a_middle_rank_killed_ends_both_others(tmp_path):
-    r = generating(3, tmp_path, kind="tensor")
+    # ranks 0 and 2 may both wait on each other, not on rank 1's closed sockets: then the
+    # heartbeats name it (the default 20 s of tests/ranks.py would leave little margin)
+    r = generating(3, tmp_path, kind="tensor", env={"MLX_DEEPSEEK_PEER_TIMEOUT": "10"})
     r.procs[1].send_signal(signal.SIGKILL)
     took = ended_within(r, [r.procs[0], r.procs[2]], 30)
     print(f"ranks 0 and 2 ended {took:.1f} s after rank 1 was killed")
