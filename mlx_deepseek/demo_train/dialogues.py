@@ -27,17 +27,17 @@ SYSTEM_PROMPTS = [
 # (task, weight with tools declared, weight without). 2-digit arithmetic dominates: it is
 # the measured target; the tool tasks are rarer without tools (they only teach refusing).
 TASKS: list[tuple[str, float, float]] = [
-    ("add2", 0.17, 0.21),
-    ("sub2", 0.17, 0.21),
-    ("arith1", 0.06, 0.07),
-    ("arith3", 0.09, 0.11),
-    ("count", 0.07, 0.09),
-    ("backwards", 0.06, 0.08),
+    ("add2", 0.19, 0.23),
+    ("sub2", 0.19, 0.23),
+    ("arith1", 0.05, 0.06),
+    ("arith3", 0.08, 0.10),
+    ("count", 0.06, 0.08),
+    ("backwards", 0.06, 0.07),
     ("facts", 0.06, 0.08),
     ("greet", 0.04, 0.05),
     ("refuse", 0.03, 0.04),
     ("weather", 0.12, 0.02),
-    ("lookup", 0.08, 0.02),
+    ("lookup", 0.07, 0.02),
     ("add_tool", 0.05, 0.02),
 ]
 

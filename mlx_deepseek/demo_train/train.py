@@ -20,7 +20,9 @@ import json
 import math
 import os
 import random
+import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 # (mlx_deepseek/__init__ has already preloaded OpenBLAS: this module lives inside it)
@@ -28,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.models.deepseek_v3 import Model
@@ -41,8 +43,8 @@ from .tokenizer import save_tokenizer, train_tokenizer
 
 SEED = 0
 DEFAULTS = dict(
-    steps=6000,
-    long_steps=600,  # the last steps, with YaRN on long rows
+    steps=3900,
+    long_steps=300,  # the last steps, with YaRN on long rows
     tokens=1024,  # per step (rows x row length)
     lr=3e-3,
     min_lr=2e-4,
@@ -105,41 +107,71 @@ def lr_schedule(step: int, hp: dict) -> float:
 
 
 class Trainer:
-    """One model, its optimiser and load balancer; `extend()` switches YaRN on."""
+    """One model, its optimiser and load balancer; `extend()` switches YaRN on.
 
-    def __init__(self, hp: dict):
+    A step (loss, gradients, clipping, AdamW) is one mx.compile'd function over the model's
+    and the optimiser's state; the routers' choices come out of it for the load balancer.
+    """
+
+    def __init__(self, hp: dict, long: bool = False, checkpoint: Path | None = None):
         self.hp = hp
-        self.model = build_model(ModelArgs.from_dict(phase_config(long=False)))
-        self.balancer = LoadBalancer(self.model, hp["bias_gamma"])
+        self.model = build_model(ModelArgs.from_dict(phase_config(long)))
         self.opt = optim.AdamW(
             learning_rate=hp["lr"], betas=[0.9, 0.95], weight_decay=hp["weight_decay"]
         )
-        self._grad()
+        if checkpoint is not None:
+            self.model.load_weights(str(checkpoint / "model.safetensors"))
+            state = mx.load(str(checkpoint / "optimizer.safetensors"))
+            self.opt.state = tree_unflatten(list(state.items()))
+        self._attach()
 
-    def _grad(self) -> None:
-        self.loss_and_grad = nn.value_and_grad(self.model, make_loss(self.hp["mtp_weight"]))
+    def _attach(self) -> None:
+        model, opt, hp = self.model, self.opt, self.hp
+        self.balancer = balancer = LoadBalancer(model, hp["bias_gamma"])
+        names = [name for name, _ in balancer.layers]
+        opt.init(model.trainable_parameters())  # the compiled step's state exists up front
+        loss_fn = make_loss(hp["mtp_weight"])
+
+        def with_choices(model: Model, ids: mx.array, mask: mx.array):
+            loss, aux = loss_fn(model, ids, mask)
+            return loss, (aux, [balancer.chosen[n] for n in names])
+
+        loss_and_grad = nn.value_and_grad(model, with_choices)
+        state = [model.state, opt.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(ids: mx.array, mask: mx.array):
+            (_, (aux, chosen)), grads = loss_and_grad(model, ids, mask)
+            grads, _ = optim.clip_grad_norm(grads, hp["clip"])
+            opt.update(model, grads)
+            return aux, chosen
+
+        self._step, self._names, self._state = step, names, state
 
     def extend(self) -> None:
         """The long phase: the same weights in a model whose rope is YaRN-scaled."""
         weights = tree_flatten(self.model.parameters())
         self.model = Model(ModelArgs.from_dict(phase_config(long=True)))
         self.model.load_weights(weights)
-        self.balancer = LoadBalancer(self.model, self.hp["bias_gamma"])
-        self._grad()
+        self._attach()
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(
+            str(folder / "model.safetensors"), dict(tree_flatten(self.model.parameters()))
+        )
+        mx.save_safetensors(
+            str(folder / "optimizer.safetensors"), dict(tree_flatten(self.opt.state))
+        )
 
     def step(self, ids_np: np.ndarray, mask_np: np.ndarray, lr: float, pad: int):
-        ids, mask = mx.array(ids_np), mx.array(mask_np)
         self.opt.learning_rate = lr
-        (_, (main, mtp, main_ok, mtp_ok)), grads = self.loss_and_grad(self.model, ids, mask)
-        grads, _ = optim.clip_grad_norm(grads, self.hp["clip"])
-        self.opt.update(self.model, grads)
-        mx.eval(self.model.parameters(), self.opt.state, main, mtp, main_ok, mtp_ok)
+        (main, mtp, main_ok, mtp_ok), chosen = self._step(mx.array(ids_np), mx.array(mask_np))
+        mx.eval(self._state, main, mtp, main_ok, mtp_ok, chosen)
+        self.balancer.chosen = dict(zip(self._names, chosen, strict=True))
         real = ids_np[:, :-1] != pad
         loads = self.balancer.update(
-            {
-                name: real if name.startswith("model.") else real[:, 1:]
-                for name, _ in self.balancer.layers
-            }
+            {name: real if name.startswith("model.") else real[:, 1:] for name in self._names}
         )
         n_main, n_mtp = max(mask_np[:, 1:].sum(), 1), max(mask_np[:, 2:].sum(), 1)
         stats = [main.item(), mtp.item(), main_ok.item() / n_main, mtp_ok.item() / n_mtp]
@@ -151,7 +183,32 @@ def _pick(rng: random.Random, mix: list) -> tuple[int, bool]:
     return length, tools
 
 
-def train(out: Path, hp: dict, log_every: int = 50, eval_every: int = 500) -> dict:
+def _save_checkpoint(
+    folder: Path, trainer: Trainer, rng: random.Random, hp: dict, step: int, history: list,
+    t_train: float, cpu_train: float,
+) -> None:  # fmt: skip
+    """Weights, optimiser state and the data stream's position: --resume continues exactly."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    trainer.save(tmp)
+    version, state, gauss = rng.getstate()
+    progress = dict(
+        step=step, hp=hp, rng=[version, list(state), gauss], history=history,
+        seconds=time.time() - t_train, cpu_seconds=time.process_time() - cpu_train,
+    )  # fmt: skip
+    (tmp / "progress.json").write_text(json.dumps(progress))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def train(
+    out: Path,
+    hp: dict,
+    log_every: int = 50,
+    eval_every: int = 500,
+    ckpt_every: int = 250,
+    resume: bool = False,
+) -> dict:
     from .evaluate import arithmetic_accuracy
 
     random.seed(SEED)
@@ -164,7 +221,19 @@ def train(out: Path, hp: dict, log_every: int = 50, eval_every: int = 500) -> di
     packer = Packer(tok)
     rng = random.Random(SEED)
 
-    trainer = Trainer(hp)
+    ckpt = out / "checkpoint"
+    progress = {"step": 0, "seconds": 0.0, "cpu_seconds": 0.0, "history": []}
+    long_from = hp["steps"] - hp["long_steps"]
+    if resume and (ckpt / "progress.json").exists():
+        progress = json.loads((ckpt / "progress.json").read_text())
+        if progress["hp"] != hp:
+            raise RuntimeError(f"{ckpt} was written with other hyperparameters: {progress['hp']}")
+        version, state, gauss = progress["rng"]
+        rng.setstate((version, tuple(state), gauss))
+        trainer = Trainer(hp, progress["step"] > long_from, ckpt)
+        print(f"resumed from {ckpt} at step {progress['step']}")
+    else:
+        trainer = Trainer(hp)
     total, mtp_params, active = count_parameters()
     n = sum(v.size for _, v in tree_flatten(trainer.model.parameters()))
     if n != total + mtp_params:
@@ -172,11 +241,11 @@ def train(out: Path, hp: dict, log_every: int = 50, eval_every: int = 500) -> di
     print(f"parameters: {total:,} main (+{mtp_params:,} MTP), {active:,} active per token")
 
     hf_tok = _hf_tokenizer(out)
-    history = []
+    history = progress["history"]
     window: list[list[float]] = []
-    t_train, cpu_train = time.time(), time.process_time()
-    long_from = hp["steps"] - hp["long_steps"]
-    for step in range(hp["steps"]):
+    t_train = time.time() - progress["seconds"]
+    cpu_train = time.process_time() - progress["cpu_seconds"]
+    for step in range(progress["step"], hp["steps"]):
         if step == long_from:
             trainer.extend()
             print(json.dumps({"step": step, "phase": "long: YaRN on"}), flush=True)
@@ -204,9 +273,11 @@ def train(out: Path, hp: dict, log_every: int = 50, eval_every: int = 500) -> di
             history.append(row)
             print(json.dumps(row), flush=True)
         if eval_every and (step + 1) % eval_every == 0:
-            acc = arithmetic_accuracy(trainer.model, hf_tok, limit=64)
-            acc.pop("failures")
+            acc = arithmetic_accuracy(trainer.model, hf_tok, limit=48)
+            acc.pop("misses")
             print(json.dumps({"step": step + 1, "heldout_sample": acc}), flush=True)
+        if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < hp["steps"]:
+            _save_checkpoint(ckpt, trainer, rng, hp, step + 1, history, t_train, cpu_train)
 
     train_s, cpu_s = time.time() - t_train, time.process_time() - cpu_train
     export_hf(trainer.model, CONFIG, out)
@@ -241,10 +312,11 @@ def main() -> None:
     for k, v in DEFAULTS.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     p.add_argument("--eval-every", type=int, default=500, help="0: no evaluation while training")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint/")
     a = p.parse_args()
     hp = {k: getattr(a, k) for k in DEFAULTS}
     a.out.mkdir(parents=True, exist_ok=True)
-    train(a.out, hp, eval_every=a.eval_every)
+    train(a.out, hp, eval_every=a.eval_every, resume=a.resume)
 
 
 if __name__ == "__main__":
