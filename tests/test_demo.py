@@ -111,7 +111,8 @@ def test_mtp_drafts_are_mostly_accepted(ev):
 
 
 def test_chat_think_switch(demo):
-    from chat.session import ChatSession
+    from mlx_deepseek.chat.session import ChatSession
+
     from mlx_deepseek.sampling import SamplingSettings
 
     model, tokenizer = demo

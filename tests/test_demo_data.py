@@ -329,3 +329,36 @@ def test_load_balancer_moves_bias_towards_the_idle_experts():
         busy = loads[name] > loads[name].mean()
         assert (bias[busy] < 0).all() and (bias[~busy] > 0).all(), (name, loads[name], bias)
         assert moe.gate.e_score_correction_bias.dtype == mx.float32
+
+
+def test_warm_start_maps_vocabulary_rows_by_token_string(tmp_path: Path):
+    from mlx.utils import tree_flatten
+
+    from mlx_deepseek.demo_train.warmstart import dequantized, warm_start
+
+    # an "earlier package": the shipped weights under a tokenizer with two ids swapped and
+    # one token the new vocabulary lacks
+    for f in DEMO.iterdir():
+        if f.suffix in (".json", ".safetensors") and f.name != "tokenizer.json":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    tok = json.loads((DEMO / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    new = dict(vocab)
+    gone = next(k for k in vocab if len(k) > 3 and "<" not in k)  # a merged token
+    vocab["2"], vocab["5"] = vocab["5"], vocab["2"]
+    vocab["zz-not-a-token"] = vocab.pop(gone)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+
+    model = Model(ModelArgs.from_dict(CONFIG))
+    init = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    counts = warm_start(model, tmp_path, DEMO / "tokenizer.json")
+    got = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    old = {k: np.array(v) for k, v in dequantized(tmp_path).items()}
+    assert counts["tensors_copied"] == len(got)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert np.array_equal(got[name][new["2"]], old[name][new["5"]])
+        assert np.array_equal(got[name][new["5"]], old[name][new["2"]])
+        assert np.array_equal(got[name][new[gone]], init[name][new[gone]])
+        assert np.array_equal(got[name][new["7"]], old[name][new["7"]])
+    for name in ("model.layers.1.mlp.gate.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert np.array_equal(got[name], old[name]) and not np.array_equal(got[name], init[name])

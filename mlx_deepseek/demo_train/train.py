@@ -53,6 +53,7 @@ DEFAULTS = dict(
     mtp_weight=0.3,
     bias_gamma=1e-3,
     clip=1.0,
+    init="",  # an earlier demo package to start from (warmstart.py); "": from scratch
 )
 # (row length, share of steps, tools allowed): the tools block alone is ~260 tokens
 SHORT_MIX = [(128, 0.3, False), (256, 0.35, False), (SHORT_CONTEXT, 0.35, True)]
@@ -234,6 +235,11 @@ def train(
         print(f"resumed from {ckpt} at step {progress['step']}")
     else:
         trainer = Trainer(hp)
+        if hp["init"]:
+            from .warmstart import warm_start
+
+            counts = warm_start(trainer.model, Path(hp["init"]), out / "tokenizer.json")
+            print(f"warm start from {hp['init']}: {counts}")
     total, mtp_params, active = count_parameters()
     n = sum(v.size for _, v in tree_flatten(trainer.model.parameters()))
     if n != total + mtp_params:
@@ -312,11 +318,12 @@ def main() -> None:
     for k, v in DEFAULTS.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     p.add_argument("--eval-every", type=int, default=500, help="0: no evaluation while training")
+    p.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint/")
     a = p.parse_args()
     hp = {k: getattr(a, k) for k in DEFAULTS}
     a.out.mkdir(parents=True, exist_ok=True)
-    train(a.out, hp, eval_every=a.eval_every, resume=a.resume)
+    train(a.out, hp, eval_every=a.eval_every, ckpt_every=a.ckpt_every, resume=a.resume)
 
 
 if __name__ == "__main__":
