@@ -34,8 +34,19 @@ def renderer():
 
 
 @pytest.fixture(scope="module")
-def demo_tokenizer():
-    return Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+def tok_dir(tmp_path_factory) -> Path:
+    """The tokenizer train.py trains (the shipped demo is still the earlier one)."""
+    from mlx_deepseek.demo_train.tokenizer import save_tokenizer, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("demo_tokenizer")
+    save_tokenizer(train_tokenizer(), folder)
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(tok_dir: Path):
+    return Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
 
 
 def training_conversations(renderer: Renderer, n: int, seed: int = 0):
@@ -170,19 +181,24 @@ def test_rows_tokenize_as_the_whole_rendered_text(renderer, demo_tokenizer):
     assert ids.shape == mask.shape == (3, 257) and ids.dtype == np.int32
 
 
-def test_the_shipped_template_is_the_formats_v31_template():
-    config = json.loads((DEMO / "tokenizer_config.json").read_text())
+def test_the_trained_template_is_the_formats_v31_template(tok_dir: Path):
+    from mlx_deepseek.loading import load_tokenizer
+
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHAT_TEMPLATE == BUILTIN_TEMPLATES["v3.1"]
-    _, tokenizer = load("demo")
-    fmt = chat_format(tokenizer, json.loads((DEMO / "config.json").read_text()), "demo")
+    tokenizer = load_tokenizer(tok_dir)
+    fmt = chat_format(tokenizer, CONFIG, "demo")
     assert fmt.family == "v3.1" and fmt.has_thinking_switch and fmt.source == "checkpoint"
     msgs = [{"role": "user", "content": "What is 2 + 3?"}]
     assert fmt.render(tokenizer, msgs, thinking=True).endswith("<｜Assistant｜><think>")
     assert fmt.render(tokenizer, msgs).endswith("<｜Assistant｜></think>")
     # transformers renders the shipped template as the formats package does
     msgs += [{"role": "assistant", "content": "2 + 3 = 5."}, {"role": "user", "content": "Hi"}]
-    hf = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert hf == fmt.render(tokenizer, msgs)
+    for thinking in (False, True):
+        hf = tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True, thinking=thinking
+        )
+        assert hf == fmt.render(tokenizer, msgs, thinking=thinking)
 
 
 def test_tool_markers_are_single_tokens_that_decode_as_text(demo_tokenizer):
@@ -247,7 +263,7 @@ def test_task_weights_are_distributions():
 # ---- the training loop -----------------------------------------------------------------------
 
 
-def test_export_round_trips_through_the_loader(tmp_path: Path):
+def test_export_round_trips_through_the_loader(tmp_path: Path, tok_dir: Path):
     from mlx_deepseek.demo_train.export import export_hf
 
     mx.random.seed(3)
@@ -258,7 +274,7 @@ def test_export_round_trips_through_the_loader(tmp_path: Path):
         gate.weight = mx.random.normal(gate.weight.shape)
         gate.e_score_correction_bias = mx.random.normal((args.n_routed_experts,)) * 0.1
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / f).write_bytes((DEMO / f).read_bytes())
+        (tmp_path / f).write_bytes((tok_dir / f).read_bytes())
     export_hf(model, CONFIG, tmp_path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     names = set(index["weight_map"])
