@@ -31,6 +31,7 @@ number of cores this process may use, at most 8.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial, reduce
 
@@ -53,6 +54,17 @@ DEQUANT_MIN_TOKENS = 16  # from this many rows of x, dequantize + BLAS beats MLX
 class _State:
     streams: list[mx.Stream] = []
     inside = False  # building a part: do not split again
+    warned_blas = False
+
+
+def configure() -> None:
+    """At load: MLX's matmuls on OpenBLAS whatever was imported first (re-pointed when MLX
+    was loaded before mlx_deepseek), or one warning saying why not and how to fix it."""
+    _blas.preload_openblas()
+    message = _blas.slow_state()
+    if message and not _State.warned_blas:
+        _State.warned_blas = True
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 def threads() -> int:
