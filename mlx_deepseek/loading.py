@@ -68,17 +68,42 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
 
 
 def _download(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    # huggingface_hub's own reading of HF_HUB_OFFLINE (its spellings of "true")
+    is_offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)
+    offline = bool(is_offline())
     try:
         return Path(snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=offline))
     except HFValidationError as e:
         raise CheckpointError(f"{repo}: not a valid Hugging Face repo id ({e})") from None
-    except LocalEntryNotFoundError:
-        pass
-    except Exception as e:  # network errors, gated repos, 404s
+    except LocalEntryNotFoundError as e:
+        if offline:
+            raise CheckpointError(
+                f"{repo}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set so the "
+                "hub is not asked: unset HF_HUB_OFFLINE to download it, or pass a local folder"
+            ) from None
+        cause = type(e.__cause__).__name__ if e.__cause__ is not None else "no answer"
+        raise CheckpointError(
+            f"{repo}: not in the local Hugging Face cache and the hub cannot be reached "
+            f"({cause}): check your network connection, or pass a local folder"
+        ) from None
+    except GatedRepoError:
+        raise CheckpointError(
+            f"{repo}: a gated repo: accept its terms on huggingface.co, then log in (hf auth login)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"{repo}: no such repo on the Hugging Face hub (or a private one: log in with "
+            "hf auth login); check the name, or pass a local folder"
+        ) from None
+    except Exception as e:  # the hub answered with an error: what the cache holds may do
         try:
             return Path(
                 snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=True)
@@ -88,10 +113,6 @@ def _download(repo: str) -> Path:
                 f"{repo}: could not download it ({type(e).__name__}) and it is not in the local "
                 "Hugging Face cache; check the name and your network, or pass a local folder"
             ) from None
-    raise CheckpointError(
-        f"{repo}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-        "download it once with network access, or pass a local folder"
-    )
 
 
 # ---- config and tensors --------------------------------------------------------------------
@@ -218,13 +239,15 @@ def _check_tensors(model: Model, weights: dict[str, mx.array], path: Path) -> No
 def estimate_memory(
     args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype, context: int = DEFAULT_CONTEXT
 ) -> tuple[int, int]:
-    """(weight bytes in the compute dtype, latent-cache bytes for `context` tokens)."""
+    """(weight bytes in the compute dtype, cache bytes for `context` tokens)."""
     total = 0
     for k, v in weights.items():
         if mx.issubdtype(v.dtype, mx.floating) and "e_score_correction_bias" not in k:
             total += v.size * dtype.size
         else:
             total += v.nbytes
+    if hasattr(args, "cache_bytes"):  # a family whose cache is not one row per token (V4)
+        return total, args.cache_bytes(context, dtype.size)
     per_token = (args.num_hidden_layers + args.num_nextn_predict_layers) * (
         args.kv_lora_rank + args.qk_rope_head_dim
     )
@@ -303,6 +326,8 @@ def load_model(
     model.mtp = model.mtp[: len(present)]
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")
+    if quantization is None and any(k.endswith(".scales") for k in weights):
+        quantization = {}  # quantized tensors without MLX's section (V4's MXFP4 experts)
     if quantization is not None:
         _quantize(model, quantization, weights)
     _check_tensors(model, weights, path)
