@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -57,9 +58,10 @@ class Drafting:
 def mtp_by_default(model: nn.Module) -> bool:
     """Whether drafting with the MTP head is on when the user does not say: whenever the
     checkpoint has an MTP layer. Verifying 2 tokens costs about what decoding 1 does where
-    decode is bound by memory traffic (a GPU), and even on this project's CPU the bundled demo
-    decodes 1.09x faster with 1 draft (100% accepted) and 1.14x with 2
-    (scripts/bench_mtp.py). `--no-mtp` / mtp=False turns it off."""
+    decode is bound by memory traffic (a GPU); on this project's CPU the bundled demo spends
+    1.08x less CPU time per token with 1 draft (100% accepted) and 1.17x less with 2 (85%):
+    there a round costs the verify forward (1.15x a plain step) plus the MTP layer and head
+    (0.5x). `--no-mtp` / mtp=False turns it off."""
     return bool(getattr(model, "mtp", None))
 
 
@@ -109,11 +111,21 @@ def speculative_accept(p: mx.array, q: mx.array, draft: int) -> tuple[bool, int]
     Accept with probability min(1, p/q) at the draft; otherwise draw from max(0, p - q)
     renormalised. The token returned is distributed exactly as p.
     """
-    ratio = (p[draft] / q[draft]).item()
-    if mx.random.uniform().item() < ratio:
+    accepted, other = _accept_rule(p[None], q[None], mx.array([draft]))
+    if accepted.item():
         return True, draft
+    return False, int(other.item())
+
+
+def _accept_rule(p: mx.array, q: mx.array, drafts: mx.array) -> tuple[mx.array, mx.array]:
+    """The rule for several positions at once, lazily: p, q [n, V], drafts [n] ->
+    (accepted [n] bool, the token to emit instead where rejected [n])."""
+    at = drafts[:, None]
+    ratio = mx.take_along_axis(p, at, axis=-1) / mx.take_along_axis(q, at, axis=-1)
+    accepted = mx.random.uniform(shape=ratio.shape) < ratio
     residual = mx.maximum(p - q, 0.0)
-    return False, int(mx.random.categorical(mx.log(residual / residual.sum())).item())
+    other = mx.random.categorical(mx.log(residual / residual.sum(axis=-1, keepdims=True)))
+    return accepted[:, 0], other
 
 
 def _log_softmax(logits: mx.array) -> mx.array:
@@ -121,20 +133,35 @@ def _log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+SPECULATE_ABOVE = 0.5  # build the next round before this one is read when this many of the
+# recent rounds had every draft accepted (a round built on a rejected draft is thrown away)
+
+
 class MTPDecoder:
     """A step function for `stream_generate(..., step_fn=MTPDecoder(...))`.
 
     settings: the sampling settings (None or temperature 0: greedy). `stats` accumulates
-    drafted / accepted counts over the decoder's lifetime.
+    drafted / accepted counts over the decoder's lifetime. speculate: build each round before
+    the previous one is read, guessing its drafts all accepted (default: on a GPU).
     """
 
-    def __init__(self, draft_tokens: int = 1, settings: SamplingSettings | None = None):
+    def __init__(
+        self,
+        draft_tokens: int = 1,
+        settings: SamplingSettings | None = None,
+        speculate: bool | None = None,
+    ):
         if draft_tokens < 1:
             raise ValueError("draft_tokens must be >= 1")
         self.draft_tokens = draft_tokens
         self.settings = settings
         self.greedy = settings is None or settings.temperature == 0
         self.stats = DraftStats()
+        self._full_rate = 1.0  # how often recent rounds had every draft accepted
+        # building the next round while one computes pays where MLX evaluates asynchronously
+        # (a GPU); on MLX's CPU back-end async_eval returns only when the work is nearly done,
+        # so a round built ahead would only be lost work when a draft is rejected
+        self.speculate = mx.default_device() == mx.gpu if speculate is None else speculate
 
     # ---- distributions ---------------------------------------------------------------------
 
@@ -153,10 +180,15 @@ class MTPDecoder:
 
     def _draw(self, logprobs: mx.array) -> tuple[int, mx.array | None]:
         """A token from log-probabilities [1, V], and the distribution it came from."""
+        token, probs = self._draw_lazy(logprobs)
+        return int(token.item()), probs
+
+    def _draw_lazy(self, logprobs: mx.array) -> tuple[mx.array, mx.array | None]:
+        """The same, unevaluated: (token [1], distribution [1, V] or None when greedy)."""
         if self.greedy:
-            return int(mx.argmax(logprobs, axis=-1).item()), None
+            return mx.argmax(logprobs, axis=-1), None
         probs = self._probs(logprobs)
-        return int(mx.random.categorical(mx.log(probs)).item()), probs
+        return mx.random.categorical(mx.log(probs)), probs
 
     # ---- the step function -----------------------------------------------------------------
 
@@ -186,27 +218,56 @@ class MTPDecoder:
             tokens = prior[len(prior) - need :] + tokens
         history = prior[: len(prior) - (main_len - cache.length)] + tokens
         start = cache.length
-        base = len(history)  # history grows by each token as it is yielded
-        yielded = 0
+        emitted = 0  # tokens yielded
         try:
             h_last = self._prefill(model, tokens, cache, mtp_cache, opts)
             logprobs = self._process(model.logits(h_last)[:, -1], history, opts)
             token, _ = self._draw(logprobs)
-            pend_h, pend_t = h_last, [token]
             history.append(token)
-            yielded += 1
             self.stats.tokens += 1
-            yield Step(token, logprobs[0])
-            while yielded < opts.max_tokens:
-                out, pend_h = yield from self._speculate(
-                    model, cache, mtp_cache, pend_h, pend_t, history, opts, yielded
-                )
-                pend_t = out
-                yielded += len(out)
+            steps = [Step(token, logprobs[0])]
+            # One host sync per round (`_settle`). Rounds are queued (async_eval) before the
+            # tokens they follow are yielded, so the consumer's work overlaps their compute;
+            # and while a round computes, the next one is built on the guess that all its
+            # drafts will be accepted (its graph reads the drafts on the device), dropped
+            # when one is not: the Python that builds a round overlaps the previous round.
+            round_ = None
+            if opts.max_tokens > 1:
+                round_ = self._launch(model, cache, mtp_cache, h_last, mx.array([token]),
+                                      history, None, opts, 1)  # fmt: skip
+            for step in steps:
+                emitted += 1
+                yield step
+            while round_ is not None:
+                nxt = None
+                ahead = round_.known_after
+                if (
+                    self.speculate
+                    and ahead < opts.max_tokens
+                    and self._full_rate >= SPECULATE_ABOVE
+                ):
+                    nxt = self._launch(model, cache, mtp_cache, round_.hidden, round_.tokens,
+                                       history, round_.tokens, opts, ahead)  # fmt: skip
+                steps, n_acc = self._settle(round_)
+                history.extend(step.token for step in steps)
+                if n_acc < round_.k:  # drop the rejected drafts, and the round built on them
+                    trim_cache(cache, round_.main_end - (round_.k - n_acc))
+                    if nxt is not None:
+                        cache.trim_mtp(nxt.mtp_start)
+                        nxt = None
+                known = round_.known + len(steps)
+                if nxt is None and known < opts.max_tokens:
+                    pend_t = mx.array([step.token for step in steps])
+                    nxt = self._launch(model, cache, mtp_cache, round_.hidden[:, : n_acc + 1],
+                                       pend_t, history, None, opts, known)  # fmt: skip
+                for step in steps:
+                    emitted += 1
+                    yield step
+                round_ = nxt
         finally:
             # the cache holds exactly the prompt and the yielded tokens but the last one (also
-            # when the consumer stops in the middle of a round of drafts)
-            keep = start + len(tokens) + (len(history) - base) - 1
+            # when the consumer stops in the middle of a round, or with one in flight)
+            keep = start + len(tokens) + emitted - 1
             if cache.length > keep:
                 trim_cache(cache, keep)
             cache.trim_mtp(max(keep - 1, 0))
@@ -233,56 +294,108 @@ class MTPDecoder:
                 opts.prefill_progress(done, total)
         return pend_h
 
-    def _speculate(self, model, cache, mtp_cache, pend_h, pend_t, history, opts, yielded):
-        """One draft + verify round; yields its Steps, returns (new tokens, their hidden states)."""
-        k = min(self.draft_tokens, opts.max_tokens - yielded - 1)
+    def _launch(
+        self, model, cache, mtp_cache, pend_h, pend_t, history, guessed, opts, known
+    ) -> Round:
+        """Build one draft + verify round's graph (nothing read back) and queue it.
+
+        pend_h [1, n, D], pend_t [n]: the hidden states and next tokens the MTP cache has yet
+        to pair (device arrays); history: the tokens so far (host), followed by `guessed`
+        (device, or None) for the logits processors; known: tokens before this round."""
+        k = min(self.draft_tokens, opts.max_tokens - known - 1)
+        processors = opts.logits_processors
+        hist = None
+        if processors:
+            hist = mx.array(history)
+            hist = hist if guessed is None else mx.concatenate([hist, guessed])
         # 1. enter the pending pairs into the MTP cache; the last one's output drafts
-        mtp_len = mtp_cache.offset + len(pend_t)
-        h_d = model.mtp_hidden(pend_h, mx.array(pend_t)[None], 0, mtp_cache)[:, -1:]
-        drafts: list[int] = []
-        qs: list[mx.array | None] = []
+        mtp_start = mtp_cache.offset
+        h_d = model.mtp_hidden(pend_h, pend_t[None], 0, mtp_cache)[:, -1:]
+        drafts: list[mx.array] = []  # each [1]
+        qs: list[mx.array] = []
         for j in range(k):
-            lp = self._process(model.mtp_logits(h_d)[:, -1], history + drafts, opts)
-            d, q = self._draw(lp)
+            logits_d = model.mtp_logits(h_d)[:, -1]
+            if self.greedy and not processors:  # the argmax of the logits: no softmax needed
+                d, q = mx.argmax(logits_d, axis=-1), None
+            else:
+                d, q = self._draw_lazy(self._process_lazy(logits_d, hist, drafts, processors))
             drafts.append(d)
             qs.append(q)
             if j + 1 < k:  # recursive draft: the module applied to its own output
-                h_d = model.mtp_hidden(h_d, mx.array([[d]]), 0, mtp_cache)
-        cache.trim_mtp(mtp_len)
+                h_d = model.mtp_hidden(h_d, d[None], 0, mtp_cache)
+        cache.trim_mtp(mtp_start + pend_t.size)
 
         # 2. verify all drafts with one forward of the main model
-        h_v = model.hidden(mx.array([[pend_t[-1]] + drafts]), cache)  # [1, k+1, D]
-        logits_v = model.logits(h_v)
-        out: list[int] = []
-        steps: list[Step] = []
-        for j in range(k + 1):
-            lp = self._process(logits_v[:, j], history + out, opts)
-            if j == k:  # every draft accepted: the last position gives one more token
-                token, _ = self._draw(lp)
-                out.append(token)
-                steps.append(Step(token, lp[0]))
-                break
-            d = drafts[j]
-            if self.greedy:
-                token = int(mx.argmax(lp, axis=-1).item())
-                accepted = token == d
+        inputs = mx.concatenate([pend_t[-1:], *drafts])[None]  # [1, k+1]
+        h_v = model.hidden(inputs, cache)  # [1, k+1, D]
+        logits_v = model.logits(h_v)[0]  # [k+1, V]
+        if processors:  # position j sees the drafts before it: used only when all accepted
+            lps = [
+                self._process_lazy(logits_v[j : j + 1], hist, drafts[:j], processors)
+                for j in range(k + 1)
+            ]
+            lp_v = mx.concatenate(lps)  # [k+1, V]
+        else:  # every position at once (fewer operations per round: they cost on the CPU)
+            lp_v = _log_softmax(logits_v)
+        draft_arr = mx.concatenate(drafts) if k else mx.zeros((0,), mx.uint32)
+        if self.greedy:
+            picks = mx.argmax(lp_v, axis=-1)  # [k+1]: the main model's tokens
+            accepted = picks[:k] == draft_arr
+        else:
+            p = self._probs(lp_v)
+            bonus = mx.random.categorical(mx.log(p[k:]))  # after every draft accepted
+            if k:
+                accepted, other = _accept_rule(p[:k], mx.concatenate(qs), draft_arr)
+                picks = mx.concatenate([other, bonus])
             else:
-                accepted, token = speculative_accept(self._probs(lp)[0], qs[j][0], d)
-            if accepted:
-                out.append(d)
-                steps.append(Step(d, lp[0], from_draft=True))
-                continue
-            out.append(token)
-            steps.append(Step(token, lp[0]))
-            break
-        n_acc = len(out) - 1
+                accepted, picks = mx.zeros((0,), mx.bool_), bonus
+        picks = picks.astype(mx.uint32)
+        draft_arr = draft_arr.astype(mx.uint32)
+        # what the host reads back, in one array: drafts, accepted, the main model's picks
+        packed = mx.concatenate([draft_arr, accepted.astype(mx.uint32), picks])
+        mx.async_eval(packed, lp_v, h_v)
+        tokens = mx.concatenate([draft_arr, picks[k:]])  # the round's tokens if all accepted
+        return Round(k, known, packed, lp_v, h_v, tokens, cache.length, mtp_start)
+
+    def _settle(self, round_: Round) -> tuple[list[Step], int]:
+        """Read a round back (the one sync): its Steps and how many drafts were accepted."""
+        k = round_.k
+        values = round_.packed.tolist()
+        drafts, accepted, picks = values[:k], values[k : 2 * k], values[2 * k :]
+        n_acc = next((j for j in range(k) if not accepted[j]), k)
+        steps = [Step(drafts[j], round_.logprobs[j], from_draft=True) for j in range(n_acc)]
+        steps.append(Step(picks[n_acc], round_.logprobs[n_acc]))
         self.stats.steps += 1
         self.stats.drafted += k
         self.stats.accepted += n_acc
-        self.stats.tokens += len(out)
-        if k > n_acc:  # drop the rejected drafts from the main cache
-            trim_cache(cache, cache.length - (k - n_acc))
-        for step in steps:
-            history.append(step.token)
-            yield step
-        return out, h_v[:, : n_acc + 1]
+        self.stats.tokens += len(steps)
+        full = 1.0 if n_acc == k else 0.0
+        self._full_rate += (full - self._full_rate) / 4  # recent rounds weigh most
+        return steps, n_acc
+
+    def _process_lazy(self, logits, hist, drafts, processors) -> mx.array:
+        """Logits [1, V] -> log-probabilities after the logits processors, which see the
+        history and then `drafts` ([1] arrays)."""
+        if processors:
+            seen = mx.concatenate([hist, *drafts]) if drafts else hist
+            for p in processors:
+                logits = p(seen, logits)
+        return _log_softmax(logits)
+
+
+class Round(NamedTuple):
+    """One draft + verify round in flight."""
+
+    k: int  # drafts
+    known: int  # tokens before this round
+    packed: mx.array  # [3k + 1]: drafts, accepted (0/1), the main model's tokens (k + 1)
+    logprobs: mx.array  # [k + 1, V] at each verified position
+    hidden: mx.array  # [1, k + 1, D] pre-norm hidden states of the verified inputs
+    tokens: mx.array  # [k + 1] the round's tokens if every draft is accepted
+    main_end: int  # the main cache's length with every verified input in it
+    mtp_start: int  # the MTP cache's length before the round
+
+    @property
+    def known_after(self) -> int:
+        """Tokens known after this round if every draft is accepted."""
+        return self.known + self.k + 1

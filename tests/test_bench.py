@@ -105,6 +105,111 @@ def test_bench_json_has_every_field(bench_json):
     assert {"decode at 16", "KV bytes per token"} <= names
 
 
+@pytest.mark.slow
+def test_every_mode_is_measured_for_both_runtimes(tmp_path):
+    """Decode after a random cache fill, after a real prefill, and in a child process that
+    imported mlx.core first; a ratio and a target for each mode and context."""
+    import sys
+
+    out = tmp_path / "result.json"
+    args = ["bench", "--shape", "tiny-v2", "--prompt-tokens", "0", "--decode-tokens", "2"]
+    args += ["--repeats", "2", "--contexts", ",".join(map(str, CONTEXTS))]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--bandwidth-gb", "0.05"]
+    args += ["--json", str(out), "--modes", "cache,prefill,mlx-first"]
+    run = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
+    assert run.exit_code == 0, run.output
+    assert "decode tok/s at 300 (mlx-first)" in run.output
+    result = json.loads(out.read_text())
+    (entry,) = result["models"]
+    for r in entry["runtimes"].values():
+        by_mode = r["decode_tok_s_by_mode"]
+        assert set(by_mode) == {"cache", "prefill", "mlx-first"}
+        assert by_mode["cache"] == r["decode_tok_s"]
+        for mode in by_mode.values():
+            assert set(mode) == set(map(str, CONTEXTS))
+            assert all(s["median"] > 0 and len(s["samples"]) == 2 for s in mode.values())
+    ratios = entry["ratios"]["decode_by_mode"]
+    ours, lm = (entry["runtimes"][n]["decode_tok_s_by_mode"]["prefill"] for n in RUNTIMES)
+    assert ratios["prefill"]["300"] == pytest.approx(
+        statistics.median(
+            a / b for a, b in zip(ours["300"]["samples"], lm["300"]["samples"], strict=True)
+        )
+    )
+    names = {t["name"] for t in entry["targets"]}
+    for mode in ("prefill", "mlx-first"):
+        assert {f"decode at {c} ({mode})" for c in CONTEXTS} <= names
+    if sys.platform.startswith("linux"):  # the child re-pointed MLX's BLAS to OpenBLAS
+        assert entry["mlx_first_blas"] == "openblas"
+    assert set(result["settings"]["modes"]) == {"cache", "prefill", "mlx-first"}
+
+
+def test_check_fails_on_a_ratio_below_its_target(bench_json):
+    import copy
+
+    from mlx_deepseek.bench.harness import derive, missed_targets
+
+    result, _ = bench_json
+    slow = copy.deepcopy(result)
+    (entry,) = slow["models"]
+    ours = entry["runtimes"]["mlx-deepseek"]
+    lm = entry["runtimes"]["mlx-lm"]
+    for r in (ours, lm):  # a prefill mode as measured: the cache mode's numbers
+        r["decode_tok_s_by_mode"]["prefill"] = copy.deepcopy(r["decode_tok_s"])
+    for mode in ours["decode_tok_s_by_mode"].values():  # ours at half mlx-lm's speed
+        for ctx in mode:
+            lm_samples = lm["decode_tok_s_by_mode"]["cache"][ctx]["samples"]
+            mode[ctx]["samples"] = [0.5 * s for s in lm_samples]
+    ours["decode_tok_s"] = ours["decode_tok_s_by_mode"]["cache"]
+    ours["prefill_tok_s"]["samples"] = list(lm["prefill_tok_s"]["samples"])  # 1x: below 10x
+    ours["peak_memory_bytes"]["prefill"] = 2 * lm["peak_memory_bytes"]["prefill"]
+    derive(entry, slow["bandwidth"]["read_gbps"], prompt_tokens=512)
+    missed = " ".join(missed_targets(slow))
+    for ctx in CONTEXTS:
+        assert f"decode at {ctx} 0.50x" in missed
+        assert f"decode at {ctx} (prefill)" in missed
+    assert "prefill speed 1.00x (goal >= 10)" in missed
+    assert "prefill peak memory 2.00x (goal <= 1.1)" in missed
+    fast = copy.deepcopy(slow)
+    (entry,) = fast["models"]
+    for mode in entry["runtimes"]["mlx-deepseek"]["decode_tok_s_by_mode"].values():
+        for ctx in mode:
+            mode[ctx]["samples"] = [4 * s for s in mode[ctx]["samples"]]  # 2x mlx-lm's
+    entry["runtimes"]["mlx-deepseek"]["prefill_tok_s"]["samples"] = [
+        20 * s for s in entry["runtimes"]["mlx-lm"]["prefill_tok_s"]["samples"]
+    ]
+    entry["runtimes"]["mlx-deepseek"]["peak_memory_bytes"]["prefill"] = entry["runtimes"]["mlx-lm"][
+        "peak_memory_bytes"
+    ]["prefill"]
+    derive(entry, fast["bandwidth"]["read_gbps"], prompt_tokens=512)
+    assert not [m for m in missed_targets(fast) if "decode at" in m or "prefill" in m]
+    # the prefill targets only hold for a real prompt (the CPU's default is 8 tokens)
+    derive(entry, fast["bandwidth"]["read_gbps"], prompt_tokens=8)
+    names = {t["name"] for t in entry["targets"]}
+    assert "decode at 16 (prefill)" in names
+    assert not names & {"prefill speed", "prefill peak memory"}
+
+
+def test_mtp_rows_measure_plain_and_drafted_decoding(bench_json):
+    """On a model with an MTP layer: identical greedy output; perfect drafts are all
+    accepted (two tokens per step with one draft)."""
+    from mlx_deepseek.bench import modes
+
+    _, cache_dir = bench_json
+    ckpt = prepare(SHAPES["tiny-v3"](), cache_dir, log=lambda m: None)
+    rt = load_ours(ckpt.ours, mx.float32)
+    assert rt.model.mtp
+    for draft_tokens in (1, 2):
+        r = modes.measure_mtp(rt, tokens=9, repeats=1, draft_tokens=draft_tokens, log=print)
+        assert r["identical_to_plain"] and r["decode_tokens"] == 9
+        assert r["perfect"]["acceptance"] == 1.0
+        # 8 tokens after the first: full rounds of draft_tokens + 1, the last cut short
+        assert r["perfect"]["tokens_per_step"] > draft_tokens
+        assert 0.0 <= r["own"]["acceptance"] <= 1.0
+        for kind in ("own", "perfect"):
+            assert r[kind]["tok_s"]["median"] > 0 and r[kind]["speedup"] > 0
+    assert not hasattr(rt.model, "__dict__") or "mtp_logits" not in vars(rt.model)
+
+
 def test_kv_bytes_per_token_equal_the_formula(bench_json):
     result, _ = bench_json
     (entry,) = result["models"]
@@ -220,6 +325,8 @@ def test_bad_options_give_one_line_errors(tmp_path):
         (["--shape", "v9"], "choose from"),
         (["--contexts", "128,x"], "positive integers"),
         (["--model", str(tmp_path / "nope")], "no such folder"),
+        (["--modes", "cache,warm"], "choose from cache, prefill, mlx-first"),
+        (["--mtp-draft-tokens", "9"], "give 0 (none) to 8"),
     ]:
         result = runner.invoke(app, ["bench", *args])
         assert result.exit_code != 0 and text in str(result.exception), args

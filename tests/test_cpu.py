@@ -128,9 +128,13 @@ def test_rows_per_matrix():
     assert cpu.rows_per_matrix(mx.zeros((4,)), w2) == 1
 
 
+@pytest.mark.parametrize("block_bytes", [cpu.DEQUANT_BLOCK_BYTES, 5000], ids=["whole", "blocks"])
 @pytest.mark.parametrize("transpose", [True, False])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_dequantized_matmul_equals_quantized_matmul(transpose, bits):
+def test_dequantized_matmul_equals_quantized_matmul(transpose, bits, block_bytes, monkeypatch):
+    """Also with the float32 copy made in blocks of rows of w (5000 bytes: 4 rows of the 3
+    heads at a time, 24 blocks; output features for x @ W^T, the summed axis for x @ W)."""
+    monkeypatch.setattr(cpu, "DEQUANT_BLOCK_BYTES", block_bytes)
     w = mx.random.normal((3, 96, 128), key=mx.random.key(1))
     q = mx.quantize(w, group_size=64, bits=bits)
     x = mx.random.normal((3, 20, 96 if not transpose else 128), key=mx.random.key(2))
@@ -138,6 +142,49 @@ def test_dequantized_matmul_equals_quantized_matmul(transpose, bits):
     got = cpu.matmul(x, *q, transpose=transpose, group_size=64, bits=bits)  # 60 rows: dequantized
     assert got.shape == ref.shape and got.dtype == ref.dtype
     assert (mx.abs(got - ref).max() / mx.abs(ref).max()).item() < 1e-6
+
+
+@pytest.mark.parametrize("experts", [False, True])
+def test_dequantized_copies_are_made_one_block_at_a_time(experts, monkeypatch):
+    """The peak memory of a long prefill's quantized matmul holds one block of the float32
+    weights, not the whole matrix (and one expert's, not every selected expert's)."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    block = 256 * 1024
+    monkeypatch.setattr(cpu, "DEQUANT_BLOCK_BYTES", block)
+    T, D, F, E = 64, 512, 1024, 8
+    x = mx.random.normal((1, T, D), key=mx.random.key(3))
+    if experts:  # 8 experts of 3 x 2 MB in float32 each, every token choosing 2 of them
+        layer = SwitchGLU(D, F, E)
+        layer.gate_proj.weight = mx.random.normal((E, F, D)) * 0.02  # not MLX's zeros
+        nn.quantize(layer, group_size=64, bits=4)
+        inds = mx.stack([mx.arange(T) % E, (mx.arange(T) + 3) % E], axis=-1)[None]
+        weights = mx.full(inds.shape, 0.5)
+        dense_bytes = 3 * E * F * D * 4
+
+        def fn():
+            return cpu._experts_grouped(x, inds, weights, layer, None)
+
+    else:  # one 16 MB float32 matrix (2048 x 2048), its output 64 x 2048
+        x = mx.random.normal((1, T, 4 * D), key=mx.random.key(3))
+        layer = nn.QuantizedLinear(4 * D, 2 * F, bias=False, group_size=64, bits=4)
+        dense_bytes = 2 * F * 4 * D * 4
+
+        def fn():
+            return cpu.layer_matmul(layer, x)
+
+    mx.eval(x, layer.parameters())
+    with ops.use("cpu"):
+        monkeypatch.setenv(cpu.ENV_THREADS, "1")
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        y = fn()
+        mx.eval(y)
+        extra = mx.get_peak_memory() - base
+    transients = extra - y.nbytes
+    assert transients < dense_bytes / 4, (transients, dense_bytes)
+    # blocks in flight, the activations (x, the blocks' outputs and their concatenation)
+    assert transients < 4 * block + 4 * T * (4 * D + 4 * F), (transients, block)
 
 
 def test_prepare_keeps_the_parameters_and_sets_blas(split_all):

@@ -21,9 +21,11 @@ def model(tmp_path_factory):
     return mlx_deepseek.load_model(path)
 
 
-def run(model, step_fn, n=24, prompt=PROMPT, sampler=greedy, cache=None, prior=()):
+def run(model, step_fn, n=24, prompt=PROMPT, sampler=greedy, cache=None, prior=(), processors=()):
     cache = cache if cache is not None else model.make_cache()
-    opts = StepOptions(sampler=sampler, logits_processors=[], max_tokens=n, prior_tokens=prior)
+    opts = StepOptions(
+        sampler=sampler, logits_processors=list(processors), max_tokens=n, prior_tokens=prior
+    )
     return [s.token for s in step_fn(model, mx.array(prompt), cache, opts)], cache
 
 
@@ -42,10 +44,10 @@ def oracle_drafts(model, sequence, wrong=()):
     return mtp_logits
 
 
-@pytest.mark.parametrize("draft_tokens", [1, 2, 3])
-def test_greedy_output_identical_with_random_drafts(model, draft_tokens):
+@pytest.mark.parametrize("draft_tokens,speculate", [(1, False), (2, False), (3, False), (2, True)])
+def test_greedy_output_identical_with_random_drafts(model, draft_tokens, speculate):
     plain, plain_cache = run(model, decode_steps)
-    decoder = MTPDecoder(draft_tokens)
+    decoder = MTPDecoder(draft_tokens, speculate=speculate)
     spec, spec_cache = run(model, decoder)
     assert spec == plain
     assert decoder.stats.drafted > 0
@@ -62,15 +64,19 @@ WRONG = {9, 10, 14, 15, 16, 21, 27, 28, 30}
 
 
 @pytest.mark.parametrize(
-    "draft_tokens,wrong", [(1, ()), (3, ()), (1, WRONG), (2, WRONG), (3, WRONG)]
+    "draft_tokens,wrong,speculate",
+    [(1, (), False), (3, (), False), (1, WRONG, False), (2, WRONG, False), (3, WRONG, False)]
+    + [(1, (), True), (2, WRONG, True), (3, WRONG, True)],
 )
-def test_accepted_drafts_keep_greedy_output(model, monkeypatch, draft_tokens, wrong):
-    plain, _ = run(model, decode_steps, n=30)
+def test_accepted_drafts_keep_greedy_output(model, monkeypatch, draft_tokens, wrong, speculate):
+    """Also with each round built before the previous one is read (speculate), where a
+    rejected draft throws the next round away."""
+    plain, plain_cache = run(model, decode_steps, n=30)
     sequence = PROMPT + plain
     cache = model.make_cache()
     model._oracle_cache = cache.mtp[0]
     monkeypatch.setattr(model, "mtp_logits", oracle_drafts(model, sequence, wrong))
-    decoder = MTPDecoder(draft_tokens)
+    decoder = MTPDecoder(draft_tokens, speculate=speculate)
     spec, _ = run(model, decoder, n=30, cache=cache)
     assert spec == plain
     stats = decoder.stats
@@ -79,6 +85,29 @@ def test_accepted_drafts_keep_greedy_output(model, monkeypatch, draft_tokens, wr
         assert stats.tokens_per_step > draft_tokens  # k accepted + 1 per verification
     else:
         assert 0 < stats.accepted < stats.drafted
+    # the cache holds the prompt and the answer but its last token, as plain decoding's
+    n = len(PROMPT) + 30 - 1
+    assert cache.length == n
+    for a, b in zip(plain_cache, cache, strict=True):
+        np.testing.assert_allclose(
+            np.array(a.keys[..., :n, :]), np.array(b.keys[..., :n, :]), atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("draft_tokens,speculate", [(1, False), (3, False), (2, True)])
+def test_logits_processors_see_the_drafts_before_each_position(model, draft_tokens, speculate):
+    """A repetition penalty over drafted tokens (applied on the device, within the round)
+    keeps greedy output identical to plain decoding with the same penalty."""
+    from mlx_deepseek.sampling import make_logits_processors
+
+    settings = SamplingSettings(repetition_penalty=3.0, repetition_context_size=6).validated()
+    processors = make_logits_processors(settings)
+    plain, _ = run(model, decode_steps, n=24, processors=processors)
+    unpenalised, _ = run(model, decode_steps, n=24)
+    assert plain != unpenalised  # the penalty changes the answer: it is tested
+    decoder = MTPDecoder(draft_tokens, speculate=speculate)
+    spec, _ = run(model, decoder, n=24, processors=processors)
+    assert spec == plain
 
 
 def test_continuing_a_cache_resyncs_the_mtp_state(model, monkeypatch):

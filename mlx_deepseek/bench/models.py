@@ -71,9 +71,39 @@ def v2_lite_shape(moe_layers: int = 3, vocab: int = 16384) -> Shape:
     return Shape("v2-lite", "V2-Lite-shaped", config, scaled)
 
 
-def v3_shape(moe_layers: int = 1, experts: int = 32, vocab: int = 16384) -> Shape:
+def attention_shape(layers: int = 2, vocab: int = 4096) -> Shape:
+    """A V2-Lite-shaped model whose attention dominates: V2-Lite's MLA (16 heads, latent rank
+    512, no q LoRA), small experts (8 x 256 wide, top 2 + 1 shared), every layer MoE, a small
+    vocabulary: decode time goes to the latent cache at long contexts."""
+    config = tiny_config(
+        "v2_greedy",
+        **_COMMON,
+        vocab_size=vocab,
+        hidden_size=2048,
+        intermediate_size=256,
+        moe_intermediate_size=256,
+        num_hidden_layers=layers,
+        first_k_dense_replace=0,
+        num_attention_heads=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        rope_scaling=dict(YARN_V2),
+    )
+    scaled = [
+        f"layers: {layers} MoE (real V2-Lite 27)",
+        "experts: 8 x 256 wide, top 2, 1 shared (real 64 x 1408, top 6, 2 shared)",
+        f"vocab_size: {vocab} (real 102400)",
+    ]
+    return Shape("attn", "attention-heavy (V2-Lite attention, small experts)", config, scaled)
+
+
+def v3_shape(
+    moe_layers: int = 1, experts: int = 32, vocab: int = 16384, mtp_layers: int = 1
+) -> Shape:
     """DeepSeek-V3's per-layer shapes (MLA with q LoRA, 2048-wide experts, noaux_tc routing
-    over 8 groups); fewer layers, fewer routed experts and a smaller vocabulary."""
+    over 8 groups), its MTP layer; fewer layers, fewer routed experts and a smaller
+    vocabulary."""
     config = tiny_config(
         "v3_noaux",
         **_COMMON,
@@ -90,11 +120,12 @@ def v3_shape(moe_layers: int = 1, experts: int = 32, vocab: int = 16384) -> Shap
         topk_group=4,
         rope_scaling=dict(YARN_V3),
     )
+    config["num_nextn_predict_layers"] = mtp_layers  # random: its drafts are rarely right
     scaled = [
         f"layers: {1 + moe_layers} = 1 dense + {moe_layers} MoE (real 61 = 3 + 58)",
         f"n_routed_experts: {experts}, {experts // 8} per group (real 256, 32 per group)",
         f"vocab_size: {vocab} (real 129280)",
-        "MTP layer: none (real 1; decode does not read it)",
+        f"MTP layers: {mtp_layers} with random weights (real 1, trained)",
     ]
     return Shape("v3", "V3-shaped", config, scaled)
 
@@ -121,6 +152,7 @@ def tiny_shape(model_type: str = "deepseek_v2") -> Shape:
         topk_group=1,
         # mlx-lm's deepseek_v2 needs a rope_scaling section
         rope_scaling={**YARN_V2, "factor": 4, "original_max_position_embeddings": 1024},
+        num_nextn_predict_layers=1 if v3 else 0,
     )
     config = tiny_config(model_type, **fields)
     name = "tiny-v3" if v3 else "tiny-v2"
@@ -130,6 +162,7 @@ def tiny_shape(model_type: str = "deepseek_v2") -> Shape:
 SHAPES: dict[str, Callable[[], Shape]] = {
     "v2-lite": v2_lite_shape,
     "v3": v3_shape,
+    "attn": attention_shape,
     "tiny-v2": lambda: tiny_shape("deepseek_v2"),
     "tiny-v3": lambda: tiny_shape("deepseek_v3"),
 }
@@ -229,7 +262,10 @@ def quantize_with_mlx_lm(source: Path, out: Path, bits: int, group_size: int) ->
     """What `mlx_lm.convert --quantize` writes (tokenizer files copied as they are)."""
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
-    model, config = load_model(Path(source), lazy=True)
+    # mlx-lm drops a real V3's MTP layer by its index (61); a synthetic one sits elsewhere,
+    # so its tensors are left out the same way: not strict
+    mtp = json.loads((Path(source) / "config.json").read_text()).get("num_nextn_predict_layers")
+    model, config = load_model(Path(source), lazy=True, strict=not mtp)
     model, config = quantize_model(model, config, group_size=group_size, bits=bits)
     out.mkdir(parents=True, exist_ok=True)
     save_model(out, model, donate_model=True)

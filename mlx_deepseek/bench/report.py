@@ -66,6 +66,7 @@ def model_table(entry: dict[str, Any], result: dict[str, Any]) -> Table:
             f"prefill tok/s (prompt {settings['prompt_tokens']})",
             [_tok_s(rts[n]["prefill_tok_s"]) for n in names],
             ratios.get("prefill"),
+            _target_cell(entry, "prefill speed"),
         )
     for ctx in rts[names[0]]["decode_tok_s"]:
         row(
@@ -74,8 +75,24 @@ def model_table(entry: dict[str, Any], result: dict[str, Any]) -> Table:
             ratios.get("decode", {}).get(ctx),
             _target_cell(entry, f"decode at {ctx}"),
         )
+    by_mode = [rts[n].get("decode_tok_s_by_mode", {}) for n in names]
+    for mode in by_mode[0]:
+        if mode == "cache" or not all(mode in m for m in by_mode):
+            continue
+        for ctx in by_mode[0][mode]:
+            row(
+                f"decode tok/s at {ctx} ({mode})",
+                [_tok_s(m[mode].get(ctx)) for m in by_mode],
+                ratios.get("decode_by_mode", {}).get(mode, {}).get(ctx),
+                _target_cell(entry, f"decode at {ctx} ({mode})"),
+            )
     if all("prefill" in rts[n]["peak_memory_bytes"] for n in names):
-        row("peak memory, prefill", [_bytes(rts[n]["peak_memory_bytes"]["prefill"]) for n in names])
+        row(
+            "peak memory, prefill",
+            [_bytes(rts[n]["peak_memory_bytes"]["prefill"]) for n in names],
+            ratios.get("prefill_peak_memory"),
+            _target_cell(entry, "prefill peak memory"),
+        )
     decode_peaks = rts[names[0]]["peak_memory_bytes"]["decode"]
     if decode_peaks:
         hi = max(decode_peaks, key=int)
@@ -83,6 +100,7 @@ def model_table(entry: dict[str, Any], result: dict[str, Any]) -> Table:
             f"peak memory, decode at {hi}",
             [_bytes(rts[n]["peak_memory_bytes"]["decode"][hi]) for n in names],
         )
+    _mtp_rows(rts.get(OURS, {}).get("mtp"), row, len(names))
     row("weights", [_bytes(rts[n]["weights_bytes"]) for n in names], ratios.get("weights_bytes"))
     if all("kv_bytes_per_token" in rts[n] for n in names):
         row(
@@ -120,6 +138,23 @@ def model_table(entry: dict[str, Any], result: dict[str, Any]) -> Table:
             [_gbps(rts[n], ctx) for n in names],
         )
     return table
+
+
+def _mtp_rows(mtp: dict[str, Any] | None, row, columns: int) -> None:
+    """MTP drafting (ours only): tok/s against plain decoding after a real prefill."""
+    if not mtp:
+        return
+    pad = ["-"] * (columns - 1)
+    k = mtp["draft_tokens"]
+    head = f"MTP, {k} draft{'s' if k > 1 else ''}, at {mtp['prompt_tokens']}"
+    row(f"{head}: plain decode tok/s", [_tok_s(mtp["plain_tok_s"]), *pad])
+    for kind, label in (("own", "the head's own drafts"), ("perfect", "perfect drafts")):
+        r = mtp[kind]
+        row(
+            f"{head}, {label}: tok/s (acceptance, tokens/step)",
+            [f"{_tok_s(r['tok_s'])} ({r['acceptance']:.0%}, {r['tokens_per_step']:.2f})", *pad],
+            r["speedup"],
+        )
 
 
 def profile_table(entry: dict[str, Any]) -> Table | None:
@@ -175,6 +210,10 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
         by = entry.get("checkpoints", {}).get("quantized_by")
         if by:
             console.print(f"  quantized by: {OURS}: {by[OURS]}; {MLX_LM}: {by[MLX_LM]}")
+        if entry.get("mlx_first_blas"):
+            blas = {"openblas": "OpenBLAS", "other": "the reference BLAS"}
+            name = blas.get(entry["mlx_first_blas"], "an unknown BLAS")
+            console.print(f"  mlx-first mode: MLX's matmuls called {name} there")
         if entry.get("agreement"):
             console.print(
                 "  last-token logits, ours vs mlx-lm: max relative difference "

@@ -31,6 +31,7 @@ number of cores this process may use, at most 8.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial, reduce
 
@@ -48,11 +49,23 @@ ENV_THREADS = "MLX_DEEPSEEK_CPU_THREADS"
 MAX_DEFAULT_THREADS = 8
 MIN_PART_BYTES = 256 * 1024  # below this a part's matmul is too short to repay a join
 DEQUANT_MIN_TOKENS = 16  # from this many rows of x, dequantize + BLAS beats MLX's CPU qmm
+DEQUANT_BLOCK_BYTES = 8 * 1024 * 1024  # the float32 copy of a quantized matrix, per block
 
 
 class _State:
     streams: list[mx.Stream] = []
     inside = False  # building a part: do not split again
+    warned_blas = False
+
+
+def configure() -> None:
+    """At load: MLX's matmuls on OpenBLAS whatever was imported first (re-pointed when MLX
+    was loaded before mlx_deepseek), or one warning saying why not and how to fix it."""
+    _blas.preload_openblas()
+    message = _blas.slow_state()
+    if message and not _State.warned_blas:
+        _State.warned_blas = True
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 def threads() -> int:
@@ -86,9 +99,11 @@ def matmul(
     group_size: int,
     bits: int,
     mode: str = "affine",
+    after: mx.array | None = None,
 ) -> mx.array:
     """mx.quantized_matmul, or on the CPU when each weight matrix meets DEQUANT_MIN_TOKENS
-    rows of x or more, the dequantized weights in one BLAS matmul (float32)."""
+    rows of x or more, the dequantized weights in BLAS matmuls (float32), a block of
+    DEQUANT_BLOCK_BYTES at a time; `after`: an array the first block waits for."""
     if rows_per_matrix(x, w) < DEQUANT_MIN_TOKENS or not on_cpu():
         return mx.quantized_matmul(
             x,
@@ -100,9 +115,30 @@ def matmul(
             bits=bits,
             mode=mode,
         )
-    dense = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
-    dense = dense.astype(mx.float32)
-    y = x.astype(mx.float32) @ (dense.swapaxes(-1, -2) if transpose else dense)
+    xf = x.astype(mx.float32)
+
+    def block(lo: int, hi: int, prev: mx.array | None) -> mx.array:
+        wq = w[..., lo:hi, :]
+        if prev is not None:  # not before the previous block is done (and its copy freed)
+            wq = mx.depends(wq, prev)
+        dense = mx.dequantize(
+            wq, scales[..., lo:hi, :], None if biases is None else biases[..., lo:hi, :],
+            group_size=group_size, bits=bits, mode=mode, dtype=mx.float32,
+        )  # fmt: skip
+        return xf @ dense.swapaxes(-1, -2) if transpose else xf[..., lo:hi] @ dense
+
+    # the float32 copy in blocks of rows of w, one after the other: MLX would otherwise
+    # dequantize every block (every expert, every layer part) before the matmuls use them
+    rows = w.shape[-2]
+    row_bytes = 4 * (w.size // rows) * 32 // bits
+    step = max(1, DEQUANT_BLOCK_BYTES // max(row_bytes, 1))
+    parts: list[mx.array] = []
+    for lo in range(0, rows, step):
+        parts.append(block(lo, min(lo + step, rows), parts[-1] if parts else after))
+    if transpose:  # blocks of output features
+        y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+    else:  # blocks of the summed axis
+        y = reduce(mx.add, parts)
     return y.astype(x.dtype)
 
 
@@ -164,7 +200,11 @@ def split_slots(k: int, shared_units: int, n: int) -> list[tuple[int, int]]:
 
 
 def layer_matmul(
-    layer: nn.Module, x: mx.array, part: int | slice = slice(None), transpose: bool = True
+    layer: nn.Module,
+    x: mx.array,
+    part: int | slice = slice(None),
+    transpose: bool = True,
+    after: mx.array | None = None,
 ) -> mx.array:
     """x @ W[part]^T (or x @ W[part]) for a (quantized) layer's weight W, `part` indexing its
     first axis: rows of a linear layer, heads of a MultiLinear, an expert of a SwitchLinear
@@ -182,6 +222,7 @@ def layer_matmul(
         group_size=layer.group_size,
         bits=layer.bits,
         mode=layer.mode,
+        after=after,
     )
 
 
@@ -403,9 +444,10 @@ def _split_experts(x, inds, weights, experts, shared) -> mx.array | None:
     return reduce(mx.add, outs).astype(x.dtype)
 
 
-def _expert_matmul(layer: nn.Module, e: int, x: mx.array) -> mx.array:
-    """x @ W_e^T for expert e of a quantized SwitchLinear (dequantized for many rows)."""
-    y = layer_matmul(layer, x, e)
+def _expert_matmul(layer: nn.Module, e: int, x: mx.array, after: mx.array) -> mx.array:
+    """x @ W_e^T for expert e of a quantized SwitchLinear (dequantized for many rows, not
+    before `after` is computed)."""
+    y = layer_matmul(layer, x, e, after=after)
     return y + layer["bias"][e] if "bias" in layer else y
 
 
@@ -436,9 +478,10 @@ def _experts_grouped(x, inds, weights, experts, shared) -> mx.array:
         for e, positions in jobs:
             rows = mx.array(positions // k)
             xe = xf[rows]
-            gate = _expert_matmul(experts.gate_proj, e, xe)
-            h = nn.silu(gate) * _expert_matmul(experts.up_proj, e, xe)
-            ye = _expert_matmul(experts.down_proj, e, h).astype(mx.float32)
+            # one expert's weights dequantized at a time: each after the previous result
+            gate = _expert_matmul(experts.gate_proj, e, xe, after=y)
+            h = nn.silu(gate) * _expert_matmul(experts.up_proj, e, xe, after=gate)
+            ye = _expert_matmul(experts.down_proj, e, h, after=h).astype(mx.float32)
             y = y.at[rows].add(ye * flat_weights[mx.array(positions)][:, None])
         return y
 
