@@ -19,9 +19,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import ops
+from . import offload, ops
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
 from .models import build_model, model_args
+from .models.cache import check_kv_bits, latent_bytes_per_token, latent_group_size
 from .models.config import ModelArgs
 from .models.deepseek_v3 import Model
 
@@ -216,7 +217,11 @@ def _check_tensors(model: Model, weights: dict[str, mx.array], path: Path) -> No
 
 
 def estimate_memory(
-    args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype, context: int = DEFAULT_CONTEXT
+    args: ModelArgs,
+    weights: dict[str, mx.array],
+    dtype: mx.Dtype,
+    context: int = DEFAULT_CONTEXT,
+    kv_bits: int | None = None,
 ) -> tuple[int, int]:
     """(weight bytes in the compute dtype, latent-cache bytes for `context` tokens)."""
     total = 0
@@ -225,10 +230,11 @@ def estimate_memory(
             total += v.size * dtype.size
         else:
             total += v.nbytes
-    per_token = (args.num_hidden_layers + args.num_nextn_predict_layers) * (
-        args.kv_lora_rank + args.qk_rope_head_dim
+    layers = args.num_hidden_layers + args.num_nextn_predict_layers
+    per_token = layers * latent_bytes_per_token(
+        args.kv_lora_rank, args.qk_rope_head_dim, dtype, kv_bits
     )
-    return total, per_token * context * dtype.size
+    return total, per_token * context
 
 
 def available_memory() -> int | None:
@@ -246,20 +252,60 @@ def available_memory() -> int | None:
 
 
 def _check_memory(
-    args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype, path: Path
-) -> None:
-    if os.environ.get("MLX_DEEPSEEK_SKIP_MEMORY_CHECK") == "1":
-        return
-    need_w, need_c = estimate_memory(args, weights, dtype)
+    args: ModelArgs,
+    weights: dict[str, mx.array],
+    dtype: mx.Dtype,
+    path: Path,
+    kv_bits: int | None = None,
+    experts: offload.ExpertShape | None = None,
+    budget: offload.Budget | None = None,
+) -> int | None:
+    """Refuse a model that cannot fit (offering the expert budget that would), and with
+    `budget` return the slots per MoE layer it gives (experts: the routed experts' shape)."""
+    skip = os.environ.get("MLX_DEEPSEEK_SKIP_MEMORY_CHECK") == "1"
+    need_w, need_c = estimate_memory(args, weights, dtype, kv_bits=kv_bits)
     have = available_memory()
-    if have is not None and need_w + need_c > have:
-        gb = 1 / 1e9
-        raise OutOfMemoryError(
-            f"{path.name} needs about {need_w * gb:.1f} GB of weights + {need_c * gb:.1f} GB of "
-            f"cache for {DEFAULT_CONTEXT} tokens in {str(dtype).split('.')[-1]}, but only "
-            f"{have * gb:.1f} GB is available: use a lower-bit conversion "
-            "(mlx-deepseek convert --bits 3), or set MLX_DEEPSEEK_SKIP_MEMORY_CHECK=1 to try anyway"
-        )
+    others = need_w - (experts.total if experts else 0) + need_c  # all but the routed experts
+    room = None if have is None else have - others
+    gb = 1 / 1e9
+    what = (
+        f"{need_c * gb:.1f} GB of cache for {DEFAULT_CONTEXT} tokens in {str(dtype).split('.')[-1]}"
+    )
+    if budget is not None:
+        slots = offload.slots_for(budget, experts, room)
+        need = others + experts.nbytes(slots)
+        if not skip and have is not None and need > have:
+            fit = _fitting_budget(experts, room)
+            raise OutOfMemoryError(
+                f"{path.name} with --expert-cache {budget.text} needs about {need * gb:.1f} GB "
+                f"({experts.nbytes(slots) * gb:.1f} GB of experts, the rest resident, {what}), "
+                f"but only {have * gb:.1f} GB is available: "
+                + (f"give --expert-cache {fit} or less" if fit else "use a lower-bit conversion")
+            )
+        return slots
+    if skip or have is None or need_w + need_c <= have:
+        return None
+    fit = _fitting_budget(experts, room) if experts is not None else None
+    offer = (
+        f"stream the routed experts from the SSD with --expert-cache {fit} (or auto; "
+        f"load(..., expert_cache=...)), use a lower-bit conversion"
+        if fit
+        else "use a lower-bit conversion"
+    )
+    raise OutOfMemoryError(
+        f"{path.name} needs about {need_w * gb:.1f} GB of weights + {what}, but only "
+        f"{have * gb:.1f} GB is available: {offer} (mlx-deepseek convert --bits 3), or set "
+        "MLX_DEEPSEEK_SKIP_MEMORY_CHECK=1 to try anyway"
+    )
+
+
+def _fitting_budget(experts: offload.ExpertShape, room: int | None) -> str | None:
+    """The largest --expert-cache that fits in `room` bytes (as "auto" takes it), or None."""
+    if room is None:
+        return None
+    slots = min(int(room * offload.HEADROOM) // (experts.layers * experts.expert_bytes),
+                experts.experts)  # fmt: skip
+    return offload.gb(experts.nbytes(slots), up=False) if slots >= experts.top_k else None
 
 
 def _raise_wired_limit() -> None:
@@ -286,18 +332,46 @@ def _tensor_dtype(model: Model, name: str, value: mx.array, compute: mx.Dtype) -
 
 
 def load_model(
-    path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False
+    path_or_repo: str | os.PathLike,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+    expert_cache: str | int | None = None,
+    kv_bits: int | None = None,
 ) -> Model:
     """Build the model from a checkpoint, its tensors read (as mlx-lm does). lazy=True leaves
     them to be read at first use, which must then happen in the thread that loaded them (MLX
-    evaluates a graph only on the streams of the thread that built it)."""
+    evaluates a graph only on the streams of the thread that built it).
+
+    expert_cache: stream the routed experts from the checkpoint files, keeping at most this
+    much of them in memory (bytes, "40GB", "25%" of the routed experts, or "auto"); kv_bits:
+    quantize the latent KV cache's c_kv to 8 or 4 bits."""
     path = resolve_model_path(path_or_repo)
     config = load_config(path)
     args = model_args(config, source=str(path / "config.json"))
     compute = _parse_dtype(dtype)
+    kv_bits = check_kv_bits(kv_bits)
+    budget = None if expert_cache is None else offload.parse_budget(expert_cache)
+    if kv_bits is not None:
+        latent_group_size(args.kv_lora_rank)  # a rank MLX cannot group is refused now
     model = build_model(args)
     weights = model.sanitize(read_tensors(path))
-    _check_memory(args, weights, compute, path)
+
+    def dtype_of(name: str, value: mx.array) -> mx.Dtype:
+        return _tensor_dtype(model, name, value, compute)
+
+    plan = None
+    if budget is not None:
+        try:
+            plan = offload.plan_streaming(weight_files(path), weights, args, dtype_of)
+        except offload.NotStreamable as e:
+            print(
+                f"mlx-deepseek: --expert-cache: {e}, so the routed experts cannot be read by "
+                "offset; loading them all into memory instead",
+                file=sys.stderr,
+            )
+            budget = None
+    experts = plan.shape if plan else offload.routed_shape(weights, args, dtype_of)
+    slots = _check_memory(args, weights, compute, path, kv_bits, experts, budget)
     # checkpoints often drop the MTP layer(s) their config announces: build only those present
     present = {k.split(".")[1] for k in weights if k.startswith("mtp.")}
     model.mtp = model.mtp[: len(present)]
@@ -305,10 +379,16 @@ def load_model(
     quantization = config.get("quantization")
     if quantization is not None:
         _quantize(model, quantization, weights)
+    if plan is not None:
+        store = offload.install(model, plan, slots, weights, dtype_of)
+        print(f"mlx-deepseek: routed experts stream from {path.name}: {store.describe()}",
+              file=sys.stderr)  # fmt: skip
     _check_tensors(model, weights, path)
     weights = {k: v.astype(_tensor_dtype(model, k, v, compute)) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
+    if kv_bits is not None:
+        model.kv_bits, model.kv_group_size = kv_bits, latent_group_size(args.kv_lora_rank)
     ops.resolve()  # the back-end for this device: MLX, the CPU strategies or Metal kernels
     ops.prepare(model)  # its one-time changes (the CPU's row-split layers)
     _raise_wired_limit()
@@ -340,13 +420,22 @@ def load_tokenizer(path: Path):
     return _load(Path(path), eos_token_ids(Path(path)))
 
 
-def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False):
+def load(
+    path_or_repo: str | os.PathLike,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+    expert_cache: str | int | None = None,
+    kv_bits: int | None = None,
+):
     """Load a DeepSeek checkpoint: returns (model, tokenizer).
 
     `path_or_repo`: a local folder, a Hugging Face repo id (resolved offline from the local
     cache when there is no network), or "demo" for the bundled demo model. `dtype` overrides
     the compute dtype ("float32", "bfloat16", "float16"); the default fits the device.
+    `expert_cache`: keep at most this much of the routed experts in memory and read the rest
+    from the checkpoint when used (bytes, "40GB", "25%", "auto"); `kv_bits`: 8 or 4 to
+    quantize the latent KV cache (see load_model).
     """
     path = resolve_model_path(path_or_repo)
-    model = load_model(path, dtype=dtype, lazy=lazy)
+    model = load_model(path, dtype=dtype, lazy=lazy, expert_cache=expert_cache, kv_bits=kv_bits)
     return model, load_tokenizer(path)
