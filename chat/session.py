@@ -38,6 +38,8 @@ from mlx_deepseek.formats import (
     starts_in_reasoning,
 )
 from mlx_deepseek.generation import stream_generate
+from mlx_deepseek.models.cache import adopt_cache
+from mlx_deepseek.offload import ExpertCacheStats
 from mlx_deepseek.sampling import SamplingSettings
 
 SESSION_FORMAT = "mlx-deepseek-chat/1"
@@ -69,6 +71,7 @@ class TurnStats:
     kept: bool = True  # the turn is in the history (an interrupted one without answer is not)
     acceptance_rate: float | None = None  # MTP drafts accepted (None: no drafting)
     tokens_per_step: float | None = None
+    expert_cache: ExpertCacheStats | None = None  # streamed experts while decoding
 
 
 @dataclass
@@ -365,6 +368,7 @@ class ChatSession:
             kept=bool(answered),
             acceptance_rate=last.acceptance_rate if last else None,
             tokens_per_step=last.tokens_per_step if last else None,
+            expert_cache=last.expert_cache if last else None,
         )
 
     def _pick_content(self, messages: list[dict[str, str]], answer: str) -> str:
@@ -463,8 +467,8 @@ class ChatSession:
         fresh = make_cache(self.model)  # the model's own cache type (it may carry MTP state)
         if len(cache) != len(fresh) or cache_length(cache) < len(tokens):
             raise DeepSeekError(f"{path}: the saved cache does not match its conversation")
-        for layer, saved in zip(fresh, cache, strict=True):
-            layer.state = saved.state
+        for i, saved in enumerate(cache):  # full precision or quantized, as this chat's model
+            fresh[i] = adopt_cache(fresh[i], saved)
         trim_cache(fresh, len(tokens))
         self.cache, self.tokens, self._text = fresh, tokens, None
         self.system = state.get("system")

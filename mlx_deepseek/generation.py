@@ -28,6 +28,7 @@ from .decoding import (
     make_cache,
 )
 from .errors import DeepSeekError
+from .offload import ExpertCacheStats, expert_store
 from .sampling import (
     LogitsProcessor,
     Sampler,
@@ -64,6 +65,7 @@ class GenerationResponse:
     finish_reason: str | None = None
     acceptance_rate: float | None = None  # MTP drafts accepted / drafted (None: no drafting)
     tokens_per_step: float | None = None  # tokens per main-model forward while drafting
+    expert_cache: ExpertCacheStats | None = None  # streamed experts, since decoding began
 
 
 # ---- prompts -------------------------------------------------------------------------------
@@ -243,6 +245,8 @@ def stream_generate(
     detok = tokenizer.detokenizer
     stops = StopStrings([stop] if isinstance(stop, str) else list(stop or ()))
 
+    store = expert_store(model)
+    expert_base = None
     tic = time.perf_counter()
     prompt_tps = 0.0
     t_first = tic
@@ -254,6 +258,7 @@ def stream_generate(
             if n == 1:
                 prompt_tps = len(tokens) / max(now - tic, 1e-9)
                 t_first = now
+                expert_base = store.snapshot() if store is not None else None
             finish = None
             if step.token in eos:
                 detok.finalize()
@@ -283,6 +288,7 @@ def stream_generate(
                 finish_reason=finish,
                 acceptance_rate=stats.acceptance_rate if stats else None,
                 tokens_per_step=stats.tokens_per_step if stats else None,
+                expert_cache=store.snapshot() - expert_base if store is not None else None,
             )
             if finish is not None:
                 return
@@ -311,5 +317,6 @@ def generate(
             f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s; "
             f"generation: {response.generation_tokens} tokens, "
             f"{response.generation_tps:.1f} tokens/s; peak memory {response.peak_memory:.2f} GB"
+            + (f"; {response.expert_cache.describe()}" if response.expert_cache else "")
         )
     return "".join(text)

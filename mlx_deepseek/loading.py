@@ -300,12 +300,13 @@ def _check_memory(
 
 
 def _fitting_budget(experts: offload.ExpertShape, room: int | None) -> str | None:
-    """The largest --expert-cache that fits in `room` bytes (as "auto" takes it), or None."""
+    """The largest --expert-cache that fits in `room` bytes (as "auto" takes it), or None.
+    Whole slots, printed rounded up: read back, it gives the same slots."""
     if room is None:
         return None
     slots = min(int(room * offload.HEADROOM) // (experts.layers * experts.expert_bytes),
                 experts.experts)  # fmt: skip
-    return offload.gb(experts.nbytes(slots), up=False) if slots >= experts.top_k else None
+    return offload.gb(experts.nbytes(slots)) if slots >= experts.top_k else None
 
 
 def _raise_wired_limit() -> None:

@@ -9,6 +9,8 @@ import typer
 from .options import (
     MODEL_HELP,
     DraftTokens,
+    ExpertCache,
+    KvBits,
     MaxTokens,
     MinP,
     Mtp,
@@ -40,6 +42,8 @@ def chat(
     ),
     mtp: Mtp = None,
     draft_tokens: DraftTokens = 1,
+    expert_cache: ExpertCache = None,
+    kv_bits: KvBits = None,
 ) -> None:
     """Chat with a model in the terminal (streams answers; /help lists the commands)."""
     from ..chat.repl import Repl
@@ -50,7 +54,7 @@ def chat(
 
     if max_tokens < 1:
         raise DeepSeekError(f"--max-tokens {max_tokens}: must be at least 1")
-    m, tokenizer, fmt, name = load_checkpoint(model)
+    m, tokenizer, fmt, name = load_checkpoint(model, False, expert_cache, kv_bits)
     settings = SamplingSettings(
         temperature=fmt.temperature if temp is None else temp,
         top_p=fmt.top_p if top_p is None else top_p,

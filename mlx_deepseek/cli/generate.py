@@ -16,6 +16,8 @@ from ..errors import DeepSeekError
 from .options import (
     MODEL_HELP,
     DraftTokens,
+    ExpertCache,
+    KvBits,
     MaxTokens,
     MinP,
     Mtp,
@@ -35,21 +37,30 @@ def mtp_stats(acceptance_rate: float | None, tokens_per_step: float | None) -> s
     return f" · MTP {acceptance_rate:.0%} accepted, {tokens_per_step:.2f} tok/step"
 
 
-def load_checkpoint(model: str, quiet: bool = False) -> tuple[Any, Any, Any, str]:
-    """(model, tokenizer, chat format, display name) for a folder, repo id or `demo`."""
+def load_checkpoint(
+    model: str, quiet: bool = False, expert_cache: str | None = None, kv_bits: int | None = None
+) -> tuple[Any, Any, Any, str]:
+    """(model, tokenizer, chat format, display name) for a folder, repo id or `demo`;
+    expert_cache / kv_bits: --expert-cache and --kv-bits (checked before loading)."""
     from rich.console import Console
 
     from ..formats import chat_format, read_model_config
     from ..loading import load, resolve_model_path
+    from ..offload import parse_budget
 
+    if kv_bits is not None and kv_bits not in (4, 8):
+        raise DeepSeekError(f"--kv-bits {kv_bits}: give 8 or 4 (or leave it out: full precision)")
+    if expert_cache is not None:
+        parse_budget(expert_cache)
     path = resolve_model_path(model)
     name = model if not Path(model).expanduser().exists() else path.resolve().name
     console = Console(stderr=True)
+    options = dict(expert_cache=expert_cache, kv_bits=kv_bits)
     if quiet or not console.is_terminal:
-        m, tokenizer = load(path)
+        m, tokenizer = load(path, **options)
     else:
         with console.status(f"loading {name} ...", spinner="dots"):
-            m, tokenizer = load(path)
+            m, tokenizer = load(path, **options)
     config = read_model_config(path)
     return m, tokenizer, chat_format(tokenizer, config, name), name
 
@@ -99,6 +110,8 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No stats line, no spinner."),
     mtp: Mtp = None,
     draft_tokens: DraftTokens = 1,
+    expert_cache: ExpertCache = None,
+    kv_bits: KvBits = None,
 ) -> None:
     """Generate an answer to one prompt (stdout: the answer; stderr: reasoning and stats)."""
     from rich.console import Console
@@ -109,7 +122,7 @@ def generate(
     from ..generation import stream_generate
 
     text = read_prompt(prompt)
-    m, tokenizer, fmt, _ = load_checkpoint(model, quiet)
+    m, tokenizer, fmt, _ = load_checkpoint(model, quiet, expert_cache, kv_bits)
     if think and not fmt.has_thinking_switch:
         raise DeepSeekError(
             f"--think: this model's chat format ({fmt.family}) has no thinking switch"
@@ -161,7 +174,8 @@ def generate(
             f"prompt {last.prompt_tokens} tok {last.prompt_tps:.1f} tok/s · generated "
             f"{last.generation_tokens} tok {last.generation_tps:.1f} tok/s · peak "
             f"{format_memory(last.peak_memory)} · {last.finish_reason}"
-            + mtp_stats(last.acceptance_rate, last.tokens_per_step),
+            + mtp_stats(last.acceptance_rate, last.tokens_per_step)
+            + (f" · {last.expert_cache.describe()}" if last.expert_cache else ""),
             style="dim",
             markup=False,
         )

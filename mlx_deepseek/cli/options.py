@@ -49,3 +49,21 @@ DraftTokens = Annotated[
         help="Tokens the MTP head drafts per step (1 is DeepSeek's; more apply it recursively).",
     ),
 ]
+ExpertCache = Annotated[
+    str | None,
+    typer.Option(
+        "--expert-cache",
+        metavar="SIZE",
+        help="Keep at most SIZE of the routed experts in memory and read the others from the "
+        "checkpoint's files when a token uses them (40GB, 512MiB, 25% of the experts, or auto: "
+        "what fits). Default: all in memory.",
+    ),
+]
+KvBits = Annotated[
+    int | None,
+    typer.Option(
+        "--kv-bits",
+        help="Quantize the latent KV cache (c_kv) to 8 or 4 bits: longer contexts in the same "
+        "memory. Default: full precision.",
+    ),
+]

@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from .options import MODEL_HELP, DraftTokens, MaxTokens, Mtp
+from .options import MODEL_HELP, DraftTokens, ExpertCache, KvBits, MaxTokens, Mtp
 
 
 def serve(
@@ -37,6 +37,8 @@ def serve(
         None, "--model-id", help="The model's name in the API (default: the checkpoint's)."
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level."),
+    expert_cache: ExpertCache = None,
+    kv_bits: KvBits = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI (/v1/...) and Ollama (/api/...) APIs and a chat page."""
     from ..errors import DeepSeekError
@@ -72,7 +74,7 @@ def serve(
             err=True,
             fg=typer.colors.YELLOW,
         )
-    m, tokenizer, fmt, name = load_checkpoint(model)
+    m, tokenizer, fmt, name = load_checkpoint(model, False, expert_cache, kv_bits)
     config = read_model_config(resolve_model_path(model))
     state = make_state(
         m,

@@ -19,6 +19,8 @@ state back into the model's own cache).
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_lm_cache
 
@@ -111,11 +113,40 @@ class QuantizedKVCache(mlx_lm_cache.QuantizedKVCache):
             return self.keys, self.values
         return tuple(k[..., :n, :] for k in self.keys), self.values[..., :n, :]
 
+    def size(self) -> int:
+        return self.offset
+
     @property
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
         return sum(k.nbytes for k in self.keys) + self.values.nbytes
+
+
+def adopt_cache(fresh: Any, saved: Any) -> Any:
+    """A cache of `fresh`'s kind (an empty cache the model made: full precision or quantized)
+    holding what `saved` holds (e.g. loaded from a prompt-cache file), converted between full
+    precision and quantized where they differ."""
+    keys, values = saved.keys, saved.values
+    if keys is None or not saved.offset:
+        return fresh
+    if isinstance(keys, tuple | list):  # quantized c_kv (and, by mlx-lm's class, k_pe)
+        g, b = saved.group_size, saved.bits
+        if (
+            isinstance(fresh, QuantizedKVCache)
+            and (fresh.group_size, fresh.bits) == (g, b)
+            and not isinstance(values, tuple | list)
+        ):
+            fresh.keys, fresh.values, fresh.offset = tuple(keys), values, saved.offset
+            return fresh
+        keys = mx.dequantize(*keys, group_size=g, bits=b)
+        if isinstance(values, tuple | list):
+            values = mx.dequantize(*values, group_size=g, bits=b)
+    full = KVCache()
+    full.keys, full.values, full.offset = keys, values, saved.offset
+    if isinstance(fresh, QuantizedKVCache):
+        return full.to_quantized(fresh.group_size, fresh.bits)
+    return full
 
 
 def latent_bytes_per_token(

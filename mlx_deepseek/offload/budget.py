@@ -107,10 +107,13 @@ class ExpertShape:
 
 
 def gb(n: int, up: bool = True) -> str:
-    """Bytes as GB, rounded up (a minimum printed so is enough when given back) or down (a
-    most that fits)."""
-    r = math.ceil if up else math.floor
-    return f"{r(n / 1e7) / 100:.2f}GB" if n < 1e10 else f"{r(n / 1e9)}GB"
+    """Bytes as a SIZE --expert-cache reads back ("41.25GB", "3.50MB"), rounded up (a minimum
+    printed so is enough when given back) or down (a most that fits)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            hundredths = -(-n * 100 // scale) if up else n * 100 // scale
+            return f"{hundredths // 100}.{hundredths % 100:02d}{unit}"
+    return f"{n}B"
 
 
 def slots_for(budget: Budget, shape: ExpertShape, room: int | None = None) -> int:

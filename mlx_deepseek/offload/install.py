@@ -36,6 +36,12 @@ class StreamingPlan:
     shape: ExpertShape
     prefixes: list[str]  # the MoE blocks' names, main layers first, then MTP layers
 
+    @property
+    def read_bytes(self) -> int:
+        """The bytes one expert's read takes from the files (its dtypes as stored)."""
+        layer = self.locations.layers[self.prefixes[0]]
+        return sum(pieces[0].nbytes for pieces in layer.pieces.values())
+
 
 def moe_prefixes(weights: dict[str, Any]) -> list[str]:
     """The model's MoE blocks ("model.layers.3.mlp", "mtp.0.mlp"), from the sanitized names."""

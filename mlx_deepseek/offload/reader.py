@@ -24,9 +24,9 @@ import numpy as np
 THREADS = 8  # reads in flight (an SSD wants a queue of several; more did not help here)
 CHUNK = 4 << 20  # bytes per read: a V3 expert's 7.3 MB projection is two reads
 
-# safetensors dtype -> numpy dtype of its bits; bf16 travels as its uint16 bits
+# safetensors dtype -> numpy dtype of its bits (floats to convert); bf16 as its uint16 bits
 _NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32}
-ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}  # the dtypes a slot can hold
+ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1}  # the dtypes a slot can hold
 _FLOATS = {"F32", "F16", "BF16"}
 
 
