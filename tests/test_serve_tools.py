@@ -147,3 +147,20 @@ def test_malformed_tool_call_comes_back_as_content():
         assert "tool_calls" not in msg and "{city: Paris" in msg["content"]
         assert out["choices"][0]["finish_reason"] == "stop"
         assert request(server.url + "/health")[0] == 200
+
+
+def test_the_line_breaks_framing_reasoning_and_answer_are_not_text():
+    """DeepSeek writes "<think>\\n...\\n</think>\\n\\n"; its API returns neither those line
+    breaks in reasoning_content nor a blank line opening content. Inner ones stay."""
+    reply = "<think>\nStep one.\n\nStep two.\n</think>\n\nThe answer:\n\n42."
+    with scripted_server([reply], "deepseek-ai/DeepSeek-R1") as server:
+        body = {"model": "scripted", "messages": ASK}
+        status, out, _ = request(server.url + "/v1/chat/completions", body)
+        msg = out["choices"][0]["message"]
+        assert status == 200
+        assert msg["reasoning_content"] == "Step one.\n\nStep two."
+        assert msg["content"] == "The answer:\n\n42."
+        chunks = sse_chunks(stream(server.url + "/v1/chat/completions", body | {"stream": True}))
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Step one.\n\nStep two."
+        assert "".join(d.get("content") or "" for d in deltas) == "The answer:\n\n42."

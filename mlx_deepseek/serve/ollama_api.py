@@ -17,17 +17,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
-from .app import (
-    Prepared,
-    ServerState,
-    check_auth,
-    check_model,
-    gen_params,
-    read_body,
-    render_chat,
-    submit,
-    watched,
-)
 from .chat import Event
 from .output import Done, pieces
 from .protocol import (
@@ -37,6 +26,17 @@ from .protocol import (
     OllamaOptions,
     OllamaShowRequest,
     RequestError,
+)
+from .state import (
+    Prepared,
+    ServerState,
+    check_auth,
+    check_model,
+    gen_params,
+    read_body,
+    render_chat,
+    submit,
+    watched,
 )
 
 

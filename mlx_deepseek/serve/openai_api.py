@@ -19,7 +19,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..generation import encode_prompt
-from .app import (
+from .chat import new_call_id
+from .engine import Usage
+from .output import Done, TokenLogprob, pieces
+from .protocol import ChatRequest, CompletionRequest, RequestError
+from .state import (
     Prepared,
     ServerState,
     check_model,
@@ -31,10 +35,6 @@ from .app import (
     submit,
     watched,
 )
-from .chat import new_call_id
-from .engine import Usage
-from .output import Done, TokenLogprob, pieces
-from .protocol import ChatRequest, CompletionRequest, RequestError
 
 
 def routes(state: ServerState) -> list[Route]:

@@ -35,6 +35,34 @@ class Done:
     error: str | None = None
 
 
+class _Framing:
+    """Drops the line breaks that frame the blocks, as DeepSeek's API does: at the start of
+    the reasoning and of the answer, and before `</think>` ("<think>\\n...\\n</think>\\n\\n").
+    Trailing line breaks of the reasoning are held until more reasoning follows them."""
+
+    def __init__(self) -> None:
+        self.started: set[str] = set()
+        self.held = ""  # line breaks at the end of the reasoning so far
+
+    def __call__(self, events: list[Event]) -> list[Event]:
+        out = []
+        for e in events:
+            if e.kind in ("reasoning", "content"):
+                text = e.text if e.kind in self.started else e.text.lstrip("\r\n")
+                if e.kind == "reasoning":
+                    text = self.held + text
+                    body = text.rstrip("\r\n")
+                    self.held, text = text[len(body) :], body
+                else:
+                    self.held = ""  # the reasoning is over: its last line breaks go
+                if not text:
+                    continue
+                self.started.add(e.kind)
+                e = Event(e.kind, text)
+            out.append(e)
+        return out
+
+
 class _TokenText:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -62,6 +90,7 @@ async def pieces(
     token_text = _TokenText(tokenizer)
     completion = 0
     saw_tool = False
+    framing = _Framing() if parser is not None else (lambda events: events)
 
     def parse(text: str) -> list[Event]:
         nonlocal saw_tool
@@ -69,13 +98,13 @@ async def pieces(
             return []
         events = parser.feed(text) if parser is not None else [Event("content", text)]
         saw_tool = saw_tool or any(e.kind == "tool_call" for e in events)
-        return events
+        return framing(events)
 
     def tail() -> list[Event]:
         nonlocal saw_tool
         events = parser.finish() if parser is not None else []
         saw_tool = saw_tool or any(e.kind == "tool_call" for e in events)
-        return events
+        return framing(events)
 
     async for ev in handle:
         if ev.finish is not None:

@@ -13,9 +13,10 @@ import uvicorn
 
 from ..formats import ChatFormat
 from ..generation import wrap_tokenizer
-from .app import DEFAULT_MAX_BODY, DEFAULT_MAX_TOKENS, ServerState, make_app
+from .app import make_app
 from .chat import ChatAdapter
 from .engine import Engine
+from .state import DEFAULT_MAX_BODY, DEFAULT_MAX_TOKENS, ServerState
 
 
 def make_state(
