@@ -80,6 +80,20 @@ def budgets(model) -> dict[str, str]:
     return {"100%": "100%", "25%": "25%", "minimum": f"{100 * least}%"}
 
 
+def backend_block(backend: str, monkeypatch):
+    """mlx; cpu; cpu split over 3 streams for any size; metal with the fused MoE kernels (the
+    emulator standing in for a Mac's GPU), which must pass their self-check on the bank."""
+    if backend == "cpu-split":
+        monkeypatch.setattr(cpu, "MIN_PART_BYTES", 1)
+        monkeypatch.setenv(cpu.ENV_THREADS, "3")
+        return ops.use("cpu")
+    if backend == "metal":
+        from kernel_support import metal
+
+        return metal(monkeypatch, "moe")
+    return ops.use(backend)
+
+
 @pytest.mark.parametrize(
     "layout,backend",
     [
@@ -87,6 +101,7 @@ def budgets(model) -> dict[str, str]:
         ("hf-v2", "cpu-split"),
         ("mlx-lm-v3-q4", "mlx"),
         ("mlx-lm-v3-q4", "cpu-split"),
+        ("mlx-lm-v3-q4", "metal"),
         ("mlx-lm-v2-q8", "cpu"),
     ],
 )
@@ -94,13 +109,8 @@ def test_greedy_output_is_identical_to_resident_at_every_budget(
     checkpoints, layout, backend, monkeypatch
 ):
     path = checkpoints[layout]
-    name = backend
-    if backend == "cpu-split":  # every matmul, MoE and attention split over 3 streams
-        monkeypatch.setattr(cpu, "MIN_PART_BYTES", 1)
-        monkeypatch.setenv(cpu.ENV_THREADS, "3")
-        name = "cpu"
     resident = mlx_deepseek.load_model(path)
-    with ops.use(name):
+    with backend_block(backend, monkeypatch):
         want_tokens, want_logits = greedy(resident, PROMPT)
         for label, budget in budgets(resident).items():
             model = mlx_deepseek.load_model(path, expert_cache=budget)
@@ -266,6 +276,21 @@ def test_generate_cli_reports_the_expert_cache(tmp_path):
         bad = runner.invoke(app, ["generate", "demo", "-p", "hi", option, value])
         assert bad.exit_code == 1 and isinstance(bad.exception, DeepSeekError)
         assert says in str(bad.exception) and "\n" not in str(bad.exception)
+
+
+def test_the_chats_stats_show_the_expert_cache_and_the_kv_cache():
+    from mlx_deepseek.chat.repl import memory_line, stats_line
+    from mlx_deepseek.chat.session import ChatSession
+
+    model, tokenizer = mlx_deepseek.load("demo", expert_cache="50%", kv_bits=8)
+    session = ChatSession(model, tokenizer, name="demo", mtp=False)
+    "".join(c.text for c in session.respond("What is 12 + 30?"))
+    assert session.last.expert_cache is not None and session.last.expert_cache.lookups > 0
+    assert re.search(r"experts \d+% hit, [0-9.]+ [MG]B/tok read, [0-9.]+ s/tok stalled",
+                     stats_line(session.last))  # fmt: skip
+    line = memory_line(session)
+    assert "KV cache c_kv 8-bit" in line and "4 of 8 experts per MoE layer" in line
+    assert "since loading" in line
 
 
 def test_the_servers_metrics_show_the_expert_cache():

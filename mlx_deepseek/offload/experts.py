@@ -143,6 +143,7 @@ class StreamedExperts(nn.Module):
         self.num_experts = num_experts
         self.counts_tokens = False  # the first streamed layer counts the tokens
         self.prefetch = True
+        self.trace: list[np.ndarray] | None = None  # a list: each call's chosen experts (bench)
         self._views = {
             (proj, kind): slot_views(bank[proj][kind], slots)
             for proj in PROJECTIONS
@@ -179,6 +180,8 @@ class StreamedExperts(nn.Module):
         if self.counts_tokens:
             self.stats.tokens += flat.size // k
         chosen = np.unique(flat)
+        if self.trace is not None:
+            self.trace.append(chosen)
         self.stats.lookups += chosen.size
         if chosen.size <= self.slots:
             self.stats.hits += int((self.slot_of[chosen] >= 0).sum())

@@ -77,6 +77,9 @@ class ExpertReader:
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.read_seconds = 0.0  # summed over threads
+        # False: drop what each read brought into the OS page cache (Linux), so that a later
+        # miss reads the disk again, as when the experts are many times the memory (the bench)
+        self.page_cache = True
 
     def read(self, piece: Piece, dest: memoryview, dst_dtype: str) -> list[Future]:
         """Start reading `piece` into `dest` (a writable byte view of exactly the slot's
@@ -101,6 +104,8 @@ class ExpertReader:
                     "(was the checkpoint changed or truncated?)"
                 )
             done += n
+        if not self.page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fds[file], offset, size, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += size
             self.read_seconds += time.perf_counter() - t0
