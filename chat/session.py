@@ -26,6 +26,7 @@ from mlx_deepseek.decoding import (
     DEFAULT_PREFILL_STEP_SIZE,
     StepFn,
     cache_length,
+    can_trim_cache,
     context_length,
     make_cache,
     trim_cache,
@@ -319,6 +320,8 @@ class ChatSession:
         if keep and keep_text == prompt_text:  # nothing new: recompute the last token's logits
             keep -= 1
             keep_text = self._decode(self.tokens[:keep])
+        if keep and not can_trim_cache(self.cache, keep):
+            keep, keep_text = 0, ""  # the cache cannot roll back that far (V4): prefill anew
         self._truncate(keep, keep_text)
         delta = self.tokenizer.encode(prompt_text[len(keep_text) :], add_special_tokens=False)
         return keep, list(delta)
@@ -414,6 +417,10 @@ class ChatSession:
             )
         if not path.parent.exists():
             raise DeepSeekError(f"{path.parent}: no such folder")
+        if not all(getattr(c, "savable", True) for c in self.cache):
+            raise DeepSeekError(
+                f"{path}: this model's cache (DeepSeek V4) cannot be saved to a session file yet"
+            )
         state = {
             "model": self.name,
             "arch": self._arch(),

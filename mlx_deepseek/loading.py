@@ -223,13 +223,15 @@ def estimate_memory(
     context: int = DEFAULT_CONTEXT,
     kv_bits: int | None = None,
 ) -> tuple[int, int]:
-    """(weight bytes in the compute dtype, latent-cache bytes for `context` tokens)."""
+    """(weight bytes in the compute dtype, cache bytes for `context` tokens)."""
     total = 0
     for k, v in weights.items():
         if mx.issubdtype(v.dtype, mx.floating) and "e_score_correction_bias" not in k:
             total += v.size * dtype.size
         else:
             total += v.nbytes
+    if hasattr(args, "cache_bytes"):  # a family whose cache is not one row per token (V4)
+        return total, args.cache_bytes(context, dtype.size)
     layers = args.num_hidden_layers + args.num_nextn_predict_layers
     per_token = layers * latent_bytes_per_token(
         args.kv_lora_rank, args.qk_rope_head_dim, dtype, kv_bits
@@ -353,6 +355,11 @@ def load_model(
     kv_bits = check_kv_bits(kv_bits)
     budget = None if expert_cache is None else offload.parse_budget(expert_cache)
     if kv_bits is not None:
+        if hasattr(args, "cache_bytes"):  # V4: window, compressed and indexer rows
+            raise ConfigError(
+                f"kv_bits={kv_bits}: DeepSeek V4's compressed cache is not quantized yet (it "
+                "already holds ~10x fewer values per token than V3's): drop --kv-bits"
+            )
         latent_group_size(args.kv_lora_rank)  # a rank MLX cannot group is refused now
     model = build_model(args)
     weights = model.sanitize(read_tensors(path))
@@ -378,6 +385,8 @@ def load_model(
     model.mtp = model.mtp[: len(present)]
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")
+    if quantization is None and any(k.endswith(".scales") for k in weights):
+        quantization = {}  # quantized tensors without MLX's section (V4's MXFP4 experts)
     if quantization is not None:
         _quantize(model, quantization, weights)
     if plan is not None:
