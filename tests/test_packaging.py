@@ -4,8 +4,9 @@ plain `pip install .` (not editable) would lack it."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ at most `slots` experts, each evaluated before the next refills the bank.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, fields
@@ -175,6 +175,60 @@ class StreamedExperts(nn.Module):
         backend_moe: Callable,
     ) -> mx.array:
         """ops.moe on the bank: x [..., D], inds [..., k] expert ids, weights [..., k]."""
+
+        def whole(ids: mx.array) -> mx.array:
+            return backend_moe(x, ids, weights, self.bank, shared)
+
+        def rounds(groups: Iterator[tuple[np.ndarray, mx.array]]) -> Iterator[mx.array]:
+            D, k = x.shape[-1], inds.shape[-1]
+            x2, w_flat = x.reshape(-1, D), weights.reshape(-1)
+            y = mx.zeros((x2.shape[0], D), mx.float32)
+            for pairs, ids in groups:
+                rows = mx.array(pairs // k)
+                part = backend_moe(x2[rows], ids, w_flat[mx.array(pairs)][:, None], self.bank, None)
+                y = y.at[rows].add(part.astype(mx.float32))
+                yield y  # evaluated before the next round refills the slots
+            y = y.astype(x.dtype).reshape(x.shape)
+            yield y if shared is None else y + shared(x)
+
+        return self._run(x, inds, whole, rounds)
+
+    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
+        """SwitchGLU's own call on the bank, for a model that calls its experts directly (V4):
+        x [..., D], inds [..., k] -> [..., k, D]."""
+
+        def whole(ids: mx.array) -> mx.array:
+            return self.bank(x, ids)
+
+        def rounds(groups: Iterator[tuple[np.ndarray, mx.array]]) -> Iterator[mx.array]:
+            D = x.shape[-1]
+            x2 = x.reshape(-1, D)
+            y = mx.zeros((inds.size, D), x.dtype)
+            for pairs, ids in groups:
+                at = mx.array(pairs)
+                y[at] = self.bank(x2[at // inds.shape[-1]], ids)[:, 0]
+                yield y
+            yield y.reshape(*inds.shape, D)
+
+        return self._run(x, inds, whole, rounds)
+
+    @property
+    def gate_proj(self) -> nn.Module:
+        return self.bank.gate_proj
+
+    @property
+    def up_proj(self) -> nn.Module:
+        return self.bank.up_proj
+
+    @property
+    def down_proj(self) -> nn.Module:
+        return self.bank.down_proj
+
+    def _run(self, x: mx.array, inds: mx.array, whole: Callable, rounds: Callable) -> mx.array:
+        """The bookkeeping both calls share: ids to the host, the chosen experts resident (in
+        one go: `whole(slot ids)`; or `rounds` over (pairs of flat positions, their slot ids),
+        yielding partial outputs, each evaluated before the next round refills the slots,
+        then the result), the next layer's prefetch started, the output evaluated."""
         flat = np.array(inds).reshape(-1)  # the sync
         k = inds.shape[-1]
         if self.counts_tokens:
@@ -183,40 +237,29 @@ class StreamedExperts(nn.Module):
         if self.trace is not None:
             self.trace.append(chosen)
         self.stats.lookups += chosen.size
+        resident = self.slot_of[chosen] >= 0
+        self.stats.hits += int(resident.sum())
         if chosen.size <= self.slots:
-            self.stats.hits += int((self.slot_of[chosen] >= 0).sum())
             lut = self._resident(chosen)
-            ids = mx.array(lut[flat].reshape(inds.shape), dtype=inds.dtype)
-            y = backend_moe(x, ids, weights, self.bank, shared)
-        else:
-            y = self._in_rounds(x, flat, chosen, weights, shared, backend_moe)
+            y = whole(mx.array(lut[flat].reshape(inds.shape), dtype=inds.dtype))
+        else:  # the resident experts first, then the others, at most `slots` a round
+
+            def groups():
+                ordered = np.concatenate([chosen[resident], chosen[~resident]])
+                for start in range(0, ordered.size, self.slots):
+                    group = ordered[start : start + self.slots]
+                    lut = self._resident(group)
+                    pairs = np.nonzero(np.isin(flat, group))[0]
+                    yield pairs, mx.array(lut[flat[pairs]][:, None], dtype=mx.uint32)
+
+            partial = rounds(groups())
+            y = None
+            for y in partial:
+                mx.eval(y)
         if self.prefetch and flat.size // k <= PREFETCH_MAX_TOKENS:
             self._prefetch_next(x)
         mx.eval(y)  # while the prefetch reads run; and nothing stays queued on the bank
         return y
-
-    def _in_rounds(self, x, flat, chosen, weights, shared, backend_moe) -> mx.array:
-        """More distinct experts than slots: rounds of at most `slots` experts (the resident
-        ones first), each computing only its (token, expert) pairs."""
-        D = x.shape[-1]
-        k = weights.shape[-1]
-        x2 = x.reshape(-1, D)
-        w_flat = weights.reshape(-1)
-        resident = self.slot_of[chosen] >= 0
-        self.stats.hits += int(resident.sum())
-        ordered = np.concatenate([chosen[resident], chosen[~resident]])
-        y = mx.zeros((x2.shape[0], D), mx.float32)
-        for start in range(0, ordered.size, self.slots):
-            group = ordered[start : start + self.slots]
-            lut = self._resident(group)
-            pairs = np.nonzero(np.isin(flat, group))[0]
-            rows = mx.array(pairs // k)
-            ids = mx.array(lut[flat[pairs]][:, None], dtype=mx.uint32)
-            part = backend_moe(x2[rows], ids, w_flat[mx.array(pairs)][:, None], self.bank, None)
-            y = y.at[rows].add(part.astype(mx.float32))
-            mx.eval(y)  # before the next round refills the slots
-        y = y.astype(x.dtype).reshape(x.shape)
-        return y if shared is None else y + shared(x)
 
     # ---- slots -----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ tensors from the weights to load, so they are never read in full. The model carr
 
 from __future__ import annotations
 
+import inspect
 import math
 import weakref
 from collections.abc import Callable
@@ -175,6 +176,7 @@ def install(
         template = moe["switch_mlp"]
         source = plan.locations.layers[prefix]
         bank = SwitchGLU(1, 1, 1)  # its projections are replaced below
+        bank.activation = template.activation  # SwiGLU, or V4's clamped one
         for proj in PROJECTIONS:
             dtypes = {}
             for kind in source.kinds(proj):
@@ -192,10 +194,18 @@ def install(
     if main:
         main[0][0].counts_tokens = True
     for (layer, _), (nxt, gate) in zip(main, main[1:], strict=False):
-        layer.link(gate, nxt)
+        if _routes_from_hidden_state(gate):  # not V4's, which also needs the token ids
+            layer.link(gate, nxt)
     model.expert_store = store
     weakref.finalize(model, store.close)
     return store
+
+
+def _routes_from_hidden_state(gate: nn.Module) -> bool:
+    """Whether a router takes the hidden state alone (what prefetching feeds it)."""
+    params = inspect.signature(gate.__call__).parameters.values()
+    required = [p for p in params if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    return len(required) == 1
 
 
 def size(n: float) -> str:
