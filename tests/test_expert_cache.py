@@ -356,3 +356,35 @@ def test_peak_rss_with_a_small_budget_is_well_under_fully_resident(tmp_path):
     resident, streamed = peak("-"), peak("10%")  # 6 of 64 slots
     print(f"peak RSS: resident {resident / 1e6:.0f} MB, 10% budget {streamed / 1e6:.0f} MB")
     assert resident - streamed > 0.7 * expert_bytes
+
+
+def test_v4_streams_its_experts_from_a_converted_checkpoint(tmp_path):
+    """V4's MoE calls its experts itself (StreamedExperts as a SwitchGLU, with V4's clamped
+    activation); a checkpoint in this project's names (stacked `ffn.switch_mlp`) streams."""
+    import json
+
+    from v4_checkpoints import build_v4, save_v4
+
+    resident = mlx_deepseek.load_model(save_v4(build_v4("mixed", seed=0), tmp_path / "hf"))
+    folder = tmp_path / "mlx"
+    folder.mkdir()
+    mx.save_safetensors(
+        str(folder / "model.safetensors"), dict(tree_flatten(resident.parameters()))
+    )
+    (folder / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    tokens = mx.array(np.random.RandomState(0).randint(0, 96, size=(1, 40)))
+    want = np.array(resident(tokens))
+    args = json.loads((folder / "config.json").read_text())
+    for budget in ("100%", f"{100 * args['num_experts_per_tok'] / args['n_routed_experts']}%"):
+        model = mlx_deepseek.load_model(folder, expert_cache=budget)
+        store = expert_store(model)
+        assert store is not None and len(store.layers) == len(model.layers)
+        got = np.array(model(tokens))
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), budget
+        cache = model.make_cache()  # and decoding through its cache
+        steps = [np.array(model(tokens[:, :30], cache=cache))]
+        steps += [np.array(model(tokens[:, i : i + 1], cache=cache)) for i in range(30, 40)]
+        assert np.abs(np.concatenate(steps, 1) - want).max() <= 1e-4 * np.abs(want).max()
+    with pytest.raises(DeepSeekError, match="V4") as e:
+        mlx_deepseek.load_model(folder, kv_bits=8)
+    assert "\n" not in str(e.value)
