@@ -46,6 +46,7 @@ def serve(
     from ..loading import resolve_model_path
     from ..serve.server import bind, is_loopback, make_state, uvicorn_server
     from .generate import load_checkpoint
+    from .options import check_memory_options
 
     for name, value, low in (
         ("--port", port, 0),
@@ -61,6 +62,7 @@ def serve(
         raise DeepSeekError(f"--port {port}: must be at most 65535")
     if max_body_mb <= 0:
         raise DeepSeekError(f"--max-body-mb {max_body_mb}: must be > 0")
+    check_memory_options(expert_cache, kv_bits)
     try:
         sock = bind(host, port)
     except OSError as e:

@@ -24,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_lm_cache
 
-from ..errors import DeepSeekError
+from ..errors import ArgumentTypeError, ArgumentValueError, DeepSeekError
 
 KV_BITS = (4, 8)  # what --kv-bits / load(kv_bits=...) offer
 GROUP_SIZES = (64, 32)  # MLX's affine group sizes that fit DeepSeek's ranks, preferred first
@@ -46,8 +46,10 @@ def check_kv_bits(kv_bits: int | None) -> int | None:
     """kv_bits as given to load() or --kv-bits: None, 4 or 8 (one line otherwise)."""
     if kv_bits is None:
         return None
-    if isinstance(kv_bits, bool) or not isinstance(kv_bits, int) or kv_bits not in KV_BITS:
-        raise DeepSeekError(
+    if isinstance(kv_bits, bool) or not isinstance(kv_bits, int):
+        raise ArgumentTypeError(f"kv_bits={kv_bits!r}: give 8 or 4 (an int), or None")
+    if kv_bits not in KV_BITS:
+        raise ArgumentValueError(
             f"kv_bits={kv_bits!r}: the latent cache quantizes to 8 or 4 bits (or give none "
             "for full precision)"
         )
@@ -123,27 +125,27 @@ class QuantizedKVCache(mlx_lm_cache.QuantizedKVCache):
         return sum(k.nbytes for k in self.keys) + self.values.nbytes
 
 
-def adopt_cache(fresh: Any, saved: Any) -> Any:
+def adopt_cache(
+    fresh: Any,
+    keys: Any,
+    values: mx.array | None,
+    offset: int,
+    quant: tuple[int, int] | None = None,
+) -> Any:
     """A cache of `fresh`'s kind (an empty cache the model made: full precision or quantized)
-    holding what `saved` holds (e.g. loaded from a prompt-cache file), converted between full
-    precision and quantized where they differ."""
-    keys, values = saved.keys, saved.values
-    if keys is None or not saved.offset:
+    holding saved state (e.g. read from a session file): keys = c_kv, or (packed, scales,
+    biases) when `quant` = (group size, bits); values = k_pe. Converted between full
+    precision and quantized where the saved state and `fresh` differ."""
+    if keys is None or not offset:
         return fresh
-    if isinstance(keys, tuple | list):  # quantized c_kv (and, by mlx-lm's class, k_pe)
-        g, b = saved.group_size, saved.bits
-        if (
-            isinstance(fresh, QuantizedKVCache)
-            and (fresh.group_size, fresh.bits) == (g, b)
-            and not isinstance(values, tuple | list)
-        ):
-            fresh.keys, fresh.values, fresh.offset = tuple(keys), values, saved.offset
+    if quant is not None:
+        g, b = quant
+        if isinstance(fresh, QuantizedKVCache) and (fresh.group_size, fresh.bits) == (g, b):
+            fresh.keys, fresh.values, fresh.offset = tuple(keys), values, offset
             return fresh
         keys = mx.dequantize(*keys, group_size=g, bits=b)
-        if isinstance(values, tuple | list):
-            values = mx.dequantize(*values, group_size=g, bits=b)
     full = KVCache()
-    full.keys, full.values, full.offset = keys, values, saved.offset
+    full.keys, full.values, full.offset = keys, values, offset
     if isinstance(fresh, QuantizedKVCache):
         return full.to_quantized(fresh.group_size, fresh.bits)
     return full

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from ..errors import DeepSeekError, OutOfMemoryError
+from ..errors import ArgumentTypeError, ArgumentValueError, DeepSeekError, OutOfMemoryError
 
 AUTO = "auto"
 _UNITS = {
@@ -52,8 +52,13 @@ class Budget:
 
 def parse_budget(value: str | int) -> Budget:
     """SIZE as given to --expert-cache or load(expert_cache=...) -> Budget (one line if bad)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ArgumentTypeError(
+            f'expert_cache={value!r}: give a size as text ("40GB", "25%", "auto") or a '
+            "number of bytes (int)"
+        )
     text = str(value).strip()
-    if isinstance(value, bool) or not text:
+    if not text:
         raise _bad(value)
     if isinstance(value, int):
         if value <= 0:
@@ -68,7 +73,7 @@ def parse_budget(value: str | int) -> Budget:
         except ValueError:
             raise _bad(value) from None
         if not 0 < fraction <= 1:
-            raise DeepSeekError(
+            raise ArgumentValueError(
                 f"--expert-cache {text}: a percentage of the routed experts must be in (0, 100]"
             )
         return Budget(text, fraction=fraction)
@@ -81,8 +86,8 @@ def parse_budget(value: str | int) -> Budget:
     return Budget(text, nbytes=nbytes)
 
 
-def _bad(value: object) -> DeepSeekError:
-    return DeepSeekError(
+def _bad(value: object) -> ArgumentValueError:
+    return ArgumentValueError(
         f"--expert-cache {value!r}: give a size (40GB, 512MiB, a number of bytes), a "
         "percentage of the routed experts (25%), or auto"
     )
