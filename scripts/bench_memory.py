@@ -34,7 +34,6 @@ import numpy as np
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_deepseek.bench.models import DEFAULT_CACHE, v3_shape
 from mlx_deepseek.bench.streaming import (
-    LOCALITY_HIT,
     REAL,
     drop_page_cache,
     extrapolate,
@@ -202,8 +201,8 @@ def main() -> None:
     for model in REAL:
         for mac in (64, 128):
             for ssd in (4.7, 17.5):
-                for hit in (None, LOCALITY_HIT):
-                    r = extrapolate(model, mac, ssd, hit)
+                for locality in (False, True):
+                    r = extrapolate(model, mac, ssd, locality)
                     r.update(model=model.name, mac_gb=mac, ssd_gb_s=ssd)
                     results["extrapolation"].append(r)
                     print(

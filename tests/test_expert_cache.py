@@ -388,3 +388,25 @@ def test_v4_streams_its_experts_from_a_converted_checkpoint(tmp_path):
     with pytest.raises(DeepSeekError, match="V4") as e:
         mlx_deepseek.load_model(folder, kv_bits=8)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--kv-bits", "5"], "--kv-bits 5: give 8 or 4"),
+        (["--expert-cache", "0%"], "--expert-cache 0%: a percentage"),
+        (["--expert-cache", "2 apples"], "--expert-cache '2 apples': give a size"),
+    ],
+)
+def test_chat_generate_and_serve_check_the_memory_options_before_loading(option, message):
+    from typer.testing import CliRunner
+
+    from mlx_deepseek.cli import app
+
+    missing = "./no/such/model"  # an option checked after loading would say "no such folder"
+    errors = []
+    for command in (["chat", missing], ["generate", missing, "-p", "hi"], ["serve", missing]):
+        r = CliRunner().invoke(app, [*command, *option], input="")
+        assert r.exit_code == 1 and isinstance(r.exception, DeepSeekError), r.output
+        errors.append(str(r.exception))
+    assert len(set(errors)) == 1 and errors[0].startswith(message) and "\n" not in errors[0]

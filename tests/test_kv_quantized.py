@@ -266,3 +266,32 @@ def test_bad_kv_bits_are_one_line(bits):
     with pytest.raises(DeepSeekError, match="kv_bits") as e:
         mlx_deepseek.load_model("demo", kv_bits=bits)
     assert "\n" not in str(e.value)
+
+
+def test_a_damaged_quantized_session_file_is_refused_in_one_line(demo, tmp_path):
+    from mlx_deepseek.chat.session import ChatSession
+
+    _, tokenizer = demo
+    model, _ = mlx_deepseek.load("demo", kv_bits=4)
+    a = ChatSession(model, tokenizer, name="demo", mtp=False)
+    "".join(c.text for c in a.respond("What is 12 + 30?"))
+    path = a.save(tmp_path / "chat")
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    assert meta["1.0"] == "QuantizedKVCache" and arrays["0.0.0"].dtype == mx.uint32
+    damage = {
+        "bits": ({"0.4": mx.array(3)}, "group size / bits"),
+        "group": ({"0.3": mx.array(48)}, "group size / bits"),
+        "scales": ({"0.0.1": arrays["0.0.1"][:, :, :5]}, "key scales have shape"),
+        "packed": ({"0.0.0": arrays["0.0.0"].astype(mx.int32)}, "packed keys have shape"),
+        "missing": ({"0.0.2": None}, "quantized keys are incomplete"),
+    }
+    b = ChatSession(model, tokenizer, name="demo", mtp=False)
+    before = list(b.tokens)
+    for name, (edit, says) in damage.items():
+        changed = {**arrays, **edit}
+        bad = tmp_path / f"{name}.safetensors"
+        mx.save_safetensors(str(bad), {k: v for k, v in changed.items() if v is not None}, meta)
+        with pytest.raises(DeepSeekError, match=says) as e:
+            b.load(bad)
+        assert "\n" not in str(e.value) and str(bad) in str(e.value)
+        assert b.tokens == before  # the conversation is untouched

@@ -213,16 +213,26 @@ REAL = [
 ]
 
 
-# anemll-flash-llama.cpp's measured hit rate for Kimi K2.5 (V3's architecture) with 64 of 256
-# experts per layer in its slot bank (M5 Max, top-k reduced to 4): trained routers repeat
-LOCALITY_HIT = 0.737
+# anemll-flash-llama.cpp's measured hit rates for Kimi K2.5 (V3's architecture, 256 experts
+# per layer) on an M5 Max, LRU slot banks of 16 / 32 / 64 / 128 experts per layer, top-k cut
+# to 4 (README, "Benchmarks — Kimi-K2.5"): trained routers repeat experts. At bank 64 its
+# native top-k 8 hit 67.2% instead of 73.7%: that ratio scales the curve for 6-8 experts.
+LOCALITY = [(0.0, 0.0), (16 / 256, 0.556), (32 / 256, 0.641), (64 / 256, 0.737), (0.5, 0.764)]
+LOCALITY_TOP_K8 = 0.672 / 0.737
+
+
+def locality_hit_rate(share: float) -> float:
+    """The hit rate a trained router's locality gives a bank holding `share` of each layer's
+    experts at top-k 6-8: anemll's Kimi K2.5 curve, interpolated (to 100% at share 1)."""
+    xs, ys = zip(*LOCALITY, (1.0, 1.0 / LOCALITY_TOP_K8), strict=True)
+    return min(1.0, float(np.interp(share, xs, ys)) * LOCALITY_TOP_K8)
 
 
 def extrapolate(
     model: RealModel,
     mac_gb: int,
     ssd_gb_s: float,
-    hit_rate: float | None = None,
+    locality: bool = False,
     usable: float = 0.75,
     other_gb: float = 4.0,
     compute_s: float = 0.1,
@@ -230,13 +240,13 @@ def extrapolate(
     """Decode tok/s of `model` streaming its experts on a Mac of `mac_gb` GB. Assumptions:
     MLX may use `usable` of the memory; `other_gb` goes to the cache, activations and the OS's
     share; the budget is the rest after the resident weights; hit rate = the budget's share of
-    the experts (uniform routing, LRU), or `hit_rate` where higher (a router's locality);
-    misses are read at `ssd_gb_s` and not
-    overlapped with compute (`compute_s` per token: the resident part's share)."""
+    the experts (uniform routing, LRU), or with `locality` what a trained router's repeats
+    give (locality_hit_rate); misses are read at `ssd_gb_s` and not overlapped with compute
+    (`compute_s` per token: the resident part's share)."""
     budget_gb = mac_gb * usable - model.resident_gb - other_gb
     total_gb = model.moe_layers * model.experts * model.expert_mb / 1e3
     share = max(0.0, min(1.0, budget_gb / total_gb))
-    hit = share if hit_rate is None else max(share, hit_rate)
+    hit = max(share, locality_hit_rate(share)) if locality else share
     misses = model.moe_layers * model.top_k * (1 - hit)
     read_gb = misses * model.expert_mb / 1e3
     seconds = compute_s + read_gb / ssd_gb_s
