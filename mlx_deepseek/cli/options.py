@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -77,6 +78,23 @@ KvBits = Annotated[
         "--kv-bits",
         help="Quantize the latent KV cache (c_kv) to 8 or 4 bits: longer contexts in the same "
         "memory. Default: full precision.",
+    ),
+]
+
+
+class ParallelKind(str, Enum):
+    pipeline = "pipeline"
+    tensor = "tensor"
+    auto = "auto"
+
+
+Parallel = Annotated[
+    ParallelKind | None,
+    typer.Option(
+        "--parallel",
+        help="Split the model over the ranks that mlx.launch started (e.g. several Macs): "
+        "pipeline (contiguous layer ranges sized by each rank's memory), tensor (attention heads "
+        "and experts split, two reductions per layer) or auto (the cost model's choice).",
     ),
 ]
 

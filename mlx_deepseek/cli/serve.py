@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from .options import MODEL_HELP, DraftTokens, ExpertCache, KvBits, MaxTokens, Mtp
+from .options import MODEL_HELP, DraftTokens, ExpertCache, KvBits, MaxTokens, Mtp, Parallel
 
 
 def serve(
@@ -39,13 +39,14 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level."),
     expert_cache: ExpertCache = None,
     kv_bits: KvBits = None,
+    parallel: Parallel = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI (/v1/...) and Ollama (/api/...) APIs and a chat page."""
     from ..errors import DeepSeekError
     from ..formats import read_model_config
     from ..loading import resolve_model_path
     from ..serve.server import bind, is_loopback, make_state, uvicorn_server
-    from .generate import load_checkpoint
+    from .generate import join_ranks, load_checkpoint
     from .options import check_memory_options
 
     for name, value, low in (
@@ -63,6 +64,23 @@ def serve(
     if max_body_mb <= 0:
         raise DeepSeekError(f"--max-body-mb {max_body_mb}: must be > 0")
     check_memory_options(expert_cache, kv_bits)
+    world = join_ranks(parallel)
+    engine_options = dict(
+        max_batch=max_batch,
+        max_queue=max_queue,
+        prefix_cache_bytes=prefix_cache_mb << 20,
+        prefill_step_size=prefill_step_size,
+        mtp=mtp,
+        draft_tokens=draft_tokens,
+    )
+    if world is not None and not world.leader:  # rank 0 serves; this rank runs its steps
+        from ..serve.distributed import FollowerEngine
+
+        m, _, _, _ = load_checkpoint(
+            model, parallel=parallel, expert_cache=expert_cache, kv_bits=kv_bits
+        )
+        FollowerEngine(m, world=world, **engine_options).run()
+        return
     try:
         sock = bind(host, port)
     except OSError as e:
@@ -76,8 +94,16 @@ def serve(
             err=True,
             fg=typer.colors.YELLOW,
         )
-    m, tokenizer, fmt, name = load_checkpoint(model, False, expert_cache, kv_bits)
+    m, tokenizer, fmt, name = load_checkpoint(
+        model, parallel=parallel, expert_cache=expert_cache, kv_bits=kv_bits
+    )
     config = read_model_config(resolve_model_path(model))
+    if world is not None:
+        from functools import partial
+
+        from ..serve.distributed import LeaderEngine
+
+        engine_options["engine_class"] = partial(LeaderEngine, world=world)
     state = make_state(
         m,
         tokenizer,
@@ -87,12 +113,7 @@ def serve(
         api_key=api_key or None,
         max_body=int(max_body_mb * (1 << 20)),
         default_max_tokens=max_tokens,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        prefix_cache_bytes=prefix_cache_mb << 20,
-        prefill_step_size=prefill_step_size,
-        mtp=mtp,
-        draft_tokens=draft_tokens,
+        **engine_options,
     )
     shown = f"[{host}]" if ":" in host else host
     typer.secho(
