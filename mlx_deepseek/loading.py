@@ -500,13 +500,17 @@ def load_model(
                 "already holds ~10x fewer values per token than V3's): drop --kv-bits"
             )
         latent_group_size(args.kv_lora_rank)  # a rank MLX cannot group is refused now
-    offer = False  # refuse only once the experts' shapes give the budget that would fit
-    if budget is None:
+    refused = None  # refused before anything is built; the refusal raised below names the
+    if budget is None:  # --expert-cache that fits, once the experts' shapes are known
         try:
-            _check_memory(args, tensors, compute, path, kv_bits)  # before anything is built
-        except OutOfMemoryError:
-            offer = True
+            _check_memory(args, tensors, compute, path, kv_bits)
+        except OutOfMemoryError as e:
+            need = estimate_memory(args, tensors, compute, kv_bits=kv_bits)
+            if need[1] >= (available_memory() or 0):  # no expert budget can help: now
+                raise
+            refused, early_need = e, need
     # checkpoints often drop the MTP layer(s) their config announces: build only those present
+    announced = args  # the memory checks count the cache of the layers the config announces
     present = mtp_layers_present(args, tensors)
     if present < args.num_nextn_predict_layers:
         args = dataclasses.replace(args, num_nextn_predict_layers=present)
@@ -527,11 +531,20 @@ def load_model(
                 file=sys.stderr,
             )
             budget = None
-            offer = True  # the memory check (skipped above) runs now
+            refused = True  # the memory check (skipped above) runs now
     slots = None
-    if budget is not None or offer:
+    if budget is not None or refused:
         experts = plan.shape if plan else offload.routed_shape(weights, args, dtype_of)
-        slots = _check_memory(args, weights, compute, path, kv_bits, experts, budget)
+        slots = _check_memory(announced, weights, compute, path, kv_bits, experts, budget)
+        if isinstance(refused, OutOfMemoryError):  # the arrays' estimate fits after all (e.g.
+            # fewer MTP layers than announced): the first refusal stands, with the offer
+            room = (available_memory() or 0) - sum(early_need)
+            fit = None if experts is None else _fitting_budget(experts, room + experts.total)
+            if fit is None:
+                raise refused
+            raise OutOfMemoryError(
+                f"{refused}; or stream the routed experts from the SSD with --expert-cache {fit}"
+            ) from None
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")
     if quantization is None and any(k.endswith(".scales") for k in weights):

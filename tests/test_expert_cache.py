@@ -241,7 +241,8 @@ def test_the_memory_preflight_offers_the_budget_that_fits(checkpoints, monkeypat
     full = mlx_deepseek.load_model(path, expert_cache="100%").expert_store.plan.shape
     model = mlx_deepseek.load_model(path)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    _, cache = loading.estimate_memory(model.args, {}, mx.float32)
+    announced = loading.check_checkpoint(path)[0]  # the preflight counts the config's layers
+    _, cache = loading.estimate_memory(announced, {}, mx.float32)
     # room for the rest and about half the experts
     monkeypatch.setattr(loading, "available_memory", lambda: weights + cache - full.total // 2)
     with pytest.raises(OutOfMemoryError) as e:
