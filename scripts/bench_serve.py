@@ -60,7 +60,7 @@ def serving_folder(checkpoint: Path, vocab: int) -> Path:
     return folder
 
 
-def post(url: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
+def post(url: str, body: dict, timeout: float = 3600) -> tuple[int, dict]:
     req = urllib.request.Request(url, json.dumps(body).encode(), method="POST")
     req.add_header("Content-Type", "application/json")
     try:
@@ -75,7 +75,7 @@ def first_token_time(url: str, body: dict) -> float:
     req = urllib.request.Request(url, json.dumps(body | {"stream": True}).encode(), method="POST")
     req.add_header("Content-Type", "application/json")
     t0 = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=600) as r:
+    with urllib.request.urlopen(req, timeout=3600) as r:
         for line in r:
             if line.startswith(b"data: {") and b'"text": "' in line and b'"text": ""' not in line:
                 first = time.perf_counter() - t0
