@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from mlx_deepseek.errors import DeepSeekError
+from mlx_deepseek.offload import expert_store
 
 from .session import ChatSession, TurnStats
 from .session_file import DEFAULT_NAME, SUFFIX
@@ -111,8 +112,28 @@ def stats_line(s: TurnStats) -> str:
     ]
     if s.acceptance_rate is not None:
         parts.append(f"MTP {s.acceptance_rate:.0%} accepted, {s.tokens_per_step:.2f} tok/step")
+    if s.expert_cache is not None:
+        parts.append(s.expert_cache.describe())
     if s.finish_reason == "length":
         parts.append("stopped at the token limit")
+    return " · ".join(parts)
+
+
+def memory_line(session: ChatSession) -> str:
+    """The KV cache's precision and size, and the streamed experts since loading ('' when
+    neither applies)."""
+    parts = []
+    bits = getattr(session.model, "kv_bits", None)
+    if bits is not None:
+        held = sum(c.nbytes for c in session.cache)
+        parts.append(f"KV cache c_kv {bits}-bit, {format_memory(held / 1e9)} allocated")
+    store = expert_store(session.model)
+    if store is not None:
+        total = store.snapshot()
+        parts.append(
+            f"{store.describe()}; since loading {total.hit_rate:.0%} hit, "
+            f"{format_memory(total.bytes_read / 1e9)} read, {total.stall_seconds:.1f} s stalled"
+        )
     return " · ".join(parts)
 
 
@@ -351,6 +372,9 @@ class Repl:
             f"temperature {st.temperature:g} · top_p {st.top_p:g} · top_k {st.top_k} · "
             f"min_p {st.min_p:g} · max_tokens {s.max_tokens}"
         )
+        memory = memory_line(s)
+        if memory:
+            self.say(memory)
         if s.last is not None:
             self.say("last answer: " + stats_line(s.last))
 

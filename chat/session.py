@@ -38,6 +38,8 @@ from mlx_deepseek.formats import (
     starts_in_reasoning,
 )
 from mlx_deepseek.generation import stream_generate
+from mlx_deepseek.models.cache import adopt_cache
+from mlx_deepseek.offload import ExpertCacheStats
 from mlx_deepseek.sampling import SamplingSettings
 from mlx_deepseek.speculative import Drafting
 
@@ -74,6 +76,7 @@ class TurnStats:
     kept: bool = True  # the turn is in the history (an interrupted one without answer is not)
     acceptance_rate: float | None = None  # MTP drafts accepted (None: no drafting)
     tokens_per_step: float | None = None
+    expert_cache: ExpertCacheStats | None = None  # streamed experts while decoding
 
 
 @dataclass
@@ -401,6 +404,7 @@ class ChatSession:
             kept=bool(answered),
             acceptance_rate=last.acceptance_rate if last else None,
             tokens_per_step=last.tokens_per_step if last else None,
+            expert_cache=last.expert_cache if last else None,
         )
 
     def _pick_content(self, messages: list[dict[str, str]], answer: str) -> str:
@@ -472,8 +476,8 @@ class ChatSession:
             raise DeepSeekError(
                 f"{path}: its cache has {len(saved.layers)} layers, this model {len(fresh)}"
             )
-        for layer, (keys, values, offset) in zip(fresh, saved.layers, strict=True):
-            layer.keys, layer.values, layer.offset = keys, values, offset
+        for i, layer in enumerate(saved.layers):  # full precision or quantized, as this model
+            fresh[i] = adopt_cache(fresh[i], *layer)
         trim_cache(fresh, len(saved.tokens))
         self.cache, self.tokens, self._text = fresh, saved.tokens, None
         self.system = saved.system

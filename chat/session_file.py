@@ -4,7 +4,10 @@ A session is one safetensors file in mlx-lm's prompt-cache layout (what
 `mlx_lm.models.cache.save_prompt_cache` writes): per layer i, tensors `i.0` (keys = c_kv
 [1, 1, S, kv_lora_rank]), `i.1` (values = k_pe [1, 1, S, qk_rope_head_dim]) and, with
 mlx-lm 0.32, `i.2` (the offset, a scalar); metadata `0.format`, `0.session` (the
-conversation as JSON) and `1.i` (each layer's cache class).
+conversation as JSON) and `1.i` (each layer's cache class). A quantized latent cache
+(--kv-bits, class QuantizedKVCache) has keys `i.0.0` (packed c_kv, uint32 [1, 1, S,
+rank * bits / 32]), `i.0.1` / `i.0.2` (scales / biases [1, 1, S, rank / group]), `i.1`
+(k_pe, full precision), `i.2` (offset), `i.3` (group size), `i.4` (bits).
 
 Reading trusts nothing in the file: the safetensors header is checked before MLX reads
 the file, the file is read as safetensors whatever its name (MLX would pick a parser by the
@@ -126,7 +129,9 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
 class SavedSession:
     """A session file's content, checked against the model it is loaded into."""
 
-    layers: list[tuple[Any, Any, int]]  # per layer: keys, values, offset (None, None, 0: empty)
+    # per layer: keys, values, offset, quantization ((group size, bits) or None: full
+    # precision); keys is (packed, scales, biases) when quantized; (None, None, 0, None): empty
+    layers: list[tuple[Any, Any, int, tuple[int, int] | None]]
     tokens: list[int]
     messages: list[dict[str, str]]
     reasoning: dict[int, str]
@@ -174,7 +179,7 @@ def read_session(
         tokens = check_token_ids(state.get("tokens"), vocab, "its token ids")
     except DeepSeekError as e:
         raise bad(str(e)) from None
-    held = min((offset for _, _, offset in layers), default=0)
+    held = min((offset for _, _, offset, _ in layers), default=0)
     if len(tokens) > held:
         raise bad(f"it holds {len(tokens)} tokens but its cache only {held}")
     return SavedSession(
@@ -204,8 +209,8 @@ def _scalar_kinds(meta: dict[str, str], bad) -> dict[str, str]:
     return kinds
 
 
-def _read_layers(arrays, meta, layer_dims, bad) -> list[tuple[Any, Any, int]]:
-    """Per layer (keys, values, offset); an empty layer (nothing cached) is (None, None, 0)."""
+def _read_layers(arrays, meta, layer_dims, bad) -> list[tuple[Any, Any, int, Any]]:
+    """Per layer (keys, values, offset, quantization); an empty layer is (None, None, 0, None)."""
     classes = {k: v for k, v in meta.items() if k.startswith("1.")}
     n = len(classes)
     if sorted(classes) != sorted(f"1.{i}" for i in range(n)):
@@ -213,11 +218,10 @@ def _read_layers(arrays, meta, layer_dims, bad) -> list[tuple[Any, Any, int]]:
     kinds = _scalar_kinds(meta, bad)
     layers = []
     for i in range(n):
-        if classes[f"1.{i}"] != "KVCache":
-            raise bad(f"layer {i} holds a {classes[f'1.{i}']!r} cache, not a KVCache")
-        keys, values = arrays.get(f"{i}.0"), arrays.get(f"{i}.1")
-        if keys is None or values is None:
-            raise bad(f"layer {i} has no keys or values")
+        kind = classes[f"1.{i}"]
+        if kind not in ("KVCache", "QuantizedKVCache"):
+            raise bad(f"layer {i} holds a {kind!r} cache, not a KVCache")
+        quantized = kind == "QuantizedKVCache"
         offset = arrays.get(f"{i}.2")
         if offset is not None and (offset.ndim != 0 or not mx.issubdtype(offset.dtype, mx.integer)):
             raise bad(f"layer {i}'s offset is not an integer")
@@ -225,9 +229,21 @@ def _read_layers(arrays, meta, layer_dims, bad) -> list[tuple[Any, Any, int]]:
         if any(empty):
             if not all(empty) or (offset is not None and offset.item() != 0):
                 raise bad(f"layer {i} is half empty")
-            layers.append((None, None, 0))
+            layers.append((None, None, 0, None))
             continue
-        for name, a, width in (("keys", keys, layer_dims[0]), ("values", values, layer_dims[1])):
+        values = arrays.get(f"{i}.1")
+        if quantized:
+            keys, quant = _quantized_keys(arrays, i, layer_dims[0], bad)
+            if offset is None:
+                raise bad(f"layer {i} has no offset")
+        else:
+            keys, quant = arrays.get(f"{i}.0"), None
+        if keys is None or values is None:
+            raise bad(f"layer {i} has no keys or values")
+        checked = [("values", values, layer_dims[1])]
+        if not quantized:
+            checked.insert(0, ("keys", keys, layer_dims[0]))
+        for name, a, width in checked:
             if (
                 a.ndim != 4
                 or tuple(a.shape[:2]) != (1, 1)
@@ -236,13 +252,37 @@ def _read_layers(arrays, meta, layer_dims, bad) -> list[tuple[Any, Any, int]]:
                 raise bad(f"layer {i}'s {name} have shape {a.shape} ({a.dtype})")
             if width is not None and a.shape[3] != width:
                 raise bad(f"layer {i}'s {name} are {a.shape[3]} wide; this model's are {width}")
-        if keys.shape[2] != values.shape[2]:
+        positions = keys[0].shape[2] if quantized else keys.shape[2]
+        if positions != values.shape[2]:
             raise bad(f"layer {i}'s keys and values differ in length")
-        length = keys.shape[2] if offset is None else offset.item()
-        if not 0 <= length <= keys.shape[2]:
-            raise bad(f"layer {i}'s offset {length} is outside its {keys.shape[2]} positions")
-        layers.append((keys, values, length))
+        length = positions if offset is None else offset.item()
+        if not 0 <= length <= positions:
+            raise bad(f"layer {i}'s offset {length} is outside its {positions} positions")
+        layers.append((keys, values, length, quant))
     return layers
+
+
+def _quantized_keys(arrays, i: int, rank: int | None, bad) -> tuple[Any, tuple[int, int]]:
+    """Layer i's quantized c_kv ((packed, scales, biases), (group size, bits)), checked."""
+    from mlx_deepseek.models.cache import KV_BITS
+
+    parts = tuple(arrays.get(f"{i}.0.{j}") for j in range(3))
+    group, bits = arrays.get(f"{i}.3"), arrays.get(f"{i}.4")
+    if any(p is None for p in parts) or group is None or bits is None:
+        raise bad(f"layer {i}'s quantized keys are incomplete")
+    if group.ndim or bits.ndim or group.item() not in (32, 64, 128) or bits.item() not in KV_BITS:
+        raise bad(f"layer {i} is quantized with group size / bits MLX's latent cache cannot read")
+    g, b = int(group.item()), int(bits.item())
+    packed, scales, biases = parts
+    if packed.ndim != 4 or packed.dtype != mx.uint32 or tuple(packed.shape[:2]) != (1, 1):
+        raise bad(f"layer {i}'s packed keys have shape {packed.shape} ({packed.dtype})")
+    width = packed.shape[3] * 32 // b  # c_kv's rank
+    if rank is not None and width != rank:
+        raise bad(f"layer {i}'s keys are {width} wide; this model's are {rank}")
+    for a in (scales, biases):
+        if a.shape != (*packed.shape[:3], width // g) or not mx.issubdtype(a.dtype, mx.floating):
+            raise bad(f"layer {i}'s key scales have shape {a.shape} ({a.dtype})")
+    return parts, (g, b)
 
 
 def _messages(value, bad) -> list[dict[str, str]]:

@@ -32,6 +32,7 @@ from .decoding import (
     vocab_size,
 )
 from .errors import ArgumentTypeError, ArgumentValueError
+from .offload import ExpertCacheStats, expert_store
 from .sampling import (
     LogitsProcessor,
     Sampler,
@@ -68,6 +69,7 @@ class GenerationResponse:
     finish_reason: str | None = None
     acceptance_rate: float | None = None  # MTP drafts accepted / drafted (None: no drafting)
     tokens_per_step: float | None = None  # tokens per main-model forward while drafting
+    expert_cache: ExpertCacheStats | None = None  # streamed experts, since decoding began
 
 
 # ---- prompts -------------------------------------------------------------------------------
@@ -331,6 +333,8 @@ def stream_generate(
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
 
+    store = expert_store(model)
+    expert_base = None
     tic = time.perf_counter()
     prompt_tps = 0.0
     t_first = tic
@@ -342,6 +346,7 @@ def stream_generate(
             if n == 1:
                 prompt_tps = len(tokens) / max(now - tic, 1e-9)
                 t_first = now
+                expert_base = store.snapshot() if store is not None else None
             finish = None
             if step.token in eos:
                 detok.finalize()
@@ -371,6 +376,7 @@ def stream_generate(
                 finish_reason=finish,
                 acceptance_rate=stats.acceptance_rate if stats else None,
                 tokens_per_step=stats.tokens_per_step if stats else None,
+                expert_cache=store.snapshot() - expert_base if store is not None else None,
             )
             if finish is not None:
                 return
@@ -399,5 +405,6 @@ def generate(
             f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s; "
             f"generation: {response.generation_tokens} tokens, "
             f"{response.generation_tps:.1f} tokens/s; peak memory {response.peak_memory:.2f} GB"
+            + (f"; {response.expert_cache.describe()}" if response.expert_cache else "")
         )
     return "".join(text)

@@ -24,9 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import checkpoint_files, ops
+from . import checkpoint_files, offload, ops
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
 from .models import build_model, model_args
+from .models.cache import check_kv_bits, latent_bytes_per_token, latent_group_size
 from .models.config import ModelArgs
 from .models.deepseek_v3 import Model
 from .safetensors_check import (
@@ -293,6 +294,7 @@ def estimate_memory(
     tensors: Mapping[str, TensorEntry | mx.array],
     dtype: mx.Dtype,
     context: int = DEFAULT_CONTEXT,
+    kv_bits: int | None = None,
 ) -> tuple[int, int]:
     """(weight bytes in the compute dtype, cache bytes for `context` tokens). `tensors`:
     safetensors header entries (the preflight: nothing built or read) or arrays."""
@@ -309,10 +311,11 @@ def estimate_memory(
             total += nbytes
     if hasattr(args, "cache_bytes"):  # a family whose cache is not one row per token (V4)
         return total, args.cache_bytes(context, dtype.size)
-    per_token = (args.num_hidden_layers + args.num_nextn_predict_layers) * (
-        args.kv_lora_rank + args.qk_rope_head_dim
+    layers = args.num_hidden_layers + args.num_nextn_predict_layers
+    per_token = layers * latent_bytes_per_token(
+        args.kv_lora_rank, args.qk_rope_head_dim, dtype, kv_bits
     )
-    return total, per_token * context * dtype.size
+    return total, per_token * context
 
 
 def available_memory() -> int | None:
@@ -330,20 +333,59 @@ def available_memory() -> int | None:
 
 
 def _check_memory(
-    args: ModelArgs, tensors: Mapping[str, TensorEntry], dtype: mx.Dtype, path: Path
-) -> None:
-    if os.environ.get("MLX_DEEPSEEK_SKIP_MEMORY_CHECK") == "1":
-        return
-    need_w, need_c = estimate_memory(args, tensors, dtype)
+    args: ModelArgs,
+    tensors: Mapping[str, TensorEntry | mx.array],
+    dtype: mx.Dtype,
+    path: Path,
+    kv_bits: int | None = None,
+    experts: offload.ExpertShape | None = None,
+    budget: offload.Budget | None = None,
+) -> int | None:
+    """Refuse a model that cannot fit (offering the expert budget that would), and with
+    `budget` return the slots per MoE layer it gives (experts: the routed experts' shape)."""
+    skip = os.environ.get("MLX_DEEPSEEK_SKIP_MEMORY_CHECK") == "1"
+    need_w, need_c = estimate_memory(args, tensors, dtype, kv_bits=kv_bits)
     have = available_memory()
-    if have is not None and need_w + need_c > have:
-        raise OutOfMemoryError(
-            f"{path.name} needs about {format_bytes(need_w)} of weights + "
-            f"{format_bytes(need_c)} of cache for {DEFAULT_CONTEXT} tokens in "
-            f"{str(dtype).split('.')[-1]}, but only {format_bytes(have)} is available: use a "
-            "lower-bit conversion (mlx-deepseek convert --bits 3), or set "
-            "MLX_DEEPSEEK_SKIP_MEMORY_CHECK=1 to try anyway"
-        )
+    others = need_w - (experts.total if experts else 0) + need_c  # all but the routed experts
+    room = None if have is None else have - others
+    dtype_name = str(dtype).split(".")[-1]
+    what = f"{format_bytes(need_c)} of cache for {DEFAULT_CONTEXT} tokens in {dtype_name}"
+    if budget is not None:
+        slots = offload.slots_for(budget, experts, room)
+        need = others + experts.nbytes(slots)
+        if not skip and have is not None and need > have:
+            fit = _fitting_budget(experts, room)
+            raise OutOfMemoryError(
+                f"{path.name} with --expert-cache {budget.text} needs about {format_bytes(need)} "
+                f"({format_bytes(experts.nbytes(slots))} of experts, the rest resident, {what}), "
+                f"but only {format_bytes(have)} is available: "
+                + (f"give --expert-cache {fit} or less" if fit else "use a lower-bit conversion")
+            )
+        return slots
+    if skip or have is None or need_w + need_c <= have:
+        return None
+    fit = _fitting_budget(experts, room) if experts is not None else None
+    offer = (
+        f"stream the routed experts from the SSD with --expert-cache {fit} (or auto; "
+        f"load(..., expert_cache=...)), use a lower-bit conversion"
+        if fit
+        else "use a lower-bit conversion"
+    )
+    raise OutOfMemoryError(
+        f"{path.name} needs about {format_bytes(need_w)} of weights + {what}, but only "
+        f"{format_bytes(have)} is available: {offer} (mlx-deepseek convert --bits 3), or set "
+        "MLX_DEEPSEEK_SKIP_MEMORY_CHECK=1 to try anyway"
+    )
+
+
+def _fitting_budget(experts: offload.ExpertShape, room: int | None) -> str | None:
+    """The largest --expert-cache that fits in `room` bytes (as "auto" takes it), or None.
+    Whole slots, printed rounded up: read back, it gives the same slots."""
+    if room is None:
+        return None
+    slots = min(int(room * offload.HEADROOM) // (experts.layers * experts.expert_bytes),
+                experts.experts)  # fmt: skip
+    return offload.gb(experts.nbytes(slots)) if slots >= experts.top_k else None
 
 
 def format_bytes(n: int) -> str:
@@ -432,32 +474,93 @@ def check_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Any], dict[Path, 
 
 
 def load_model(
-    path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False
+    path_or_repo: str | os.PathLike,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+    expert_cache: str | int | None = None,
+    kv_bits: int | None = None,
 ) -> Model:
     """Build the model from a checkpoint, its tensors read (as mlx-lm does). lazy=True leaves
     them to be read at first use, which must then happen in the thread that loaded them (MLX
-    evaluates a graph only on the streams of the thread that built it)."""
+    evaluates a graph only on the streams of the thread that built it).
+
+    expert_cache: stream the routed experts from the checkpoint files, keeping at most this
+    much of them in memory (bytes, "40GB", "25%" of the routed experts, or "auto"); kv_bits:
+    quantize the latent KV cache's c_kv to 8 or 4 bits."""
     path = resolve_model_path(path_or_repo)
     compute = _parse_dtype(dtype)
+    kv_bits = check_kv_bits(kv_bits)
+    budget = None if expert_cache is None else offload.parse_budget(expert_cache)
     args, config, headers = check_checkpoint(path)
     tensors = {name: entry for name, (_, entry) in tensor_entries(path, headers).items()}
-    _check_memory(args, tensors, compute, path)  # before anything is built or read
+    if kv_bits is not None:
+        if hasattr(args, "cache_bytes"):  # V4: window, compressed and indexer rows
+            raise ConfigError(
+                f"kv_bits={kv_bits}: DeepSeek V4's compressed cache is not quantized yet (it "
+                "already holds ~10x fewer values per token than V3's): drop --kv-bits"
+            )
+        latent_group_size(args.kv_lora_rank)  # a rank MLX cannot group is refused now
+    refused = None  # refused before anything is built; the refusal raised below names the
+    if budget is None:  # --expert-cache that fits, once the experts' shapes are known
+        try:
+            _check_memory(args, tensors, compute, path, kv_bits)
+        except OutOfMemoryError as e:
+            need = estimate_memory(args, tensors, compute, kv_bits=kv_bits)
+            if need[1] >= (available_memory() or 0):  # no expert budget can help: now
+                raise
+            refused, early_need = e, need
     # checkpoints often drop the MTP layer(s) their config announces: build only those present
+    announced = args  # the memory checks count the cache of the layers the config announces
     present = mtp_layers_present(args, tensors)
     if present < args.num_nextn_predict_layers:
         args = dataclasses.replace(args, num_nextn_predict_layers=present)
-    model = build_model(args)
+    model = build_model(args)  # lazily: nothing is read or evaluated yet
     weights = model.sanitize(read_tensors(path, headers))
+
+    def dtype_of(name: str, value: mx.array) -> mx.Dtype:
+        return _tensor_dtype(model, name, value, compute)
+
+    plan = None
+    if budget is not None:
+        try:
+            plan = offload.plan_streaming(weight_files(path), weights, args, dtype_of)
+        except offload.NotStreamable as e:
+            print(
+                f"mlx-deepseek: --expert-cache: {e}, so the routed experts cannot be read by "
+                "offset; loading them all into memory instead",
+                file=sys.stderr,
+            )
+            budget = None
+            refused = True  # the memory check (skipped above) runs now
+    slots = None
+    if budget is not None or refused:
+        experts = plan.shape if plan else offload.routed_shape(weights, args, dtype_of)
+        slots = _check_memory(announced, weights, compute, path, kv_bits, experts, budget)
+        if isinstance(refused, OutOfMemoryError):  # the arrays' estimate fits after all (e.g.
+            # fewer MTP layers than announced): the first refusal stands, with the offer
+            room = (available_memory() or 0) - sum(early_need)
+            fit = None if experts is None else _fitting_budget(experts, room + experts.total)
+            if fit is None:
+                raise refused
+            raise OutOfMemoryError(
+                f"{refused}; or stream the routed experts from the SSD with --expert-cache {fit}"
+            ) from None
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")
     if quantization is None and any(k.endswith(".scales") for k in weights):
         quantization = {}  # quantized tensors without MLX's section (V4's MXFP4 experts)
     if quantization is not None:
         _quantize(model, quantization, weights)
+    if plan is not None:
+        store = offload.install(model, plan, slots, weights, dtype_of)
+        print(f"mlx-deepseek: routed experts stream from {path.name}: {store.describe()}",
+              file=sys.stderr)  # fmt: skip
     _check_tensors(model, weights, path)
     weights = {k: v.astype(_tensor_dtype(model, k, v, compute)) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
+    if kv_bits is not None:
+        model.kv_bits, model.kv_group_size = kv_bits, latent_group_size(args.kv_lora_rank)
     ops.resolve()  # the back-end for this device: MLX, the CPU strategies or Metal kernels
     ops.prepare(model)  # its one-time changes (the CPU's row-split layers)
     _raise_wired_limit()
@@ -496,13 +599,22 @@ def load_tokenizer(path: Path):
     return _load(Path(path), eos_token_ids(Path(path)))
 
 
-def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False):
+def load(
+    path_or_repo: str | os.PathLike,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+    expert_cache: str | int | None = None,
+    kv_bits: int | None = None,
+):
     """Load a DeepSeek checkpoint: returns (model, tokenizer).
 
     `path_or_repo`: a local folder, a Hugging Face repo id (resolved offline from the local
     cache when there is no network), or "demo" for the bundled demo model. `dtype` overrides
     the compute dtype ("float32", "bfloat16", "float16"); the default fits the device.
+    `expert_cache`: keep at most this much of the routed experts in memory and read the rest
+    from the checkpoint when used (bytes, "40GB", "25%", "auto"); `kv_bits`: 8 or 4 to
+    quantize the latent KV cache (see load_model).
     """
     path = resolve_model_path(path_or_repo)
-    model = load_model(path, dtype=dtype, lazy=lazy)
+    model = load_model(path, dtype=dtype, lazy=lazy, expert_cache=expert_cache, kv_bits=kv_bits)
     return model, load_tokenizer(path)

@@ -1,7 +1,8 @@
 """mlx-lm's batched generation drives mlx-deepseek's model: `mlx_lm.batch_generate` and
 `mlx_lm.server` (its BatchGenerator) left-pad the rows and give each its own offset, which
 the model must honour in the mask and the RoPE positions; each sequence must then get exactly
-its single-sequence output. mlx-lm's `kv_bits` (its QuantizedKVCache) is refused in one line.
+its single-sequence output. mlx-lm's `kv_bits` on a rank MLX cannot quantize is refused in
+one line (it works otherwise: tests/test_kv_quantized.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import mlx.nn as nn
 import pytest
 from mlx_lm.generate import batch_generate
 from mlx_lm.generate import generate as lm_generate
-from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.mla import MultiLinear
 from tiny_chat import tiny_checkpoint
 
@@ -150,14 +150,11 @@ def test_mlx_lm_server_batches_our_model(model_and_tokenizer, monkeypatch):
     assert [results.get(i) for i in range(len(PROMPTS))] == expected
 
 
-def test_mlx_lm_kv_bits_is_refused_in_one_line(model_and_tokenizer):
+def test_mlx_lm_kv_bits_on_a_rank_mlx_cannot_group_is_refused_in_one_line(model_and_tokenizer):
+    """mlx-lm's kv_bits quantizes our latent cache (tests/test_kv_quantized.py), in MLX's
+    groups of 32 or more along kv_lora_rank: this model's rank of 16 cannot be."""
     model, tokenizer = model_and_tokenizer
     prompt = tokenizer.encode(PROMPTS[1])
-    with pytest.raises(DeepSeekError, match="kv_bits") as e:
+    with pytest.raises(DeepSeekError, match="kv_lora_rank=16") as e:
         lm_generate(model, tokenizer, prompt, max_tokens=4, kv_bits=4, quantized_kv_start=0)
     assert "\n" not in str(e.value)
-    # a cache quantized by mlx-lm's own class (e.g. one loaded from a prompt-cache file)
-    cache = model.make_cache()
-    cache[:] = [QuantizedKVCache(group_size=32, bits=8) for _ in cache]
-    with pytest.raises(DeepSeekError, match="kv_bits"):
-        model(mx.array([prompt]), cache=cache)

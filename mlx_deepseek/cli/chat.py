@@ -9,6 +9,8 @@ import typer
 from .options import (
     MODEL_HELP,
     DraftTokens,
+    ExpertCache,
+    KvBits,
     MaxTokens,
     MinP,
     Mtp,
@@ -41,6 +43,8 @@ def chat(
     prefill_step_size: PrefillStepSize = 2048,
     mtp: Mtp = None,
     draft_tokens: DraftTokens = 1,
+    expert_cache: ExpertCache = None,
+    kv_bits: KvBits = None,
     parallel: Parallel = None,
 ) -> None:
     """Chat with a model in the terminal (streams answers; /help lists the commands)."""
@@ -59,10 +63,14 @@ def chat(
         seed=seed,
         draft_tokens=draft_tokens,
         prefill_step_size=prefill_step_size,
+        expert_cache=expert_cache,
+        kv_bits=kv_bits,
     )
     system = argv_text(system, "--system") if system is not None else None
     world = join_ranks(parallel)
-    m, tokenizer, fmt, name = load_checkpoint(model, parallel=parallel)
+    m, tokenizer, fmt, name = load_checkpoint(
+        model, parallel=parallel, expert_cache=expert_cache, kv_bits=kv_bits
+    )
     if think and not fmt.has_thinking_switch:
         raise no_thinking_switch(fmt, "--think")
     settings = SamplingSettings(

@@ -13,10 +13,12 @@ from typing import Any
 
 import typer
 
-from ..errors import DeepSeekError
+from ..errors import ArgumentValueError, DeepSeekError
 from .options import (
     MODEL_HELP,
     DraftTokens,
+    ExpertCache,
+    KvBits,
     MaxTokens,
     MinP,
     Mtp,
@@ -28,6 +30,7 @@ from .options import (
     Temp,
     TopK,
     TopP,
+    check_memory_options,
     check_options,
 )
 
@@ -53,27 +56,39 @@ def join_ranks(parallel: str | None) -> Any:
 
 
 def load_checkpoint(
-    model: str, quiet: bool = False, parallel: str | None = None
+    model: str,
+    quiet: bool = False,
+    parallel: str | None = None,
+    expert_cache: str | None = None,
+    kv_bits: int | None = None,
 ) -> tuple[Any, Any, Any, str]:
     """(model, tokenizer, chat format, display name) for a folder, repo id or `demo`; with
-    --parallel (after join_ranks), this rank's part of the model."""
+    --parallel (after join_ranks), this rank's part of the model; expert_cache / kv_bits:
+    --expert-cache and --kv-bits (checked before loading)."""
     from rich.console import Console
 
     from ..formats import chat_format, read_model_config
     from ..loading import load, load_tokenizer, resolve_model_path
 
+    check_memory_options(expert_cache, kv_bits)
     path = resolve_model_path(model)
     name = model if not Path(model).expanduser().exists() else path.resolve().name
     console = Console(stderr=True)
+    options = dict(expert_cache=expert_cache, kv_bits=kv_bits)
     world = _world() if parallel else None
     if world is not None:
+        if expert_cache is not None or kv_bits is not None:
+            raise ArgumentValueError(
+                "--parallel: streamed experts (--expert-cache) and a quantized cache "
+                "(--kv-bits) are not split across ranks yet: drop them or --parallel"
+            )
         m = _load_part(path, getattr(parallel, "value", parallel), world, console, quiet)
         tokenizer = load_tokenizer(path)
     elif quiet or not console.is_terminal:
-        m, tokenizer = load(path)
+        m, tokenizer = load(path, **options)
     else:
         with console.status(f"loading {name} ...", spinner="dots"):
-            m, tokenizer = load(path)
+            m, tokenizer = load(path, **options)
     config = read_model_config(path)
     return m, tokenizer, chat_format(tokenizer, config, name), name
 
@@ -195,6 +210,8 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No stats line, no spinner."),
     mtp: Mtp = None,
     draft_tokens: DraftTokens = 1,
+    expert_cache: ExpertCache = None,
+    kv_bits: KvBits = None,
     parallel: Parallel = None,
 ) -> None:
     """Generate an answer to one prompt (stdout: the answer; stderr: reasoning and stats)."""
@@ -213,6 +230,8 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
         draft_tokens=draft_tokens,
+        expert_cache=expert_cache,
+        kv_bits=kv_bits,
     )
     from rich.console import Console
 
@@ -226,7 +245,7 @@ def generate(
 
     if world is not None:
         text = world.share(text)  # only rank 0 reads stdin
-    m, tokenizer, fmt, _ = load_checkpoint(model, quiet, parallel)
+    m, tokenizer, fmt, _ = load_checkpoint(model, quiet, parallel, expert_cache, kv_bits)
     if think and not fmt.has_thinking_switch:
         raise no_thinking_switch(fmt, "--think")
     if max_tokens is None:
@@ -276,7 +295,8 @@ def generate(
             f"prompt {last.prompt_tokens} tok {last.prompt_tps:.1f} tok/s · generated "
             f"{last.generation_tokens} tok {last.generation_tps:.1f} tok/s · peak "
             f"{format_memory(last.peak_memory)} · {last.finish_reason}"
-            + mtp_stats(last.acceptance_rate, last.tokens_per_step),
+            + mtp_stats(last.acceptance_rate, last.tokens_per_step)
+            + (f" · {last.expert_cache.describe()}" if last.expert_cache else ""),
             style="dim",
             markup=False,
         )

@@ -62,6 +62,24 @@ DraftTokens = Annotated[
         help="Tokens the MTP head drafts per step (1 is DeepSeek's; more apply it recursively).",
     ),
 ]
+ExpertCache = Annotated[
+    str | None,
+    typer.Option(
+        "--expert-cache",
+        metavar="SIZE",
+        help="Keep at most SIZE of the routed experts in memory and read the others from the "
+        "checkpoint's files when a token uses them (40GB, 512MiB, 25% of the experts, or auto: "
+        "what fits). Default: all in memory.",
+    ),
+]
+KvBits = Annotated[
+    int | None,
+    typer.Option(
+        "--kv-bits",
+        help="Quantize the latent KV cache (c_kv) to 8 or 4 bits: longer contexts in the same "
+        "memory. Default: full precision.",
+    ),
+]
 
 
 class ParallelKind(str, Enum):
@@ -103,11 +121,15 @@ def check_options(
     seed: int | None,
     draft_tokens: int,
     prefill_step_size: int | None = None,
+    expert_cache: str | None = None,
+    kv_bits: int | None = None,
 ) -> None:
     """The checks `chat` and `generate` share, run before the model is loaded (a typo costs
     no loading time) and worded the same in both: `--top-p 2.0: must be in (0, 1] (1 = off)`."""
     from ..errors import ArgumentValueError
     from ..sampling import SamplingSettings
+
+    check_memory_options(expert_cache, kv_bits)
 
     for option, value, low, high in (
         ("--max-tokens", max_tokens, 1, None),
@@ -125,3 +147,17 @@ def check_options(
         repetition_penalty=repetition_penalty,
         seed=seed,
     ).validated(OPTION_NAMES)
+
+
+def check_memory_options(expert_cache: str | None, kv_bits: int | None) -> None:
+    """--expert-cache SIZE and --kv-bits checked before loading (chat, generate, serve)."""
+    from ..errors import ArgumentValueError
+
+    if kv_bits is not None and kv_bits not in (4, 8):
+        raise ArgumentValueError(
+            f"--kv-bits {kv_bits}: give 8 or 4 (or leave it out: full precision)"
+        )
+    if expert_cache is not None:
+        from ..offload import parse_budget
+
+        parse_budget(expert_cache)

@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from .options import MODEL_HELP, DraftTokens, MaxTokens, Mtp, Parallel
+from .options import MODEL_HELP, DraftTokens, ExpertCache, KvBits, MaxTokens, Mtp, Parallel
 
 
 def serve(
@@ -37,6 +37,8 @@ def serve(
         None, "--model-id", help="The model's name in the API (default: the checkpoint's)."
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level."),
+    expert_cache: ExpertCache = None,
+    kv_bits: KvBits = None,
     parallel: Parallel = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI (/v1/...) and Ollama (/api/...) APIs and a chat page."""
@@ -45,6 +47,7 @@ def serve(
     from ..loading import resolve_model_path
     from ..serve.server import bind, is_loopback, make_state, uvicorn_server
     from .generate import join_ranks, load_checkpoint
+    from .options import check_memory_options
 
     for name, value, low in (
         ("--port", port, 0),
@@ -60,6 +63,7 @@ def serve(
         raise DeepSeekError(f"--port {port}: must be at most 65535")
     if max_body_mb <= 0:
         raise DeepSeekError(f"--max-body-mb {max_body_mb}: must be > 0")
+    check_memory_options(expert_cache, kv_bits)
     world = join_ranks(parallel)
     engine_options = dict(
         max_batch=max_batch,
@@ -72,7 +76,9 @@ def serve(
     if world is not None and not world.leader:  # rank 0 serves; this rank runs its steps
         from ..serve.distributed import FollowerEngine
 
-        m, _, _, _ = load_checkpoint(model, parallel=parallel)
+        m, _, _, _ = load_checkpoint(
+            model, parallel=parallel, expert_cache=expert_cache, kv_bits=kv_bits
+        )
         FollowerEngine(m, world=world, **engine_options).run()
         return
     try:
@@ -88,7 +94,9 @@ def serve(
             err=True,
             fg=typer.colors.YELLOW,
         )
-    m, tokenizer, fmt, name = load_checkpoint(model, parallel=parallel)
+    m, tokenizer, fmt, name = load_checkpoint(
+        model, parallel=parallel, expert_cache=expert_cache, kv_bits=kv_bits
+    )
     config = read_model_config(resolve_model_path(model))
     if world is not None:
         from functools import partial

@@ -12,10 +12,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
 
 from .. import ops
-from .cache import ModelCache, check_layer_cache
+from .cache import KVCache, ModelCache, QuantizedKVCache
 from .config import ModelArgs
 from .mla import MLAttention
 from .moe import MLP, MoE
@@ -103,7 +102,6 @@ class DeepseekModel(nn.Module):
         h, normed = ops.embed(self.embed_tokens, inputs, first)  # and the first layer's norm
         if cache is None:
             cache = [None] * len(self.layers)
-        check_layer_cache(cache[0] if cache else None)
         mask, m = attention_mask(h.shape[1], cache[0] if cache else None), None
         for layer, c in zip(self.layers, cache, strict=True):
             h, m = layer.forward(h, m, mask, c, normed)
@@ -135,6 +133,8 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         n_mtp = args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0
         self.mtp = [MTPLayer(args, args.num_hidden_layers + j) for j in range(n_mtp)]
+        self.kv_bits: int | None = None  # c_kv quantized in the caches (load(kv_bits=...))
+        self.kv_group_size = 64
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -166,13 +166,13 @@ class Model(nn.Module):
 
     def make_cache(self) -> ModelCache:
         """One latent cache per layer (keys = c_kv [B,1,S,rank], values = k_pe [B,1,S,rope]),
-        plus the MTP layers' caches on the same object."""
-        return ModelCache(len(self.layers), len(self.mtp))
+        plus the MTP layers' caches on the same object; c_kv quantized when kv_bits is set."""
+        return ModelCache(len(self.layers), len(self.mtp), self.kv_bits, self.kv_group_size)
 
     # ---- multi-token prediction ------------------------------------------------------------
 
-    def make_mtp_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.mtp]
+    def make_mtp_cache(self) -> list[KVCache | QuantizedKVCache]:
+        return self.make_cache().mtp
 
     def mtp_forward(
         self,

@@ -22,9 +22,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..offload.experts import StreamedExperts
 from . import v4
 from .backend import active, current, resolve, use
-from .types import CAUSAL, MLAHeads, Routing
+from .types import CAUSAL, LatentEntry, MLAHeads, Routing
 
 __all__ = [
     "CAUSAL",
@@ -86,19 +87,20 @@ def latent(
 
 
 def absorbed_attention(
-    q: mx.array, c_kv: mx.array, k_pe: mx.array, mla: MLAHeads, mask, offset: int | mx.array
+    q: mx.array, c_kv: LatentEntry, k_pe: LatentEntry, mla: MLAHeads, mask, offset: int | mx.array
 ) -> mx.array:
     """MLA attention in latent space (decode, few queries) -> o_proj's input [B, L, H * v].
 
     q: the query projection [B, L, H * (nope + rope)], q_pe not yet roped; c_kv [B, 1, S,
-    rank], k_pe [B, 1, S, rope]: the cache after the update; mask: None, CAUSAL or a boolean
-    array broadcasting to [B, H, L, S]; offset: position of the first query (an array [B] for
-    mlx-lm's batch caches)."""
+    rank], k_pe [B, 1, S, rope]: the cache after the update, each an array or (a quantized
+    cache) MLX's affine triple (packed, scales, biases) along the last axis; mask: None,
+    CAUSAL or a boolean array broadcasting to [B, H, L, S]; offset: position of the first
+    query (an array [B] for mlx-lm's batch caches)."""
     return active().absorbed_attention(q, c_kv, k_pe, mla, mask, offset)
 
 
 def expanded_attention(
-    q: mx.array, c_kv: mx.array, k_pe: mx.array, mla: MLAHeads, mask, offset: int | mx.array
+    q: mx.array, c_kv: LatentEntry, k_pe: LatentEntry, mla: MLAHeads, mask, offset: int | mx.array
 ) -> mx.array:
     """MLA attention with per-head K and V expanded from the latent (prefill); the same
     arguments and result as absorbed_attention."""
@@ -120,8 +122,12 @@ def moe(
 ) -> mx.array:
     """A MoE layer's experts: sum_j weights[..., j] * expert_{inds[..., j]}(x) + shared(x).
 
-    experts: mlx-lm's SwitchGLU with stacked [E, out, in] weights; shared: the shared
-    experts' MLP or None; weights already carry the routed scaling factor."""
+    experts: mlx-lm's SwitchGLU with stacked [E, out, in] weights, or the experts streamed
+    from the checkpoint (offload.StreamedExperts: it makes the chosen experts resident in its
+    bank of slots and runs the back-end's moe there); shared: the shared experts' MLP or
+    None; weights already carry the routed scaling factor."""
+    if isinstance(experts, StreamedExperts):
+        return experts.moe(x, inds, weights, shared, active().moe)
     return active().moe(x, inds, weights, experts, shared)
 
 

@@ -302,21 +302,20 @@ def prepare(model: nn.Module) -> int:
 # ---- MLA attention ---------------------------------------------------------------------------
 
 
-def absorbed_attention(
-    q: mx.array, c_kv: mx.array, k_pe: mx.array, mla: MLAHeads, mask, offset
-) -> mx.array:
+def absorbed_attention(q: mx.array, c_kv, k_pe, mla: MLAHeads, mask, offset) -> mx.array:
     """ops.absorbed_attention shared out across the CPU streams: W_uk and W_uv by heads, the
     attention itself by cached positions (each part reads 1/n of the cache for all heads; the
     parts merge by their softmax maxima and sums, as flash-decoding does). MLX's path when
     there is too little to read for the joins to pay."""
     streams = workers()
-    reads = c_kv.nbytes + k_pe.nbytes + mla.embed_q["weight"].nbytes
+    k_pe = reference.dense(k_pe, mla.rope_dims)  # small: a quantized k_pe (mlx-lm's) is expanded
+    reads = reference.latent_nbytes(c_kv) + k_pe.nbytes + mla.embed_q["weight"].nbytes
     reads += mla.unembed_out["weight"].nbytes
     n = min(len(streams), reads // MIN_PART_BYTES)
     if n < 2:
         return reference.absorbed_attention(q, c_kv, k_pe, mla, mask, offset)
     B, L, _ = q.shape
-    H, S = mla.heads, c_kv.shape[2]
+    H, S = mla.heads, k_pe.shape[2]
     q_nope, q_pe = reference.split_q(q, mla)
     mask = reference.boolean_mask(mask, L, offset)
     heads = ranges(H, n)
@@ -329,13 +328,13 @@ def absorbed_attention(
     q_lat = q_lat.reshape(B, 1, H * L, -1)
 
     def part(lo: int, hi: int) -> tuple[mx.array, mx.array, mx.array]:
-        c = c_kv[:, :, lo:hi]
+        c = reference.latent_slice(c_kv, lo, hi)  # full precision or quantized
         part_mask = None if mask is None else mask[..., lo:hi]
         s = reference.pe_scores(q_pe, k_pe[:, :, lo:hi], mla, part_mask, offset)  # [B,H,L,hi-lo]
-        s = q_lat @ c.swapaxes(-1, -2) + s.reshape(B, 1, H * L, -1)
+        s = reference.latent_scores(q_lat, c, mla.rank) + s.reshape(B, 1, H * L, -1)
         m = s.max(axis=-1, keepdims=True)  # finite: masked scores are finfo.min, not -inf
         p = exp_nonpositive(s - m)
-        return m, p.sum(axis=-1, keepdims=True), p @ c
+        return m, p.sum(axis=-1, keepdims=True), reference.latent_mix(p, c, mla.rank)
 
     parts = parallel([partial(part, lo, hi) for lo, hi in ranges(S, n)], streams)
     m = reduce(mx.maximum, [pm for pm, _, _ in parts])
@@ -347,13 +346,12 @@ def absorbed_attention(
     return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
-def expanded_attention(
-    q: mx.array, c_kv: mx.array, k_pe: mx.array, mla: MLAHeads, mask, offset
-) -> mx.array:
+def expanded_attention(q: mx.array, c_kv, k_pe, mla: MLAHeads, mask, offset) -> mx.array:
     """ops.expanded_attention with a share of the heads on each CPU stream, K/V expanded by
-    dequantized matmuls for a long prefill."""
+    dequantized matmuls for a long prefill (a quantized cache is dequantized first)."""
     B, L, _ = q.shape
     H = mla.heads
+    c_kv, k_pe = reference.dense(c_kv, mla.rank), reference.dense(k_pe, mla.rope_dims)
     q_nope, q_pe = reference.split_q(q, mla)
     scores = reference.pe_scores(q_pe, k_pe, mla, reference.boolean_mask(mask, L, offset), offset)
 

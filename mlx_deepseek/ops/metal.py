@@ -161,13 +161,13 @@ def latent(kv, norm, rope, offset, q_a=None, q_norm=None) -> tuple:
     return c_kv, k_pe, qn
 
 
-def absorbed_attention(
-    q: mx.array, c_kv: mx.array, k_pe: mx.array, mla: MLAHeads, mask, offset
-) -> mx.array:
+def absorbed_attention(q: mx.array, c_kv, k_pe, mla: MLAHeads, mask, offset) -> mx.array:
     def plan() -> Launch:
         causal = (mask is None and q.shape[1] == 1) or (isinstance(mask, str) and mask == CAUSAL)
         if not causal:
             raise Unsupported("not the causal mask (the kernels imply it)")
+        if reference.is_quantized(c_kv) or reference.is_quantized(k_pe):
+            raise Unsupported("a quantized latent cache (MLX's quantized matmuls read it)")
         return mla_kernels.absorbed_attention(
             q, c_kv, k_pe, mla.embed_q, mla.unembed_out, mla.rope, mla.nope, mla.v_dim,
             mla.scale, offset,

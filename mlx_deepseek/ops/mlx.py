@@ -87,38 +87,96 @@ def pe_scores(
     return scores
 
 
-def absorbed_attention(
-    q: mx.array, c_kv: mx.array, k_pe: mx.array, mla: MLAHeads, mask, offset
-) -> mx.array:
+def absorbed_attention(q: mx.array, c_kv, k_pe, mla: MLAHeads, mask, offset) -> mx.array:
     """Attention in latent space -> [B, L, H * v]: q' = q_nope W_uk lives in latent space;
-    scores q'.c_kv + q_pe.k_pe; output (softmax @ c_kv) W_uv^T — no per-head K/V at all."""
+    scores q'.c_kv + q_pe.k_pe; output (softmax @ c_kv) W_uv^T — no per-head K/V at all.
+    A quantized c_kv is read by quantized matmuls (see `latent_scores`)."""
     B, L, _ = q.shape
+    k_pe = dense(k_pe, mla.rope_dims)
     H, S = mla.heads, k_pe.shape[2]
     q_nope, q_pe = split_q(q, mla)
     scores = pe_scores(q_pe, k_pe, mla, boolean_mask(mask, L, offset), offset)
     q_lat = mla.embed_q(q_nope)  # [B, H, L, rank]
-    out = mx.fast.scaled_dot_product_attention(
-        q_lat.reshape(B, 1, H * L, -1),
-        c_kv,
-        c_kv,
-        scale=mla.scale,
-        mask=scores.reshape(B, 1, H * L, S),
-    )
+    if is_quantized(c_kv):
+        q_lat = (q_lat * mla.scale).reshape(B, 1, H * L, -1)
+        s = latent_scores(q_lat, c_kv, mla.rank) + scores.reshape(B, 1, H * L, S)
+        p = mx.softmax(s.astype(mx.float32), axis=-1).astype(q_lat.dtype)
+        out = latent_mix(p, c_kv, mla.rank)  # [B, 1, H * L, rank]
+    else:
+        out = mx.fast.scaled_dot_product_attention(
+            q_lat.reshape(B, 1, H * L, -1),
+            c_kv,
+            c_kv,
+            scale=mla.scale,
+            mask=scores.reshape(B, 1, H * L, S),
+        )
     out = mla.unembed_out(out.reshape(B, H, L, -1))  # [B, H, L, v]
     return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
-def expanded_attention(
-    q: mx.array, c_kv: mx.array, k_pe: mx.array, mla: MLAHeads, mask, offset
-) -> mx.array:
-    """Per-head K and V expanded from the latent -> [B, L, H * v] (prefill)."""
+def expanded_attention(q: mx.array, c_kv, k_pe, mla: MLAHeads, mask, offset) -> mx.array:
+    """Per-head K and V expanded from the latent -> [B, L, H * v] (prefill); a quantized
+    cache is dequantized first (K and V are expanded to full precision anyway)."""
     B, L, _ = q.shape
+    c_kv, k_pe = dense(c_kv, mla.rank), dense(k_pe, mla.rope_dims)
     q_nope, q_pe = split_q(q, mla)
     scores = pe_scores(q_pe, k_pe, mla, boolean_mask(mask, L, offset), offset)
     k_nope = mla.embed_q(c_kv, transpose=False)  # [B, H, S, nope]
     v = mla.unembed_out(c_kv)  # [B, H, S, v]
     out = mx.fast.scaled_dot_product_attention(q_nope, k_nope, v, scale=mla.scale, mask=scores)
     return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+# ---- the latent cache, full precision or quantized -------------------------------------------
+# A quantized cache entry is MLX's affine triple (packed uint32 [..., S, dim * bits / 32],
+# scales [..., S, dim / group], biases [same]), quantized along the last axis: what the
+# models.cache.QuantizedKVCache holds for c_kv (and mlx-lm's own QuantizedKVCache for both).
+
+
+def is_quantized(c) -> bool:
+    """Whether a cache entry is a quantized triple rather than an array."""
+    return isinstance(c, tuple | list)
+
+
+def latent_format(c, dim: int) -> tuple[int, int]:
+    """(group size, bits) of a quantized entry whose rows are `dim` wide."""
+    packed, scales = c[0], c[1]
+    return dim // scales.shape[-1], packed.shape[-1] * 32 // dim
+
+
+def dense(c, dim: int) -> mx.array:
+    """A cache entry as an array (dequantized when quantized, in its scales' dtype)."""
+    if not is_quantized(c):
+        return c
+    group_size, bits = latent_format(c, dim)
+    return mx.dequantize(*c, group_size=group_size, bits=bits)
+
+
+def latent_nbytes(c) -> int:
+    return sum(a.nbytes for a in c) if is_quantized(c) else c.nbytes
+
+
+def latent_slice(c, lo: int, hi: int):
+    """Cached positions [lo, hi) of an entry [B, 1, S, *] (each array of a triple)."""
+    if is_quantized(c):
+        return tuple(a[:, :, lo:hi] for a in c)
+    return c[:, :, lo:hi]
+
+
+def latent_scores(q: mx.array, c, dim: int) -> mx.array:
+    """q [B, 1, M, dim] @ c^T -> [B, 1, M, S], c full precision or quantized."""
+    if not is_quantized(c):
+        return q @ c.swapaxes(-1, -2)
+    group_size, bits = latent_format(c, dim)
+    return mx.quantized_matmul(q, *c, transpose=True, group_size=group_size, bits=bits)
+
+
+def latent_mix(p: mx.array, c, dim: int) -> mx.array:
+    """p [B, 1, M, S] @ c -> [B, 1, M, dim], c full precision or quantized."""
+    if not is_quantized(c):
+        return p @ c
+    group_size, bits = latent_format(c, dim)
+    return mx.quantized_matmul(p, *c, transpose=False, group_size=group_size, bits=bits)
 
 
 # ---- routing, MLPs and experts ---------------------------------------------------------------

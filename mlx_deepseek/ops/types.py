@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import mlx.core as mx
 import mlx.nn as nn
 
 CAUSAL = "causal"  # the mask argument for causal attention (built per call as needed)
+
+# A latent cache entry: an array, or a quantized cache's MLX affine triple (packed uint32,
+# scales, biases), quantized along the last axis
+LatentEntry = mx.array | tuple[mx.array, mx.array, mx.array]
 
 
 class MLAHeads(NamedTuple):

@@ -140,8 +140,11 @@ def _extract(cache: BatchKVCache, i: int) -> KVCache:
 
 def supports_batching(model: nn.Module, make_cache: Callable[[], list]) -> bool:
     """Whether the model takes mlx-lm batch caches correctly: two prompts of different lengths
-    run padded in one forward give the logits each gives alone."""
+    run padded in one forward give the logits each gives alone. Only plain KVCaches merge
+    into a BatchKVCache (a quantized latent cache decodes its rows one at a time)."""
     prompts = [[1, 2, 3], [4]]
+    if not all(isinstance(c, KVCache) for c in make_cache()):
+        return False
     try:
         alone, rows = [], []
         for p in prompts:

@@ -32,6 +32,7 @@ import mlx.nn as nn
 from ..decoding import StepOptions, cache_length, context_length, make_cache, trim_cache
 from ..errors import DeepSeekError
 from ..models.cache import ModelCache
+from ..offload import expert_store
 from ..sampling import greedy
 from ..speculative import MTPDecoder
 from .batch import MtpFeed, PaddedBatch, SequentialBatch, prefill_chunk, supports_batching
@@ -211,8 +212,18 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict[str, Any]:
+        store = expert_store(self.model)
         with self._cv:
             return {
+                "kv_bits": getattr(self.model, "kv_bits", None),
+                "expert_cache": None
+                if store is None
+                else {
+                    "slots_per_layer": store.slots,
+                    "experts_per_layer": store.plan.shape.experts,
+                    "budget_bytes": store.budget_bytes,
+                    **store.snapshot().as_dict(),
+                },
                 "running": len(self._rows) + (1 if self._solo else 0),
                 "prefilling": len(self._prefilling),
                 "waiting": len(self._waiting),

@@ -8,11 +8,13 @@ first when their bytes pass the limit.
 
 Entries are shared without copying: a cache handed out holds its own array objects (slices
 of the entry's), so its writes (`keys[...] = new`, a new array in MLX; a buffer still held by
-the entry is never donated) leave the entry as it was.
+the entry is never donated) leave the entry as it was. Caches of any kind the model makes
+are kept as they are (a quantized latent cache stays quantized: its entries are smaller).
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from mlx.utils import tree_map
 from mlx_lm.models.cache import KVCache
 
 
@@ -32,12 +35,8 @@ class _Entry:
 
 
 def cache_nbytes(caches: Sequence[Any]) -> int:
-    total = 0
-    for c in caches:
-        for a in (getattr(c, "keys", None), getattr(c, "values", None)):
-            if a is not None:
-                total += a.nbytes
-    return total
+    """The bytes of the caches' buffers (a quantized one's packed values, scales and biases)."""
+    return sum(c.nbytes for c in caches)
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -49,14 +48,16 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def _view(caches: Sequence[KVCache], length: int) -> list[KVCache]:
-    """New KVCache objects holding the first `length` tokens: new array objects (slices)
-    over the same buffers, so assigning into one never changes another's."""
+    """New caches of the same kind holding the first `length` tokens: new array objects
+    (slices) over the same buffers, so assigning into one never changes another's."""
     out = []
     for c in caches:
-        k = KVCache()
+        k = copy.copy(c)  # the class and its settings (a quantized cache's bits, group size)
+        k.keys = k.values = None
+        k.offset = 0
         if length:
-            k.keys = c.keys[..., :length, :]
-            k.values = c.values[..., :length, :]
+            k.keys = tree_map(lambda a: a[..., :length, :], c.keys)
+            k.values = tree_map(lambda a: a[..., :length, :], c.values)
             k.offset = length
         out.append(k)
     return out
