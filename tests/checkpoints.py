@@ -57,6 +57,20 @@ FAMILIES = {
         routed_scaling_factor=2.5,
         norm_topk_prob=True,
     ),
+    # V3.2: V3 plus the lightning indexer (16 indexer heads: no exact ties at the top-k edge)
+    "v32": dict(
+        model_type="deepseek_v32",
+        q_lora_rank=24,
+        topk_method="noaux_tc",
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        index_topk=8,
+        index_n_heads=16,
+        index_head_dim=32,
+    ),
 }
 
 BASE = dict(
@@ -93,23 +107,31 @@ BASE = dict(
 
 
 def hf_config(family: str, **overrides):
-    from transformers import DeepseekV2Config, DeepseekV3Config
+    from transformers import DeepseekV2Config, DeepseekV3Config, DeepseekV32Config
 
     fields = {**BASE, **FAMILIES[family], **overrides}
     model_type = fields.pop("model_type")
     if model_type == "deepseek_v2":
         fields["scoring_func"] = "softmax"
         return DeepseekV2Config(**fields)
+    if model_type == "deepseek_v32":
+        for name in ("topk_method", "num_key_value_heads"):
+            fields.pop(name, None)  # V3.2's config has no such field (noaux_tc is implied)
+        return DeepseekV32Config(**fields)
     return DeepseekV3Config(**fields)
 
 
 def build_hf_model(family: str, seed: int = 0, **overrides):
     """A random transformers DeepSeek model with weights large enough to route decisively."""
-    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
 
     config = hf_config(family, **overrides)
     torch.manual_seed(seed)
-    cls = DeepseekV2ForCausalLM if config.model_type == "deepseek_v2" else DeepseekV3ForCausalLM
+    cls = {
+        "deepseek_v2": DeepseekV2ForCausalLM,
+        "deepseek_v3": DeepseekV3ForCausalLM,
+        "deepseek_v32": DeepseekV32ForCausalLM,
+    }[config.model_type]
     model = cls(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,6 +1,9 @@
 """The model architectures, one module per family, and what they share.
 
-- deepseek_v3.py: DeepSeek V2 / V2.5 / Coder-V2 / V3 / R1 / V3.1 (MLA + DeepSeekMoE, MTP)
+- deepseek_v3.py: DeepSeek V2 / V2.5 / Coder-V2 / V3 / R1 / V3.1 (MLA + DeepSeekMoE, MTP), and
+  Moonshot's Kimi K2 / K2-Thinking / K2.5 (text) and Moonlight (the same architecture)
+- deepseek_v32.py: DeepSeek V3.2 / V3.2-Exp (V3 + the lightning indexer's sparse attention)
+- deepseek_v1.py: DeepSeekMoE 16B (multi-head attention + DeepSeekMoE)
 - mla.py: Multi-head Latent Attention with the latent KV cache
 - moe.py: DeepSeekMoE (routing, the MoE block, the SwiGLU MLP)
 - config.py, rope.py, cache.py: the config fields, RoPE / YaRN, the model's cache
@@ -23,8 +26,14 @@ from ..errors import ConfigError
 MODEL_TYPES: dict[str, str] = {
     "deepseek_v2": "deepseek_v3",
     "deepseek_v3": "deepseek_v3",
+    "kimi_k2": "deepseek_v3",
+    "kimi_k25": "deepseek_v3",
+    "deepseek_v32": "deepseek_v32",
+    "deepseek": "deepseek_v1",
 }
-FAMILY_NAMES = "DeepSeek V2, V2.5, Coder-V2, V3, R1, V3.1"
+FAMILY_NAMES = (
+    "DeepSeek V2, V2.5, Coder-V2, V3, R1, V3.1, V3.2, DeepSeekMoE 16B; Kimi K2, K2.5, Moonlight"
+)
 
 
 def family(model_type: Any, source: str = "config.json") -> ModuleType:

@@ -10,13 +10,18 @@ last position waits for the next token).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 
 class ModelCache(list):
-    def __init__(self, num_layers: int, num_mtp_layers: int = 0):
-        super().__init__(KVCache() for _ in range(num_layers))
+    def __init__(
+        self, num_layers: int, num_mtp_layers: int = 0, layer_cache: Callable[[], KVCache] = KVCache
+    ):
+        # layer_cache: the per-layer cache type (V3.2's adds the indexer's keys to the latent)
+        super().__init__(layer_cache() for _ in range(num_layers))
         self.mtp: list[KVCache] = [KVCache() for _ in range(num_mtp_layers)]
         self.mtp_hidden: mx.array | None = None  # [B, 1, D], pre-norm h at position mtp_hidden_pos
         self.mtp_hidden_pos: int = -1

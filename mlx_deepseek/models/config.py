@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# DeepSeek-V3's architecture under Moonshot's names: Kimi K2 / K2-Instruct / K2-Thinking, and
+# K2.5, whose config wraps the language model's in `text_config` (its vision tower is ignored)
+KIMI_MODEL_TYPES = ("kimi_k2", "kimi_k25")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 
@@ -55,26 +58,34 @@ class ModelArgs:
     hidden_act: str = "silu"
     torch_dtype: str | None = None
     quantization: dict[str, Any] | None = field(default=None, repr=False)
+    # the config's own model_type when it names DeepSeek-V3's architecture otherwise (kimi_k2)
+    source_model_type: str | None = None
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = SUPPORTED_MODEL_TYPES + KIMI_MODEL_TYPES
+    REQUIRED: ClassVar[tuple[str, ...]] = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "kv_lora_rank",
+        "intermediate_size",
+    )
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelArgs:
         """Build from a config dict (`rope_scaling`, or transformers 5's `rope_parameters`)."""
         config = dict(config)
         model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in cls.MODEL_TYPES:
             from . import family
 
             family(model_type, source)  # raises, naming what is supported
-            raise ConfigError(f"{source}: model_type={model_type!r} is not a DeepSeek V2/V3 model")
-        required = (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "vocab_size",
-            "kv_lora_rank",
-            "intermediate_size",
-        )
-        missing = [k for k in required if config.get(k) is None]
+            raise ConfigError(
+                f"{source}: model_type={model_type!r} is not one of {', '.join(cls.MODEL_TYPES)}"
+            )
+        if model_type in KIMI_MODEL_TYPES:
+            config = _kimi_text_config(config, source)
+        missing = [k for k in cls.REQUIRED if config.get(k) is None]
         if missing:
             raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
 
@@ -95,6 +106,16 @@ class ModelArgs:
         return args
 
     # ---- derived values ------------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        """The model_type the checkpoint's config.json gives (kimi_k2 for a Kimi K2)."""
+        return self.source_model_type or self.model_type
+
+    @property
+    def cache_values_per_token(self) -> int:
+        """Values one token adds to one layer's KV cache: MLA's latent c_kv and k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
     @property
     def qk_head_dim(self) -> int:
@@ -203,3 +224,19 @@ class ModelArgs:
                     "num_experts_per_tok",
                     f"exceeds the {topk_group * per_group} experts left by topk_group={topk_group}",
                 )
+
+
+def _kimi_text_config(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """A Kimi config as the DeepSeek-V3 config it is: K2.5's `text_config` unwrapped (its
+    vision settings dropped), model_type deepseek_v3, the original name kept as
+    source_model_type."""
+    label = config["model_type"]
+    if label == "kimi_k25":
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(
+                f"{source}: model_type kimi_k25 needs a text_config object (the language "
+                f"model's config), got {type(text).__name__}"
+            )
+        config = dict(text)
+    return {**config, "model_type": "deepseek_v3", "source_model_type": label}

@@ -1,0 +1,139 @@
+"""DeepSeek Sparse Attention (V3.2's lightning indexer): plain MLX.
+
+Per query, the indexer scores every visible key position (DeepSeek's inference/model.py,
+V3.2-Exp, with the half-split RoPE fix):
+
+    score[t, s] = sum_h w[t, h] * relu(q[t, h] . k[s])        (w carries both scales)
+
+and the query attends, with MLA in its absorbed (latent) form, only to the `topk` best
+positions: the cost of attention is O(topk) per query whatever the context. Queries are
+processed in chunks so that no [queries, heads, keys] block exceeds BLOCK_ELEMENTS: a long
+prefill never holds a T x T matrix.
+
+Ties. relu makes a score exactly 0.0 whenever every indexer head has q.k <= 0, and exact
+ties at the top-k boundary are then common (with few heads). The selection here is a
+function of the scores alone: among equal scores the LOWER position wins. Each score is
+mapped to an order-preserving integer and combined with the position into one int64 key,
+so every key is distinct and any correct top-k algorithm (CPU or GPU, argpartition or a
+sort) returns the same set. -0.0 counts as 0.0.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# the largest [queries, heads, keys] (or [queries, topk, latent]) block built at once
+BLOCK_ELEMENTS = 1 << 24
+_POS_FIELD = (1 << 32) - 1  # low 32 bits of a selection key: (2^32 - 1) - position
+
+
+def index_scores(q: mx.array, k: mx.array, weights: mx.array) -> mx.array:
+    """Indexer scores sum_h weights[..., h] * relu(q_h . k), in float32.
+
+    q: [B, L, H, D] (roped); k: [B, S, D] (roped); weights: [B, L, H] -> [B, L, S].
+    """
+    B, L, H, D = q.shape
+    q = q.astype(mx.float32).reshape(B, L * H, D)
+    dots = mx.maximum(q @ k.astype(mx.float32).swapaxes(-1, -2), 0.0)  # [B, L*H, S]
+    w = weights.astype(mx.float32).reshape(B, L, 1, H)
+    return (w @ dots.reshape(B, L, H, -1)).squeeze(2)
+
+
+def selection_keys(scores: mx.array) -> mx.array:
+    """int64 keys ordered as (score, then lower position first): [..., S] -> [..., S]."""
+    scores = mx.where(scores == 0, mx.array(0.0, mx.float32), scores.astype(mx.float32))
+    bits = scores.view(mx.int32)
+    # negative floats order the other way round as integers: flip their magnitude bits
+    ordered = mx.where(bits < 0, mx.bitwise_xor(bits, mx.array(0x7FFFFFFF, mx.int32)), bits)
+    positions = mx.arange(scores.shape[-1], dtype=mx.int64)
+    return ordered.astype(mx.int64) * (1 << 32) + (_POS_FIELD - positions)
+
+
+def select_topk(scores: mx.array, topk: int, offset: int) -> tuple[mx.array, mx.array]:
+    """The `topk` best key positions for each query, causally.
+
+    scores: [B, L, S] for queries at positions offset .. offset + L - 1 over keys 0 .. S-1.
+    Returns (positions [B, L, K] int32, valid [B, L, K] bool) with K = min(topk, S); a
+    position is invalid when it lies after its query (a query at position p < K - 1 has
+    only p + 1 keys to choose). Ties go to the lower position (module docstring).
+    """
+    B, L, S = scores.shape
+    K = min(topk, S)
+    rows = mx.arange(offset, offset + L)[:, None]
+    visible = mx.arange(S)[None] <= rows  # [L, S]
+    scores = mx.where(visible, scores, mx.array(-mx.inf, mx.float32))
+    keys = selection_keys(scores)
+    idx = mx.argpartition(keys, kth=S - K, axis=-1)[..., S - K :].astype(mx.int32)
+    valid = mx.take_along_axis(mx.broadcast_to(visible, scores.shape), idx, axis=-1)
+    return idx, valid
+
+
+def gather_attention(
+    q_lat: mx.array,
+    q_pe: mx.array,
+    c_kv: mx.array,
+    k_pe: mx.array,
+    idx: mx.array,
+    valid: mx.array,
+    scale: float,
+) -> mx.array:
+    """MLA's absorbed attention over the selected latent rows only.
+
+    q_lat: [B, H, L, rank] (q_nope @ W_uk); q_pe: [B, H, L, rope] (roped); c_kv: [B, S, rank];
+    k_pe: [B, S, rope]; idx / valid: [B, L, K]. Returns the attention-weighted latent
+    [B, H, L, rank] (W_uv is applied by the caller). Reads K rows per query, not S.
+    """
+    B, H, L, R = q_lat.shape
+    S, K = c_kv.shape[1], idx.shape[-1]
+    rows = (idx + (mx.arange(B, dtype=mx.int32) * S)[:, None, None]).reshape(-1)
+    c = mx.take(c_kv.reshape(B * S, R), rows, axis=0).reshape(B * L, 1, K, R)
+    kp = mx.take(k_pe.reshape(B * S, -1), rows, axis=0).reshape(B * L, 1, K, -1)
+    # one query position per batch row; its H heads share the one latent head
+    q = q_lat.transpose(0, 2, 1, 3).reshape(B * L, 1, H, R)
+    qp = (q_pe * scale).transpose(0, 2, 1, 3).reshape(B * L, 1, H, -1)
+    pe = qp @ kp.swapaxes(-1, -2)  # [B*L, 1, H, K], the rope part of the scores
+    low = mx.array(mx.finfo(pe.dtype).min, pe.dtype)
+    pe = mx.where(valid.reshape(B * L, 1, 1, K), pe, low)
+    out = mx.fast.scaled_dot_product_attention(q, c, c, scale=scale, mask=pe)
+    return out.reshape(B, L, H, R).transpose(0, 2, 1, 3)
+
+
+def query_chunk(num_queries: int, keys: int, index_heads: int, heads: int, topk: int, rank: int):
+    """Queries per chunk so that no intermediate block exceeds BLOCK_ELEMENTS."""
+    per_query = max(index_heads * keys, min(topk, keys) * max(rank, heads))
+    return max(1, min(num_queries, BLOCK_ELEMENTS // max(per_query, 1)))
+
+
+def sparse_attention(
+    q_index: mx.array,
+    k_index: mx.array,
+    weights: mx.array,
+    q_lat: mx.array,
+    q_pe: mx.array,
+    c_kv: mx.array,
+    k_pe: mx.array,
+    *,
+    offset: int,
+    topk: int,
+    scale: float,
+    chunk: int | None = None,
+) -> mx.array:
+    """DeepSeek Sparse Attention for L queries at positions offset .. offset + L - 1.
+
+    q_index: [B, L, Hi, Di], k_index: [B, S, Di], weights: [B, L, Hi] (the indexer);
+    q_lat, q_pe, c_kv, k_pe: MLA's absorbed operands (gather_attention). Queries go in
+    chunks of `chunk` (default: query_chunk) -> the attention-weighted latent [B, H, L, rank].
+    """
+    B, H, L, R = q_lat.shape
+    S = c_kv.shape[1]
+    if chunk is None:
+        chunk = query_chunk(L, S, q_index.shape[2], H, topk, R)
+    outs = []
+    for lo in range(0, L, chunk):
+        hi = min(L, lo + chunk)
+        scores = index_scores(q_index[:, lo:hi], k_index, weights[:, lo:hi])
+        idx, valid = select_topk(scores, topk, offset + lo)
+        outs.append(
+            gather_attention(q_lat[:, :, lo:hi], q_pe[:, :, lo:hi], c_kv, k_pe, idx, valid, scale)
+        )
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
