@@ -84,10 +84,14 @@ def gather_attention(
     [B, H, L, rank] (W_uv is applied by the caller). Reads K rows per query, not S.
     """
     B, H, L, R = q_lat.shape
-    S, K = c_kv.shape[1], idx.shape[-1]
-    rows = (idx + (mx.arange(B, dtype=mx.int32) * S)[:, None, None]).reshape(-1)
-    c = mx.take(c_kv.reshape(B * S, R), rows, axis=0).reshape(B * L, 1, K, R)
-    kp = mx.take(k_pe.reshape(B * S, -1), rows, axis=0).reshape(B * L, 1, K, -1)
+    K = idx.shape[-1]
+    rows = idx.reshape(B, L * K, 1)  # gathered along the positions of each batch row
+
+    def gather(a: mx.array) -> mx.array:  # [B, S, d] -> [B*L, 1, K, d]
+        picked = mx.take_along_axis(a, mx.broadcast_to(rows, (B, L * K, a.shape[-1])), axis=1)
+        return picked.reshape(B * L, 1, K, -1)
+
+    c, kp = gather(c_kv), gather(k_pe)
     # one query position per batch row; its H heads share the one latent head
     q = q_lat.transpose(0, 2, 1, 3).reshape(B * L, 1, H, R)
     qp = (q_pe * scale).transpose(0, 2, 1, 3).reshape(B * L, 1, H, -1)
