@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import cpu
+from .compressed_tensors import packed_format
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
 from .models import build_model, model_args
 from .models.config import ModelArgs
@@ -225,10 +226,15 @@ def estimate_memory(
             total += v.size * dtype.size
         else:
             total += v.nbytes
-    per_token = (args.num_hidden_layers + args.num_nextn_predict_layers) * (
-        args.kv_lora_rank + args.qk_rope_head_dim
-    )
+    per_token = cache_values_per_token(args)
     return total, per_token * context * dtype.size
+
+
+def cache_values_per_token(args: ModelArgs) -> int:
+    """KV-cache values one token adds over all layers (MTP layers that run included): MLA's
+    latent, V3.2's latent + indexer key, DeepSeekMoE 16B's per-head K and V."""
+    mtp = args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0
+    return (args.num_hidden_layers + mtp) * args.cache_values_per_token
 
 
 def available_memory() -> int | None:
@@ -301,6 +307,8 @@ def load_model(
     model.mtp = model.mtp[: len(present)]
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")
+    if quantization is None and packed_format(config, str(path / "config.json")) is not None:
+        quantization = {}  # compressed-tensors INT4: bits / group size from each tensor's shape
     if quantization is not None:
         _quantize(model, quantization, weights)
     _check_tensors(model, weights, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
@@ -149,10 +150,17 @@ class ModelArgs:
     # ---- validation ----------------------------------------------------------------------
 
     def validate(self, source: str = "config.json") -> None:
-        def bad(field_name: str, why: str) -> ConfigError:
-            value = getattr(self, field_name)
-            return ConfigError(f"{source}: {field_name}={value!r} {why}")
+        """Raise ConfigError (one line naming the field) on an impossible value."""
+        self.validate_attention(source)
+        self.validate_moe(source)
 
+    def field_error(self, source: str, field_name: str, why: str) -> ConfigError:
+        """A ConfigError naming the field and its value."""
+        return ConfigError(f"{source}: {field_name}={getattr(self, field_name)!r} {why}")
+
+    def validate_attention(self, source: str) -> None:
+        """The sizes, MLA's fields and RoPE."""
+        bad = partial(self.field_error, source)
         for name in (
             "hidden_size",
             "num_hidden_layers",
@@ -171,10 +179,6 @@ class ModelArgs:
             raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise bad("q_lora_rank", "must be a positive integer or null")
-        if self.hidden_act != "silu":
-            raise bad("hidden_act", "is not supported; DeepSeek models use silu")
-        if self.num_nextn_predict_layers < 0:
-            raise bad("num_nextn_predict_layers", "must be >= 0")
         if self.rope_type not in ("default", "yarn"):
             raise ConfigError(
                 f"{source}: rope_scaling type {self.rope_type!r} is not supported (default or yarn)"
@@ -183,6 +187,14 @@ class ModelArgs:
             for key in ("factor", "original_max_position_embeddings"):
                 if key not in self.rope_scaling:
                     raise ConfigError(f"{source}: rope_scaling is missing {key!r} (needed by yarn)")
+
+    def validate_moe(self, source: str) -> None:
+        """The MLP, MTP and routing fields."""
+        bad = partial(self.field_error, source)
+        if self.hidden_act != "silu":
+            raise bad("hidden_act", "is not supported; DeepSeek models use silu")
+        if self.num_nextn_predict_layers < 0:
+            raise bad("num_nextn_predict_layers", "must be >= 0")
         if self.n_routed_experts is None:
             return
         if self.n_routed_experts <= 0:
