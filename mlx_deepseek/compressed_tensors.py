@@ -153,7 +153,8 @@ def map_packed(weights: dict[str, mx.array]) -> dict[str, mx.array]:
                 "compressed-tensors checkpoint cannot be loaded"
             )
     out = dict(weights)
-    for base in bases:
+    first: tuple[str, PackedFormat] | None = None
+    for base in sorted(bases):
         name = base.rstrip(".")
         try:
             packed, scale = out.pop(base + PACKED), out.pop(base + SCALE)
@@ -163,6 +164,13 @@ def map_packed(weights: dict[str, mx.array]) -> dict[str, mx.array]:
                 f"tensor {e.args[0]} is missing: {name} is packed but incomplete"
             ) from None
         fmt = check_packed(name, tuple(packed.shape), tuple(scale.shape), shape)
+        if first is None:
+            first = name, fmt
+        elif fmt != first[1]:
+            raise CheckpointError(
+                f"tensor {name} holds {fmt.bits}-bit groups of {fmt.group_size}, but {first[0]} "
+                f"{first[1].bits}-bit groups of {first[1].group_size}: one scheme is supported"
+            )
         out[base + "weight"], out[base + "scales"], out[base + "biases"] = to_affine(
             packed, scale, fmt
         )

@@ -2,6 +2,8 @@
 (dsa_oracle.py), against transformers' DeepseekV32 (also in test_model.py), across the
 prefill / chunked / cached-decode paths, and its documented tie-breaking rule."""
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -280,3 +282,73 @@ def test_v32_args_count_the_indexer_key_in_the_cache():
     args = model_args(v32_config())
     assert args.cache_values_per_token == 32 + 16 + 32  # rank + rope + index_head_dim
     assert isinstance(mlx_deepseek.models.build_model(args).layers[0].self_attn, SparseAttention)
+
+
+# ---- convert, info, the memory preflight ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def v32_source(tmp_path_factory):
+    from checkpoints import add_mtp_layer
+
+    hf = build_hf_model("v32", seed=4)
+    path = save_hf_checkpoint(hf, tmp_path_factory.mktemp("v32src"))
+    add_mtp_layer(path)  # V3.2 checkpoints carry one; mlx-deepseek (like mlx-lm) drops it
+    return hf, path
+
+
+def test_checkpoint_with_its_mtp_layer_loads_and_matches_transformers(v32_source):
+    hf, path = v32_source
+    tokens = np.random.RandomState(8).randint(2, 320, size=(1, 20))
+    model = mlx_deepseek.load_model(path, dtype="float32")
+    assert not model.mtp
+    assert rel_err(np.array(model(mx.array(tokens))), hf_logits(hf, tokens).numpy()) < 1e-4
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["float", "q8"])
+def test_converted_v32_loads_in_mlx_deepseek_and_mlx_lm(v32_source, tmp_path, quantize):
+    from mlx_deepseek.convert import Options, convert
+    from mlx_deepseek.convert.reader import read_header
+    from mlx_lm.utils import load_model as lm_load
+
+    hf, path = v32_source
+    out = tmp_path / "out"
+    summary = convert(path, out, Options(bits=8, group_size=32, quantize=quantize))
+    assert any("without its MTP layer" in n for n in summary.notes)
+    names = {n for f in out.glob("*.safetensors") for n in read_header(f)}
+    assert "model.layers.1.self_attn.indexer.k_norm.bias" in names
+    assert not any(n.startswith(("mtp.", "model.layers.3.")) for n in names)
+    tokens = np.random.RandomState(9).randint(2, 320, size=(1, 20))
+    ours = np.array(mlx_deepseek.load_model(out, dtype="float32")(mx.array(tokens)))
+    if not quantize:
+        assert rel_err(ours, hf_logits(hf, tokens).numpy()) < 1e-4
+    else:  # the indexer's head weights stay unquantized
+        cfg = json.loads((out / "config.json").read_text())["quantization"]
+        assert cfg["model.layers.1.self_attn.indexer.weights_proj"] is False
+    # mlx-lm's deepseek_v32 on the same files (its k_norm eps is 1e-5, not DeepSeek's 1e-6)
+    lm, _ = lm_load(out)
+    assert rel_err(np.array(lm(mx.array(tokens)).astype(mx.float32)), ours) < 1e-3
+
+
+def test_info_and_memory_preflight_count_the_indexer_cache(v32_source, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mlx_deepseek import loading
+    from mlx_deepseek.cli import app
+
+    _, path = v32_source
+    result = CliRunner().invoke(app, ["info", str(path)], standalone_mode=False)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "deepseek_v32" in out and "latent + indexer key" in out
+    assert "at most 8 positions, chosen by 16 indexer heads of 32" in out
+    args = model_args(json.loads((path / "config.json").read_text()))
+    # 3 layers x (32 latent + 16 rope + 32 indexer key) values, no MTP layer; 4096 tokens in
+    # the checkpoint's float32
+    assert loading.cache_values_per_token(args) == 3 * 80
+    assert f"KV cache, 4096 tokens {3 * 80 * 4 * 4096 / 1e6:.1f} MB" in out
+    # the preflight refuses when weights + that cache do not fit
+    weights_bytes, cache_bytes = loading.estimate_memory(args, {}, mx.bfloat16)
+    monkeypatch.setattr(loading, "available_memory", lambda: cache_bytes - 1)
+    with pytest.raises(mlx_deepseek.errors.OutOfMemoryError, match="cache"):
+        mlx_deepseek.load_model(path)
