@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu
+from . import ops
 from .compressed_tensors import packed_format
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
 from .models import build_model, model_args
@@ -315,7 +315,8 @@ def load_model(
     weights = {k: v.astype(_tensor_dtype(model, k, v, compute)) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    cpu.install(model)  # big quantized layers split across CPU streams (CPU only)
+    ops.resolve()  # the back-end for this device: MLX, the CPU strategies or Metal kernels
+    ops.prepare(model)  # its one-time changes (the CPU's row-split layers)
     _raise_wired_limit()
     if not lazy:
         mx.eval(model.parameters())

@@ -167,7 +167,7 @@ class MTPDecoder:
         yielded = 0
         try:
             h_last = self._prefill(model, tokens, cache, mtp_cache, opts)
-            logprobs = self._process(model.head(model.model.norm(h_last))[:, -1], history, opts)
+            logprobs = self._process(model.logits(h_last)[:, -1], history, opts)
             token, _ = self._draw(logprobs)
             pend_h, pend_t = h_last, [token]
             history.append(token)
@@ -196,7 +196,7 @@ class MTPDecoder:
         pend_h = None  # h at the last position of the previous chunk, waiting for its token
         while done < total:
             n = min(opts.prefill_step_size, total - done)
-            h = model.model.hidden(x[:, done : done + n], cache)  # [1, n, D]
+            h = model.hidden(x[:, done : done + n], cache)  # [1, n, D]
             # MTP pairs (h_i, t_{i+1}) for the positions whose next token is known
             hs = h[:, :-1] if pend_h is None else mx.concatenate([pend_h, h[:, :-1]], axis=1)
             ts = x[:, done + 1 : done + n] if pend_h is None else x[:, done : done + n]
@@ -227,8 +227,8 @@ class MTPDecoder:
         cache.trim_mtp(mtp_len)
 
         # 2. verify all drafts with one forward of the main model
-        h_v = model.model.hidden(mx.array([[pend_t[-1]] + drafts]), cache)  # [1, k+1, D]
-        logits_v = model.head(model.model.norm(h_v))
+        h_v = model.hidden(mx.array([[pend_t[-1]] + drafts]), cache)  # [1, k+1, D]
+        logits_v = model.logits(h_v)
         out: list[int] = []
         steps: list[Step] = []
         for j in range(k + 1):

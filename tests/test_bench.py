@@ -274,13 +274,13 @@ def test_bench_kernels_says_in_one_line_when_they_cannot_run(bench_json, tmp_pat
 
 
 def test_bench_kernels_compares_on_and_off(bench_json, tmp_path, monkeypatch):
-    from test_fused_kernels import metal
+    from kernel_support import metal
 
-    from mlx_deepseek.kernels import runtime as kernels
+    from mlx_deepseek.ops import metal as metal_ops
 
     with metal(monkeypatch):  # the CPU emulator of Metal stands in where there is no GPU
         result, data = _kernel_bench(bench_json[1], tmp_path)
-        assert kernels.failed_families() == []
+        assert metal_ops.failed_families() == []
     _check_kernel_result(data, ["off", "on"])
     assert data["kernels_available"] and data["note"] is None
     assert "on / off" in result.output and "attention on" in result.output

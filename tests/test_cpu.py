@@ -1,4 +1,4 @@
-"""Decode work split across CPU streams (cpu.py) computes the same function as one
+"""Decode work split across CPU streams (ops/cpu.py) computes the same function as one
 stream: the row-split linear layers, the MoE's shared-out experts, the absorbed attention
 split by cached positions (merged flash-decoding style) and the expanded one by heads."""
 
@@ -14,11 +14,12 @@ from checkpoints import BASE, FAMILIES
 from mlx.utils import tree_flatten
 from mlx_lm.models.mla import MultiLinear
 
-from mlx_deepseek import _blas, cpu
+from mlx_deepseek import _blas, ops
 from mlx_deepseek.kernels import runtime as kernels
 from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.models.deepseek_v3 import Model
-from mlx_deepseek.models.mla import exp_nonpositive
+from mlx_deepseek.ops import cpu
+from mlx_deepseek.ops.cpu import exp_nonpositive
 
 TOKENS = mx.array(np.random.RandomState(0).randint(2, 320, size=(2, 12)))
 
@@ -106,14 +107,14 @@ def test_cpu_paths_equal_mlx(
     assert not count_parts
     monkeypatch.setenv(cpu.ENV_THREADS, "3")
     monkeypatch.setattr(cpu, "DEQUANT_MIN_TOKENS", dequant_from)
-    assert cpu.install(model) > 0
+    assert cpu.prepare(model) > 0
     got = run(model, absorb)
     for g, r in zip(got, ref, strict=True):
         err = np.abs(g - r).max() / np.abs(r).max()
         assert err < 2e-6, err
     # every kind of split happened
     assert count_parts.get("row_split", 0) > 0
-    assert count_parts.get("_absorbed_split" if absorb else "_expanded", 0) > 0
+    assert count_parts.get("absorbed_attention" if absorb else "expanded_attention", 0) > 0
     if quantized:  # unquantized experts (float32 gather_mm on the CPU) are left to MLX
         assert count_parts.get("_experts_grouped", 0) > 0  # the prefill
         if dequant_from > 1:
@@ -140,10 +141,10 @@ def test_dequantized_matmul_equals_quantized_matmul(transpose, bits):
     assert (mx.abs(got - ref).max() / mx.abs(ref).max()).item() < 1e-6
 
 
-def test_install_keeps_the_parameters_and_sets_blas(split_all):
+def test_prepare_keeps_the_parameters_and_sets_blas(split_all):
     model = tiny_model("v3_noaux", quantized=True)
     before = dict(tree_flatten(model.parameters()))
-    n = cpu.install(model)
+    n = cpu.prepare(model)
     after = dict(tree_flatten(model.parameters()))
     assert n > 0 and before.keys() == after.keys()
     assert all(before[k] is after[k] for k in before)
@@ -156,13 +157,16 @@ def test_install_keeps_the_parameters_and_sets_blas(split_all):
 def test_small_models_are_not_split(monkeypatch):
     monkeypatch.setenv(cpu.ENV_THREADS, "2")
     model = tiny_model("v3_noaux", quantized=True)
-    assert cpu.install(model) == 0  # below MIN_PART_BYTES: one stream is faster
+    assert cpu.prepare(model) == 0  # below MIN_PART_BYTES: one stream is faster
 
 
-def test_no_split_when_building_a_macs_graph(split_all):
+def test_no_split_when_another_back_end_is_in_use(split_all):
     assert len(cpu.workers()) == 3
-    with kernels.pretend_metal(lambda spec, inputs: []):
+    with kernels.pretend_metal(lambda spec, inputs: []), ops.use("metal"):  # a Mac's graph
         assert cpu.workers() == []
+    with ops.use("mlx"):
+        assert cpu.workers() == []
+    assert len(cpu.workers()) == 3
 
 
 def test_threads_setting(monkeypatch):
@@ -215,7 +219,7 @@ def test_demo_answers_the_same_split(split_all, monkeypatch, mtp):
     model, tokenizer = mlx_deepseek.load("demo")
     ref = mlx_deepseek.generate(model, tokenizer, messages, max_tokens=80, mtp=mtp)
     monkeypatch.setenv(cpu.ENV_THREADS, "3")
-    model, tokenizer = mlx_deepseek.load("demo")  # install() now splits every layer
+    model, tokenizer = mlx_deepseek.load("demo")  # prepare() now splits every layer
     assert isinstance(model.model.layers[0].self_attn.q_a_proj, cpu.RowSplitQuantizedLinear)
     got = mlx_deepseek.generate(model, tokenizer, messages, max_tokens=80, mtp=mtp)
     assert got == ref and "579" in ref

@@ -6,15 +6,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from kernel_support import metal
 from mlx.utils import tree_flatten, tree_map_with_path
-from test_fused_kernels import metal
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_deepseek.bench.counting import count_step
 from mlx_deepseek.bench.runtimes import MLX_LM, OURS, Runtime, decode_step, filled_cache
-from mlx_deepseek.kernels import runtime as kernels
 from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.models.deepseek_v3 import Model
+from mlx_deepseek.ops import metal as metal_ops
 
 # Measured with this code (tiny V3 below, float32, Metal-equivalent, kernel launches as one
 # placeholder each): 33 for mlx-deepseek, 78 for mlx-lm. A change that adds a dispatch to the
@@ -132,11 +132,8 @@ def test_decode_with_every_kernel_equals_mlx(monkeypatch, family):
     model = tiny_model(family)
     steps = (2, 1) if family == "v3" else (1,)  # fewer kernel variants to compile
     ref = decode(model, steps)
-    with metal(monkeypatch):
+    with metal(monkeypatch, *metal_ops.FAMILIES):  # every kernel ran and passed its self-check
         got = decode(model, steps)
-        used = {family for family, _ in kernels._State.checked}
-        assert not kernels._State.disabled
-    assert used == set(kernels.FAMILIES)  # every kernel ran (and passed its self-check)
     for g, r in zip(got, ref, strict=True):
         assert rel(g, r) < 1e-5
 
@@ -146,9 +143,8 @@ def test_bfloat16_decode_with_kernels_is_as_close_to_float32_as_mlx(monkeypatch)
     ref32 = decode(tiny_model("v3", mx.float32), steps=(1,))
     model = tiny_model("v3", mx.bfloat16)
     mlx16 = decode(model, steps=(1,))
-    with metal(monkeypatch):
+    with metal(monkeypatch, *metal_ops.FAMILIES):
         fused16 = decode(model, steps=(1,))
-        assert {f for f, _ in kernels._State.checked} == set(kernels.FAMILIES)
     for f, m, r in zip(fused16, mlx16, ref32, strict=True):
         # the kernels keep float32 where MLX rounds intermediates to bfloat16
         assert rel(f, r) <= 1.25 * rel(m, r) + 0.005

@@ -14,8 +14,7 @@ import mlx_deepseek
 from mlx_deepseek.errors import ConfigError
 from mlx_deepseek.models import model_args
 from mlx_deepseek.models.deepseek_v32 import IndexedCache, SparseAttention
-from mlx_deepseek.models.mla import CAUSAL
-from mlx_deepseek.ops import sparse
+from mlx_deepseek.ops import CAUSAL, sparse
 
 T = 26  # tokens: well past index_topk in both configs
 
@@ -138,7 +137,8 @@ def test_selected_positions_equal_the_transcription(v32, oracle):
     q_a = attn.q_a_layernorm(attn.q_a_proj(x))
     q, w = attn.indexer.queries(x, q_a, 0)
     k = attn.indexer.keys(x, 0)[:, 0]
-    idx, valid = sparse.select_topk(sparse.index_scores(q, k, w), model.args.index_topk, 0)
+    scores = sparse.index_scores(q, k, w)
+    idx, valid = sparse.select_topk(scores, model.args.index_topk, sparse.causal(T, T, 0))
     idx, valid = np.array(idx[0]), np.array(valid[0])
     for t in range(T):
         ours = set(idx[t][valid[t]].tolist())
@@ -226,7 +226,7 @@ def test_ties_go_to_the_lower_position(S, topk, offset):
     # few distinct values (exact ties everywhere), zeros of both signs, negatives
     scores = rng.integers(-2, 3, size=(1, L, S)).astype(np.float32) * 0.5
     scores[rng.random(scores.shape) < 0.2] = -0.0
-    idx, valid = sparse.select_topk(mx.array(scores), topk, offset)
+    idx, valid = sparse.select_topk(mx.array(scores), topk, sparse.causal(L, S, offset))
     idx, valid = np.array(idx[0]), np.array(valid[0])
     want = reference_topk(scores[0], topk, offset)
     for i in range(L):
@@ -239,9 +239,9 @@ def test_the_selection_is_the_same_query_by_query():
     scores = (rng.integers(0, 3, size=(1, 12, 40)) * (rng.random((1, 12, 40)) < 0.5)).astype(
         np.float32
     )
-    idx, valid = sparse.select_topk(mx.array(scores), 6, 28)
+    idx, valid = sparse.select_topk(mx.array(scores), 6, sparse.causal(12, 40, 28))
     for i in range(12):
-        one, ok = sparse.select_topk(mx.array(scores[:, i : i + 1, : 29 + i]), 6, 28 + i)
+        one, ok = sparse.select_topk(mx.array(scores[:, i : i + 1, : 29 + i]), 6)  # decode
         a = set(np.array(idx[0, i])[np.array(valid[0, i])].tolist())
         assert a == set(np.array(one[0, 0])[np.array(ok[0, 0])].tolist())
 

@@ -1,22 +1,24 @@
-"""The decode glue kernels (norm_kernels.py, router_kernel.py, mla_kernels.py) against float64
+"""The decode glue kernels (kernels/norm.py, router.py, mla.py) against float64
 NumPy references. Where there is no Metal the very sources run in the CPU emulator of Metal
 (tests/metal_emulator); on a Mac they run on the GPU."""
-
-from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from test_kernels import EPS, MAKE_KERNEL, ON_METAL, dequantize, f64
+from kernel_support import EPS, MAKE_KERNEL, ON_METAL, dequantize, f64, metal
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_deepseek import ops
 from mlx_deepseek.kernels import mla as mla_kernels
 from mlx_deepseek.kernels import norm as norm_kernels
 from mlx_deepseek.kernels import router as router_kernel
 from mlx_deepseek.kernels import runtime as kernels
+from mlx_deepseek.kernels.runtime import Unsupported
 from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.models.rope import RoPE
+from mlx_deepseek.ops import metal as metal_ops
+from mlx_deepseek.ops.types import Routing
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -28,19 +30,6 @@ def rel(got: mx.array, ref: np.ndarray) -> float:
 
 def normal(rng, shape, dtype=mx.float32, scale=1.0) -> mx.array:
     return mx.array((scale * rng.normal(size=shape)).astype(np.float32)).astype(dtype)
-
-
-@contextmanager
-def metal(monkeypatch):
-    """The runtime as on a Mac (the emulator standing in for the GPU where there is none),
-    with a fresh self-check state."""
-    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
-    monkeypatch.setattr(kernels._State, "disabled", set())
-    monkeypatch.setattr(kernels._State, "checked", set())
-    if not ON_METAL:
-        monkeypatch.setattr(kernels, "available", lambda: True)
-        monkeypatch.setattr(mx.fast, "metal_kernel", MAKE_KERNEL)
-    yield
 
 
 def rope_args(dims: int = 16) -> ModelArgs:
@@ -97,9 +86,9 @@ def test_add_rms_norm_matches_float64(monkeypatch, dtype):
     x, r = normal(rng, (1, 3, D), dtype), normal(rng, (1, 3, D), dtype)
     norm = nn.RMSNorm(D, eps=1e-5)
     norm.weight = mx.array(rng.uniform(0.5, 1.5, D).astype(np.float32)).astype(dtype)
-    with metal(monkeypatch):
-        h, y, y32 = norm_kernels.add_rms_norm(x, r, norm, float32_copy=True)
-        h2, y2 = norm_kernels.add_rms_norm(x, r, norm)
+    with metal(monkeypatch, "norm"):
+        h, y, y32 = ops.add_rms_norm(x, r, norm, float32_copy=True)
+        h2, y2 = ops.add_rms_norm(x, r, norm)
     h_ref = round_to(f64(x) + f64(r), dtype)
     assert h.dtype == y.dtype == dtype and y32.dtype == mx.float32 and h.shape == x.shape
     assert rel(h, h_ref) <= EPS[dtype]
@@ -122,9 +111,10 @@ def test_latent_norm_rope_matches_float64(monkeypatch, dtype):
     q_a = normal(rng, (2, 3, 48), dtype)  # V3's q LoRA activation, normed by the same kernel
     q_norm = nn.RMSNorm(48, eps=1e-6)
     q_norm.weight = mx.array(rng.uniform(0.5, 1.5, 48).astype(np.float32)).astype(dtype)
-    with metal(monkeypatch):
-        c, k = norm_kernels.latent_norm_rope(kv, norm, rope, rank, offset)
-        c2, k2, qn = norm_kernels.latent_norm_rope(kv, norm, rope, rank, offset, q_a, q_norm)
+    with metal(monkeypatch, "latent"):
+        c, k, none = ops.latent(kv, norm, rope, offset)
+        c2, k2, qn = ops.latent(kv, norm, rope, offset, q_a, q_norm)
+    assert none is None
     assert c.shape == (2, 1, 3, rank) and k.shape == (2, 1, 3, 16) and c.dtype == dtype
     kv64 = f64(kv)
     assert rel(c[:, 0], rms_ref(kv64[..., :rank], f64(norm.weight), 1e-6, dtype)) <= 2 * EPS[dtype]
@@ -148,9 +138,10 @@ def test_quantized_embedding_matches_float64(monkeypatch, dtype, bits, gs):
     tokens = mx.array([[3, 49, 0], [7, 7, 12]])
     norm = nn.RMSNorm(256, eps=1e-6)
     norm.weight = mx.random.uniform(0.5, 1.5, (256,)).astype(dtype)
-    with metal(monkeypatch):
-        (y,) = norm_kernels.quantized_embedding(q, tokens)
-        y2, normed = norm_kernels.quantized_embedding(q, tokens, norm)  # + the first norm
+    with metal(monkeypatch, "embedding"):
+        y, none = ops.embed(q, tokens)
+        y2, normed = ops.embed(q, tokens, norm)  # + the first norm
+    assert none is None
     table = dequantize(q.weight, q.scales, q.biases, bits, gs)
     assert y.shape == normed.shape == (2, 3, 256) and y.dtype == normed.dtype == dtype
     assert rel(y, table[np.array(tokens)]) <= EPS[dtype] and mx.array_equal(y2, y)
@@ -215,18 +206,13 @@ def route_ref(logits: np.ndarray, bias: np.ndarray | None, c: dict):
 
 @pytest.mark.parametrize("name", list(ROUTINGS))
 def test_router_matches_float64(monkeypatch, name):
-    from functools import partial
-
-    from mlx_deepseek.models.moe import route
-
     c = dict(ROUTINGS[name])
     E, has_bias = c.pop("E"), c.pop("bias")
     rng = np.random.default_rng(3)
     logits = normal(rng, (2, 3, E), scale=2.0)
     bias = normal(rng, (E,), scale=0.1) if has_bias else None
-    reference = mx.compile(partial(route, **c))
-    with metal(monkeypatch):
-        inds, w = router_kernel.fused_route(logits, bias, reference, **c)
+    with metal(monkeypatch, "router"):
+        inds, w = ops.route(logits, bias, Routing(**c))
     assert inds.shape == w.shape == (2, 3, c["top_k"]) and inds.dtype == mx.uint32
     if not ON_METAL:  # threads in the opposite order between barriers: the same result
         spec = router_kernel.route_spec(6, E, has_bias=has_bias, **{
@@ -340,33 +326,44 @@ def test_mla_chunking_fills_the_gpu_and_covers_every_key():
 
 
 def test_the_switch_takes_a_list_of_families(monkeypatch):
-    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(kernels._State, "disabled", set())
-    for value, on in [("1", kernels.FAMILIES), ("0", ()), ("moe, router", ("moe", "router"))]:
-        monkeypatch.setenv(kernels.ENV_SWITCH, value)
-        assert {f for f in kernels.FAMILIES if kernels.enabled(f)} == set(on), value
+    monkeypatch.setattr(metal_ops._State, "disabled", set())
+    families = metal_ops.FAMILIES
+    for value, on in [("1", families), ("0", ()), ("moe, router", ("moe", "router"))]:
+        monkeypatch.setenv(metal_ops.ENV_SWITCH, value)
+        with ops.use("metal"):  # the switch is read when the back-end is resolved
+            assert {f for f in families if metal_ops.enabled(f)} == set(on), value
+    monkeypatch.setenv(metal_ops.ENV_SWITCH, "1")
+    with ops.use("metal"):
+        assert all(metal_ops.enabled(f) for f in families)
+    # the back-end follows the device: no Metal kernel runs where there is no Metal GPU
+    monkeypatch.delenv(ops.backend.ENV_BACKEND, raising=False)
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
-    monkeypatch.delenv(kernels.ENV_SWITCH)
-    assert not any(kernels.enabled(f) for f in kernels.FAMILIES)
+    assert ops.backend.default_name() in ("cpu", "mlx")
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    with mx.stream(mx.cpu):
+        assert ops.backend.default_name() == "cpu"
 
 
 def test_a_failing_family_is_switched_off_alone(monkeypatch):
     c = dict(ROUTINGS["noaux_tc"])
     E, _ = c.pop("E"), c.pop("bias")
-    from functools import partial
-
-    from mlx_deepseek.models.moe import route
-
-    reference = mx.compile(partial(route, **c))
+    routing = Routing(**c)
     logits = normal(np.random.default_rng(4), (1, E))
     bias = mx.zeros((E,))
     broken = kernels.source("router.metal").replace("v = v * rsf[0];", "v = v * 2.0f * rsf[0];")
     monkeypatch.setitem(kernels._sources, "router.metal", broken)
-    with metal(monkeypatch):
+    monkeypatch.setattr(metal_ops._State, "disabled", set())
+    monkeypatch.setattr(metal_ops._State, "checked", set())
+    if not ON_METAL:
+        monkeypatch.setattr(mx.fast, "metal_kernel", MAKE_KERNEL)
+    with ops.use("metal"):
         with pytest.warns(RuntimeWarning, match="router Metal kernels disagree"):
-            assert router_kernel.fused_route(logits, bias, reference, **c) is None
-        assert kernels._State.disabled == {"router"}
-        assert not kernels.enabled("router") and kernels.enabled("mla")
+            inds, w = ops.route(logits, bias, routing)  # MLX's result after the failure
+        with ops.use("mlx"):
+            ref_inds, ref_w = ops.route(logits, bias, routing)
+        assert mx.array_equal(inds, ref_inds) and mx.array_equal(w, ref_w)
+        assert metal_ops._State.disabled == {"router"}
+        assert not metal_ops.enabled("router") and metal_ops.enabled("mla")
 
 
 def test_kernels_decline_what_they_do_not_take(caplog):
@@ -378,19 +375,22 @@ def test_kernels_decline_what_they_do_not_take(caplog):
         return [mx.zeros(s, d) for s, d in zip(spec.output_shapes, spec.output_dtypes, strict=True)]
 
     with kernels.pretend_metal(zeros):
-        assert norm_kernels.add_rms_norm(x, x, norm) is None  # 9 tokens
-        assert norm_kernels.add_rms_norm(x[:, :2], x[:, :2].astype(mx.float16), norm) is None
-        assert norm_kernels.quantized_embedding(nn.Embedding(8, 64), mx.array([1])) is None
+        with pytest.raises(Unsupported, match="9 tokens"):
+            norm_kernels.add_rms_norm(x, x, norm)
+        with pytest.raises(Unsupported, match="r mlx.core.float16"):
+            norm_kernels.add_rms_norm(x[:, :2], x[:, :2].astype(mx.float16), norm)
+        with pytest.raises(Unsupported, match="not quantized"):
+            norm_kernels.quantized_embedding(nn.Embedding(8, 64), mx.array([1]))
         kv, rope = mx.zeros((1, 1, 80)), RoPE(rope_args())
         q_norm = nn.RMSNorm(48, eps=1e-6)  # q_a_layernorm's eps differs from kv's: declined
-        assert norm_kernels.latent_norm_rope(kv, nn.RMSNorm(64), rope, 64, 0) is not None
-        assert (
-            norm_kernels.latent_norm_rope(
-                kv, nn.RMSNorm(64), rope, 64, 0, mx.zeros((1, 1, 48)), q_norm
-            )
-            is None
-        )
-    assert "9 tokens" in caplog.text and "r mlx.core.float16" in caplog.text
+        assert norm_kernels.latent_norm_rope(kv, nn.RMSNorm(64), rope, 0) is not None
+        with pytest.raises(Unsupported, match="q_a"):
+            norm_kernels.latent_norm_rope(kv, nn.RMSNorm(64), rope, 0, mx.zeros((1, 1, 48)), q_norm)
+        # the dispatcher uses MLX's path for them, saying why at debug level
+        with ops.use("metal"):
+            h, y = ops.add_rms_norm(x, x, norm)
+        assert mx.array_equal(h, x + x)
+    assert "norm kernels not used: 9 tokens" in caplog.text
 
 
 def test_pretend_metal_does_not_nest():

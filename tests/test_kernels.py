@@ -1,4 +1,4 @@
-"""The fused MoE kernels (mlx_deepseek/kernels.py, metal_kernels/) against a float64 NumPy
+"""The fused MoE kernels (mlx_deepseek/kernels/moe.py, metal_kernels/) against a float64 NumPy
 reference that unpacks MLX's quantized words itself. Where there is no Metal the very same
 sources run in the CPU emulator of Metal (tests/metal_emulator); on a Mac they run on the GPU."""
 
@@ -12,51 +12,26 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from kernel_support import (
+    H_TOLERANCE,
+    MAKE_KERNEL,
+    ON_METAL,
+    Y_TOLERANCE,
+    dequantize,
+    f64,
+    silu,
+    ulps,
+)
 from mlx_lm.models.switch_layers import SwitchGLU
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_deepseek.kernels import runtime as kernels
-from mlx_deepseek.kernels.runtime import Variant, kernel_specs
+from mlx_deepseek import ops
+from mlx_deepseek.kernels import moe as kernels
+from mlx_deepseek.kernels import runtime
+from mlx_deepseek.kernels.moe import Variant, kernel_specs
+from mlx_deepseek.kernels.runtime import Unsupported
 from mlx_deepseek.models.moe import MLP
-
-ON_METAL = mx.metal.is_available()
-if ON_METAL:
-    MAKE_KERNEL = mx.fast.metal_kernel
-else:
-    from metal_emulator import metal_kernel as MAKE_KERNEL
-
-EPS = {mx.float32: 2.0**-23, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}
-# Errors are max |kernel - reference| / max |reference| in units of EPS. h is float32 summed in
-# fp32; y is rounded once to the activation dtype (<= 0.5 of its EPS) after fp32 sums.
-H_TOLERANCE = 16.0  # fp32 EPS
-Y_TOLERANCE = {mx.float16: 1.0, mx.bfloat16: 1.0, mx.float32: 16.0}
-
-
-def f64(a: mx.array) -> np.ndarray:
-    return np.array(a.astype(mx.float32)).astype(np.float64)
-
-
-def unpack(words: mx.array, bits: int) -> np.ndarray:
-    """uint32 words [..., n] -> values [..., n * 32 / bits]: value i in bits [bits*i, bits*(i+1))
-    of the little-endian bit stream."""
-    w = np.array(words)
-    stream = np.unpackbits(w.view(np.uint8), axis=-1, bitorder="little")
-    stream = stream.reshape(*w.shape[:-1], -1, bits).astype(np.int64)
-    return (stream << np.arange(bits)).sum(-1)
-
-
-def dequantize(wq: mx.array, scales: mx.array, biases: mx.array, bits: int, gs: int) -> np.ndarray:
-    q = unpack(wq, bits)
-    grouped = q.reshape(*q.shape[:-1], -1, gs)
-    return (grouped * f64(scales)[..., None] + f64(biases)[..., None]).reshape(q.shape)
-
-
-def silu(z: np.ndarray) -> np.ndarray:
-    return z / (1.0 + np.exp(-z))
-
-
-def ulps(got: mx.array, ref: np.ndarray, dtype) -> float:
-    return float(np.abs(f64(got) - ref).max() / np.abs(ref).max() / EPS[dtype])
+from mlx_deepseek.ops import metal as metal_ops
 
 
 @dataclass(frozen=True)
@@ -289,9 +264,10 @@ def test_run_plan_with_mlx_lm_modules_matches_reference():
     assert ulps(y, ref, mx.float16) <= Y_TOLERANCE[mx.float16]
     # MLX's own path rounds its intermediates to float16: the runtime self-check must accept
     # this agreement (it only has to catch gross errors)
-    mlx_ref = kernels.reference_moe(x, inds, scores, switch, shared)
+    with ops.use("mlx"):
+        mlx_ref = ops.moe(x, inds, scores, switch, shared)
     err = float(mx.abs(y.astype(mx.float32) - mlx_ref.astype(mx.float32)).max())
-    assert err <= kernels.SELF_CHECK_TOLERANCE[mx.float16] * float(mx.abs(mlx_ref).max())
+    assert err <= metal_ops.SELF_CHECK_TOLERANCE[mx.float16] * float(mx.abs(mlx_ref).max())
 
 
 def test_an_unquantized_shared_mlp_is_added_by_mlx():
@@ -327,11 +303,24 @@ def _decline_cases():
     }
 
 
-def test_unsupported_calls_are_declined_with_a_debug_log(caplog):
-    caplog.set_level("DEBUG", logger="mlx_deepseek.kernels.runtime")
+def fresh_metal(monkeypatch) -> None:
+    """The "metal" back-end's self-check state fresh, the emulator standing in for Metal."""
+    monkeypatch.delenv(metal_ops.ENV_SWITCH, raising=False)
+    if not ON_METAL:
+        monkeypatch.setattr(mx.fast, "metal_kernel", MAKE_KERNEL)
+    monkeypatch.setattr(metal_ops._State, "disabled", set())
+    monkeypatch.setattr(metal_ops._State, "checked", set())
+
+
+def test_unsupported_calls_are_declined_with_a_debug_log(caplog, monkeypatch):
+    fresh_metal(monkeypatch)
+    caplog.set_level("DEBUG", logger="mlx_deepseek.ops.metal")
     for reason, args in _decline_cases().items():
+        with pytest.raises(Unsupported, match=reason):
+            kernels.plan_moe(*args)
         caplog.clear()
-        assert kernels.plan_moe(*args) is None, reason
+        with ops.use("metal"):  # the dispatcher takes MLX's path and says why
+            ops.moe(*args)
         assert reason in caplog.text
 
 
@@ -339,67 +328,71 @@ def test_fused_moe_is_off_without_metal_or_when_switched_off(monkeypatch):
     switch, shared = _modules(mx.float16, D=64, I=64, E=4, n_shared=1)
     x = mx.zeros((1, 64), mx.float16)
     inds, scores = _route(np.random.default_rng(6), (1,), 4, 2)
-    if not ON_METAL:
-        assert kernels.fused_moe(x, inds, scores, switch, shared) is None
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    assert not kernels.enabled()
-    assert kernels.fused_moe(x, inds, scores, switch, shared) is None
+    fresh_metal(monkeypatch)
+    launches = []
+    monkeypatch.setattr(runtime, "launch", lambda *a, **k: launches.append(a) or [])
+    if not ON_METAL:  # the back-end follows the device: not "metal" on this machine
+        assert ops.backend.default_name() != "metal"
+        ops.moe(x, inds, scores, switch, shared)
+    monkeypatch.setenv(metal_ops.ENV_SWITCH, "0")
+    with ops.use("metal"):
+        assert not metal_ops.enabled("moe")
+        y = ops.moe(x, inds, scores, switch, shared)
+    assert not launches and y.shape == x.shape
 
 
 def test_fused_moe_self_checks_once_then_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
-    if not ON_METAL:  # stand the emulator in for Metal
-        monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-        monkeypatch.setattr(mx.fast, "metal_kernel", MAKE_KERNEL)
-    monkeypatch.setattr(kernels._State, "disabled", set())
-    monkeypatch.setattr(kernels._State, "checked", set())
+    fresh_metal(monkeypatch)
     switch, shared = _modules(mx.float16, D=128, I=128, E=4, n_shared=1)
     rng = np.random.default_rng(7)
     x = mx.array(rng.normal(size=(1, 1, 128)).astype(np.float16))
     inds, scores = _route(rng, (1, 1), 4, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        y = kernels.fused_moe(x, inds, scores, switch, shared)
-    assert y is not None and len(kernels._State.checked) == 1
-    ref = _module_reference(x, inds, scores, switch, shared)
-    assert ulps(y, ref, mx.float16) <= Y_TOLERANCE[mx.float16]
+    with ops.use("metal"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = ops.moe(x, inds, scores, switch, shared)
+        assert [f for f, _ in metal_ops._State.checked] == ["moe"]
+        ref = _module_reference(x, inds, scores, switch, shared)
+        assert ulps(y, ref, mx.float16) <= Y_TOLERANCE[mx.float16]
 
-    # a wrong kernel (routing weights doubled) is caught by the check of a new variant (2 tokens)
-    down = kernels._source("moe_down.metal")
-    down = down.replace("scores[t * TOPK + j]", "2.0f * scores[t * TOPK + j]")
-    monkeypatch.setitem(kernels._sources, "moe_down.metal", down)
-    x2 = mx.concatenate([x, x], axis=1)
-    inds2, scores2 = _route(rng, (1, 2), 4, 2)
-    with pytest.warns(RuntimeWarning, match="disagree with MLX's reference"):
-        assert kernels.fused_moe(x2, inds2, scores2, switch, shared) is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning
-        assert kernels.fused_moe(x, inds, scores, switch, shared) is None
+        # a wrong kernel (routing weights doubled) is caught by the check of a new variant
+        down = runtime.source("moe_down.metal")
+        down = down.replace("scores[t * TOPK + j]", "2.0f * scores[t * TOPK + j]")
+        monkeypatch.setitem(runtime._sources, "moe_down.metal", down)
+        x2 = mx.concatenate([x, x], axis=1)
+        inds2, scores2 = _route(rng, (1, 2), 4, 2)
+        with pytest.warns(RuntimeWarning, match="disagree with MLX's reference"):
+            y2 = ops.moe(x2, inds2, scores2, switch, shared)
+        ref2 = _module_reference(x2, inds2, scores2, switch, shared)
+        assert ulps(y2, ref2, mx.float16) <= 4 * Y_TOLERANCE[mx.float16]  # MLX's result
+        assert metal_ops._State.disabled == {"moe"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            launched = []
+            monkeypatch.setattr(runtime, "launch", lambda *a, **k: launched.append(a) or [])
+            ops.moe(x, inds, scores, switch, shared)
+            assert not launched  # the family stays off, even for a checked variant
 
 
 def test_a_kernel_that_fails_to_compile_falls_back_with_a_warning(monkeypatch):
-    if not ON_METAL:
-        monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-        monkeypatch.setattr(mx.fast, "metal_kernel", MAKE_KERNEL)
-    monkeypatch.setattr(kernels._State, "disabled", set())
-    monkeypatch.setattr(kernels._State, "checked", set())
-    broken = kernels._source("moe_gate_up.metal") + "\nthis does not compile;\n"
-    monkeypatch.setitem(kernels._sources, "moe_gate_up.metal", broken)
+    fresh_metal(monkeypatch)
+    broken = runtime.source("moe_gate_up.metal") + "\nthis does not compile;\n"
+    monkeypatch.setitem(runtime._sources, "moe_gate_up.metal", broken)
     switch, shared = _modules(mx.float16, D=64, I=64, E=4, n_shared=1)
     inds, scores = _route(np.random.default_rng(8), (1,), 4, 2)
-    with pytest.warns(RuntimeWarning, match="kernels failed"):
-        assert (
-            kernels.fused_moe(mx.zeros((1, 64), mx.float16), inds, scores, switch, shared) is None
-        )
+    x = mx.zeros((1, 64), mx.float16)
+    with ops.use("metal"), pytest.warns(RuntimeWarning, match="kernels failed"):
+        y = ops.moe(x, inds, scores, switch, shared)
+    # the shared experts of MLX's path then try the MLP kernels: the same broken source
+    assert y.shape == x.shape and metal_ops._State.disabled == {"moe", "mlp"}
 
 
 def _sweep():
     dtypes = (mx.float16, mx.bfloat16, mx.float32)
-    grid = itertools.product(kernels.SUPPORTED_BITS, kernels.SUPPORTED_GROUP_SIZES, dtypes)
+    grid = itertools.product(runtime.SUPPORTED_BITS, runtime.SUPPORTED_GROUP_SIZES, dtypes)
     for i, (bits, gs, dtype) in enumerate(grid):
         pick = random.Random(i).choice  # the other parameters vary independently of these
-        down = (kernels.SUPPORTED_BITS[(i + 3) % 6], pick(kernels.SUPPORTED_GROUP_SIZES))
+        down = (runtime.SUPPORTED_BITS[(i + 3) % 6], pick(runtime.SUPPORTED_GROUP_SIZES))
         yield Case(
             dtype,
             (bits, gs),
@@ -423,11 +416,11 @@ def test_sweep_covers_every_bits_group_and_dtype():
     cases = list(_sweep())
     assert {(c.gate_up, c.dtype) for c in cases} == {
         ((b, g), d)
-        for b in kernels.SUPPORTED_BITS
-        for g in kernels.SUPPORTED_GROUP_SIZES
+        for b in runtime.SUPPORTED_BITS
+        for g in runtime.SUPPORTED_GROUP_SIZES
         for d in (mx.float16, mx.bfloat16, mx.float32)
     }
-    assert {c.down[0] for c in cases} == set(kernels.SUPPORTED_BITS)
+    assert {c.down[0] for c in cases} == set(runtime.SUPPORTED_BITS)
     assert {c.n_tokens for c in cases} >= {1, 8} and any(c.I == 1408 for c in cases)
 
 
@@ -452,4 +445,5 @@ def test_a_dense_mlp_runs_as_one_shared_slot():
     ref = (silu(xs @ w["gate_proj"].T) * (xs @ w["up_proj"].T)) @ w["down_proj"].T
     assert y.shape == x.shape and y.dtype == mx.bfloat16
     assert ulps(y, ref.reshape(x.shape), mx.bfloat16) <= Y_TOLERANCE[mx.bfloat16]
-    assert kernels.plan_mlp(x.astype(mx.int32), mlp) is None  # declined, not wrong
+    with pytest.raises(Unsupported, match="activation dtype"):  # declined, not wrong
+        kernels.plan_mlp(x.astype(mx.int32), mlp)

@@ -91,7 +91,7 @@ def test_low_precision_dtypes_run_close(tmp_path, dtype, tol):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision_moe_matches_float32_for_the_same_routing(tmp_path, dtype):
-    from mlx_deepseek.experts import moe_experts
+    from mlx_deepseek import ops
 
     path = save_hf_checkpoint(build_hf_model("v3_noaux"), tmp_path / "m")
     moe32 = mlx_deepseek.load_model(path, dtype="float32").layers[1].mlp
@@ -99,9 +99,9 @@ def test_low_precision_moe_matches_float32_for_the_same_routing(tmp_path, dtype)
     assert moe_lp.gate.e_score_correction_bias.dtype == mx.float32
     x = mx.random.normal((2, 7, 64), key=mx.random.key(1))
     inds, scores = moe32.gate(x)
-    ref = moe_experts(x, inds, scores, moe32.switch_mlp, moe32.shared_experts)
+    ref = ops.moe(x, inds, scores, moe32.switch_mlp, moe32.shared_experts)
     x_lp = x.astype(getattr(mx, dtype))
-    out = moe_experts(x_lp, inds, scores, moe_lp.switch_mlp, moe_lp.shared_experts)
+    out = ops.moe(x_lp, inds, scores, moe_lp.switch_mlp, moe_lp.shared_experts)
     assert out.dtype == x_lp.dtype
     assert rel_err(np.array(out.astype(mx.float32)), np.array(ref)) < 0.03
 

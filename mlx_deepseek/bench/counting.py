@@ -15,7 +15,8 @@ The counting rule, applied identically to every runtime:
    placeholder node of the same output shape, and SDPA only when MLX's Metal back-end
    (0.32.x) has a fused kernel for its shapes (otherwise Metal expands it too, and so do
    we). mlx-deepseek's custom Metal kernels, which cannot run without Metal (a call
-   raises at once), are switched on as on a Mac (`kernels.pretend_metal`) and each launch
+   raises at once), are switched on as on a Mac (the "metal" back-end inside
+   `kernels.pretend_metal`) and each launch
    is stood in by ONE placeholder node with the kernel's output shapes: "Fused<kernel>".
 """
 
@@ -25,11 +26,12 @@ import io
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mlx_deepseek import ops
 from mlx_deepseek.kernels import runtime as kernels
 from mlx_deepseek.kernels.runtime import KernelSpec
 
@@ -160,9 +162,10 @@ def counting(metal_equivalent: bool = True) -> Iterator[dict[str, mx.array]]:
         raise RuntimeError("counting() does not nest")
     _placeholders = {}
     saved: dict[str, Callable] = {}
-    pretend = nullcontext()
+    pretend = ExitStack()
     if metal_equivalent:
-        pretend = kernels.pretend_metal(_kernel_placeholders)
+        pretend.enter_context(kernels.pretend_metal(_kernel_placeholders))
+        pretend.enter_context(ops.use("metal"))
         saved = {n: getattr(mx.fast, n) for n in ("rms_norm", "layer_norm", "rope")}
         saved["scaled_dot_product_attention"] = mx.fast.scaled_dot_product_attention
         sdpa = saved["scaled_dot_product_attention"]

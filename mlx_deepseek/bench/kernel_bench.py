@@ -20,7 +20,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_deepseek import ops
 from mlx_deepseek.kernels import runtime as kernels
+from mlx_deepseek.ops import metal
 
 from . import metrics
 from .models import DEFAULT_CACHE, SHAPES, prepare
@@ -121,7 +123,7 @@ def measure(rt: Runtime, settings: KernelSettings, modes: tuple[str, ...], log: 
             res[mode]["weights_gbps"][str(ctx)] = weights * summary["median"] / 1e9
             gbps = (weights + cache_bytes) * summary["median"] / 1e9
             res[mode]["effective_gbps"][str(ctx)] = gbps
-            with kernels.forced(mode == "on"):
+            with _backend(mode):
                 parts = _layer_parts(rt, cache, ctx, settings.repeats)
             res[mode]["layers"][str(ctx)] = [
                 {
@@ -137,8 +139,13 @@ def measure(rt: Runtime, settings: KernelSettings, modes: tuple[str, ...], log: 
         "weight_bytes_per_token": weights,
         "layer_weight_bytes": per_layer_bytes,
         "modes": res,
-        "kernels_off_after_self_check": kernels.failed_families(),
+        "kernels_off_after_self_check": metal.failed_families(),
     }
+
+
+def _backend(mode: str):
+    """The kernels on ("metal") or off (MLX's own ops on the same device)."""
+    return ops.use("metal" if mode == "on" else "mlx")
 
 
 def _decode_samples(
@@ -152,14 +159,14 @@ def _decode_samples(
     """tok/s of N decode steps per repeat and mode, the modes interleaved."""
     N = settings.decode_tokens
     for mode in modes:  # warm up: compiles, and on a Mac the kernels' self-checks
-        with kernels.forced(mode == "on"):
+        with _backend(mode):
             rewind(cache, ctx)
             mx.eval(decode_step(rt, mx.array([[1]]), cache))
 
     def steps(mode: str) -> float:
         rewind(cache, ctx)
         tok = mx.array([[1]])
-        with kernels.forced(mode == "on"):
+        with _backend(mode):
             t = time.perf_counter()
             for _ in range(N):
                 tok = decode_step(rt, tok, cache)

@@ -25,7 +25,7 @@ def _selection_is_differentiable(gate) -> bool:
     logits = mx.zeros((2, gate.weight.shape[0]))
     bias = gate.get("e_score_correction_bias")
     try:
-        mx.eval(mx.grad(lambda lg: gate._route(lg, bias)[1].sum())(logits))
+        mx.eval(mx.grad(lambda lg: gate.route(lg, bias)[1].sum())(logits))
         return True
     except ValueError:
         return False
@@ -58,12 +58,12 @@ class LoadBalancer:
         args = model.args
         for name, moe in self.layers:
             gate = moe.gate
-            route = gate._route
+            route = gate.route
             if not _selection_is_differentiable(gate):
                 route = _differentiable_v3_route(
                     route, float(args.routed_scaling_factor), bool(args.norm_topk_prob)
                 )
-            gate._route = self._recorder(name, route)
+            gate.route = self._recorder(name, route)
         model.freeze(keys=["e_score_correction_bias"], strict=False)
 
     def _recorder(self, name: str, route):

@@ -17,25 +17,22 @@ the causal mask or none.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .runtime import (
     SUPPORTED_DTYPES,
     KernelSpec,
+    Launch,
     Unsupported,
     affine,
-    enabled,
-    fused_call,
     header,
     launch,
     source,
     token_count,
 )
-
-log = logging.getLogger(__name__)
 
 BK = 32  # keys per tile (one per lane in the softmax step)
 ATTEND_THREADS = 256
@@ -129,78 +126,77 @@ def attention_specs(
     return attend, combine, chunk
 
 
-def _quantized_unembed(attn: Any, rank: int) -> tuple[int, int, mx.Dtype] | None:
-    layer = attn.unembed_out
+def _quantized_unembed(
+    unembed_out: nn.Module, heads: int, v_dim: int, rank: int
+) -> tuple[int, int, mx.Dtype] | None:
     try:
-        bits, gs = affine(layer, "unembed_out")
+        bits, gs = affine(unembed_out, "unembed_out")
     except Unsupported:
         return None
-    H, V = attn.num_heads, attn.args.v_head_dim
-    if layer.weight.shape != (H, V, rank * bits // 32) or layer.scales.shape != (H, V, rank // gs):
+    w, s = unembed_out.weight, unembed_out.scales
+    if w.shape != (heads, v_dim, rank * bits // 32) or s.shape != (heads, v_dim, rank // gs):
         return None
-    if layer.scales.dtype not in SUPPORTED_DTYPES or layer.biases.dtype != layer.scales.dtype:
+    if s.dtype not in SUPPORTED_DTYPES or unembed_out.biases.dtype != s.dtype:
         return None
-    return bits, gs, layer.scales.dtype
+    return bits, gs, s.dtype
 
 
-def fused_absorbed_attention(
-    attn: Any,
+def absorbed_attention(
     q: mx.array,
-    q_lat: mx.array,
     c_kv: mx.array,
     k_pe: mx.array,
+    embed_q: nn.Module,
+    unembed_out: nn.Module,
+    rope: Any,
+    nope: int,
+    v_dim: int,
+    scale: float,
     offset: int,
-    reference: Any,
-) -> mx.array | None:
-    """The attention output [B, L, H * v] (o_proj's input) of MLAttention `attn`'s absorbed
-    path from the kernels, or None where they do not apply.
+) -> Launch:
+    """MLA's absorbed attention output [B, L, H * v] (o_proj's input), causal.
 
-    q: q_proj's output [B, L, H * (nope + rope)] (q_pe un-roped); q_lat: embed_q(q_nope)
-    [B, H, L, rank]; c_kv, k_pe: the cache after the update [B, 1, S, *]; offset: position of
-    the first of the L tokens (the causal mask is implied: token l sees keys <= offset + l);
-    reference(): MLX's computation of the same output, for the self-check.
+    q: q_proj's output [B, L, H * (nope + rope)] (q_pe un-roped); c_kv, k_pe: the cache
+    after the update [B, 1, S, *]; offset: position of the first of the L tokens (token l
+    sees keys <= offset + l); embed_q / unembed_out: W_uk^T / W_uv as MultiLinear layers.
     """
-    if not enabled("mla"):
-        return None
-    try:
-        B, L, _ = q.shape
-        H, rank, rope, nope = attn.num_heads, attn.rank, attn.rope_dims, attn.nope
-        token_count(q)
-        S = k_pe.shape[2]
-        dtype = q.dtype
-        if dtype not in SUPPORTED_DTYPES or {q_lat.dtype, c_kv.dtype, k_pe.dtype} != {dtype}:
-            raise Unsupported(f"dtypes {q.dtype} {q_lat.dtype} {c_kv.dtype} {k_pe.dtype}")
-        if q.shape[-1] != H * (nope + rope) or q_lat.shape != (B, H, L, rank):
-            raise Unsupported(f"query shapes {q.shape} {q_lat.shape}")
-        if c_kv.shape != (B, 1, S, rank) or k_pe.shape != (B, 1, S, rope) or S != offset + L:
-            raise Unsupported(f"cache shapes {c_kv.shape} {k_pe.shape} at offset {offset}")
-        if not isinstance(offset, int) or rope % 2 or rope != attn.rope.dims:
-            raise Unsupported(f"offset {offset!r}, rope dims {rope}")
-        query_group(rank, rope)
-        if 4 * L * rank > TG_MEMORY:  # the combine pass holds every token's latent output
-            raise Unsupported(f"{L} tokens of a {rank}-wide latent")
-    except Unsupported as e:
-        log.debug("fused MLA attention not used: %s", e)
-        return None
-    unembed = _quantized_unembed(attn, rank)
-    V = attn.args.v_head_dim
-    attend, combine, chunk = attention_specs(dtype, B, H, L, S, rank, rope, nope, V, unembed)
-    fparams = mx.array([attn.scale, attn.rope.mscale], dtype=mx.float32)
+    B, L, _ = q.shape
+    rank, rope_dims = c_kv.shape[-1], k_pe.shape[-1]
+    H = q.shape[-1] // (nope + rope_dims)
+    token_count(q)
+    S = k_pe.shape[2]
+    dtype = q.dtype
+    if dtype not in SUPPORTED_DTYPES or {c_kv.dtype, k_pe.dtype} != {dtype}:
+        raise Unsupported(f"dtypes {q.dtype} {c_kv.dtype} {k_pe.dtype}")
+    if q.shape[-1] != H * (nope + rope_dims):
+        raise Unsupported(f"query shape {q.shape}")
+    if not isinstance(offset, int):
+        raise Unsupported(f"offset {offset!r} is not a Python int")
+    if c_kv.shape != (B, 1, S, rank) or k_pe.shape != (B, 1, S, rope_dims) or S != offset + L:
+        raise Unsupported(f"cache shapes {c_kv.shape} {k_pe.shape} at offset {offset}")
+    if rope_dims % 2 or rope_dims != rope.dims:
+        raise Unsupported(f"rope dims {rope_dims}")
+    query_group(rank, rope_dims)
+    if 4 * L * rank > TG_MEMORY:  # the combine pass holds every token's latent output
+        raise Unsupported(f"{L} tokens of a {rank}-wide latent")
+    unembed = _quantized_unembed(unembed_out, H, v_dim, rank)
+    attend, combine, chunk = attention_specs(
+        dtype, B, H, L, S, rank, rope_dims, nope, v_dim, unembed
+    )
+    fparams = mx.array([scale, rope.mscale], dtype=mx.float32)
     iparams = mx.array([offset, chunk], dtype=mx.int32)
     if unembed:
-        u = attn.unembed_out
-        w_inputs = [u.weight, u.scales, u.biases]
+        w_inputs = [unembed_out.weight, unembed_out.scales, unembed_out.biases]
     else:  # never read; 8 elements keep them in the `device` address space like real ones
         w_inputs = [mx.array([0] * 8, mx.uint32), mx.array([0.0] * 8, dtype)]
         w_inputs.append(w_inputs[1])
 
     def run() -> list[mx.array]:
-        o, ml = launch(attend, [q_lat, q, c_kv, k_pe, attn.rope.freqs, fparams, iparams])
+        q_nope = q.reshape(B, L, H, -1)[..., :nope].transpose(0, 2, 1, 3)
+        q_lat = embed_q(q_nope)  # [B, H, L, rank]
+        o, ml = launch(attend, [q_lat, q, c_kv, k_pe, rope.freqs, fparams, iparams])
         y = launch(combine, [o, ml, *w_inputs])[0]
         if not unembed:  # [B, H, L, rank] -> W_uv by MLX -> [B, L, H * v]
-            y = attn.unembed_out(y).transpose(0, 2, 1, 3).reshape(B, L, H * V)
+            y = unembed_out(y).transpose(0, 2, 1, 3).reshape(B, L, H * v_dim)
         return [y]
 
-    variant = ("mla", attend.template, combine.template, B)
-    out = fused_call("mla", variant, run, lambda: [reference()], dtype)
-    return out[0] if out else None
+    return Launch(("mla", attend.template, combine.template, B), run, dtype)

@@ -1,30 +1,25 @@
 """The MoE router after its matmul as one Metal kernel (family "router", router.metal).
 
-moe.route() is a dozen MLX primitives even compiled (softmax or sigmoid, the group scores,
+ops.route() is a dozen MLX primitives even compiled (softmax or sigmoid, the group scores,
 argpartitions, scatter, gather, the normalisation); the kernel does all of it for each token
 in one threadgroup: E <= 1024 experts, any top-k, greedy / group_limited_greedy / noaux_tc.
-Its indices come highest score first; moe.route()'s come in argpartition's order: the set and
+Its indices come highest score first; ops.route()'s come in argpartition's order: the set and
 the weight of each index are what must agree.
 """
 
 from __future__ import annotations
 
-import logging
-
 import mlx.core as mx
 
 from .runtime import (
     KernelSpec,
+    Launch,
     Unsupported,
-    enabled,
-    fused_call,
     header,
     launch,
     source,
     token_count,
 )
-
-log = logging.getLogger(__name__)
 
 METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 SCORINGS = {"softmax": 0, "sigmoid": 1}
@@ -85,29 +80,22 @@ def _compare(got: list[mx.array], ref: list[mx.array]) -> tuple[float, float]:
     return mx.max(mx.abs(a - b)).item(), mx.max(mx.abs(b)).item()
 
 
-def fused_route(logits: mx.array, bias: mx.array | None, reference, **config) -> tuple | None:
-    """(inds uint32 [..., k], weights float32 [..., k]) of route(logits, bias, **config) from
-    one kernel; `reference(logits, bias)` is MLX's path (for the self-check). None where the
-    kernel does not apply."""
-    if not enabled("router"):
-        return None
-    try:
-        n, E = token_count(logits), logits.shape[-1]
-        if logits.dtype != mx.float32 or E > MAX_EXPERTS:
-            raise Unsupported(f"router logits {logits.dtype} with {E} experts")
-        if bias is not None and (bias.dtype != mx.float32 or bias.shape != (E,)):
-            raise Unsupported(f"router bias {bias.dtype} {bias.shape}")
-        k, method = config["top_k"], config["topk_method"]
-        groups, keep = config["n_group"], config["topk_group"]
-        if method not in METHODS or config["scoring_func"] not in SCORINGS or not 1 <= k <= E:
-            raise Unsupported(f"routing {method} / {config['scoring_func']} / top-{k}")
-        if method != "greedy" and groups > 1 and (E % groups or not 1 <= keep <= groups):
-            raise Unsupported(f"{E} experts in {groups} groups, keeping {keep}")
-        if method != "greedy" and groups > 1 and keep * (E // groups) < k:
-            raise Unsupported(f"top-{k} of {keep} groups of {E // groups}")
-    except Unsupported as e:
-        log.debug("fused router not used: %s", e)
-        return None
+def route(logits: mx.array, bias: mx.array | None, **config) -> Launch:
+    """(inds uint32 [..., k], weights float32 [..., k]) of the routing `config` describes
+    (ops.Routing's fields) for float32 logits [..., E], from one kernel."""
+    n, E = token_count(logits), logits.shape[-1]
+    if logits.dtype != mx.float32 or E > MAX_EXPERTS:
+        raise Unsupported(f"router logits {logits.dtype} with {E} experts")
+    if bias is not None and (bias.dtype != mx.float32 or bias.shape != (E,)):
+        raise Unsupported(f"router bias {bias.dtype} {bias.shape}")
+    k, method = config["top_k"], config["topk_method"]
+    groups, keep = config["n_group"], config["topk_group"]
+    if method not in METHODS or config["scoring_func"] not in SCORINGS or not 1 <= k <= E:
+        raise Unsupported(f"routing {method} / {config['scoring_func']} / top-{k}")
+    if method != "greedy" and groups > 1 and (E % groups or not 1 <= keep <= groups):
+        raise Unsupported(f"{E} experts in {groups} groups, keeping {keep}")
+    if method != "greedy" and groups > 1 and keep * (E // groups) < k:
+        raise Unsupported(f"top-{k} of {keep} groups of {E // groups}")
     spec = route_spec(
         n,
         E,
@@ -127,8 +115,4 @@ def fused_route(logits: mx.array, bias: mx.array | None, reference, **config) ->
         inds, weights = launch(spec, inputs)
         return [inds.reshape(*lead, k), weights.reshape(*lead, k)]
 
-    variant = ("router", spec.template, n)
-    out = fused_call(
-        "router", variant, run, lambda: list(reference(logits, bias)), mx.float32, _compare
-    )
-    return (out[0], out[1]) if out else None
+    return Launch(("router", spec.template, n), run, mx.float32, _compare)

@@ -14,26 +14,19 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
-from ..kernels.norm import add_rms_norm, quantized_embedding
+from .. import ops
 from .cache import ModelCache
 from .config import ModelArgs
-from .mla import CAUSAL, MLAttention
+from .mla import MLAttention
 from .moe import MLP, MoE
 
 
-def add_norm(x: mx.array, r: mx.array | None, norm: nn.Module) -> tuple[mx.array, mx.array]:
-    """(h, norm(h)) with h = x + r (r None: h = x); one fused kernel where it applies."""
-    if r is None:
-        return x, norm(x)
-    fused = add_rms_norm(x, r, norm)
-    if fused is not None:
-        return fused[0], fused[1]
-    h = x + r
-    return h, norm(h)
-
-
-def mask_for(L: int) -> str | None:
-    return CAUSAL if L > 1 else None
+def attention_mask(L: int, cache: Any = None) -> Any:
+    """The mask for L new tokens: the cache's own where it makes one (mlx-lm's batch caches
+    give a boolean array for left-padded rows), else ops.CAUSAL, or None for one token."""
+    if cache is not None and hasattr(cache, "make_mask"):
+        return cache.make_mask(L, return_array=False, window_size=None)
+    return ops.CAUSAL if L > 1 else None
 
 
 class DecoderLayer(nn.Module):
@@ -49,31 +42,30 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: Any, cache: Any = None) -> mx.array:
-        h, m = self.step(x, None, mask, cache)
+        """x [B, L, D] -> [B, L, D]."""
+        h, m = self.forward(x, None, mask, cache)
         return h + m
 
-    def step(
+    def forward(
         self,
         x: mx.array,
-        pending: mx.array | None,
+        residual: mx.array | None,
         mask: Any,
         cache: Any = None,
         normed: mx.array | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """The layer on the residual stream x + pending, returning it as (h, m) with h + m
-        its output: each residual add is left to the next norm, where a kernel fuses the two.
-        normed: input_layernorm(x) when the caller has it (pending None)."""
+        """The layer on the residual stream x + residual (None: x), returning it as (h, m)
+        with h + m the output: each add is done by ops.add_rms_norm with the norm after it.
+        normed: input_layernorm(x) when the caller has it (ops.embed computes it)."""
         if normed is None:
-            h, n = add_norm(x, pending, self.input_layernorm)
+            h, n = ops.add_rms_norm(x, residual, self.input_layernorm)
         else:
             h, n = x, normed
         a = self.self_attn(n, mask, cache)
-        if isinstance(self.mlp, MoE) and x.dtype != mx.float32:
-            # the router takes the normed x in float32: the kernel writes that copy too
-            fused = add_rms_norm(h, a, self.post_attention_layernorm, float32_copy=True)
-            if fused is not None:
-                return fused[0], self.mlp(fused[1], fused[2])
-        h, n = add_norm(h, a, self.post_attention_layernorm)
+        if isinstance(self.mlp, MoE):  # the router reads the normed stream in float32
+            h, n, n32 = ops.add_rms_norm(h, a, self.post_attention_layernorm, float32_copy=True)
+            return h, self.mlp(n, n32)
+        h, n = ops.add_rms_norm(h, a, self.post_attention_layernorm)
         return h, self.mlp(n)
 
 
@@ -111,15 +103,13 @@ class DeepseekModel(nn.Module):
 
     def _layers(self, inputs: mx.array, cache: list | None) -> tuple[mx.array, mx.array | None]:
         """The decoder stack: the last hidden states as (h, m), h + m BEFORE the final norm."""
-        # the embedding and the first layer's input norm: one kernel where it applies
         first = self.layers[0].input_layernorm if self.layers else None
-        fused = quantized_embedding(self.embed_tokens, inputs, first)
-        h, normed = fused if fused is not None else (self.embed_tokens(inputs), None)
+        h, normed = ops.embed(self.embed_tokens, inputs, first)  # and the first layer's norm
         if cache is None:
             cache = [None] * len(self.layers)
-        mask, m = mask_for(h.shape[1]), None
+        mask, m = attention_mask(h.shape[1], cache[0] if cache else None), None
         for layer, c in zip(self.layers, cache, strict=True):
-            h, m = layer.step(h, m, mask, c, normed)
+            h, m = layer.forward(h, m, mask, c, normed)
             normed = None
         return h, m
 
@@ -132,7 +122,7 @@ class DeepseekModel(nn.Module):
         self, inputs: mx.array, cache: list | None = None
     ) -> tuple[mx.array, mx.array]:
         """(last hidden states before the final norm, after it)."""
-        return add_norm(*self._layers(inputs, cache), self.norm)
+        return ops.add_rms_norm(*self._layers(inputs, cache), self.norm)
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         return self.hidden_and_normed(inputs, cache)[1]
@@ -163,6 +153,14 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         return self.head(self.model(inputs, cache))
+
+    def hidden(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """The last hidden states BEFORE the final norm [B, L, D] (what MTP drafts from)."""
+        return self.model.hidden(inputs, cache)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """Pre-norm hidden states [B, L, D] (from `hidden`) -> logits [B, L, vocab]."""
+        return self.head(self.model.norm(hidden))
 
     def forward_with_hidden(
         self, inputs: mx.array, cache: list | None = None
@@ -201,11 +199,11 @@ class Model(nn.Module):
     ) -> mx.array:
         """The MTP block's output [B, L, D] (before shared_head.norm)."""
         layer = self.mtp[depth]
-        embed = layer.get("embed_tokens", self.model.embed_tokens)
-        x = layer.eh_proj(
-            mx.concatenate([layer.enorm(embed(next_tokens)), layer.hnorm(hidden)], axis=-1)
+        _, e = ops.embed(
+            layer.get("embed_tokens", self.model.embed_tokens), next_tokens, layer.enorm
         )
-        return layer(x, mask_for(x.shape[1]), cache)
+        x = layer.eh_proj(mx.concatenate([e, layer.hnorm(hidden)], axis=-1))
+        return layer(x, attention_mask(x.shape[1], cache), cache)
 
     def mtp_logits(self, h: mx.array, depth: int = 0) -> mx.array:
         layer = self.mtp[depth]

@@ -24,11 +24,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
+from .. import ops
 from ..errors import ConfigError
 from ..ops import sparse
 from . import config, deepseek_v3
 from .cache import ModelCache
-from .mla import CAUSAL, MLAttention
+from .mla import MLAttention
 from .rope import RoPE
 
 
@@ -150,40 +151,40 @@ class SparseAttention(MLAttention):
         self.chunk: int | None = None  # queries per chunk (None: ops.sparse decides)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        """x [B, L, D] -> [B, L, D]; mask: None or CAUSAL (the attention is always causal)."""
+        """x [B, L, D] -> [B, L, D]; mask as MLA's (None, ops.CAUSAL or a boolean array)."""
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         k_index = self.indexer.keys(x, offset)  # [B, 1, L, Di]
         if cache is not None:
             k_index = cache.update_index(k_index)
-        if offset + L <= self.index_topk:
+        S = k_index.shape[2]
+        if S <= self.index_topk:
             return super().__call__(x, mask, cache)  # the indexer selects every position
-        if mask is not None and not (isinstance(mask, str) and mask == CAUSAL):
-            raise ValueError(f"mask {mask!r}: sparse attention takes None or {CAUSAL!r}")
 
-        q_a = self.q_a_proj(x)
-        c_kv, k_pe, qr = self._latent(self.kv_a_proj_with_mqa(x), offset, q_a)
+        h = self.heads()
+        c_kv, k_pe, qr = ops.latent(
+            self.kv_a_proj_with_mqa(x), self.kv_a_layernorm, self.rope, offset,
+            self.q_a_proj(x), self.q_a_layernorm,
+        )  # fmt: skip
         q = self.q_b_proj(qr)  # [B, L, H * qk]
         if cache is not None:
             c_kv, k_pe = cache.update_and_fetch(c_kv, k_pe)  # [B, 1, S, *]
-        q_nope, q_pe = mx.split(
-            q.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3), [self.nope], -1
-        )
+        q_nope, q_pe = mx.split(q.reshape(B, L, h.heads, -1).transpose(0, 2, 1, 3), [h.nope], -1)
         q_index, weights = self.indexer.queries(x, qr, offset)
         out = sparse.sparse_attention(
             q_index,
             k_index[:, 0],
             weights,
-            self.embed_q(q_nope),  # [B, H, L, rank]
-            self.rope(q_pe, offset),
+            h.embed_q(q_nope),  # [B, H, L, rank]
+            h.rope(q_pe, offset),
             c_kv[:, 0],
             k_pe[:, 0],
-            offset=offset,
+            visible=sparse.visible_positions(mask, L, S, offset),
             topk=self.index_topk,
-            scale=self.scale,
+            scale=h.scale,
             chunk=self.chunk,
         )
-        out = self.unembed_out(out)  # [B, H, L, v]
+        out = h.unembed_out(out)  # [B, H, L, v]
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

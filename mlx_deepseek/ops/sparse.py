@@ -49,23 +49,42 @@ def selection_keys(scores: mx.array) -> mx.array:
     return ordered.astype(mx.int64) * (1 << 32) + (_POS_FIELD - positions)
 
 
-def select_topk(scores: mx.array, topk: int, offset: int) -> tuple[mx.array, mx.array]:
-    """The `topk` best key positions for each query, causally.
+def causal(L: int, S: int, offset: int) -> mx.array:
+    """Which of S key positions each of L queries at offset .. offset + L - 1 sees: [1, L, S]."""
+    return (mx.arange(S)[None] <= mx.arange(offset, offset + L)[:, None])[None]
 
-    scores: [B, L, S] for queries at positions offset .. offset + L - 1 over keys 0 .. S-1.
-    Returns (positions [B, L, K] int32, valid [B, L, K] bool) with K = min(topk, S); a
-    position is invalid when it lies after its query (a query at position p < K - 1 has
-    only p + 1 keys to choose). Ties go to the lower position (module docstring).
+
+def visible_positions(mask, L: int, S: int, offset: int | mx.array) -> mx.array | None:
+    """An attention mask argument (None: every position; "causal"; or a boolean array
+    broadcasting to [B, H, L, S], one for all heads) as [B or 1, L, S], or None."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        if mask != "causal" or not isinstance(offset, int):
+            raise ValueError(f"mask {mask!r}: give None, 'causal' (int offset) or an array")
+        return causal(L, S, offset)
+    return mask.reshape(-1, *mask.shape[-2:]) if mask.ndim < 4 else mask[:, 0]
+
+
+def select_topk(
+    scores: mx.array, topk: int, visible: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
+    """The `topk` best visible key positions for each query.
+
+    scores: [B, L, S]; visible: boolean, broadcasting to [B, L, S] (None: all). Returns
+    (positions [B, L, K] int32, valid [B, L, K] bool) with K = min(topk, S); a position is
+    invalid when the query may not see it (a causal query at position p < K - 1 sees only
+    p + 1 keys). Ties go to the lower position (module docstring).
     """
     B, L, S = scores.shape
     K = min(topk, S)
-    rows = mx.arange(offset, offset + L)[:, None]
-    visible = mx.arange(S)[None] <= rows  # [L, S]
-    scores = mx.where(visible, scores, mx.array(-mx.inf, mx.float32))
-    keys = selection_keys(scores)
-    idx = mx.argpartition(keys, kth=S - K, axis=-1)[..., S - K :].astype(mx.int32)
-    valid = mx.take_along_axis(mx.broadcast_to(visible, scores.shape), idx, axis=-1)
-    return idx, valid
+    if visible is not None:
+        scores = mx.where(visible, scores, mx.array(-mx.inf, mx.float32))
+    idx = mx.argpartition(selection_keys(scores), kth=S - K, axis=-1)[..., S - K :]
+    idx = idx.astype(mx.int32)
+    if visible is None:
+        return idx, mx.ones(idx.shape, dtype=mx.bool_)
+    return idx, mx.take_along_axis(mx.broadcast_to(visible, scores.shape), idx, axis=-1)
 
 
 def gather_attention(
@@ -117,16 +136,17 @@ def sparse_attention(
     c_kv: mx.array,
     k_pe: mx.array,
     *,
-    offset: int,
+    visible: mx.array | None,
     topk: int,
     scale: float,
     chunk: int | None = None,
 ) -> mx.array:
-    """DeepSeek Sparse Attention for L queries at positions offset .. offset + L - 1.
+    """DeepSeek Sparse Attention for L queries over S cached positions.
 
     q_index: [B, L, Hi, Di], k_index: [B, S, Di], weights: [B, L, Hi] (the indexer);
-    q_lat, q_pe, c_kv, k_pe: MLA's absorbed operands (gather_attention). Queries go in
-    chunks of `chunk` (default: query_chunk) -> the attention-weighted latent [B, H, L, rank].
+    q_lat, q_pe, c_kv, k_pe: MLA's absorbed operands (gather_attention); visible: which
+    positions each query may see, [B or 1, L, S] (visible_positions). Queries go in chunks
+    of `chunk` (default: query_chunk) -> the attention-weighted latent [B, H, L, rank].
     """
     B, H, L, R = q_lat.shape
     S = c_kv.shape[1]
@@ -136,7 +156,7 @@ def sparse_attention(
     for lo in range(0, L, chunk):
         hi = min(L, lo + chunk)
         scores = index_scores(q_index[:, lo:hi], k_index, weights[:, lo:hi])
-        idx, valid = select_topk(scores, topk, offset + lo)
+        idx, valid = select_topk(scores, topk, None if visible is None else visible[:, lo:hi])
         outs.append(
             gather_attention(q_lat[:, :, lo:hi], q_pe[:, :, lo:hi], c_kv, k_pe, idx, valid, scale)
         )

@@ -1,0 +1,452 @@
+"""The "cpu" back-end: all cores for decode, dequantized matmuls for prefill.
+
+MLX runs each stream's operations on a thread of its own, and its CPU quantized matmul is
+single-threaded scalar code. So on the CPU (Linux, or `mx.cpu` on a Mac):
+
+1. Decode on every core. A decode step issuing one matmul at a time uses one core, reading
+   4-bit weights at ~0.4 GB/s here. The work that reads the weights is split across
+   `threads()` CPU streams and joined on the default stream:
+   - a linear layer by its output rows (`RowSplitQuantizedLinear` & co., installed on the big
+     layers by `install(model)` at load; same parameters, so nothing else changes);
+   - a MoE layer's selected experts, the shared experts counting as their width in experts
+     (`split_slots`);
+   - MLA attention: absorbed by cached positions (merged flash-decoding style) and W_uk/W_uv
+     by heads; expanded (prefill) by heads.
+   A part runs on one stream only: inside `parallel()` nothing splits again. Each join costs
+   ~12 us here, so only weights of at least MIN_PART_BYTES per part are split. While the
+   streams split a model, OpenBLAS runs on one thread (its idle threads spin on the cores).
+
+2. Prefill by dequantizing. The CPU quantized matmul costs the same per row of x as a
+   whole matvec (it re-decodes the weights for every token): 512 tokens x a 8192x2048 4-bit
+   matrix take 10.6 s, while dequantizing it once and one BLAS matmul take 0.37 s. From
+   DEQUANT_MIN_TOKENS rows on, `matmul` does that (the same products, summed in another
+   order), also per expert in a MoE layer and per head in MLA's expansion.
+
+All of it applies only while this is the back-end in use (ops.backend): on Metal the GPU is
+parallel already and has its own quantized kernels. The ops not defined here are MLX's.
+MLX_DEEPSEEK_CPU_THREADS=N sets the number of streams (1 = no splitting); the default is the
+number of cores this process may use, at most 8.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from functools import partial, reduce
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .. import _blas
+from . import backend
+from . import mlx as reference
+from .mlx import add_rms_norm, embed, latent, mlp, route  # noqa: F401  (MLX's own here)
+from .types import MLAHeads
+
+ENV_THREADS = "MLX_DEEPSEEK_CPU_THREADS"
+MAX_DEFAULT_THREADS = 8
+MIN_PART_BYTES = 256 * 1024  # below this a part's matmul is too short to repay a join
+DEQUANT_MIN_TOKENS = 16  # from this many rows of x, dequantize + BLAS beats MLX's CPU qmm
+
+
+class _State:
+    streams: list[mx.Stream] = []
+    inside = False  # building a part: do not split again
+
+
+def threads() -> int:
+    """How many CPU streams share the work (1: no splitting)."""
+    value = os.environ.get(ENV_THREADS, "").strip()
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"{ENV_THREADS}={value!r}: give a whole number of threads") from None
+        return max(n, 1)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    return min(cores, MAX_DEFAULT_THREADS)
+
+
+def on_cpu() -> bool:
+    """Whether the CPU back-end is the one in use (not while another is, e.g. ops.use("mlx")
+    in a test, or "metal" while counting a Mac's graph)."""
+    return backend.current() == "cpu"
+
+
+def matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array | None,
+    transpose: bool,
+    group_size: int,
+    bits: int,
+    mode: str = "affine",
+) -> mx.array:
+    """mx.quantized_matmul, or on the CPU when each weight matrix meets DEQUANT_MIN_TOKENS
+    rows of x or more, the dequantized weights in one BLAS matmul (float32)."""
+    if rows_per_matrix(x, w) < DEQUANT_MIN_TOKENS or not on_cpu():
+        return mx.quantized_matmul(
+            x,
+            w,
+            scales=scales,
+            biases=biases,
+            transpose=transpose,
+            group_size=group_size,
+            bits=bits,
+            mode=mode,
+        )
+    dense = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+    dense = dense.astype(mx.float32)
+    y = x.astype(mx.float32) @ (dense.swapaxes(-1, -2) if transpose else dense)
+    return y.astype(x.dtype)
+
+
+def rows_per_matrix(x: mx.array, w: mx.array) -> int:
+    """How many rows of x each weight matrix of a batched matmul x @ w meets: x's second-last
+    axis times its batch axes that w does not index (w [h, out, in] with x [B, h, L, in]: B*L)."""
+    if x.ndim < 2:
+        return 1
+    rows = x.shape[-2]
+    x_batch, w_batch = x.shape[:-2], w.shape[:-2]
+    for i, d in enumerate(reversed(x_batch)):
+        if i >= len(w_batch) or w_batch[-1 - i] == 1:
+            rows *= d
+    return rows
+
+
+def workers() -> list[mx.Stream]:
+    """The CPU streams to split the current graph across; [] when it should not split (not on
+    the CPU, one thread, inside a part, or building a Mac's graph)."""
+    if _State.inside or not on_cpu():
+        return []
+    n = threads()
+    if n < 2:
+        return []
+    while len(_State.streams) < n:
+        _State.streams.append(mx.new_stream(mx.cpu))
+    return _State.streams[:n]
+
+
+def parallel(
+    parts: Sequence[Callable[[], mx.array]], streams: Sequence[mx.Stream]
+) -> list[mx.array]:
+    """Build each part's graph on its own stream (part i on streams[i % n])."""
+    saved, _State.inside = _State.inside, True
+    try:
+        out = []
+        for i, part in enumerate(parts):
+            with mx.stream(streams[i % len(streams)]):
+                out.append(part())
+        return out
+    finally:
+        _State.inside = saved
+
+
+def ranges(total: int, n: int) -> list[tuple[int, int]]:
+    """[0, total) cut into at most n near-equal non-empty ranges."""
+    n = max(1, min(n, total))
+    cuts = [total * i // n for i in range(n + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def split_slots(k: int, shared_units: int, n: int) -> list[tuple[int, int]]:
+    """The routed slots [0, k) as n contiguous ranges balancing the load when the first part
+    also computes the shared experts (worth `shared_units` routed experts). A range may be
+    empty: the first part's when the shared experts alone are its share, or any when k < n."""
+    total = k + shared_units
+    cuts = [min(max(round(total * i / n) - shared_units, 0), k) for i in range(n + 1)]
+    return list(zip(cuts, cuts[1:], strict=False))
+
+
+def layer_matmul(
+    layer: nn.Module, x: mx.array, part: int | slice = slice(None), transpose: bool = True
+) -> mx.array:
+    """x @ W[part]^T (or x @ W[part]) for a (quantized) layer's weight W, `part` indexing its
+    first axis: rows of a linear layer, heads of a MultiLinear, an expert of a SwitchLinear
+    (all views). Quantized, it goes through `matmul`."""
+    w = layer["weight"][part]
+    if "scales" not in layer:
+        return x @ (w.swapaxes(-1, -2) if transpose else w)
+    biases = layer.get("biases")
+    return matmul(
+        x,
+        w,
+        layer["scales"][part],
+        None if biases is None else biases[part],
+        transpose=transpose,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
+def row_split(layer: nn.Module, x: mx.array) -> mx.array | None:
+    """layer's matmul x @ W^T computed in row ranges on the worker streams (or, quantized and
+    for many tokens, dequantized on one), or None to leave it to the layer."""
+    streams = workers()
+    rows = layer["weight"].shape[0]
+    n = min(len(streams), layer["weight"].nbytes // MIN_PART_BYTES)
+    if n < 2:
+        return layer_matmul(layer, x) if "scales" in layer and on_cpu() else None
+    parts = [partial(layer_matmul, layer, x, slice(lo, hi)) for lo, hi in ranges(rows, n)]
+    return mx.concatenate(parallel(parts, streams), axis=-1)
+
+
+class RowSplitLinear(nn.Linear):
+    """nn.Linear whose matmul splits by output rows across the CPU streams."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = row_split(self, x)
+        if y is None:
+            return super().__call__(x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class RowSplitQuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear whose matmul splits by output rows across the CPU streams."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = row_split(self, x)
+        if y is None:
+            return super().__call__(x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class RowSplitEmbedding(nn.Embedding):
+    """nn.Embedding whose as_linear (a tied LM head) splits like the linear layers."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = row_split(self, x)
+        return super().as_linear(x) if y is None else y
+
+
+class RowSplitQuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose as_linear (a tied LM head) splits like the linear layers."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = row_split(self, x)
+        return super().as_linear(x) if y is None else y
+
+
+_SPLIT_CLASS: dict[type, type] = {
+    nn.Linear: RowSplitLinear,
+    nn.QuantizedLinear: RowSplitQuantizedLinear,
+    nn.Embedding: RowSplitEmbedding,
+    nn.QuantizedEmbedding: RowSplitQuantizedEmbedding,
+}
+
+
+def prepare(model: nn.Module) -> int:
+    """Make every linear layer (and embedding, for a tied head) big enough to split a
+    row-splitting one, in place (same parameters), and returns how many. Whether to split is
+    decided per call, so the model still runs on another back-end. When the CPU will split
+    such a model, OpenBLAS is set to one thread: the streams are the parallelism, and its idle
+    helper threads would spin on their cores."""
+    count = 0
+    for _, module in model.named_modules():
+        cls = _SPLIT_CLASS.get(type(module))
+        if cls is not None and module["weight"].nbytes >= 2 * MIN_PART_BYTES:
+            module.__class__ = cls
+            count += 1
+    if count and workers():
+        _blas.set_threads(1)
+    return count
+
+
+# ---- MLA attention ---------------------------------------------------------------------------
+
+
+def absorbed_attention(
+    q: mx.array, c_kv: mx.array, k_pe: mx.array, mla: MLAHeads, mask, offset
+) -> mx.array:
+    """ops.absorbed_attention shared out across the CPU streams: W_uk and W_uv by heads, the
+    attention itself by cached positions (each part reads 1/n of the cache for all heads; the
+    parts merge by their softmax maxima and sums, as flash-decoding does). MLX's path when
+    there is too little to read for the joins to pay."""
+    streams = workers()
+    reads = c_kv.nbytes + k_pe.nbytes + mla.embed_q["weight"].nbytes
+    reads += mla.unembed_out["weight"].nbytes
+    n = min(len(streams), reads // MIN_PART_BYTES)
+    if n < 2:
+        return reference.absorbed_attention(q, c_kv, k_pe, mla, mask, offset)
+    B, L, _ = q.shape
+    H, S = mla.heads, c_kv.shape[2]
+    q_nope, q_pe = reference.split_q(q, mla)
+    mask = reference.boolean_mask(mask, L, offset)
+    heads = ranges(H, n)
+
+    def by_heads(layer: nn.Module, x: mx.array) -> mx.array:
+        parts = [partial(layer_matmul, layer, x[:, lo:hi], slice(lo, hi)) for lo, hi in heads]
+        return mx.concatenate(parallel(parts, streams), axis=1)
+
+    q_lat = by_heads(mla.embed_q, q_nope) * mla.scale  # [B, H, L, rank]
+    q_lat = q_lat.reshape(B, 1, H * L, -1)
+
+    def part(lo: int, hi: int) -> tuple[mx.array, mx.array, mx.array]:
+        c = c_kv[:, :, lo:hi]
+        part_mask = None if mask is None else mask[..., lo:hi]
+        s = reference.pe_scores(q_pe, k_pe[:, :, lo:hi], mla, part_mask, offset)  # [B,H,L,hi-lo]
+        s = q_lat @ c.swapaxes(-1, -2) + s.reshape(B, 1, H * L, -1)
+        m = s.max(axis=-1, keepdims=True)  # finite: masked scores are finfo.min, not -inf
+        p = exp_nonpositive(s - m)
+        return m, p.sum(axis=-1, keepdims=True), p @ c
+
+    parts = parallel([partial(part, lo, hi) for lo, hi in ranges(S, n)], streams)
+    m = reduce(mx.maximum, [pm for pm, _, _ in parts])
+    weights = [mx.exp(pm - m) for pm, _, _ in parts]  # ~0 for a part wholly masked
+    total = reduce(mx.add, [w * pl for w, (_, pl, _) in zip(weights, parts, strict=True)])
+    out = reduce(mx.add, [w * po for w, (_, _, po) in zip(weights, parts, strict=True)])
+    out = (out / total).astype(q_lat.dtype).reshape(B, H, L, -1)
+    out = by_heads(mla.unembed_out, out)  # [B, H, L, v]
+    return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+def expanded_attention(
+    q: mx.array, c_kv: mx.array, k_pe: mx.array, mla: MLAHeads, mask, offset
+) -> mx.array:
+    """ops.expanded_attention with a share of the heads on each CPU stream, K/V expanded by
+    dequantized matmuls for a long prefill."""
+    B, L, _ = q.shape
+    H = mla.heads
+    q_nope, q_pe = reference.split_q(q, mla)
+    scores = reference.pe_scores(q_pe, k_pe, mla, reference.boolean_mask(mask, L, offset), offset)
+
+    def heads(lo: int, hi: int) -> mx.array:
+        k_nope = layer_matmul(mla.embed_q, c_kv, slice(lo, hi), transpose=False)  # [B,h,S,nope]
+        v = layer_matmul(mla.unembed_out, c_kv, slice(lo, hi))  # [B, h, S, v]
+        return mx.fast.scaled_dot_product_attention(
+            q_nope[:, lo:hi], k_nope, v, scale=mla.scale, mask=scores[:, lo:hi]
+        )
+
+    streams = workers()
+    n = min(len(streams), H)
+    if n < 2:
+        out = heads(0, H)
+    else:
+        parts = [partial(heads, lo, hi) for lo, hi in ranges(H, n)]
+        out = mx.concatenate(parallel(parts, streams), axis=1)
+    return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+@mx.compile
+def exp_nonpositive(x: mx.array) -> mx.array:
+    """exp(x) for x <= 0 (softmax numerators) in float32, ~4x faster than mx.exp on the CPU
+    (MLX's CPU exp is scalar; this compiles to one vectorisable loop). x = k ln2 + y with
+    integer k and |y| <= ln2/2 (Cody-Waite: ln2 in two parts, so y is exact to float32),
+    e^y by its Taylor series to degree 8, 2^k from the float's exponent bits: a few ulp down
+    to exp(-87) = 1.6e-38, where it stops (below, a float32 loses digits; such numerators
+    vanish next to the maximum's 1 anyway)."""
+    x = mx.maximum(x.astype(mx.float32), -87.0)
+    k = mx.round(x * 1.4426950408889634)
+    y = (x - k * 0.693145751953125) - k * 1.4286068203094173e-06
+    p = 1.0 / 40320
+    for c in (1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+        p = p * y + c
+    two_k = ((k.astype(mx.int32) + 127) << 23).view(mx.float32)
+    return p * two_k
+
+
+# ---- MoE experts -----------------------------------------------------------------------------
+
+
+def moe(
+    x: mx.array,
+    inds: mx.array,
+    weights: mx.array,
+    experts: nn.Module,
+    shared: nn.Module | None,
+) -> mx.array:
+    """ops.moe on the CPU: many tokens by expert, dequantized, on the streams (prefill); a
+    few tokens with a share of the slots on each stream (decode); else MLX's path."""
+    if "scales" not in experts.gate_proj or not on_cpu():
+        return reference.moe(x, inds, weights, experts, shared)
+    if x.size // x.shape[-1] >= DEQUANT_MIN_TOKENS:
+        return _experts_grouped(x, inds, weights, experts, shared)
+    y = _split_experts(x, inds, weights, experts, shared)
+    return reference.moe(x, inds, weights, experts, shared) if y is None else y
+
+
+def _split_experts(x, inds, weights, experts, shared) -> mx.array | None:
+    """The experts split across the CPU streams, each stream computing a contiguous share of
+    every token's selected slots (the first also the shared experts), summed on the default
+    stream. None when it should not split."""
+    streams = workers()
+    if not streams:
+        return None
+    k = inds.shape[-1]
+    w = experts.gate_proj["weight"]
+    if 3 * k * (w.nbytes // w.shape[0]) < 2 * MIN_PART_BYTES:
+        return None  # too little to read for a join to pay
+    per_expert = w.shape[-2]
+    shared_units = 0
+    if shared is not None:
+        shared_units = round(shared.gate_proj["weight"].shape[0] / per_expert)
+    slots = split_slots(k, shared_units, len(streams))
+    # (lo, hi, with the shared experts) per stream; an empty share is dropped
+    jobs = [(lo, hi, i == 0 and shared is not None) for i, (lo, hi) in enumerate(slots)]
+    jobs = [job for job in jobs if job[1] > job[0] or job[2]]
+
+    def part(lo: int, hi: int, with_shared: bool) -> mx.array:
+        ys = []
+        if hi > lo:
+            ys.append((experts(x, inds[..., lo:hi]) * weights[..., lo:hi, None]).sum(axis=-2))
+        if with_shared:
+            ys.append(shared(x).astype(mx.float32))
+        return reduce(mx.add, ys)
+
+    outs = parallel([partial(part, *job) for job in jobs], streams)
+    return reduce(mx.add, outs).astype(x.dtype)
+
+
+def _expert_matmul(layer: nn.Module, e: int, x: mx.array) -> mx.array:
+    """x @ W_e^T for expert e of a quantized SwitchLinear (dequantized for many rows)."""
+    y = layer_matmul(layer, x, e)
+    return y + layer["bias"][e] if "bias" in layer else y
+
+
+def _experts_grouped(x, inds, weights, experts, shared) -> mx.array:
+    """Many tokens (prefill): for each selected expert, its tokens gathered, its SwiGLU
+    (`matmul`: dequantized once instead of MLX's per-token decoding), the weighted result
+    added back at their rows; the experts dealt out to the streams by token count. Reads the
+    routing on the host: one sync per layer."""
+    D = x.shape[-1]
+    T = x.size // D
+    k = inds.shape[-1]
+    flat = np.array(inds.reshape(-1))  # the sync
+    order = np.argsort(flat, kind="stable")
+    chosen, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
+    jobs = [(int(e), order[a : a + c]) for e, a, c in zip(chosen, starts, counts, strict=True)]
+    streams = workers()
+    bins: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(max(1, len(streams)))]
+    loads = [0] * len(bins)
+    for job in sorted(jobs, key=lambda j: -len(j[1])):  # longest first, to the lightest bin
+        i = loads.index(min(loads))
+        bins[i].append(job)
+        loads[i] += len(job[1])
+    xf = x.reshape(T, D)
+    flat_weights = weights.reshape(-1)
+
+    def run(jobs: list[tuple[int, np.ndarray]]) -> mx.array:
+        y = mx.zeros((T, D), mx.float32)
+        for e, positions in jobs:
+            rows = mx.array(positions // k)
+            xe = xf[rows]
+            gate = _expert_matmul(experts.gate_proj, e, xe)
+            h = nn.silu(gate) * _expert_matmul(experts.up_proj, e, xe)
+            ye = _expert_matmul(experts.down_proj, e, h).astype(mx.float32)
+            y = y.at[rows].add(ye * flat_weights[mx.array(positions)][:, None])
+        return y
+
+    if streams:
+        parts = parallel([partial(run, b) for b in bins if b], streams)
+    else:
+        parts = [run(bins[0])]
+    y = reduce(mx.add, parts).astype(x.dtype).reshape(x.shape)
+    if shared is not None:
+        y = y + shared(x)
+    return y

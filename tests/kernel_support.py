@@ -1,0 +1,71 @@
+"""What the kernel tests share: the kernel maker (the real Metal one on a Mac, else the CPU
+emulator of Metal), float64 references of MLX's quantized format, and the "metal" back-end
+switched on for a block."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import mlx.core as mx
+import numpy as np
+
+import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_deepseek import ops
+from mlx_deepseek.kernels import runtime
+from mlx_deepseek.ops import metal as metal_ops
+
+ON_METAL = mx.metal.is_available()
+if ON_METAL:
+    MAKE_KERNEL = mx.fast.metal_kernel
+else:
+    from metal_emulator import metal_kernel as MAKE_KERNEL
+
+EPS = {mx.float32: 2.0**-23, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}
+# Errors are max |kernel - reference| / max |reference| in units of EPS. h is float32 summed in
+# fp32; y is rounded once to the activation dtype (<= 0.5 of its EPS) after fp32 sums.
+H_TOLERANCE = 16.0  # fp32 EPS
+Y_TOLERANCE = {mx.float16: 1.0, mx.bfloat16: 1.0, mx.float32: 16.0}
+
+
+def f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+def unpack(words: mx.array, bits: int) -> np.ndarray:
+    """uint32 words [..., n] -> values [..., n * 32 / bits]: value i in bits [bits*i, bits*(i+1))
+    of the little-endian bit stream."""
+    w = np.array(words)
+    stream = np.unpackbits(w.view(np.uint8), axis=-1, bitorder="little")
+    stream = stream.reshape(*w.shape[:-1], -1, bits).astype(np.int64)
+    return (stream << np.arange(bits)).sum(-1)
+
+
+def dequantize(wq: mx.array, scales: mx.array, biases: mx.array, bits: int, gs: int) -> np.ndarray:
+    q = unpack(wq, bits)
+    grouped = q.reshape(*q.shape[:-1], -1, gs)
+    return (grouped * f64(scales)[..., None] + f64(biases)[..., None]).reshape(q.shape)
+
+
+def silu(z: np.ndarray) -> np.ndarray:
+    return z / (1.0 + np.exp(-z))
+
+
+def ulps(got: mx.array, ref: np.ndarray, dtype) -> float:
+    return float(np.abs(f64(got) - ref).max() / np.abs(ref).max() / EPS[dtype])
+
+
+@contextmanager
+def metal(monkeypatch, *families: str):
+    """The "metal" back-end as on a Mac (the emulator standing in for the GPU where there is
+    none), with a fresh self-check state; afterwards, each of `families` must have run its
+    kernels (passed the self-check), not fallen back to MLX."""
+    monkeypatch.delenv(metal_ops.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(metal_ops._State, "disabled", set())
+    monkeypatch.setattr(metal_ops._State, "checked", set())
+    if not ON_METAL:
+        monkeypatch.setattr(mx.fast, "metal_kernel", MAKE_KERNEL)
+        monkeypatch.setattr(runtime, "available", lambda: True)
+    with ops.use("metal"):
+        yield
+    ran = {family for family, _ in metal_ops._State.checked}
+    assert set(families) <= ran and not metal_ops._State.disabled, (ran, metal_ops._State.disabled)
