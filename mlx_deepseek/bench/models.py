@@ -66,10 +66,16 @@ class Shape:
         return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
+_ARCHITECTURES = {
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
+}
+
+
 def _config(model_type: str, **fields: Any) -> dict[str, Any]:
-    v3 = model_type == "deepseek_v3"
     config = {
-        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "architectures": [_ARCHITECTURES[model_type]],
         "model_type": model_type,
         **_COMMON,
         **fields,
@@ -141,9 +147,35 @@ def v3_shape(moe_layers: int = 1, experts: int = 32, vocab: int = 16384) -> Shap
     return Shape("v3", "V3-shaped", config, scaled)
 
 
+def v32_shape(
+    moe_layers: int = 1, experts: int = 16, moe_intermediate: int = 512, vocab: int = 16384
+) -> Shape:
+    """DeepSeek-V3.2's attention exactly (MLA 128 heads, q LoRA 1536, latent 512 + 64, the
+    indexer's 64 heads of 128 and top-2048); few layers, few and narrow experts, a narrow
+    dense layer and a small vocabulary (the MLP does not change with the context)."""
+    config = v3_shape(moe_layers, experts, vocab).config
+    config.update(
+        architectures=[_ARCHITECTURES["deepseek_v32"]],
+        model_type="deepseek_v32",
+        index_n_heads=64,
+        index_head_dim=128,
+        index_topk=2048,
+        intermediate_size=2048,
+        moe_intermediate_size=moe_intermediate,
+    )
+    scaled = [
+        f"layers: {1 + moe_layers} = 1 dense + {moe_layers} MoE (real 61 = 3 + 58)",
+        f"n_routed_experts: {experts} of {moe_intermediate} (real 256 of 2048), 8 active",
+        "dense layer intermediate_size: 2048 (real 18432)",
+        f"vocab_size: {vocab} (real 129280)",
+        "MTP layer: none (real 1; not used)",
+    ]
+    return Shape("v3.2", "V3.2-shaped", config, scaled)
+
+
 def tiny_shape(model_type: str = "deepseek_v2") -> Shape:
     """A model of a few MB with every structural feature (tests, a harness smoke run)."""
-    v3 = model_type == "deepseek_v3"
+    v3 = model_type in ("deepseek_v3", "deepseek_v32")
     config = _config(
         model_type,
         vocab_size=512,
@@ -171,8 +203,10 @@ def tiny_shape(model_type: str = "deepseek_v2") -> Shape:
         # mlx-lm's deepseek_v2 needs a rope_scaling section
         rope_scaling={**_YARN_V2, "factor": 4, "original_max_position_embeddings": 1024},
     )
-    name = "tiny-v3" if v3 else "tiny-v2"
-    return Shape(name, f"tiny {model_type}", config, ["everything (a test model)"])
+    if model_type == "deepseek_v32":  # top-8 of 16 indexer heads: sparse from 8 positions on
+        config.update(index_n_heads=16, index_head_dim=32, index_topk=8)
+    name = {"deepseek_v2": "tiny-v2", "deepseek_v3": "tiny-v3", "deepseek_v32": "tiny-v32"}
+    return Shape(name[model_type], f"tiny {model_type}", config, ["everything (a test model)"])
 
 
 SHAPES: dict[str, Callable[[], Shape]] = {
@@ -180,6 +214,8 @@ SHAPES: dict[str, Callable[[], Shape]] = {
     "v3": v3_shape,
     "tiny-v2": lambda: tiny_shape("deepseek_v2"),
     "tiny-v3": lambda: tiny_shape("deepseek_v3"),
+    "v3.2": v32_shape,
+    "tiny-v32": lambda: tiny_shape("deepseek_v32"),
 }
 
 
