@@ -378,3 +378,43 @@ def as_kimi_k25(path: Path) -> None:
     tensors["vision_tower.patch_embed.proj.weight"] = torch.randn(16, 3, 14, 14)
     tensors["mm_projector.proj.0.weight"] = torch.randn(64, 64)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---- DeepSeekMoE 16B (model_type deepseek): no transformers class; synthetic checkpoints ---
+
+
+def v1_config(**changes) -> dict:
+    """A tiny DeepSeekMoE 16B config (its structure: MHA, softmax greedy top-k, 2 shared
+    experts, first layer dense) in the checkpoint's field names."""
+    config = dict(
+        architectures=["DeepseekForCausalLM"],
+        model_type="deepseek",
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=2,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        moe_layer_freq=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=False,
+        scoring_func="softmax",
+        aux_loss_alpha=0.001,
+        seq_aux=True,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        attention_bias=False,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        torch_dtype="bfloat16",
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    config.update(changes)
+    return config

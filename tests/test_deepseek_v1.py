@@ -5,6 +5,7 @@ reference (and reads what `convert` writes)."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from checkpoints import v1_config
 from mlx_deepseek.convert import Options, convert
 from mlx_deepseek.convert.synthetic import write_checkpoint
 from typer.testing import CliRunner
@@ -32,41 +33,6 @@ CONFIGS = {
         rope_theta=50000.0,
     ),
 }
-
-
-def v1_config(**changes) -> dict:
-    config = dict(
-        architectures=["DeepseekForCausalLM"],
-        model_type="deepseek",
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=2,
-        n_routed_experts=8,
-        num_experts_per_tok=3,
-        moe_layer_freq=1,
-        first_k_dense_replace=1,
-        norm_topk_prob=False,
-        scoring_func="softmax",
-        aux_loss_alpha=0.001,
-        seq_aux=True,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        attention_bias=False,
-        tie_word_embeddings=False,
-        hidden_act="silu",
-        torch_dtype="bfloat16",
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    config.update(changes)
-    return config
 
 
 def rel_err(a, b) -> float:
