@@ -26,15 +26,15 @@ from mlx_deepseek.decoding import (
     DEFAULT_PREFILL_STEP_SIZE,
     StepFn,
     cache_length,
+    can_trim_cache,
     context_length,
     make_cache,
     trim_cache,
 )
 from mlx_deepseek.errors import DeepSeekError
-from mlx_deepseek.formats.templates import (
-    THINK_END,
-    THINK_START,
+from mlx_deepseek.formats import (
     ChatFormat,
+    OutputParser,
     chat_format,
     starts_in_reasoning,
 )
@@ -80,62 +80,33 @@ class SessionTotals:
 
 
 class ReasoningSplitter:
-    """Splits streamed text into reasoning (inside <think>...</think>) and the answer.
+    """Streamed text -> reasoning / answer Chunks, on the formats' OutputParser (one parser).
 
     in_reasoning: the prompt opened the block (R1, V3.1 thinking). detect: else, treat a
-    `<think>` the model writes first as opening it (reasoning models with older templates).
+    `<think>` the model writes first as opening it. Tool-call markup stays answer text (the
+    chat declares no tools, and the history must keep the model's exact text).
     """
 
     def __init__(self, in_reasoning: bool, detect: bool = True):
-        self.state = "reasoning" if in_reasoning else "start" if detect else "answer"
-        self.buffer = ""
-        self.reasoning = ""
-        self.answer = ""
+        self.parser = OutputParser(None, in_reasoning, detect_reasoning=detect)
+
+    @property
+    def reasoning(self) -> str:
+        return self.parser.reasoning
+
+    @property
+    def answer(self) -> str:
+        return self.parser.content
 
     def feed(self, text: str) -> list[Chunk]:
-        out: list[Chunk] = []
-        self.buffer += text
-        while self.buffer:
-            if self.state == "start":  # does the model open a thinking block itself?
-                head = self.buffer.lstrip()
-                if head.startswith(THINK_START):
-                    self.buffer = head[len(THINK_START) :]
-                    self.state = "reasoning"
-                elif THINK_START.startswith(head):
-                    break  # wait for more text
-                else:
-                    self.state = "answer"
-            elif self.state == "reasoning":
-                i = self.buffer.find(THINK_END)
-                if i >= 0:
-                    self._emit(out, "reasoning", self.buffer[:i])
-                    self.buffer = self.buffer[i + len(THINK_END) :]
-                    self.state = "answer"
-                    continue
-                keep = _partial_suffix(self.buffer, THINK_END)
-                self._emit(out, "reasoning", self.buffer[: len(self.buffer) - keep])
-                self.buffer = self.buffer[len(self.buffer) - keep :]
-                break
-            else:
-                self._emit(out, "answer", self.buffer)
-                self.buffer = ""
-        return out
+        return self._chunks(self.parser.feed(text))
 
     def flush(self) -> list[Chunk]:
-        out: list[Chunk] = []
-        kind = "reasoning" if self.state == "reasoning" else "answer"
-        self._emit(out, kind, self.buffer)
-        self.buffer = ""
-        return out
+        return self._chunks(self.parser.finish())
 
-    def _emit(self, out: list[Chunk], kind: str, text: str) -> None:
-        if not text:
-            return
-        if kind == "reasoning":
-            self.reasoning += text
-        else:
-            self.answer += text
-        out.append(Chunk(kind, text))
+    @staticmethod
+    def _chunks(events: list) -> list[Chunk]:
+        return [Chunk("reasoning" if e.kind == "reasoning" else "answer", e.text) for e in events]
 
 
 def _prefill_check(
@@ -151,14 +122,6 @@ def _prefill_check(
             raise Interrupted
 
     return check
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that could be the start of `marker`."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
 
 
 @dataclass
@@ -354,6 +317,8 @@ class ChatSession:
         if keep and keep_text == prompt_text:  # nothing new: recompute the last token's logits
             keep -= 1
             keep_text = self._decode(self.tokens[:keep])
+        if keep and not can_trim_cache(self.cache, keep):
+            keep, keep_text = 0, ""  # the cache cannot roll back that far (V4): prefill anew
         self._truncate(keep, keep_text)
         delta = self.tokenizer.encode(prompt_text[len(keep_text) :], add_special_tokens=False)
         return keep, list(delta)
@@ -448,6 +413,11 @@ class ChatSession:
             )
         if not path.parent.exists():
             raise DeepSeekError(f"{path.parent}: no such folder")
+        if not all(getattr(c, "savable", True) for c in self.cache):
+            raise DeepSeekError(
+                f"{path}: this model's cache (DeepSeek V3.2 / V4) cannot be saved to a session "
+                "file yet"
+            )
         state = {
             "model": self.name,
             "arch": self._arch(),

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_deepseek.models import model_args
+from mlx_deepseek.models.tiny import tiny_config as models_tiny_config
 
 from .layout import expected_entries
 from .writer import OutTensor, Shard, ShardWriter
@@ -33,58 +34,23 @@ CHAT_TEMPLATE = (
 
 
 def tiny_config(model_type: str = "deepseek_v3", **overrides: Any) -> dict[str, Any]:
-    """A small config with every structural feature on (q LoRA, dense + MoE layers, MTP)."""
+    """A small config with every structural feature on (q LoRA, dense + MoE layers, MTP for
+    V3), its widths whole 64-groups for 4-bit conversion (models.tiny's factory)."""
     v3 = model_type == "deepseek_v3"
-    config: dict[str, Any] = dict(
-        architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
-        model_type=model_type,
-        vocab_size=320,
-        hidden_size=64,
+    sizes = dict(
         intermediate_size=128,
         moe_intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        routed_scaling_factor=2.5 if v3 else 1.0,
         kv_lora_rank=64,
         q_lora_rank=64,
-        qk_rope_head_dim=16,
         qk_nope_head_dim=64,
         v_head_dim=32,
-        topk_method="noaux_tc" if v3 else "greedy",
-        scoring_func="sigmoid" if v3 else "softmax",
-        norm_topk_prob=v3,
-        n_group=2 if v3 else 1,
-        topk_group=1,
+        n_shared_experts=1,
         num_experts_per_tok=2,
-        moe_layer_freq=1,
-        first_k_dense_replace=1,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        # YaRN as in the real releases, with an mscale correction that is not 1
-        rope_scaling={
-            "type": "yarn",
-            "factor": 4.0,
-            "original_max_position_embeddings": 128,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "mscale": 1.0,
-            "mscale_all_dim": 0.8,
-        },
-        attention_bias=False,
-        tie_word_embeddings=False,
-        hidden_act="silu",
         torch_dtype="bfloat16",
-        bos_token_id=0,
-        eos_token_id=1,
     )
     if v3:
-        config["num_nextn_predict_layers"] = 1
-    config.update(overrides)
-    return config
+        sizes.update(n_group=2, topk_group=1, num_nextn_predict_layers=1)
+    return models_tiny_config(model_type, **{**sizes, **overrides})
 
 
 def source_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:

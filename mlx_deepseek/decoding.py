@@ -58,6 +58,14 @@ def cache_length(cache: list) -> int:
     return min((c.offset for c in cache), default=0)
 
 
+def can_trim_cache(cache: list, length: int) -> bool:
+    """Whether every layer can be cut back to its first `length` tokens exactly (a V4 cache
+    keeps a bounded past: its window and compressor state; see models/v4_cache.py)."""
+    return all(
+        c.can_trim(c.offset - length) for c in cache if c.offset > length and hasattr(c, "can_trim")
+    )
+
+
 def trim_cache(cache: list, length: int) -> None:
     """Cut every layer back to its first `length` tokens."""
     for c in cache:

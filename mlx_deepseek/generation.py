@@ -82,7 +82,8 @@ def encode_prompt(
     thinking: bool = False,
     model_config: dict | None = None,
 ) -> list[int]:
-    """Prompt token ids from text (raw, BOS added unless present), ids, or chat messages.
+    """Prompt token ids from text (raw: exactly one BOS first when the tokenizer has one),
+    ids, or chat messages.
 
     Messages (a list of {"role", "content"} dicts) go through the chat template: the
     checkpoint's own, else the built-in DeepSeek one (see mlx_deepseek.formats.templates).
@@ -92,9 +93,7 @@ def encode_prompt(
         return [int(t) for t in prompt.reshape(-1).tolist()]
     if isinstance(prompt, str):
         if system is None:
-            bos = getattr(tokenizer, "bos_token", None)
-            add_special = bos is None or not prompt.startswith(bos)
-            return list(tokenizer.encode(prompt, add_special_tokens=add_special))
+            return _with_bos(tokenizer, list(tokenizer.encode(prompt, add_special_tokens=False)))
         prompt = [{"role": "user", "content": prompt}]
     prompt = list(prompt)
     if all(isinstance(t, int) for t in prompt):
@@ -108,14 +107,23 @@ def encode_prompt(
     if system is not None and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
     if chat_format is None:
-        from .formats.templates import chat_format as make_format
+        from .formats import chat_format as make_format
 
         chat_format = make_format(tokenizer, model_config or {})
     text = chat_format.render(tokenizer, messages, add_generation_prompt=True, thinking=thinking)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-class _StopStrings:
+def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
+    """Exactly one BOS first when the tokenizer has one (DeepSeek's tokenizer.json loads with
+    add_bos_token False in transformers 5, so encode() alone would add none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if isinstance(bos, int) and (not ids or ids[0] != bos):
+        return [bos, *ids]
+    return ids
+
+
+class StopStrings:
     """Cuts the text at the first stop string; holds back text that may start one."""
 
     def __init__(self, stops: Sequence[str]):
@@ -233,7 +241,7 @@ def stream_generate(
     steps = (step_fn or decode_steps)(model, mx.array(tokens), cache, opts)
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
-    stops = _StopStrings([stop] if isinstance(stop, str) else list(stop or ()))
+    stops = StopStrings([stop] if isinstance(stop, str) else list(stop or ()))
 
     tic = time.perf_counter()
     prompt_tps = 0.0

@@ -219,13 +219,15 @@ def _check_tensors(model: Model, weights: dict[str, mx.array], path: Path) -> No
 def estimate_memory(
     args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype, context: int = DEFAULT_CONTEXT
 ) -> tuple[int, int]:
-    """(weight bytes in the compute dtype, latent-cache bytes for `context` tokens)."""
+    """(weight bytes in the compute dtype, cache bytes for `context` tokens)."""
     total = 0
     for k, v in weights.items():
         if mx.issubdtype(v.dtype, mx.floating) and "e_score_correction_bias" not in k:
             total += v.size * dtype.size
         else:
             total += v.nbytes
+    if hasattr(args, "cache_bytes"):  # a family whose cache is not one row per token (V4)
+        return total, args.cache_bytes(context, dtype.size)
     per_token = cache_values_per_token(args)
     return total, per_token * context * dtype.size
 
@@ -234,7 +236,7 @@ def cache_values_per_token(args: ModelArgs) -> int:
     """KV-cache values one token adds over all layers (MTP layers that run included): MLA's
     latent, V3.2's latent + indexer key, DeepSeekMoE 16B's per-head K and V."""
     mtp = args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0
-    return (args.num_hidden_layers + mtp) * args.cache_values_per_token
+    return (args.num_hidden_layers + mtp) * args.kv_values_per_layer
 
 
 def available_memory() -> int | None:
@@ -292,14 +294,17 @@ def _tensor_dtype(model: Model, name: str, value: mx.array, compute: mx.Dtype) -
 
 
 def load_model(
-    path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = True
+    path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False
 ) -> Model:
-    """Build the model from a checkpoint; tensors stay lazy (memory-mapped) unless lazy=False."""
+    """Build the model from a checkpoint, its tensors read (as mlx-lm does). lazy=True leaves
+    them to be read at first use, which must then happen in the thread that loaded them (MLX
+    evaluates a graph only on the streams of the thread that built it)."""
     path = resolve_model_path(path_or_repo)
     config = load_config(path)
     args = model_args(config, source=str(path / "config.json"))
     compute = _parse_dtype(dtype)
     model = build_model(args)
+    packed_format(config, str(path / "config.json"))  # an unsupported INT scheme: one line
     weights = model.sanitize(read_tensors(path))
     _check_memory(args, weights, compute, path)
     # checkpoints often drop the MTP layer(s) their config announces: build only those present
@@ -307,8 +312,10 @@ def load_model(
     model.mtp = model.mtp[: len(present)]
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")
-    if quantization is None and packed_format(config, str(path / "config.json")) is not None:
-        quantization = {}  # compressed-tensors INT4: bits / group size from each tensor's shape
+    if quantization is None and any(k.endswith(".scales") for k in weights):
+        # quantized tensors without MLX's section (V4's MXFP4 experts, compressed-tensors'
+        # INT4 mapped by weights.sanitize): bits / group size from each tensor's shape
+        quantization = {}
     if quantization is not None:
         _quantize(model, quantization, weights)
     _check_tensors(model, weights, path)
@@ -338,24 +345,15 @@ def eos_token_ids(path: Path) -> list[int]:
 
 
 def load_tokenizer(path: Path):
-    """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template) for the checkpoint,
-    stopping on the tokenizer's EOS and every EOS id the checkpoint's configs name."""
-    from mlx_lm.utils import load_tokenizer as _load
+    """mlx-lm's TokenizerWrapper (streaming detokenizer) for the checkpoint's tokenizer (a
+    Hugging Face one or Kimi's tiktoken files, read as data: formats.tokenizer), stopping on
+    the tokenizer's EOS and every EOS id the checkpoint's configs name."""
+    from .formats.tokenizer import load_tokenizer as _load
 
-    if not any(
-        (path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    ):
-        raise CheckpointError(
-            f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy them from "
-            "the original Hugging Face repo"
-        )
-    tokenizer = _load(path)
-    for i in eos_token_ids(path):
-        tokenizer.eos_token_ids.add(i)
-    return tokenizer
+    return _load(Path(path), eos_token_ids(Path(path)))
 
 
-def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = True):
+def load(path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False):
     """Load a DeepSeek checkpoint: returns (model, tokenizer).
 
     `path_or_repo`: a local folder, a Hugging Face repo id (resolved offline from the local

@@ -164,6 +164,7 @@ class MTPDecoder:
             tokens = prior[len(prior) - need :] + tokens
         history = prior[: len(prior) - (main_len - cache.length)] + tokens
         start = cache.length
+        base = len(history)  # history grows by each token as it is yielded
         yielded = 0
         try:
             h_last = self._prefill(model, tokens, cache, mtp_cache, opts)
@@ -181,8 +182,9 @@ class MTPDecoder:
                 pend_t = out
                 yielded += len(out)
         finally:
-            # the cache holds exactly the prompt and the yielded tokens but the last one
-            keep = start + len(tokens) + yielded - 1
+            # the cache holds exactly the prompt and the yielded tokens but the last one (also
+            # when the consumer stops in the middle of a round of drafts)
+            keep = start + len(tokens) + (len(history) - base) - 1
             if cache.length > keep:
                 trim_cache(cache, keep)
             cache.trim_mtp(max(keep - 1, 0))

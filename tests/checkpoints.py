@@ -11,114 +11,24 @@ from pathlib import Path
 
 import torch
 
-# one tiny config per routing method; small but with every structural feature on
-FAMILIES = {
-    # V2-Lite-like: greedy softmax routing, no q LoRA, 2 shared experts
-    "v2_greedy": dict(
-        model_type="deepseek_v2",
-        q_lora_rank=None,
-        topk_method="greedy",
-        n_group=1,
-        topk_group=1,
-        n_shared_experts=2,
-        routed_scaling_factor=1.0,
-        norm_topk_prob=False,
-    ),
-    # V2-like: group-limited greedy with q LoRA
-    "v2_group": dict(
-        model_type="deepseek_v2",
-        q_lora_rank=24,
-        topk_method="group_limited_greedy",
-        n_group=4,
-        topk_group=2,
-        n_shared_experts=1,
-        routed_scaling_factor=16.0,
-        norm_topk_prob=False,
-    ),
-    # V3-like: sigmoid noaux_tc with the correction bias
-    "v3_noaux": dict(
-        model_type="deepseek_v3",
-        q_lora_rank=24,
-        topk_method="noaux_tc",
-        n_group=4,
-        topk_group=2,
-        n_shared_experts=1,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-    ),
-    # V3 without q LoRA
-    "v3_noaux_noqlora": dict(
-        model_type="deepseek_v3",
-        q_lora_rank=None,
-        topk_method="noaux_tc",
-        n_group=2,
-        topk_group=1,
-        n_shared_experts=1,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-    ),
-    # V3.2: V3 plus the lightning indexer (16 indexer heads: no exact ties at the top-k edge)
-    "v32": dict(
-        model_type="deepseek_v32",
-        q_lora_rank=24,
-        topk_method="noaux_tc",
-        n_group=4,
-        topk_group=2,
-        n_shared_experts=1,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-        index_topk=8,
-        index_n_heads=16,
-        index_head_dim=32,
-    ),
-}
+from mlx_deepseek.models.tiny import ROUTINGS, tiny_config
 
-BASE = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    n_routed_experts=8,
-    kv_lora_rank=32,
-    qk_rope_head_dim=16,
-    qk_nope_head_dim=16,
-    v_head_dim=24,
-    num_experts_per_tok=3,
-    first_k_dense_replace=1,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    # YaRN on, with an mscale correction that is not 1
-    rope_scaling={
-        "type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 128,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 0.8,
-    },
-    bos_token_id=0,
-    eos_token_id=1,
-)
+# one tiny config per routing method (mlx_deepseek.models.tiny: the project's one factory)
+FAMILIES = ROUTINGS
 
 
 def hf_config(family: str, **overrides):
+    """transformers' config object for tiny_config(family, **overrides)."""
     from transformers import DeepseekV2Config, DeepseekV3Config, DeepseekV32Config
 
-    fields = {**BASE, **FAMILIES[family], **overrides}
+    fields = tiny_config(family, **overrides)
     model_type = fields.pop("model_type")
-    if model_type == "deepseek_v2":
-        fields["scoring_func"] = "softmax"
-        return DeepseekV2Config(**fields)
     if model_type == "deepseek_v32":
-        for name in ("topk_method", "num_key_value_heads"):
+        for name in ("topk_method", "scoring_func", "architectures"):
             fields.pop(name, None)  # V3.2's config has no such field (noaux_tc is implied)
         return DeepseekV32Config(**fields)
-    return DeepseekV3Config(**fields)
+    cls = DeepseekV2Config if model_type == "deepseek_v2" else DeepseekV3Config
+    return cls(**fields)
 
 
 def build_hf_model(family: str, seed: int = 0, **overrides):

@@ -10,13 +10,13 @@ from tiny_chat import ScriptedModel, tiny_model, tokenizer_only
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_deepseek.decoding import cache_length, make_cache
 from mlx_deepseek.errors import DeepSeekError
-from mlx_deepseek.formats.templates import (
+from mlx_deepseek.formats import (
     BUILTIN_TEMPLATES,
     ChatFormat,
-    _model_name,
     chat_format,
     detect_family,
 )
+from mlx_deepseek.formats.chat import _model_name
 
 EOS = "<｜end▁of▁sentence｜>"
 USER = "<｜User｜>"
@@ -313,7 +313,7 @@ def test_family_detection_and_defaults():
     assert detect_family(v2, "deepseek-ai/DeepSeek-V2.5") == "v2.5"
     assert detect_family(v2, "DeepSeek-Coder-V2-Instruct-0724") == "v2.5"
     assert detect_family(v3, "deepseek-ai/DeepSeek-V3") == "v3"
-    assert detect_family(v3, "deepseek-ai/DeepSeek-R1-0528") == "r1"
+    assert detect_family(v3, "deepseek-ai/DeepSeek-R1-0528") == "r1-0528"
     assert detect_family(v3, "deepseek-ai/DeepSeek-V3.1-Terminus") == "v3.1"
     assert detect_family(v3, "x", BUILTIN_TEMPLATES["r1"]) == "r1"
     assert detect_family(v3, "x", BUILTIN_TEMPLATES["v3.1"]) == "v3.1"

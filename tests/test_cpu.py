@@ -10,7 +10,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from checkpoints import BASE, FAMILIES
 from mlx.utils import tree_flatten
 from mlx_lm.models.mla import MultiLinear
 
@@ -18,6 +17,7 @@ from mlx_deepseek import _blas, ops
 from mlx_deepseek.kernels import runtime as kernels
 from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.models.deepseek_v3 import Model
+from mlx_deepseek.models.tiny import tiny_config
 from mlx_deepseek.ops import cpu
 from mlx_deepseek.ops.cpu import exp_nonpositive
 
@@ -25,8 +25,7 @@ TOKENS = mx.array(np.random.RandomState(0).randint(2, 320, size=(2, 12)))
 
 
 def tiny_model(family: str, quantized: bool) -> Model:
-    fields = {**BASE, **FAMILIES[family]}
-    fields["scoring_func"] = "softmax" if fields["model_type"] == "deepseek_v2" else "sigmoid"
+    fields = tiny_config(family)
     if fields["q_lora_rank"]:
         fields["q_lora_rank"] = 32  # a whole quantization group
     args = ModelArgs.from_dict(fields)

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_deepseek.bench.counting import count_step
 from mlx_deepseek.bench.runtimes import MLX_LM, OURS, Runtime, decode_step, filled_cache
+from mlx_deepseek.models import tiny
 from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.models.deepseek_v3 import Model
 from mlx_deepseek.ops import metal as metal_ops
@@ -21,63 +22,30 @@ from mlx_deepseek.ops import metal as metal_ops
 # decode step fails here; one that removes some lowers the bound.
 TINY_V3_PRIMITIVES = 33
 
-YARN = {
-    "type": "yarn",
-    "factor": 4,
-    "original_max_position_embeddings": 1024,
-    "mscale": 0.9,
-    "mscale_all_dim": 0.7,
-}
+# YaRN with mscale != mscale_all_dim: RoPE multiplies by an mscale that is not 1
+YARN = {**tiny.YARN, "original_max_position_embeddings": 1024, "mscale": 0.9, "mscale_all_dim": 0.7}
+SIZES = dict(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    moe_intermediate_size=64,
+    num_hidden_layers=2,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+    rope_scaling=YARN,
+)
 CONFIGS = {
-    "v3": dict(
-        model_type="deepseek_v3",
-        q_lora_rank=64,
-        topk_method="noaux_tc",
-        scoring_func="sigmoid",
-        n_group=2,
-        topk_group=1,
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-    ),
-    "v2": dict(
-        model_type="deepseek_v2",
-        q_lora_rank=None,
-        topk_method="group_limited_greedy",
-        scoring_func="softmax",
-        n_group=4,
-        topk_group=2,
-        norm_topk_prob=False,
-        routed_scaling_factor=16.0,
-        n_shared_experts=2,
-    ),
+    "v3": tiny.tiny_config("v3_noaux", **SIZES, q_lora_rank=64, n_group=2, topk_group=1),
+    "v2": tiny.tiny_config("v2_group", **SIZES, q_lora_rank=None, n_shared_experts=2),
 }
 
 
 def config(family: str) -> dict:
-    base = dict(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=64,
-        num_hidden_layers=2,
-        first_k_dense_replace=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        kv_lora_rank=64,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        rope_scaling=dict(YARN),
-        attention_bias=False,
-        tie_word_embeddings=False,
-    )
-    return {**base, **CONFIGS[family]}
+    return dict(CONFIGS[family])
 
 
 def randomize_and_quantize(model: nn.Module, dtype: mx.Dtype, seed: int = 0) -> nn.Module:

@@ -280,7 +280,7 @@ def test_bad_v32_configs_name_the_field(changes, needle):
 
 def test_v32_args_count_the_indexer_key_in_the_cache():
     args = model_args(v32_config())
-    assert args.cache_values_per_token == 32 + 16 + 32  # rank + rope + index_head_dim
+    assert args.kv_values_per_layer == 32 + 16 + 32  # rank + rope + index_head_dim
     assert isinstance(mlx_deepseek.models.build_model(args).layers[0].self_attn, SparseAttention)
 
 
@@ -346,7 +346,7 @@ def test_info_and_memory_preflight_count_the_indexer_cache(v32_source, monkeypat
     # 3 layers x (32 latent + 16 rope + 32 indexer key) values, no MTP layer; 4096 tokens in
     # the checkpoint's float32
     assert loading.cache_values_per_token(args) == 3 * 80
-    assert f"KV cache, 4096 tokens {3 * 80 * 4 * 4096 / 1e6:.1f} MB" in out
+    assert f"cache, 4096 tokens {3 * 80 * 4 * 4096 / 1e6:.1f} MB" in out
     # the preflight refuses when weights + that cache do not fit
     weights_bytes, cache_bytes = loading.estimate_memory(args, {}, mx.bfloat16)
     monkeypatch.setattr(loading, "available_memory", lambda: cache_bytes - 1)

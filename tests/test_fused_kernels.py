@@ -17,6 +17,7 @@ from mlx_deepseek.kernels import runtime as kernels
 from mlx_deepseek.kernels.runtime import Unsupported
 from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.models.rope import RoPE
+from mlx_deepseek.models.tiny import YARN, tiny_config
 from mlx_deepseek.ops import metal as metal_ops
 from mlx_deepseek.ops.types import Routing
 
@@ -34,25 +35,9 @@ def normal(rng, shape, dtype=mx.float32, scale=1.0) -> mx.array:
 
 def rope_args(dims: int = 16) -> ModelArgs:
     # YaRN with mscale != mscale_all_dim: RoPE multiplies by an mscale that is not 1
+    yarn = {**YARN, "original_max_position_embeddings": 1024, "mscale": 0.9, "mscale_all_dim": 0.7}
     return ModelArgs.from_dict(
-        dict(
-            model_type="deepseek_v3",
-            hidden_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=16,
-            kv_lora_rank=64,
-            intermediate_size=64,
-            qk_rope_head_dim=dims,
-            max_position_embeddings=4096,
-            rope_scaling={
-                "type": "yarn",
-                "factor": 4,
-                "original_max_position_embeddings": 1024,
-                "mscale": 0.9,
-                "mscale_all_dim": 0.7,
-            },
-        )
+        tiny_config(qk_rope_head_dim=dims, max_position_embeddings=4096, rope_scaling=yarn)
     )
 
 

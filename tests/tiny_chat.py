@@ -22,6 +22,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_deepseek.models.tiny import tiny_config
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -41,67 +42,51 @@ CORPUS = [
     "What is two plus two? Two plus two is four.",
 ]
 
-CONFIG = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "model_type": "deepseek_v3",
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "n_shared_experts": 1,
-    "n_routed_experts": 4,
-    "num_experts_per_tok": 2,
-    "routed_scaling_factor": 2.5,
-    "topk_method": "noaux_tc",
-    "scoring_func": "sigmoid",
-    "norm_topk_prob": True,
-    "n_group": 2,
-    "topk_group": 1,
-    "first_k_dense_replace": 1,
-    "q_lora_rank": None,
-    "kv_lora_rank": 16,
-    "qk_nope_head_dim": 16,
-    "qk_rope_head_dim": 8,
-    "v_head_dim": 16,
-    "num_nextn_predict_layers": 0,
-    "max_position_embeddings": 2048,
-    "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "torch_dtype": "float32",
-}
+CONFIG = tiny_config(
+    "v3_noaux_noqlora",
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    num_nextn_predict_layers=0,
+    max_position_embeddings=2048,
+    rope_scaling=None,
+    torch_dtype="float32",
+)
 
 _ROOT = Path(tempfile.mkdtemp(prefix="mlx-deepseek-chat-tests-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
-def build_tokenizer(out_dir: Path, chat_template: str | None = None) -> None:
-    """tokenizer.json + tokenizer_config.json, DeepSeek-style (BOS prepended by encode())."""
-    from tokenizers import (
-        AddedToken,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+def _train_bpe(vocab: int, special: list[str]):
+    """A byte-level BPE tokenizer over CORPUS with DeepSeek's special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
+        vocab_size=vocab,
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    if special:
+        tok.add_special_tokens([AddedToken(t, normalized=False) for t in special])
     tok.add_tokens([AddedToken(t, normalized=False) for t in ADDED])
+    return tok
+
+
+def build_tokenizer(out_dir: Path, chat_template: str | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json, DeepSeek-style (BOS prepended by encode())."""
+    from tokenizers import processors
+
+    tok = _train_bpe(320, [])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)]
     )
@@ -240,3 +225,57 @@ class ScriptedModel:
         logits = mx.zeros((1, n, self.vocab))
         logits[0, -1, self._next(self.context)] = 30.0
         return logits
+
+
+# DeepSeek's special tokens beyond BOS/EOS/User/Assistant (tool calls, as in V3's vocabulary)
+TOOL_TOKENS = [
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+]
+
+
+def build_deepseek_tokenizer(out_dir: Path, chat_template: str | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json in the shape DeepSeek ships them: a ByteLevel
+    post-processor (no BOS template in tokenizer.json), `add_bos_token: true` and
+    `tokenizer_class: LlamaTokenizerFast` in the config, tokens as AddedToken objects.
+    transformers 5 loads this with add_bos_token False: encode() adds no BOS."""
+    from tokenizers import processors
+
+    tok = _train_bpe(400, TOOL_TOKENS)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+
+    def added(content: str) -> dict:
+        return {
+            "__type": "AddedToken",
+            "content": content,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        }
+
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": added(BOS),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": added(EOS),
+        "legacy": True,
+        "model_max_length": 16384,
+        "pad_token": added(EOS),
+        "sp_model_kwargs": {},
+        "unk_token": None,
+        "tokenizer_class": "LlamaTokenizerFast",
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))

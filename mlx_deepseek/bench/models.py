@@ -17,36 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models.tiny import YARN_V2, YARN_V3, tiny_config
+
 DEFAULT_CACHE = Path("~/.cache/mlx_deepseek/bench").expanduser()
 GENERATOR_VERSION = 1  # bump when the synthetic weights change meaning
 
-_YARN_V2 = {
-    "type": "yarn",
-    "factor": 40,
-    "original_max_position_embeddings": 4096,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 0.707,
-    "mscale_all_dim": 0.707,
-}
-_YARN_V3 = {**_YARN_V2, "mscale": 1.0, "mscale_all_dim": 1.0}
-
+# the real models' fields the synthetic ones keep (MLA's dims, 163840 positions, no MTP)
 _COMMON: dict[str, Any] = dict(
-    num_key_value_heads=None,  # filled below (= heads)
     kv_lora_rank=512,
     qk_nope_head_dim=128,
     qk_rope_head_dim=64,
     v_head_dim=128,
-    moe_layer_freq=1,
     max_position_embeddings=163840,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    attention_bias=False,
-    tie_word_embeddings=False,
-    hidden_act="silu",
     torch_dtype="bfloat16",
-    bos_token_id=0,
-    eos_token_id=1,
     num_nextn_predict_layers=0,
 )
 
@@ -66,46 +49,20 @@ class Shape:
         return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
-_ARCHITECTURES = {
-    "deepseek_v2": "DeepseekV2ForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-    "deepseek_v32": "DeepseekV32ForCausalLM",
-}
-
-
-def _config(model_type: str, **fields: Any) -> dict[str, Any]:
-    config = {
-        "architectures": [_ARCHITECTURES[model_type]],
-        "model_type": model_type,
-        **_COMMON,
-        **fields,
-    }
-    config["num_key_value_heads"] = config["num_attention_heads"]
-    return config
-
-
 def v2_lite_shape(moe_layers: int = 3, vocab: int = 16384) -> Shape:
     """DeepSeek-V2-Lite's per-layer shapes exactly; fewer layers and a smaller vocabulary."""
-    config = _config(
-        "deepseek_v2",
+    config = tiny_config(  # the greedy preset is V2-Lite's routing
+        "v2_greedy",
+        **_COMMON,
         vocab_size=vocab,
         hidden_size=2048,
         intermediate_size=10944,
         moe_intermediate_size=1408,
         num_hidden_layers=1 + moe_layers,
-        first_k_dense_replace=1,
         num_attention_heads=16,
-        q_lora_rank=None,
         n_routed_experts=64,
-        n_shared_experts=2,
         num_experts_per_tok=6,
-        topk_method="greedy",
-        scoring_func="softmax",
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=False,
-        routed_scaling_factor=1.0,
-        rope_scaling=dict(_YARN_V2),
+        rope_scaling=dict(YARN_V2),
     )
     scaled = [
         f"layers: {1 + moe_layers} = 1 dense + {moe_layers} MoE (real 27 = 1 + 26)",
@@ -117,26 +74,21 @@ def v2_lite_shape(moe_layers: int = 3, vocab: int = 16384) -> Shape:
 def v3_shape(moe_layers: int = 1, experts: int = 32, vocab: int = 16384) -> Shape:
     """DeepSeek-V3's per-layer shapes (MLA with q LoRA, 2048-wide experts, noaux_tc routing
     over 8 groups); fewer layers, fewer routed experts and a smaller vocabulary."""
-    config = _config(
-        "deepseek_v3",
+    config = tiny_config(
+        "v3_noaux",
+        **_COMMON,
         vocab_size=vocab,
         hidden_size=7168,
         intermediate_size=18432,
         moe_intermediate_size=2048,
         num_hidden_layers=1 + moe_layers,
-        first_k_dense_replace=1,
         num_attention_heads=128,
         q_lora_rank=1536,
         n_routed_experts=experts,
-        n_shared_experts=1,
         num_experts_per_tok=8,
-        topk_method="noaux_tc",
-        scoring_func="sigmoid",
         n_group=8,
         topk_group=4,
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        rope_scaling=dict(_YARN_V3),
+        rope_scaling=dict(YARN_V3),
     )
     scaled = [
         f"layers: {1 + moe_layers} = 1 dense + {moe_layers} MoE (real 61 = 3 + 58)",
@@ -153,9 +105,9 @@ def v32_shape(
     """DeepSeek-V3.2's attention exactly (MLA 128 heads, q LoRA 1536, latent 512 + 64, the
     indexer's 64 heads of 128 and top-2048); few layers, few and narrow experts, a narrow
     dense layer and a small vocabulary (the MLP does not change with the context)."""
-    config = v3_shape(moe_layers, experts, vocab).config
+    config = dict(v3_shape(moe_layers, experts, vocab).config)
     config.update(
-        architectures=[_ARCHITECTURES["deepseek_v32"]],
+        architectures=["DeepseekV32ForCausalLM"],
         model_type="deepseek_v32",
         index_n_heads=64,
         index_head_dim=128,
@@ -176,35 +128,29 @@ def v32_shape(
 def tiny_shape(model_type: str = "deepseek_v2") -> Shape:
     """A model of a few MB with every structural feature (tests, a harness smoke run)."""
     v3 = model_type in ("deepseek_v3", "deepseek_v32")
-    config = _config(
-        model_type,
+    fields = dict(
+        _COMMON,
+        max_position_embeddings=4096,
         vocab_size=512,
         hidden_size=128,
         intermediate_size=256,
         moe_intermediate_size=64,
         num_hidden_layers=2,
-        first_k_dense_replace=1,
-        num_attention_heads=4,
         q_lora_rank=64 if v3 else None,
         kv_lora_rank=64,
         qk_nope_head_dim=32,
         qk_rope_head_dim=16,
         v_head_dim=32,
-        n_routed_experts=8,
         n_shared_experts=1,
         num_experts_per_tok=2,
-        topk_method="noaux_tc" if v3 else "greedy",
-        scoring_func="sigmoid" if v3 else "softmax",
         n_group=2 if v3 else 1,
         topk_group=1,
-        norm_topk_prob=v3,
-        routed_scaling_factor=2.5 if v3 else 1.0,
-        max_position_embeddings=4096,
         # mlx-lm's deepseek_v2 needs a rope_scaling section
-        rope_scaling={**_YARN_V2, "factor": 4, "original_max_position_embeddings": 1024},
+        rope_scaling={**YARN_V2, "factor": 4, "original_max_position_embeddings": 1024},
     )
     if model_type == "deepseek_v32":  # top-8 of 16 indexer heads: sparse from 8 positions on
-        config.update(index_n_heads=16, index_head_dim=32, index_topk=8)
+        fields.update(index_n_heads=16, index_head_dim=32, index_topk=8)
+    config = tiny_config(model_type, **fields)
     name = {"deepseek_v2": "tiny-v2", "deepseek_v3": "tiny-v3", "deepseek_v32": "tiny-v32"}
     return Shape(name[model_type], f"tiny {model_type}", config, ["everything (a test model)"])
 

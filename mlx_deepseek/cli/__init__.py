@@ -13,6 +13,7 @@ from .convert import convert_command
 from .generate import generate
 from .info import info_command
 from .options import State
+from .serve import serve
 
 app = typer.Typer(
     name="mlx-deepseek",
@@ -36,6 +37,7 @@ app.command("generate")(generate)
 app.command("convert")(convert_command)
 app.command("info")(info_command)
 app.command("bench")(bench_command)
+app.command("serve")(serve)
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ def load_checkpoint(model: str, quiet: bool = False) -> tuple[Any, Any, Any, str
     """(model, tokenizer, chat format, display name) for a folder, repo id or `demo`."""
     from rich.console import Console
 
-    from ..formats.templates import chat_format, read_model_config
+    from ..formats import chat_format, read_model_config
     from ..loading import load, resolve_model_path
 
     path = resolve_model_path(model)
@@ -105,7 +105,7 @@ def generate(
 
     from ..chat.repl import format_memory
     from ..chat.session import ReasoningSplitter
-    from ..formats.templates import starts_in_reasoning
+    from ..formats import starts_in_reasoning
     from ..generation import stream_generate
 
     text = read_prompt(prompt)

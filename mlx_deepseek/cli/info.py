@@ -8,6 +8,7 @@ ARCHITECTURES = {
     "deepseek_v2": "DeepSeek-V2: MLA + DeepSeekMoE",
     "deepseek_v3": "DeepSeek-V3: MLA + DeepSeekMoE",
     "deepseek_v32": "DeepSeek-V3.2: MLA with sparse attention (lightning indexer) + DeepSeekMoE",
+    "deepseek_v4": "DeepSeek-V4: shared-KV MQA (window, compressed, sparse) + DeepSeekMoE",
     "deepseek": "DeepSeekMoE: multi-head attention + DeepSeekMoE",
 }
 
@@ -15,21 +16,11 @@ ARCHITECTURES = {
 def kv_cache_bytes_per_token(args, dtype_size: int = 2) -> dict[str, int]:
     """Per layer: what our cache holds per token ("latent": MLA's latent, plus V3.2's
     indexer key; DeepSeekMoE 16B's per-head K/V) vs an expanded per-head K/V cache."""
-    latent = args.cache_values_per_token * dtype_size
+    latent = args.kv_values_per_layer * dtype_size
     if args.model_type == "deepseek":
         return {"latent": latent, "expanded": latent}
     expanded = args.num_attention_heads * (args.qk_head_dim + args.v_head_dim) * dtype_size
     return {"latent": latent, "expanded": expanded}
-
-
-def cache_line(args, kv: dict[str, int]) -> str:
-    if args.model_type == "deepseek":
-        return f"{kv['latent']} B per-head K/V ({args.kv_heads} heads of {args.head_dim})"
-    what = "latent" if args.model_type != "deepseek_v32" else "latent + indexer key"
-    return (
-        f"{kv['latent']} B {what} vs {kv['expanded']} B expanded K/V "
-        f"({kv['expanded'] / kv['latent']:.1f}x less)"
-    )
 
 
 def quantization_line(config: dict) -> str:
@@ -45,7 +36,7 @@ def quantization_line(config: dict) -> str:
             "read as MLX affine without requantizing)"
         )
     qc = config.get("quantization_config") or {}
-    return "FP8 (convert it first)" if qc.get("quant_method") == "fp8" else "none"
+    return "FP8 blocks (quantization_config)" if qc.get("quant_method") == "fp8" else "none"
 
 
 def info_command(
@@ -62,20 +53,18 @@ def info_command(
         read_tensors,
         resolve_model_path,
     )
-    from ..models import model_args
-    from ..weights import sanitize
+    from ..models import model_args, sanitize_weights
 
     path = resolve_model_path(model)
     config = load_config(path)
     args = model_args(config, source=str(path / "config.json"))
-    weights = sanitize(args, read_tensors(path))
+    weights = sanitize_weights(args, read_tensors(path))
     weight_bytes, cache_bytes = estimate_memory(args, weights, dtype=_dtype_of(weights))
-    kv = kv_cache_bytes_per_token(args)
 
     table = Table(show_header=False, box=None)
     rows = [
         ("checkpoint", str(path)),
-        ("model_type", args.label),
+        ("model_type", getattr(args, "label", args.model_type)),
         ("architecture", ARCHITECTURES[args.model_type]),
         (
             "layers / hidden / heads",
@@ -85,15 +74,64 @@ def info_command(
             "experts (routed / shared / top-k)",
             f"{args.n_routed_experts} / {args.n_shared_experts} / {args.num_experts_per_tok}",
         ),
-        ("routing", f"{args.topk_method} ({args.scoring_func})"),
+        ("routing", _routing(args)),
         (
             "MTP layers in checkpoint",
             str(len({k.split(".")[1] for k in weights if k.startswith("mtp.")})),
         ),
         ("quantization", quantization_line(config)),
         ("weights", f"{weight_bytes / 1e9:.2f} GB"),
-        ("KV cache, 4096 tokens", f"{cache_bytes / 1e6:.1f} MB"),
-        ("KV cache per token per layer (bf16)", cache_line(args, kv)),
+        ("cache, 4096 tokens", f"{cache_bytes / 1e6:.1f} MB"),
+        *_cache_rows(args),
+    ]
+    have = available_memory()
+    if have:
+        rows.append(("memory available", f"{have / 1e9:.1f} GB"))
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/bold]", value)
+    Console().print(table)
+
+
+def _routing(args) -> str:
+    if args.model_type == "deepseek_v4":
+        hashed = sum(args.hash_layers)
+        return f"{args.scoring_func}, hash-routed first layers: {hashed}"
+    return f"{args.topk_method} ({args.scoring_func})"
+
+
+def _cache_rows(args) -> list[tuple[str, str]]:
+    """What the cache costs per token: V4's compressed rows next to its bounded windows, or
+    MLA's latent next to an expanded K/V cache."""
+    if args.model_type == "deepseek_v4":
+        from ..models.v4_config import CSA, HCA
+
+        kinds = [args.layer_type(i) for i in range(args.num_hidden_layers)]
+        values = args.cache_values_per_token()
+        window = args.window_values()
+        return [
+            (
+                "attention layers",
+                f"{kinds.count(CSA)} compressed sparse (1/{args.compress_rates[CSA]}, top "
+                f"{args.index_topk}), {kinds.count(HCA)} heavily compressed "
+                f"(1/{args.compress_rates[HCA]}), window {args.sliding_window} in all",
+            ),
+            (
+                "KV cache per token (bf16)",
+                f"{2 * values:,} B ({values:,} values, all layers' compressed and indexer "
+                f"rows) + the windows, bounded: {2 * window / 1e6:.1f} MB ({window:,} values)",
+            ),
+        ]
+    kv = kv_cache_bytes_per_token(args)
+    if args.model_type == "deepseek":
+        line = f"{kv['latent']} B per-head K/V ({args.kv_heads} heads of {args.head_dim})"
+        return [("KV cache per token per layer (bf16)", line)]
+    what = "latent + indexer key" if args.model_type == "deepseek_v32" else "latent"
+    rows = [
+        (
+            "KV cache per token per layer (bf16)",
+            f"{kv['latent']} B {what} vs {kv['expanded']} B expanded K/V "
+            f"({kv['expanded'] / kv['latent']:.1f}x less)",
+        )
     ]
     if args.model_type == "deepseek_v32":
         rows.append(
@@ -103,12 +141,7 @@ def info_command(
                 f"{args.index_n_heads} indexer heads of {args.index_head_dim}",
             )
         )
-    have = available_memory()
-    if have:
-        rows.append(("memory available", f"{have / 1e9:.1f} GB"))
-    for key, value in rows:
-        table.add_row(f"[bold]{key}[/bold]", value)
-    Console().print(table)
+    return rows
 
 
 def _dtype_of(weights):

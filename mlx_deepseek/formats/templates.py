@@ -1,213 +1,248 @@
-"""Chat formatting: the checkpoint's own Jinja chat template, or a built-in DeepSeek one.
+r"""Built-in chat templates: each family's format, for checkpoints that ship without one.
 
-Built-in templates (chat turns only: system, user, assistant; no tool calls) reproduce
-DeepSeek's published formats for checkpoints that ship without a template:
+They write what the family's own template writes (checked character for character against
+transcriptions of DeepSeek's and Moonshot's templates in tests/test_formats_templates.py):
 
-- v2   (V2-Chat, V2-Lite-Chat, Coder-V2 0614):
-  `<bos>{system}\\n\\nUser: {u}\\n\\nAssistant: {a}<eos>`
-- v3   (V2.5, Coder-V2 0724, V3):   `<bos>{system}<｜User｜>{u}<｜Assistant｜>{a}<eos>`
-- r1   (R1): as v3; history keeps only the text after `</think>`; the prompt ends `<think>\\n`
-- v3.1 (V3.1): history turns read `<｜Assistant｜></think>{a}<eos>`; the prompt ends
-  `</think>` (non-thinking) or `<think>` (thinking, the `thinking` template switch)
+- v2      V2-Chat, V2-Lite-Chat: `<bos>{system}\n\nUser: {u}\n\nAssistant: {a}<eos>`
+- v2.5    V2.5, Coder-V2-0724: `<bos>{system}<｜User｜>{u}<｜Assistant｜>{a}<eos>`; only the
+          LAST system message is kept; tool calls in ```json fences
+- v3      V3 / V3-0324: as v2.5, system messages joined by a blank line
+- r1      R1 (the template DeepSeek published in February 2025): as v3, history drops the
+          text up to `</think>`, the prompt ends `<｜Assistant｜><think>\n`
+- r1-0528 R1-0528 (and R1 of January 2025): every user turn ends `<｜Assistant｜>`, no
+          `<think>` opened by the prompt (the model writes it)
+- v3.1    V3.1 / V3.1-Terminus (DeepSeek's later V3.1 template): `<｜Assistant｜></think>`
+          (non-thinking) or `<think>` (thinking); a conversation that ends with an assistant
+          turn or holds only system messages still gets the generation prompt
+- kimi    Kimi K2-Instruct: `<|im_system|>system<|im_middle|>...<|im_end|>`, a
+          `tool_declare` turn for tools, `## Return of {id}` tool results
+- kimi-thinking  K2-Thinking / K2.5: as kimi, assistant turns carry `<think>...</think>`
+          (reasoning kept only after the last plain assistant turn)
+
+Where DeepSeek's own templates have bugs in multi-call tool histories (V2.5 and V3 of
+December 2024 close a tool-call block only after its second call; V2.5, V3 and R1 never
+reset their "first call" / "first output" flags, so a second tool round loses its opening
+markers), the built-ins write what the later, fixed templates (V3-0324, R1-0528) write.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+# The system prompt: every system message joined by a blank line (V3, R1, V3.1) ...
+_SYSTEM_JOINED = r"""
+{%- set sys = namespace(text='', seen=false) -%}
+{%- for m in messages if m['role'] == 'system' -%}
+  {%- set sys.text = sys.text + ('\n\n' if sys.seen else '') + (m['content'] or '') -%}
+  {%- set sys.seen = true -%}
+{%- endfor -%}
+{{- bos_token + sys.text -}}
+"""
+# ... or only the last one (V2.5, R1-Distill)
+_SYSTEM_LAST = r"""
+{%- set sys = namespace(text='') -%}
+{%- for m in messages if m['role'] == 'system' -%}{%- set sys.text = m['content'] or '' -%}
+{%- endfor -%}
+{{- bos_token + sys.text -}}
+"""
 
-from mlx_deepseek.errors import DeepSeekError
+# One ```json-fenced call (V2.5, V3, R1); `k` is its index in the message's calls.
+_FENCED_CALL = r"""
+{%- macro fenced(call, k) -%}
+  {{- ('\n' if k else '') + '<｜tool▁call▁begin｜>' + call['type'] + '<｜tool▁sep｜>'
+      + call['function']['name'] + '\n```json\n' + call['function']['arguments']
+      + '\n```<｜tool▁call▁end｜>' -}}
+{%- endmacro -%}
+"""
 
-_SYSTEM_JOINED = (
-    "{%- set ns = namespace(system_prompt='', first=true) -%}"
-    "{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
-    "{%- if ns.first -%}{%- set ns.system_prompt = message['content'] -%}"
-    "{%- set ns.first = false -%}"
-    "{%- else -%}{%- set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] -%}"
-    "{%- endif -%}{%- endif -%}{%- endfor -%}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-)
+_V2 = r"""
+{{- bos_token -}}
+{%- for m in messages -%}
+  {%- if m['role'] == 'system' -%}{{- m['content'] + '\n\n' -}}
+  {%- elif m['role'] == 'user' -%}{{- 'User: ' + m['content'] + '\n\n' -}}
+  {%- elif m['role'] == 'assistant' -%}{{- 'Assistant: ' + (m['content'] or '') + eos_token -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}
+"""
 
-_V2 = (
-    "{{ bos_token }}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
-    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\\n\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ 'Assistant: ' + message['content'] + eos_token }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
-)
+# V2.5 and R1 share one shape: the Assistant marker opens each answer; tool results sit
+# between <｜tool▁outputs▁begin｜> and <｜tool▁outputs▁end｜>, and the answer that follows
+# them has no Assistant marker. R1 drops the reasoning (text up to </think>) from history.
+_MARKER_PER_ANSWER = r"""
+{%- set st = namespace(tool=false, outputs=0) -%}
+{%- for m in messages -%}
+  {%- if m['role'] == 'user' -%}
+    {%- set st.tool = false -%}{{- '<｜User｜>' + m['content'] -}}
+  {%- elif m['role'] == 'assistant' and m['tool_calls'] -%}
+    {{- '<｜tool▁outputs▁end｜>' if st.tool else '<｜Assistant｜>' -}}
+    {%- set st.tool = false -%}{%- set st.outputs = 0 -%}
+    {{- (m['content'] or '') + '<｜tool▁calls▁begin｜>' -}}
+    {%- for call in m['tool_calls'] -%}{{- fenced(call, loop.index0) -}}{%- endfor -%}
+    {{- '<｜tool▁calls▁end｜><｜end▁of▁sentence｜>' -}}
+  {%- elif m['role'] == 'assistant' -%}
+    {%- if st.tool -%}
+      {{- '<｜tool▁outputs▁end｜>' + m['content'] + '<｜end▁of▁sentence｜>' -}}
+      {%- set st.tool = false -%}
+    {%- else -%}
+      {{- '<｜Assistant｜>' + ANSWER + '<｜end▁of▁sentence｜>' -}}
+    {%- endif -%}
+  {%- elif m['role'] == 'tool' -%}
+    {%- set st.tool = true -%}
+    {{- ('<｜tool▁outputs▁begin｜>' if st.outputs == 0 else OUTPUT_SEP)
+        + '<｜tool▁output▁begin｜>' + m['content'] + '<｜tool▁output▁end｜>' -}}
+    {%- set st.outputs = st.outputs + 1 -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if st.tool -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- endif -%}
+{%- if add_generation_prompt and not st.tool -%}{{- GENERATION -}}{%- endif -%}
+"""
 
-_V3 = (
-    _SYSTEM_JOINED + "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ '<｜User｜>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<｜Assistant｜>' }}{%- endif -%}"
-)
+# V3-0324 and R1-0528: each user turn ends with the Assistant marker itself.
+_MARKER_AFTER_USER = r"""
+{%- set st = namespace(tool=false, last_user=false, outputs=0) -%}
+{%- for m in messages -%}
+  {%- if m['role'] == 'user' -%}
+    {%- set st.tool = false -%}{%- set st.last_user = true -%}
+    {{- '<｜User｜>' + m['content'] + '<｜Assistant｜>' -}}
+  {%- elif m['role'] == 'assistant' -%}
+    {%- set st.last_user = false -%}
+    {%- set text = ANSWER -%}
+    {%- if m['tool_calls'] -%}
+      {{- ('<｜tool▁outputs▁end｜>' if st.tool else '') + text + '<｜tool▁calls▁begin｜>' -}}
+      {%- for call in m['tool_calls'] -%}{{- fenced(call, loop.index0) -}}{%- endfor -%}
+      {{- '<｜tool▁calls▁end｜><｜end▁of▁sentence｜>' -}}
+      {%- set st.outputs = 0 -%}
+    {%- else -%}
+      {{- ('<｜tool▁outputs▁end｜>' if st.tool else '') + text + '<｜end▁of▁sentence｜>' -}}
+    {%- endif -%}
+    {%- set st.tool = false -%}
+  {%- elif m['role'] == 'tool' -%}
+    {%- set st.last_user = false -%}{%- set st.tool = true -%}
+    {{- ('<｜tool▁outputs▁begin｜>' if st.outputs == 0 else '\n')
+        + '<｜tool▁output▁begin｜>' + m['content'] + '<｜tool▁output▁end｜>' -}}
+    {%- set st.outputs = st.outputs + 1 -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if st.tool -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- endif -%}
+{%- if add_generation_prompt and not st.last_user and not st.tool -%}
+  {{- '<｜Assistant｜>' -}}
+{%- endif -%}
+"""
 
-_R1 = (
-    _SYSTEM_JOINED + "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ '<｜User｜>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' -%}{%- set content = message['content'] -%}"
-    "{%- if '</think>' in content -%}{%- set content = content.split('</think>')[-1] -%}"
-    "{%- endif -%}{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<｜Assistant｜><think>\\n' }}{%- endif -%}"
-)
+_V3_1 = r"""
+{%- set think = thinking if thinking is defined
+      else (enable_thinking is defined and enable_thinking) -%}
+{%- set st = namespace(tool=false, last_user=false, only_sys=false, prefix=false) -%}
+{%- for m in messages if m['role'] == 'system' -%}{%- set st.only_sys = true -%}{%- endfor -%}
+{%- for m in messages -%}
+  {%- if m['role'] == 'user' -%}
+    {%- set st.tool = false -%}{%- set st.last_user = true -%}{{- '<｜User｜>' + m['content'] -}}
+  {%- elif m['role'] == 'assistant' and m['tool_calls'] -%}
+    {{- '<｜Assistant｜></think>' if st.last_user or st.only_sys else '' -}}
+    {%- set st.last_user = false -%}{%- set st.tool = false -%}
+    {{- (m['content'] or '') + '<｜tool▁calls▁begin｜>' -}}
+    {%- for call in m['tool_calls'] -%}
+      {{- '<｜tool▁call▁begin｜>' + call['function']['name'] + '<｜tool▁sep｜>'
+          + call['function']['arguments'] + '<｜tool▁call▁end｜>' -}}
+    {%- endfor -%}
+    {{- '<｜tool▁calls▁end｜><｜end▁of▁sentence｜>' -}}
+  {%- elif m['role'] == 'assistant' -%}
+    {%- if st.last_user -%}
+      {{- '<｜Assistant｜>' + ('<think>' if m['prefix'] and think else '</think>') -}}
+    {%- endif -%}
+    {%- if m['prefix'] -%}{%- set st.prefix = true -%}{%- endif -%}
+    {%- set st.last_user = false -%}
+    {%- set text = m['content'] -%}
+    {%- if not st.tool and '</think>' in text -%}{%- set text = text.split('</think>', 1)[1] -%}
+    {%- endif -%}
+    {%- set st.tool = false -%}{{- text + '<｜end▁of▁sentence｜>' -}}
+  {%- elif m['role'] == 'tool' -%}
+    {%- set st.last_user = false -%}{%- set st.tool = true -%}
+    {{- '<｜tool▁output▁begin｜>' + m['content'] + '<｜tool▁output▁end｜>' -}}
+  {%- endif -%}
+  {%- if m['role'] != 'system' -%}{%- set st.only_sys = false -%}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt and not st.tool
+      and (st.last_user or st.only_sys or not st.prefix) -%}
+  {{- '<｜Assistant｜>' + ('<think>' if think else '</think>') -}}
+{%- endif -%}
+"""
 
-_V3_1 = (
-    "{%- if not thinking is defined -%}{%- set thinking = false -%}{%- endif -%}"
-    + _SYSTEM_JOINED
-    + "{%- set last = namespace(user=false) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{%- set last.user = true -%}"
-    "{{ '<｜User｜>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- if last.user -%}{{ '<｜Assistant｜></think>' }}{%- endif -%}"
-    "{%- set last.user = false -%}{%- set content = message['content'] -%}"
-    "{%- if '</think>' in content -%}{%- set content = content.split('</think>', 1)[1] -%}"
-    "{%- endif -%}{{ content + '<｜end▁of▁sentence｜>' }}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt and last.user -%}{{ '<｜Assistant｜>' }}"
-    "{%- if thinking -%}{{ '<think>' }}{%- else -%}{{ '</think>' }}{%- endif -%}{%- endif -%}"
-)
+# Kimi: three turn markers, the role name, <|im_middle|>, the body, <|im_end|>.
+_KIMI = r"""
+{%- macro body(m) -%}{{- m['content'] or '' -}}{%- endmacro -%}
+{%- macro opening(m) -%}
+  {%- set name = m['name'] or m['role'] -%}
+  {%- if m['role'] == 'user' -%}{{- '<|im_user|>' + name + '<|im_middle|>' -}}
+  {%- elif m['role'] == 'assistant' -%}{{- '<|im_assistant|>' + name + '<|im_middle|>' -}}
+  {%- else -%}{{- '<|im_system|>' + name + '<|im_middle|>' -}}
+  {%- endif -%}
+{%- endmacro -%}
+{%- macro calls(m) -%}
+  {{- '<|tool_calls_section_begin|>' -}}
+  {%- for call in m['tool_calls'] -%}
+    {{- '<|tool_call_begin|>' + call['id'] + '<|tool_call_argument_begin|>'
+        + call['function']['arguments'] + '<|tool_call_end|>' -}}
+  {%- endfor -%}
+  {{- '<|tool_calls_section_end|>' -}}
+{%- endmacro -%}
+{%- set plain = namespace(last=-1) -%}
+{%- for m in messages -%}
+  {%- if m['role'] == 'assistant' and not m['tool_calls'] -%}{%- set plain.last = loop.index0 -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if tools -%}
+  {{- '<|im_system|>tool_declare<|im_middle|>' + (tools | tojson(separators=TOOL_SEPARATORS))
+      + '<|im_end|>' -}}
+{%- endif -%}
+{%- if not messages or messages[0]['role'] != 'system' -%}
+  {{- '<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.'
+      + '<|im_end|>' -}}
+{%- endif -%}
+{%- for m in messages -%}
+  {{- opening(m) -}}
+  {%- if m['role'] == 'assistant' -%}
+    {%- if THINKING -%}
+      {{- '<think>' + ((m['reasoning_content'] or '') if loop.index0 > plain.last else '')
+          + '</think>' -}}
+    {%- endif -%}
+    {{- body(m) -}}{%- if m['tool_calls'] -%}{{- calls(m) -}}{%- endif -%}
+  {%- elif m['role'] == 'tool' -%}
+    {{- '## Return of ' + m['tool_call_id'] + '\n' + body(m) -}}
+  {%- else -%}{{- body(m) -}}
+  {%- endif -%}
+  {{- '<|im_end|>' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_assistant|>assistant<|im_middle|>' -}}{%- endif -%}
+"""
 
-BUILTIN_TEMPLATES: dict[str, str] = {"v2": _V2, "v3": _V3, "r1": _R1, "v3.1": _V3_1}
 
-# family -> (template, temperature, top_p). R1 / V3.1: DeepSeek's recommended 0.6 / 0.95.
-# V2/V2.5/V3: 0.3, the model temperature DeepSeek's API maps its default (1.0) to.
-FAMILIES: dict[str, tuple[str, float, float]] = {
-    "v2": ("v2", 0.3, 0.95),
-    "v2.5": ("v3", 0.3, 0.95),
-    "v3": ("v3", 0.3, 0.95),
-    "r1": ("r1", 0.6, 0.95),
-    "v3.1": ("v3.1", 0.6, 0.95),
+def _fill(template: str, **parts: str) -> str:
+    for key, value in parts.items():
+        template = template.replace(key, value)
+    return template.strip()
+
+
+_AS_IS = "(m['content'] or '')"
+_NO_REASONING = "(m['content'] or '').split('</think>')[-1]"
+
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "v2": _V2.strip(),
+    "v2.5": _FENCED_CALL.strip()
+    + _SYSTEM_LAST.strip()
+    + _fill(_MARKER_PER_ANSWER, ANSWER=_AS_IS, OUTPUT_SEP="'\\n'", GENERATION="'<｜Assistant｜>'"),
+    "v3": _FENCED_CALL.strip() + _SYSTEM_JOINED.strip() + _fill(_MARKER_AFTER_USER, ANSWER=_AS_IS),
+    "r1": _FENCED_CALL.strip()
+    + _SYSTEM_JOINED.strip()
+    + _fill(
+        _MARKER_PER_ANSWER,
+        ANSWER=_NO_REASONING,
+        OUTPUT_SEP="''",
+        GENERATION="'<｜Assistant｜><think>\\n'",
+    ),
+    "r1-0528": _FENCED_CALL.strip()
+    + _SYSTEM_JOINED.strip()
+    + _fill(_MARKER_AFTER_USER, ANSWER=_NO_REASONING),
+    "v3.1": _SYSTEM_JOINED.strip() + _V3_1.strip(),
+    "kimi": _fill(_KIMI, THINKING="false", TOOL_SEPARATORS="(',', ':')"),
+    "kimi-thinking": _fill(_KIMI, THINKING="true", TOOL_SEPARATORS="none"),
 }
-
-REASONING_FAMILIES = ("r1", "v3.1")
-THINK_START = "<think>"
-THINK_END = "</think>"
-
-
-def detect_family(config: dict[str, Any], name: str, template: str | None = None) -> str:
-    """One of FAMILIES' keys, from the checkpoint's template, its name, then its model_type."""
-    if template:
-        if THINK_END in template and re.search(r"\bthinking\b", template):
-            return "v3.1"
-        if THINK_START in template:
-            return "r1"
-    text = f"{name} {config.get('_name_or_path', '')}".lower()
-    if re.search(r"(?<![a-z0-9])r1(?![0-9])", text):
-        return "r1"
-    if re.search(r"v3[._-]?1|terminus", text):
-        return "v3.1"
-    if template and "User: " in template and "<｜User｜>" not in template:
-        return "v2"
-    if config.get("model_type") == "deepseek_v3":
-        return "v3"
-    if re.search(r"v2[._-]?5|0724", text) or (template and "<｜User｜>" in template):
-        return "v2.5"
-    return "v2"
-
-
-@dataclass
-class ChatFormat:
-    """How a checkpoint's conversations are written, and its sampling defaults."""
-
-    family: str
-    template: str
-    source: str  # "checkpoint" or "built-in <family>"
-    temperature: float
-    top_p: float
-    has_thinking_switch: bool = False
-
-    def render(
-        self,
-        tokenizer: Any,
-        messages: list[dict[str, Any]],
-        add_generation_prompt: bool = True,
-        thinking: bool = False,
-    ) -> str:
-        """The conversation as prompt text (special tokens spelled out, BOS included)."""
-        hf = getattr(tokenizer, "_tokenizer", tokenizer)  # unwrap mlx-lm's TokenizerWrapper
-        kwargs: dict[str, Any] = {}
-        if self.has_thinking_switch:
-            kwargs["thinking"] = thinking
-        try:
-            text = hf.apply_chat_template(
-                messages,
-                chat_template=self.template,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                **kwargs,
-            )
-        except Exception as e:  # jinja errors in a checkpoint's own template
-            raise DeepSeekError(
-                f"chat template ({self.source}) failed to render: {type(e).__name__}: {e}"
-            ) from None
-        return text if isinstance(text, str) else str(text)
-
-
-def chat_format(tokenizer: Any, config: dict[str, Any] | None = None, name: str = "") -> ChatFormat:
-    """The checkpoint's template when it has one, else the built-in one for its family.
-
-    `name` (a repo id or folder; default: the tokenizer's path) helps tell the family apart.
-    Sampling defaults: the family's, overridden by the checkpoint's generation_config.json
-    (temperature, top_p) when `config` carries them under "generation_config".
-    """
-    config = config or {}
-    name = name or _model_name(str(getattr(tokenizer, "name_or_path", "") or ""))
-    own = getattr(tokenizer, "chat_template", None)
-    if not isinstance(own, str):
-        own = None  # a dict of named templates is not supported: use the built-in one
-    family = detect_family(config, name, own)
-    key, temperature, top_p = FAMILIES[family]
-    template, source = (own, "checkpoint") if own else (BUILTIN_TEMPLATES[key], f"built-in {key}")
-    gen = config.get("generation_config") or {}
-    if isinstance(gen.get("temperature"), (int, float)) and gen.get("do_sample", True):
-        temperature = float(gen["temperature"])
-    if isinstance(gen.get("top_p"), (int, float)):
-        top_p = float(gen["top_p"])
-    fmt = ChatFormat(family, template, source, temperature, top_p)
-    probe = [{"role": "user", "content": "x"}]
-    fmt.has_thinking_switch = True
-    on, off = fmt.render(tokenizer, probe, thinking=True), fmt.render(tokenizer, probe)
-    fmt.has_thinking_switch = on != off
-    return fmt
-
-
-def _model_name(path: str) -> str:
-    """The model's name in a checkpoint path: a hub cache's repo, else the folder's name."""
-    parts = Path(path).parts
-    for part in parts:  # .../models--deepseek-ai--DeepSeek-R1/snapshots/<hash>
-        if part.startswith("models--"):
-            return part[len("models--") :].replace("--", "/")
-    return parts[-1] if parts else ""
-
-
-def read_model_config(path: str | Path) -> dict[str, Any]:
-    """config.json plus generation_config.json (under "generation_config") when present."""
-    path = Path(path)
-    out: dict[str, Any] = {}
-    for file, key in (("config.json", None), ("generation_config.json", "generation_config")):
-        try:
-            data = json.loads((path / file).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if key is None:
-            out.update(data)
-        else:
-            out[key] = data
-    return out
-
-
-def starts_in_reasoning(prompt_text: str) -> bool:
-    """True when the prompt opens a thinking block the model must close (R1, V3.1 thinking)."""
-    tail = prompt_text.rstrip()
-    return tail.endswith(THINK_START)

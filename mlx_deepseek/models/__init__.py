@@ -4,6 +4,9 @@
   Moonshot's Kimi K2 / K2-Thinking / K2.5 (text) and Moonlight (the same architecture)
 - deepseek_v32.py: DeepSeek V3.2 / V3.2-Exp (V3 + the lightning indexer's sparse attention)
 - deepseek_v1.py: DeepSeekMoE 16B (multi-head attention + DeepSeekMoE)
+- deepseek_v4.py: DeepSeek V4 Flash / Pro (shared-KV MQA with window, compressed and sparse
+  layers, hash routing, hyper-connections, MTP); v4_attention.py, v4_cache.py, v4_config.py,
+  v4_weights.py hold its attention, cache, config and checkpoint mapping
 - mla.py: Multi-head Latent Attention with the latent KV cache
 - moe.py: DeepSeekMoE (routing, the MoE block, the SwiGLU MLP)
 - config.py, rope.py, cache.py: the config fields, RoPE / YaRN, the model's cache
@@ -30,9 +33,10 @@ MODEL_TYPES: dict[str, str] = {
     "kimi_k25": "deepseek_v3",
     "deepseek_v32": "deepseek_v32",
     "deepseek": "deepseek_v1",
+    "deepseek_v4": "deepseek_v4",
 }
 FAMILY_NAMES = (
-    "DeepSeek V2, V2.5, Coder-V2, V3, R1, V3.1, V3.2, DeepSeekMoE 16B; Kimi K2, K2.5, Moonlight"
+    "DeepSeek V2, V2.5, Coder-V2, V3, R1, V3.1, V3.2, V4, DeepSeekMoE 16B; Kimi K2, K2.5, Moonlight"
 )
 
 
@@ -51,6 +55,15 @@ def model_args(config: dict[str, Any], source: str = "config.json") -> Any:
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: not a JSON object")
     return family(config.get("model_type"), source).ModelArgs.from_dict(config, source=source)
+
+
+def sanitize_weights(args: Any, weights: dict[str, Any]) -> dict[str, Any]:
+    """The family's checkpoint mapping (a family module's `sanitize(args, weights)`, else the
+    V2/V3 one), without building a model."""
+    fn = getattr(family(args.model_type), "sanitize", None)
+    if fn is None:
+        from ..weights import sanitize as fn
+    return fn(args, weights)
 
 
 def build_model(args: Any) -> Any:

@@ -114,7 +114,7 @@ class ModelArgs:
         return self.source_model_type or self.model_type
 
     @property
-    def cache_values_per_token(self) -> int:
+    def kv_values_per_layer(self) -> int:
         """Values one token adds to one layer's KV cache: MLA's latent c_kv and k_pe."""
         return self.kv_lora_rank + self.qk_rope_head_dim
 

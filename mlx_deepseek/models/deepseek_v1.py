@@ -59,7 +59,7 @@ class ModelArgs(config.ModelArgs):
         return self.num_key_value_heads or self.num_attention_heads
 
     @property
-    def cache_values_per_token(self) -> int:
+    def kv_values_per_layer(self) -> int:
         """Per-head keys and values."""
         return 2 * self.kv_heads * self.head_dim
 

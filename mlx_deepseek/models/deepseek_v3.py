@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from .. import ops
-from .cache import ModelCache
+from .cache import ModelCache, check_layer_cache
 from .config import ModelArgs
 from .mla import MLAttention
 from .moe import MLP, MoE
@@ -107,6 +107,7 @@ class DeepseekModel(nn.Module):
         h, normed = ops.embed(self.embed_tokens, inputs, first)  # and the first layer's norm
         if cache is None:
             cache = [None] * len(self.layers)
+        check_layer_cache(cache[0] if cache else None)
         mask, m = attention_mask(h.shape[1], cache[0] if cache else None), None
         for layer, c in zip(self.layers, cache, strict=True):
             h, m = layer.forward(h, m, mask, c, normed)

@@ -25,10 +25,10 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from .. import ops
-from ..errors import ConfigError
+from ..errors import ConfigError, DeepSeekError
 from ..ops import sparse
 from . import config, deepseek_v3
-from .cache import ModelCache
+from .cache import KV_BITS_REFUSED, ModelCache
 from .mla import MLAttention
 from .rope import RoPE
 
@@ -45,9 +45,9 @@ class ModelArgs(config.ModelArgs):
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("deepseek_v32",)
 
     @property
-    def cache_values_per_token(self) -> int:
+    def kv_values_per_layer(self) -> int:
         """MLA's latent plus the indexer's key."""
-        return super().cache_values_per_token + self.index_head_dim
+        return super().kv_values_per_layer + self.index_head_dim
 
     def validate(self, source: str = "config.json") -> None:
         super().validate(source)
@@ -107,7 +107,10 @@ class Indexer(nn.Module):
 class IndexedCache(KVCache):
     """One layer's cache: MLA's latent (keys = c_kv [B,1,S,rank], values = k_pe [B,1,S,rope],
     as in V3) plus the indexer's keys [B, 1, S, index_head_dim], at the same offset: trimming
-    the one trims the other."""
+    the one trims the other. mlx-lm's prompt-cache files rebuild a layer by its class name,
+    which theirs lacks: the chat refuses /save for it (`savable`)."""
+
+    savable = False
 
     def __init__(self):
         super().__init__()
@@ -134,6 +137,9 @@ class IndexedCache(KVCache):
     @state.setter
     def state(self, v):
         self.keys, self.values, self.offset, self.index_keys = v
+
+    def to_quantized(self, *args, **kwargs):
+        raise DeepSeekError(KV_BITS_REFUSED)  # mlx-lm's kv_bits: the latent is not per-head K/V
 
     @property
     def nbytes(self) -> int:

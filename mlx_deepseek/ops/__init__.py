@@ -12,6 +12,10 @@ Back-ends (a module each, with every op below):
 
 Every op returns its result: choosing a path is the back-end's business, never the model's.
 
+DeepSeek V4's own ops (hc_mixes, hc_pre, hc_post, hc_head, sinkhorn, compress_pool,
+index_scores, select_topk, gather_rows, shared_kv_attention) have their MLX reference in
+v4.py; a back-end module overrides one by defining a function of the same name.
+
 sparse.py holds DeepSeek V3.2's own operations (the lightning indexer's scores and top-k,
 attention over the selected latent rows) as plain MLX functions the V3.2 model calls.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import v4
 from .backend import active, current, resolve, use
 from .types import CAUSAL, MLAHeads, Routing
 
@@ -31,15 +36,25 @@ __all__ = [
     "absorbed_attention",
     "active",
     "add_rms_norm",
+    "compress_pool",
     "current",
     "embed",
     "expanded_attention",
+    "gather_rows",
+    "hc_head",
+    "hc_mixes",
+    "hc_post",
+    "hc_pre",
+    "index_scores",
     "latent",
     "mlp",
     "moe",
     "prepare",
     "resolve",
     "route",
+    "select_topk",
+    "shared_kv_attention",
+    "sinkhorn",
     "use",
 ]
 
@@ -116,3 +131,76 @@ def moe(
 def prepare(model: nn.Module) -> int:
     """The back-end's one-time changes to a loaded model (the CPU's row-split layers)."""
     return active().prepare(model)
+
+
+# ---- DeepSeek V4 (reference: v4.py) -----------------------------------------------------------
+
+
+def _v4(name: str):
+    """The active back-end's implementation of V4 op `name`, else MLX's (v4.py)."""
+    return getattr(active(), name, None) or getattr(v4, name)
+
+
+def sinkhorn(comb: mx.array, iters: int, eps: float) -> mx.array:
+    """Positive matrices [..., n, n] projected towards doubly-stochastic ones."""
+    return _v4("sinkhorn")(comb, iters, eps)
+
+
+def hc_mixes(
+    x: mx.array,
+    fn: mx.array,
+    base: mx.array,
+    scale: mx.array,
+    *,
+    iters: int,
+    eps: float,
+    norm_eps: float,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """The hyper-connection weights of the copies x [B, L, hc, D]: (pre [B, L, hc], post
+    [B, L, hc], comb [B, L, hc, hc]), float32."""
+    return _v4("hc_mixes")(x, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
+
+
+def hc_pre(x: mx.array, pre: mx.array) -> mx.array:
+    """The copies [B, L, hc, D] collapsed with weights pre [B, L, hc] -> [B, L, D]."""
+    return _v4("hc_pre")(x, pre)
+
+
+def hc_post(y: mx.array, residual: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """A block's output [B, L, D] expanded into the copies, plus the copies mixed by comb."""
+    return _v4("hc_post")(y, residual, post, comb)
+
+
+def hc_head(
+    x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, eps: float, norm_eps: float
+) -> mx.array:
+    """The last layer's copies [B, L, hc, D] collapsed for the head -> [B, L, D]."""
+    return _v4("hc_head")(x, fn, base, scale, eps=eps, norm_eps=norm_eps)
+
+
+def compress_pool(kv: mx.array, score: mx.array, overlap: bool) -> mx.array:
+    """Gated softmax pooling of whole windows [B, n + overlap, ratio, (1 + overlap) * d]
+    -> one row per window [B, n, d], float32."""
+    return _v4("compress_pool")(kv, score, overlap)
+
+
+def index_scores(q: mx.array, rows: mx.array, weights: mx.array, scale: float) -> mx.array:
+    """The lightning indexer's scores [B, L, N] of queries q [B, H, L, d] for rows [B, N, d]."""
+    return _v4("index_scores")(q, rows, weights, scale)
+
+
+def select_topk(scores: mx.array, k: int) -> mx.array:
+    """Indices [..., k] of the k best scores, ties to the earlier row."""
+    return _v4("select_topk")(scores, k)
+
+
+def gather_rows(rows: mx.array, idx: mx.array) -> mx.array:
+    """rows [B, N, d] at idx [B, k] -> [B, k, d]."""
+    return _v4("gather_rows")(rows, idx)
+
+
+def shared_kv_attention(
+    q: mx.array, kv: mx.array, sinks: mx.array, scale: float, mask: mx.array | None = None
+) -> mx.array:
+    """Attention of q [B, H, L, d] over one K=V head [B, S, d] with per-head sinks [H]."""
+    return _v4("shared_kv_attention")(q, kv, sinks, scale, mask)

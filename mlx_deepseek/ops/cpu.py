@@ -127,8 +127,8 @@ def workers() -> list[mx.Stream]:
     n = threads()
     if n < 2:
         return []
-    while len(_State.streams) < n:
-        _State.streams.append(mx.new_stream(mx.cpu))
+    while len(_State.streams) < n:  # one stream per thread that builds graphs (a server's too)
+        _State.streams.append(mx.new_thread_local_stream(mx.cpu))
     return _State.streams[:n]
 
 

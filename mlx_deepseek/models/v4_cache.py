@@ -1,0 +1,194 @@
+"""DeepSeek V4's cache: per layer a bounded window, the compressed rows, the indexer's rows and
+the compressors' partial-window state.
+
+Per layer (`V4LayerCache`), all rows [B, n, d] in preallocated buffers (`RowBuffer`):
+- window: the K=V rows of the last `sliding_window - 1 + MAX_ROLLBACK` positions (a decode
+  step reads the last sliding_window - 1 of them plus its own row);
+- compressed: one row per closed window of `ratio` tokens (compressed layers), index = window;
+- indexer: the indexer's own compressed rows (compressed sparse layers);
+- compressor states: the projected kv and gate logits (with the position bias) of the tokens
+  a future row still needs: the open window, the window before it (overlapping ratio-4
+  windows pool 2 * ratio tokens) and MAX_ROLLBACK more positions.
+Rows emitted from that state equal the full forward's at every window boundary, since both
+run the same pooling over the same tokens.
+
+`trim(n)` rolls back n <= MAX_ROLLBACK tokens exactly (speculative decoding's rejected
+drafts), or all of them; more raises CacheTrimError: the window and the compressor state
+before that are gone (re-prefill instead). `offset`, `state`, `trim`, `is_trimmable` follow
+mlx-lm's cache protocol; `V4Cache` is the model's list of them, with the MTP layers' caches.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..errors import DeepSeekError
+from .cache import ModelCache
+
+MAX_ROLLBACK = 16  # speculative decoding drafts at most 8 tokens; room to spare
+STEP = 256  # rows a buffer grows by
+
+
+class CacheTrimError(DeepSeekError):
+    """A V4 cache cannot roll back that far (its window and compressor state are bounded)."""
+
+
+class RowBuffer:
+    """Rows [B, n, d] of consecutive indices [start, end), grown in steps. Rows below
+    `keep_from` may be dropped when the buffer is next reallocated."""
+
+    def __init__(self) -> None:
+        self.buf: mx.array | None = None
+        self.start = 0  # index of buf[:, 0]
+        self.end = 0
+        self.keep_from = 0
+
+    def append(self, rows: mx.array) -> None:
+        B, L, d = rows.shape
+        used = self.end - self.start
+        if self.buf is None or used + L > self.buf.shape[1] or self.buf.dtype != rows.dtype:
+            first = max(self.keep_from, self.start)
+            new = mx.zeros((B, self.end - first + L + STEP, d), dtype=rows.dtype)
+            if self.buf is not None and self.end > first:
+                new[:, : self.end - first] = self.buf[:, first - self.start : used]
+            self.buf, self.start = new, first
+        i = self.end - self.start
+        self.buf[:, i : i + L] = rows
+        self.end += L
+
+    def rows(self, lo: int, hi: int) -> mx.array:
+        """Rows [lo, hi) (lo >= start)."""
+        return self.buf[:, lo - self.start : hi - self.start]
+
+    def all(self) -> mx.array | None:
+        return None if self.buf is None else self.buf[:, : self.end - self.start]
+
+    def reset(self) -> None:
+        self.buf, self.start, self.end, self.keep_from = None, 0, 0, 0
+
+    @property
+    def nbytes(self) -> int:
+        if self.buf is None:
+            return 0
+        return (self.end - self.start) * self.buf.nbytes // self.buf.shape[1]
+
+
+class V4LayerCache:
+    """One attention layer's cache; `ratio` 0 for a sliding-window layer."""
+
+    # mlx-lm's prompt-cache files rebuild each layer by class name from its own module
+    savable = False
+
+    def __init__(self, window: int, ratio: int = 0, overlap: bool = False, indexer: bool = False):
+        self.window_size, self.ratio, self.overlap = window, ratio, overlap
+        self.offset = 0
+        self.window = RowBuffer()  # index = position
+        self.compressed = RowBuffer() if ratio else None  # index = window
+        self.comp_state = RowBuffer() if ratio else None  # index = position
+        self.indexer = RowBuffer() if indexer else None
+        self.index_state = RowBuffer() if indexer else None
+
+    def _buffers(self) -> list[RowBuffer]:
+        return [
+            b
+            for b in (self.window, self.compressed, self.comp_state, self.indexer, self.index_state)
+            if b is not None
+        ]
+
+    def fresh(self) -> V4LayerCache:
+        """An empty cache of the same kind."""
+        return V4LayerCache(self.window_size, self.ratio, self.overlap, self.indexer is not None)
+
+    # ---- what attention needs to keep ---------------------------------------------------------
+
+    def _window_floor(self, offset: int) -> int:
+        """The first position a query after `offset` reads from the window."""
+        return max(0, offset - (self.window_size - 1))
+
+    def _state_floor(self, offset: int) -> int:
+        """The first position the next compressed row needs (the open window's start, or the
+        one before it with overlap)."""
+        return max(0, (offset // self.ratio - int(self.overlap)) * self.ratio)
+
+    def advance(self, n: int) -> None:
+        """Count n more tokens (their rows are appended) and let old rows go."""
+        self.offset += n
+        back = max(0, self.offset - MAX_ROLLBACK)
+        self.window.keep_from = self._window_floor(back)
+        for state in (self.comp_state, self.index_state):
+            if state is not None:
+                state.keep_from = self._state_floor(back)
+
+    # ---- mlx-lm's cache protocol -------------------------------------------------------------
+
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays the cache holds (to evaluate them)."""
+        return [b.buf for b in self._buffers() if b.buf is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers())
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def can_trim(self, n: int) -> bool:
+        """Whether trim(n) is exact: all tokens, or the state before offset - n still held."""
+        if n >= self.offset:
+            return True
+        target = self.offset - n
+        if self.window.start > self._window_floor(target):
+            return False
+        for state in (self.comp_state, self.index_state):
+            if state is not None and state.start > self._state_floor(target):
+                return False
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the last n tokens; returns n. Raises CacheTrimError past what is held."""
+        n = min(n, self.offset)
+        if n <= 0:
+            return 0
+        if n == self.offset:
+            for b in self._buffers():
+                b.reset()
+            self.offset = 0
+            return n
+        if not self.can_trim(n):
+            raise CacheTrimError(
+                f"a DeepSeek V4 cache rolls back at most {MAX_ROLLBACK} tokens exactly, asked "
+                f"for {n}: its window and compressor state before that are gone; prefill again"
+            )
+        target = self.offset - n
+        self.window.end = target
+        for state in (self.comp_state, self.index_state):
+            if state is not None:
+                state.end = target
+        for rows in (self.compressed, self.indexer):
+            if rows is not None:
+                rows.end = target // self.ratio
+        self.offset = target
+        return n
+
+
+class V4Cache(ModelCache):
+    """The model's cache: one V4LayerCache per layer, plus the MTP layers' on `.mtp` (what
+    speculative decoding drives, as for V3)."""
+
+    def __init__(self, layers: list[V4LayerCache], mtp: list[V4LayerCache]):
+        list.__init__(self, layers)
+        self.mtp = mtp
+        self.mtp_hidden = None
+        self.mtp_hidden_pos = -1
+
+    def reset_mtp(self) -> None:
+        self.mtp = [c.fresh() for c in self.mtp]
+        self.mtp_hidden, self.mtp_hidden_pos = None, -1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self) + sum(c.nbytes for c in self.mtp)

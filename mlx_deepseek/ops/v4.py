@@ -1,0 +1,172 @@
+"""DeepSeek V4's own operations, as plain MLX (the reference every other back-end must match).
+
+- Manifold-constrained hyper-connections (mHC): the residual stream is `hc` copies
+  [B, L, hc, D]; `hc_mixes` computes from them the collapse weights `pre` [B, L, hc], the
+  expansion weights `post` [B, L, hc] and the mixing matrix `comb` [B, L, hc, hc] (projected
+  onto doubly-stochastic matrices by `sinkhorn`); `hc_pre` collapses, `hc_post` expands a
+  block's output and mixes the copies, `hc_head` collapses the last layer's copies.
+- The compressor's gated softmax pooling over a window of tokens (`compress_pool`).
+- The lightning indexer's scores and its top-k (`index_scores`, `select_topk`).
+- Attention with one shared K=V head and per-head sinks (`shared_kv_attention`), and the
+  row gather that feeds it the selected compressed rows at decode (`gather_rows`).
+
+All mixing weights and softmaxes are computed in float32, as DeepSeek's code does.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# below this many float32 elements an [L, H, N] index-score block is computed in one piece
+INDEX_BLOCK_ELEMENTS = 1 << 25
+# exact ties in index scores (relu makes many exactly 0) go to the earlier row: subtracting
+# idx * TIE_STEP changes no score above ~1e-24 in float32 but orders equal ones by position
+TIE_STEP = 1e-30
+
+
+# ---- hyper-connections ---------------------------------------------------------------------
+
+
+def sinkhorn(comb: mx.array, iters: int, eps: float) -> mx.array:
+    """Project positive matrices [..., n, n] towards doubly-stochastic ones: a column
+    normalisation, then `iters - 1` row + column rounds (DeepSeek's hc_split_sinkhorn)."""
+    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    return comb
+
+
+def _flat_rms(x: mx.array, norm_eps: float) -> tuple[mx.array, mx.array]:
+    """x [B, L, hc, D] -> (float32 [B, L, hc*D], its 1/rms [B, L, 1])."""
+    flat = x.reshape(*x.shape[:-2], -1).astype(mx.float32)
+    return flat, mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + norm_eps)
+
+
+def hc_mixes(
+    x: mx.array,
+    fn: mx.array,
+    base: mx.array,
+    scale: mx.array,
+    *,
+    iters: int,
+    eps: float,
+    norm_eps: float,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """x [B, L, hc, D]; fn [(2 + hc) * hc, hc * D]; base [(2 + hc) * hc]; scale [3]
+    -> (pre [B, L, hc], post [B, L, hc], comb [B, L, hc, hc]), float32."""
+    hc = x.shape[-2]
+    flat, inv_rms = _flat_rms(x, norm_eps)
+    mixes = (flat @ fn.astype(mx.float32).T) * inv_rms  # [B, L, (2 + hc) * hc]
+    base = base.astype(mx.float32)
+    scale = scale.astype(mx.float32)
+    pre = mx.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * mx.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    logits = mixes[..., 2 * hc :] * scale[2] + base[2 * hc :]
+    comb = mx.softmax(logits.reshape(*logits.shape[:-1], hc, hc), axis=-1, precise=True) + eps
+    return pre, post, sinkhorn(comb, iters, eps)
+
+
+def hc_pre(x: mx.array, pre: mx.array) -> mx.array:
+    """Collapse the copies: sum_j pre[..., j] * x[..., j, :] -> [B, L, D] in x.dtype."""
+    return (pre[..., None] * x.astype(mx.float32)).sum(axis=-2).astype(x.dtype)
+
+
+def hc_post(y: mx.array, residual: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """Expand a block's output y [B, L, D] into the copies and mix the residual copies
+    [B, L, hc, D]: out[k] = post[k] * y + sum_j comb[j, k] * residual[j]."""
+    dtype = residual.dtype
+    mixed = comb.astype(dtype).swapaxes(-1, -2) @ residual  # [B, L, hc, D]
+    return post.astype(dtype)[..., None] * y[..., None, :] + mixed
+
+
+def hc_head(
+    x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, eps: float, norm_eps: float
+) -> mx.array:
+    """The final collapse of the copies [B, L, hc, D] -> [B, L, D]; fn [hc, hc * D]."""
+    flat, inv_rms = _flat_rms(x, norm_eps)
+    mixes = (flat @ fn.astype(mx.float32).T) * inv_rms
+    pre = mx.sigmoid(mixes * scale.astype(mx.float32) + base.astype(mx.float32)) + eps
+    return hc_pre(x, pre)
+
+
+# ---- the compressor ------------------------------------------------------------------------
+
+
+def compress_pool(kv: mx.array, score: mx.array, overlap: bool) -> mx.array:
+    """Gated softmax pooling of whole windows -> one row per window, float32 [B, n, d].
+
+    kv, score: [B, n + overlap, ratio, (1 + overlap) * d], score already holding the position
+    bias. Without overlap each window pools its own `ratio` tokens. With overlap a row pools
+    2 * ratio slots: the first half (Ca) of the window before it and the second half (Cb) of
+    its own; input window 0 is that previous window (zeros / -inf where none exists).
+    """
+    kv = kv.astype(mx.float32)
+    score = score.astype(mx.float32)
+    if overlap:
+        d = kv.shape[-1] // 2
+        kv = mx.concatenate([kv[:, :-1, :, :d], kv[:, 1:, :, d:]], axis=2)
+        score = mx.concatenate([score[:, :-1, :, :d], score[:, 1:, :, d:]], axis=2)
+    weights = mx.softmax(score, axis=2, precise=True)  # per channel, over the window's slots
+    return (kv * weights).sum(axis=2)
+
+
+# ---- the lightning indexer -----------------------------------------------------------------
+
+
+def index_scores(q: mx.array, rows: mx.array, weights: mx.array, scale: float) -> mx.array:
+    """sum_h relu(q_h . row) * scale * weights_h for every query and row, float32.
+
+    q [B, H, L, d]; rows [B, N, d]; weights [B, L, H] -> [B, L, N]. Long prefills are scored
+    in blocks of queries so the [H, L, N] products never all exist at once.
+    """
+    B, H, L, d = q.shape
+    N = rows.shape[1]
+    keys = rows.astype(mx.float32).swapaxes(-1, -2)  # [B, d, N]
+    w = (weights.astype(mx.float32) * scale).swapaxes(-1, -2)[..., None]  # [B, H, L, 1]
+    step = max(1, INDEX_BLOCK_ELEMENTS // max(1, H * N))
+    parts = []
+    for lo in range(0, L, step):
+        ql = q[:, :, lo : lo + step].astype(mx.float32)
+        l = ql.shape[2]
+        # all heads' queries as rows of one matmul (reads the rows once)
+        s = (ql.reshape(B, H * l, d) @ keys).reshape(B, H, l, N)
+        parts.append((mx.maximum(s, 0.0) * w[:, :, lo : lo + step]).sum(axis=1))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+
+
+def select_topk(scores: mx.array, k: int) -> mx.array:
+    """Indices [..., k] of the k highest scores [..., N] (masked rows at -inf), ties going to
+    the earlier row, so every path that computes the same scores picks the same rows."""
+    N = scores.shape[-1]
+    if k >= N:
+        return mx.broadcast_to(mx.arange(N, dtype=mx.int32), (*scores.shape[:-1], N))
+    key = scores - mx.arange(N, dtype=mx.float32) * TIE_STEP
+    return mx.argpartition(-key, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+
+
+# ---- attention -----------------------------------------------------------------------------
+
+
+def gather_rows(rows: mx.array, idx: mx.array) -> mx.array:
+    """rows [B, N, d], idx [B, k] -> the selected rows [B, k, d]."""
+    return mx.take_along_axis(rows, idx[..., None].astype(mx.int32), axis=1)
+
+
+def shared_kv_attention(
+    q: mx.array,
+    kv: mx.array,
+    sinks: mx.array,
+    scale: float,
+    mask: mx.array | None = None,
+) -> mx.array:
+    """Multi-query attention where one head [B, S, d] is both K and V, with a learned sink
+    logit per head (softmax over the scores and the sink, the sink's share dropped).
+
+    q [B, H, L, d]; sinks [H]; mask bool [B, L, S] (True = attend) or None -> [B, H, L, d].
+    """
+    k = kv[:, None]
+    m = None if mask is None else mask[:, None]
+    return mx.fast.scaled_dot_product_attention(
+        q, k, k, scale=scale, mask=m, sinks=sinks.astype(q.dtype)
+    )
