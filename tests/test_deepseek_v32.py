@@ -11,6 +11,7 @@ from checkpoints import build_hf_model, hf_logits, save_hf_checkpoint
 from dsa_oracle import attention as oracle_attention
 
 import mlx_deepseek
+from mlx_deepseek import ops
 from mlx_deepseek.errors import ConfigError
 from mlx_deepseek.models import model_args
 from mlx_deepseek.models.deepseek_v32 import IndexedCache, SparseAttention
@@ -137,7 +138,7 @@ def test_selected_positions_equal_the_transcription(v32, oracle):
     q_a = attn.q_a_layernorm(attn.q_a_proj(x))
     q, w = attn.indexer.queries(x, q_a, 0)
     k = attn.indexer.keys(x, 0)[:, 0]
-    scores = sparse.index_scores(q, k, w)
+    scores = ops.index_scores(q.transpose(0, 2, 1, 3), k, w, 1.0)  # w carries the scales
     idx, valid = sparse.select_topk(scores, model.args.index_topk, sparse.causal(T, T, 0))
     idx, valid = np.array(idx[0]), np.array(valid[0])
     for t in range(T):

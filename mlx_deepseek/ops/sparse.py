@@ -1,4 +1,5 @@
-"""DeepSeek Sparse Attention (V3.2's lightning indexer): plain MLX.
+"""DeepSeek Sparse Attention (V3.2's lightning indexer), on the named ops the V4 indexer
+shares (ops.index_scores, ops.select_topk) plus plain MLX for the gathered attention.
 
 Per query, the indexer scores every visible key position (DeepSeek's inference/model.py,
 V3.2-Exp, with the half-split RoPE fix):
@@ -12,41 +13,22 @@ prefill never holds a T x T matrix.
 
 Ties. relu makes a score exactly 0.0 whenever every indexer head has q.k <= 0, and exact
 ties at the top-k boundary are then common (with few heads). The selection here is a
-function of the scores alone: among equal scores the LOWER position wins. Each score is
-mapped to an order-preserving integer and combined with the position into one int64 key,
-so every key is distinct and any correct top-k algorithm (CPU or GPU, argpartition or a
-sort) returns the same set. -0.0 counts as 0.0.
+function of the scores alone: among equal scores the LOWER position wins
+(ops.v4.selection_keys: each score mapped to an order-preserving integer and combined with
+the position into one int64 key, so every key is distinct and any correct top-k algorithm,
+CPU or GPU, argpartition or a sort, returns the same set; -0.0 counts as 0.0). Prefill,
+chunked prefill and decode select with that one function on every back-end.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from . import index_scores as _index_scores
+from . import select_topk as _select_topk
+
 # the largest [queries, heads, keys] (or [queries, topk, latent]) block built at once
 BLOCK_ELEMENTS = 1 << 24
-_POS_FIELD = (1 << 32) - 1  # low 32 bits of a selection key: (2^32 - 1) - position
-
-
-def index_scores(q: mx.array, k: mx.array, weights: mx.array) -> mx.array:
-    """Indexer scores sum_h weights[..., h] * relu(q_h . k), in float32.
-
-    q: [B, L, H, D] (roped); k: [B, S, D] (roped); weights: [B, L, H] -> [B, L, S].
-    """
-    B, L, H, D = q.shape
-    q = q.astype(mx.float32).reshape(B, L * H, D)
-    dots = mx.maximum(q @ k.astype(mx.float32).swapaxes(-1, -2), 0.0)  # [B, L*H, S]
-    w = weights.astype(mx.float32).reshape(B, L, 1, H)
-    return (w @ dots.reshape(B, L, H, -1)).squeeze(2)
-
-
-def selection_keys(scores: mx.array) -> mx.array:
-    """int64 keys ordered as (score, then lower position first): [..., S] -> [..., S]."""
-    scores = mx.where(scores == 0, mx.array(0.0, mx.float32), scores.astype(mx.float32))
-    bits = scores.view(mx.int32)
-    # negative floats order the other way round as integers: flip their magnitude bits
-    ordered = mx.where(bits < 0, mx.bitwise_xor(bits, mx.array(0x7FFFFFFF, mx.int32)), bits)
-    positions = mx.arange(scores.shape[-1], dtype=mx.int64)
-    return ordered.astype(mx.int64) * (1 << 32) + (_POS_FIELD - positions)
 
 
 def causal(L: int, S: int, offset: int) -> mx.array:
@@ -69,19 +51,17 @@ def visible_positions(mask, L: int, S: int, offset: int | mx.array) -> mx.array 
 def select_topk(
     scores: mx.array, topk: int, visible: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:
-    """The `topk` best visible key positions for each query.
+    """The `topk` best visible key positions for each query (ops.select_topk's rule: ties to
+    the lower position).
 
     scores: [B, L, S]; visible: boolean, broadcasting to [B, L, S] (None: all). Returns
     (positions [B, L, K] int32, valid [B, L, K] bool) with K = min(topk, S); a position is
     invalid when the query may not see it (a causal query at position p < K - 1 sees only
-    p + 1 keys). Ties go to the lower position (module docstring).
+    p + 1 keys).
     """
-    B, L, S = scores.shape
-    K = min(topk, S)
     if visible is not None:
         scores = mx.where(visible, scores, mx.array(-mx.inf, mx.float32))
-    idx = mx.argpartition(selection_keys(scores), kth=S - K, axis=-1)[..., S - K :]
-    idx = idx.astype(mx.int32)
+    idx = _select_topk(scores, min(topk, scores.shape[-1]))
     if visible is None:
         return idx, mx.ones(idx.shape, dtype=mx.bool_)
     return idx, mx.take_along_axis(mx.broadcast_to(visible, scores.shape), idx, axis=-1)
@@ -155,7 +135,9 @@ def sparse_attention(
     outs = []
     for lo in range(0, L, chunk):
         hi = min(L, lo + chunk)
-        scores = index_scores(q_index[:, lo:hi], k_index, weights[:, lo:hi])
+        # ops.index_scores takes queries as [B, H, L, D]; the weights carry both scales
+        q = q_index[:, lo:hi].transpose(0, 2, 1, 3)
+        scores = _index_scores(q, k_index, weights[:, lo:hi], 1.0)
         idx, valid = select_topk(scores, topk, None if visible is None else visible[:, lo:hi])
         outs.append(
             gather_attention(q_lat[:, :, lo:hi], q_pe[:, :, lo:hi], c_kv, k_pe, idx, valid, scale)
