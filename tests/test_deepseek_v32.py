@@ -208,6 +208,102 @@ def test_batch_rows_are_independent(v32):
         assert rel_err(both[b : b + 1], np.array(model(mx.array(tokens[b : b + 1])))) < 1e-5
 
 
+# ---- what the sparse paths read ------------------------------------------------------------
+
+
+def latent_operands(rng, B, H, L, S, rank=16, rope=8, Hi=4, Di=8):
+    f = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+    return dict(
+        q_index=f(B, L, Hi, Di), k_index=f(B, S, Di), weights=f(B, L, Hi),
+        q_lat=f(B, H, L, rank), q_pe=f(B, H, L, rope), c_kv=f(B, S, rank), k_pe=f(B, S, rope),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("L,S,topk", [(1, 500, 7), (1, 64, 64), (5, 300, 6), (3, 40, 9)])
+def test_only_the_selected_latent_rows_are_read(L, S, topk):
+    """Every latent / rope row no query selects is NaN: a dense (masked) attention would
+    spread the NaN (0 * NaN), the sparse one reads K rows per query and stays exact."""
+    rng = np.random.default_rng(L * S)
+    a = latent_operands(rng, 2, 3, L, S)
+    visible = sparse.causal(L, S, S - L)
+    kw = dict(visible=visible, topk=topk, scale=0.3)
+    clean = np.array(sparse.sparse_attention(**a, **kw))
+    q = a["q_index"].transpose(0, 2, 1, 3)
+    scores = ops.index_scores(q, a["k_index"], a["weights"], 1.0)
+    idx, valid = sparse.select_topk(scores, topk, visible)
+    assert idx.shape[-1] == min(topk, S)
+    used = np.zeros((2, S), bool)
+    for b in range(2):
+        used[b, np.array(idx[b])[np.array(valid[b])]] = True
+    assert (~used).sum() > 0 or topk >= S
+    poison = mx.array(np.where(used[..., None], 0.0, np.nan).astype(np.float32))
+    a["c_kv"], a["k_pe"] = a["c_kv"] + poison, a["k_pe"] + poison
+    out = np.array(sparse.sparse_attention(**a, **kw))
+    assert np.isfinite(out).all()
+    assert rel_err(out, clean) < 1e-6
+
+
+def test_decode_attends_to_index_topk_rows(v32, monkeypatch):
+    """One decoded token far past index_topk: each layer's attention gets K rows."""
+    _, _, model = v32
+    K = model.args.index_topk
+    seen = []
+    real = sparse.gather_attention
+
+    def spy(q_lat, q_pe, c_kv, k_pe, idx, valid, scale):
+        seen.append((q_lat.shape[2], c_kv.shape[1], idx.shape[-1]))
+        return real(q_lat, q_pe, c_kv, k_pe, idx, valid, scale)
+
+    monkeypatch.setattr(sparse, "gather_attention", spy)
+    tokens = mx.array(np.random.RandomState(11).randint(2, 320, size=(1, 40)))
+    cache = model.make_cache()
+    model(tokens[:, :39], cache=cache)
+    seen.clear()
+    model(tokens[:, 39:], cache=cache)
+    assert seen == [(1, 40, K)] * len(model.layers)
+
+
+def test_long_prefill_is_chunked_under_the_block_budget(v32, monkeypatch):
+    """A prefill of T >> index_topk with a small block budget: no indexer block holds the
+    T x T scores; the chunked result equals the one-block result."""
+    _, _, model = v32
+    T = 160
+    tokens = mx.array(np.random.RandomState(12).randint(2, 320, size=(1, T)))
+    whole = np.array(model(tokens))
+    budget = 2048
+    monkeypatch.setattr(sparse, "BLOCK_ELEMENTS", budget)
+    blocks = []
+    real = sparse._index_scores
+
+    def spy(q, k, w, scale):
+        blocks.append((q.shape[2], q.shape[1] * q.shape[2] * k.shape[1]))
+        return real(q, k, w, scale)
+
+    monkeypatch.setattr(sparse, "_index_scores", spy)
+    chunked = np.array(model(tokens))
+    Hi = model.args.index_n_heads
+    assert len(blocks) == len(model.layers) * -(-T // max(1, budget // (Hi * T)))
+    assert all(rows < T and size <= max(budget, Hi * T) for rows, size in blocks)
+    assert rel_err(chunked, whole) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_every_back_end_selects_the_same(v32, backend):
+    """The back-ends (cpu: this project's CPU strategies; mlx: MLX's own ops) give the same
+    logits past index_topk, in a full forward and in cached decode."""
+    _, _, model = v32
+    tokens = mx.array(np.random.RandomState(13).randint(2, 320, size=(1, 24)))
+    with ops.use("mlx"):
+        ref = np.array(model(tokens))
+    with ops.use(backend):
+        full = np.array(model(tokens))
+        cache = model.make_cache()
+        parts = [model(tokens[:, :15], cache=cache)]
+        parts += [model(tokens[:, t : t + 1], cache=cache) for t in range(15, 24)]
+        stepped = np.concatenate([np.array(p) for p in parts], axis=1)
+    assert rel_err(full, ref) < 1e-5 and rel_err(stepped, ref) < 1e-5
+
+
 # ---- the selection rule ------------------------------------------------------------------
 
 
