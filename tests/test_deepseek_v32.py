@@ -175,11 +175,13 @@ def test_cached_steps_match_the_transcription(v32, oracle, prefill):
 
 
 def test_chunked_prefill_and_decode_equal_the_full_forward(v32):
-    _, hf, model = v32
+    name, hf, model = v32
     tokens = np.random.RandomState(5).randint(2, 320, size=(1, 30))
     full = np.array(model(mx.array(tokens)))
     ref = hf_logits(hf, tokens).numpy()
-    assert rel_err(full, ref) < 1e-4
+    err = rel_err(full, ref)
+    print(f"{name}: 30 tokens, index_topk {model.args.index_topk}: vs transformers {err:.2e}")
+    assert err < 1e-4
     cache = model.make_cache()
     parts = [model(mx.array(tokens[:, a:b]), cache=cache) for a, b in ((0, 4), (4, 13), (13, 27))]
     parts += [model(mx.array(tokens[:, t : t + 1]), cache=cache) for t in range(27, 30)]
