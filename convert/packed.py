@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlx_deepseek.compressed_tensors import PACKED, SCALE, SHAPE, PackedFormat, check_packed
 from mlx_deepseek.errors import CheckpointError, DeepSeekError
+from mlx_deepseek.models.compressed_tensors import PACKED, SCALE, SHAPE, PackedFormat, check_packed
 
 from .layout import Entry
 from .reader import SourceCheckpoint, TensorInfo

@@ -33,9 +33,13 @@ def hf_config(family: str, **overrides):
 
 def build_hf_model(family: str, seed: int = 0, **overrides):
     """A random transformers DeepSeek model with weights large enough to route decisively."""
+    return build_from_config(hf_config(family, **overrides), seed)
+
+
+def build_from_config(config, seed: int = 0):
+    """build_hf_model for any transformers DeepseekV2Config / V3Config / V32Config."""
     from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
 
-    config = hf_config(family, **overrides)
     torch.manual_seed(seed)
     cls = {
         "deepseek_v2": DeepseekV2ForCausalLM,

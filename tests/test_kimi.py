@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 import mlx_deepseek
 from mlx_deepseek.cli import app
-from mlx_deepseek.compressed_tensors import packed_format
 from mlx_deepseek.errors import CheckpointError, ConfigError, DeepSeekError
+from mlx_deepseek.models.compressed_tensors import packed_format
 
 TOKENS = np.random.RandomState(4).randint(2, 320, size=(2, 14))
 

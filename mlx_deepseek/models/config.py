@@ -1,14 +1,16 @@
-"""Model configuration: Hugging Face `config.json` fields for DeepSeek V2 / V3."""
+"""Model configuration: Hugging Face `config.json` fields for DeepSeek V2 / V3 (and Kimi K2,
+the same architecture; V3.2 and DeepSeekMoE 16B subclass ModelArgs in their modules)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
+from ..safetensors_check import json_type
+from .config_fields import check_fields, show
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 # DeepSeek-V3's architecture under Moonshot's names: Kimi K2 / K2-Instruct / K2-Thinking, and
@@ -16,6 +18,13 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 KIMI_MODEL_TYPES = ("kimi_k2", "kimi_k25")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
+# What a config that leaves a field out (or null) means, per model_type: DeepSeek's and
+# transformers' V2 classes route by softmax + greedy (V3's: the dataclass defaults below).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": {"topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False},
+}
+# DeepSeek's own V2 configuration class spells its default "gready"
+TOPK_ALIASES = {"gready": "greedy"}
 
 
 @dataclass
@@ -53,6 +62,7 @@ class ModelArgs:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
+    rope_interleave: bool = True
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 0
@@ -75,23 +85,34 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelArgs:
         """Build from a config dict (`rope_scaling`, or transformers 5's `rope_parameters`)."""
+        if not isinstance(config, dict):
+            raise ConfigError(f"{source}: holds a JSON {json_type(config)}, not an object")
         config = dict(config)
         model_type = config.get("model_type")
-        if model_type not in cls.MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in cls.MODEL_TYPES:
             from . import family
 
             family(model_type, source)  # raises, naming what is supported
             raise ConfigError(
-                f"{source}: model_type={model_type!r} is not one of {', '.join(cls.MODEL_TYPES)}"
+                f"{source}: model_type={show(model_type)} is not one of "
+                f"{', '.join(cls.MODEL_TYPES)}"
             )
         if model_type in KIMI_MODEL_TYPES:
             config = _kimi_text_config(config, source)
+            model_type = config["model_type"]
+        for key, value in FAMILY_DEFAULTS.get(model_type, {}).items():
+            if config.get(key) is None:
+                config[key] = value
+        if isinstance(config.get("topk_method"), str):
+            config["topk_method"] = TOPK_ALIASES.get(config["topk_method"], config["topk_method"])
         missing = [k for k in cls.REQUIRED if config.get(k) is None]
         if missing:
             raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
 
         # transformers 5 stores rope settings as `rope_parameters` (with rope_theta inside)
         params = config.pop("rope_parameters", None)
+        if params is not None and not isinstance(params, dict):
+            raise ConfigError(f"{source}: rope_parameters={show(params)} is not an object or null")
         if params and not config.get("rope_scaling"):
             params = dict(params)
             if "rope_theta" in params:
@@ -102,7 +123,9 @@ class ModelArgs:
             config["torch_dtype"] = config["dtype"]
 
         names = {f.name for f in dataclasses.fields(cls)}
-        args = cls(**{k: v for k, v in config.items() if k in names})
+        values = {k: v for k, v in config.items() if k in names}
+        check_fields(values, source)  # types first: the dataclass takes anything
+        args = cls(**values)
         args.validate(source)
         return args
 
@@ -150,59 +173,48 @@ class ModelArgs:
     # ---- validation ----------------------------------------------------------------------
 
     def validate(self, source: str = "config.json") -> None:
-        """Raise ConfigError (one line naming the field) on an impossible value."""
+        """Each field's type and range (config_fields), then how the fields fit together
+        (validate_attention, validate_moe: a family module overrides what differs)."""
+        check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, source)
         self.validate_attention(source)
         self.validate_moe(source)
 
     def field_error(self, source: str, field_name: str, why: str) -> ConfigError:
         """A ConfigError naming the field and its value."""
-        return ConfigError(f"{source}: {field_name}={getattr(self, field_name)!r} {why}")
+        return ConfigError(f"{source}: {field_name}={show(getattr(self, field_name))} {why}")
 
     def validate_attention(self, source: str) -> None:
-        """The sizes, MLA's fields and RoPE."""
-        bad = partial(self.field_error, source)
-        for name in (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "vocab_size",
-            "kv_lora_rank",
-            "qk_rope_head_dim",
-            "qk_nope_head_dim",
-            "v_head_dim",
-            "intermediate_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise bad(name, "must be a positive integer")
+        """MLA's fields and RoPE."""
+
+        def bad(field_name: str, why: str) -> ConfigError:
+            return self.field_error(source, field_name, why)
+
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise bad("q_lora_rank", "must be a positive integer or null")
+        if not self.rope_interleave:
+            raise bad("rope_interleave", "is not supported: DeepSeek's RoPE is interleaved")
         if self.rope_type not in ("default", "yarn"):
             raise ConfigError(
-                f"{source}: rope_scaling type {self.rope_type!r} is not supported (default or yarn)"
+                f"{source}: rope_scaling type {show(self.rope_type)} is not supported "
+                "(default or yarn)"
             )
         if self.rope_type == "yarn":
             for key in ("factor", "original_max_position_embeddings"):
-                if key not in self.rope_scaling:
+                if self.rope_scaling.get(key) is None:
                     raise ConfigError(f"{source}: rope_scaling is missing {key!r} (needed by yarn)")
 
     def validate_moe(self, source: str) -> None:
-        """The MLP, MTP and routing fields."""
-        bad = partial(self.field_error, source)
-        if self.hidden_act != "silu":
-            raise bad("hidden_act", "is not supported; DeepSeek models use silu")
-        if self.num_nextn_predict_layers < 0:
-            raise bad("num_nextn_predict_layers", "must be >= 0")
+        """The routing fields."""
+
+        def bad(field_name: str, why: str) -> ConfigError:
+            return self.field_error(source, field_name, why)
+
         if self.n_routed_experts is None:
             return
-        if self.n_routed_experts <= 0:
-            raise bad("n_routed_experts", "must be a positive integer or null")
-        if not self.moe_intermediate_size or self.moe_intermediate_size <= 0:
-            raise bad("moe_intermediate_size", "must be a positive integer")
+        if self.moe_intermediate_size is None:
+            raise bad("moe_intermediate_size", "must be a positive integer (the experts' size)")
         k = self.num_experts_per_tok
-        if not k or not (0 < k <= self.n_routed_experts):
+        if k is None or not (0 < k <= self.n_routed_experts):
             raise bad(
                 "num_experts_per_tok", f"must be in 1..n_routed_experts={self.n_routed_experts}"
             )
@@ -248,7 +260,7 @@ def _kimi_text_config(config: dict[str, Any], source: str) -> dict[str, Any]:
         if not isinstance(text, dict):
             raise ConfigError(
                 f"{source}: model_type kimi_k25 needs a text_config object (the language "
-                f"model's config), got {type(text).__name__}"
+                f"model's config), got {json_type(text)}"
             )
         config = dict(text)
     return {**config, "model_type": "deepseek_v3", "source_model_type": label}

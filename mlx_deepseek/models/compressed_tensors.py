@@ -24,7 +24,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 PACKED, SCALE, SHAPE = "weight_packed", "weight_scale", "weight_shape"
 BITS = (2, 4, 8)  # packings that MLX's affine format shares bit for bit
