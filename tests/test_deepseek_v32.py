@@ -407,14 +407,15 @@ def test_checkpoint_with_its_mtp_layer_loads_and_matches_transformers(v32_source
 @pytest.mark.parametrize("quantize", [False, True], ids=["float", "q8"])
 def test_converted_v32_loads_in_mlx_deepseek_and_mlx_lm(v32_source, tmp_path, quantize):
     from mlx_deepseek.convert import Options, convert
-    from mlx_deepseek.convert.reader import read_header
     from mlx_lm.utils import load_model as lm_load
+
+    from mlx_deepseek.safetensors_check import read_safetensors_header
 
     hf, path = v32_source
     out = tmp_path / "out"
     summary = convert(path, out, Options(bits=8, group_size=32, quantize=quantize))
     assert any("without its MTP layer" in n for n in summary.notes)
-    names = {n for f in out.glob("*.safetensors") for n in read_header(f)}
+    names = {n for f in out.glob("*.safetensors") for n in read_safetensors_header(f).tensors}
     assert "model.layers.1.self_attn.indexer.k_norm.bias" in names
     assert not any(n.startswith(("mtp.", "model.layers.3.")) for n in names)
     tokens = np.random.RandomState(9).randint(2, 320, size=(1, 20))
