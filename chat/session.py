@@ -441,7 +441,8 @@ class ChatSession:
         path, _ = save_target(name)
         if not all(getattr(c, "savable", True) for c in self.cache):
             raise DeepSeekError(
-                f"{path}: this model's cache (DeepSeek V4) cannot be saved to a session file yet"
+                f"{path}: this model's cache (DeepSeek V3.2 / V4) cannot be saved to a session "
+                "file yet"
             )
         state = {
             "model": self.name,

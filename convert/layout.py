@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from mlx_deepseek.models.config import ModelArgs
 
-# What each role means to a recipe; the last three are never quantized.
+# What each role means to a recipe (PLAIN_ROLES are never quantized).
 QUANTIZABLE_ROLES = (
     "embedding",
     "lm_head",
@@ -24,7 +24,8 @@ QUANTIZABLE_ROLES = (
     "routed_expert",
     "mtp_proj",
 )
-PLAIN_ROLES = ("norm", "router", "router_bias")
+# kept in the output dtype: V3.2's indexer head weights (small, and they decide the selection)
+PLAIN_ROLES = ("norm", "router", "router_bias", "index_weights")
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,6 @@ def expected_entries(args: ModelArgs, keep_mtp: bool = True) -> list[Entry]:
 
 def _block(args: ModelArgs, src: str, out: str, index: int) -> list[Entry]:
     D, H = args.hidden_size, args.num_attention_heads
-    qk, nope, v, rank = args.qk_head_dim, args.qk_nope_head_dim, args.v_head_dim, args.kv_lora_rank
-    rope = args.qk_rope_head_dim
     a, ao = f"{src}.self_attn", f"{out}.self_attn"
 
     def lin(name: str, shape: tuple[int, ...], role: str) -> Entry:
@@ -112,30 +111,18 @@ def _block(args: ModelArgs, src: str, out: str, index: int) -> list[Entry]:
         return Entry(f"{src}.{name}.weight", (size,), f"{out}.{name}.weight", "norm", "vector")
 
     e = [vec("input_layernorm", D), vec("post_attention_layernorm", D)]
-    if args.q_lora_rank is None:
-        e.append(lin("q_proj", (H * qk, D), "attention"))
-    else:
-        q = args.q_lora_rank
+    if args.model_type == "deepseek":  # DeepSeekMoE 16B: multi-head attention
+        hd, kv = args.head_dim, args.kv_heads
         e += [
-            lin("q_a_proj", (q, D), "attention"),
-            Entry(
-                f"{a}.q_a_layernorm.weight", (q,), f"{ao}.q_a_layernorm.weight", "norm", "vector"
-            ),
-            lin("q_b_proj", (H * qk, q), "attention"),
+            lin("q_proj", (H * hd, D), "attention"),
+            lin("k_proj", (kv * hd, D), "attention"),
+            lin("v_proj", (kv * hd, D), "attention"),
+            lin("o_proj", (D, H * hd), "attention"),
         ]
-    e += [
-        lin("kv_a_proj_with_mqa", (rank + rope, D), "attention"),
-        Entry(
-            f"{a}.kv_a_layernorm.weight", (rank,), f"{ao}.kv_a_layernorm.weight", "norm", "vector"
-        ),
-        lin("o_proj", (D, H * v), "attention"),
-    ]
-    kv_b = lin("kv_b_proj", (H * (nope + v), rank), "attention_latent")
-    if args.model_type == "deepseek_v3":
-        # split at conversion time as mlx-lm's deepseek_v3 sanitize does; mlx-lm's
-        # deepseek_v2 model reads kv_b_proj itself, so V2 keeps it
-        kv_b = Entry(kv_b.src, kv_b.shape, kv_b.out, "attention_latent", "kv_b")
-    e.append(kv_b)
+    else:
+        e += _mla(args, a, ao, lin)
+    if args.model_type == "deepseek_v32":
+        e += _indexer(args, a, ao)
 
     m, mo = f"{src}.mlp", f"{out}.mlp"
     if not args.is_moe_layer(index):
@@ -180,6 +167,52 @@ def _block(args: ModelArgs, src: str, out: str, index: int) -> list[Entry]:
                 )
             )
     return e
+
+
+def _mla(args: ModelArgs, a: str, ao: str, lin) -> list[Entry]:
+    D, H = args.hidden_size, args.num_attention_heads
+    qk, nope, v, rank = args.qk_head_dim, args.qk_nope_head_dim, args.v_head_dim, args.kv_lora_rank
+    rope = args.qk_rope_head_dim
+    e = []
+    if args.q_lora_rank is None:
+        e.append(lin("q_proj", (H * qk, D), "attention"))
+    else:
+        q = args.q_lora_rank
+        e += [
+            lin("q_a_proj", (q, D), "attention"),
+            Entry(
+                f"{a}.q_a_layernorm.weight", (q,), f"{ao}.q_a_layernorm.weight", "norm", "vector"
+            ),
+            lin("q_b_proj", (H * qk, q), "attention"),
+        ]
+    e += [
+        lin("kv_a_proj_with_mqa", (rank + rope, D), "attention"),
+        Entry(
+            f"{a}.kv_a_layernorm.weight", (rank,), f"{ao}.kv_a_layernorm.weight", "norm", "vector"
+        ),
+        lin("o_proj", (D, H * v), "attention"),
+    ]
+    kv_b = lin("kv_b_proj", (H * (nope + v), rank), "attention_latent")
+    if args.model_type in ("deepseek_v3", "deepseek_v32"):
+        # split at conversion time as mlx-lm's deepseek_v3 / v32 sanitize does; mlx-lm's
+        # deepseek_v2 model reads kv_b_proj itself, so V2 keeps it
+        kv_b = Entry(kv_b.src, kv_b.shape, kv_b.out, "attention_latent", "kv_b")
+    e.append(kv_b)
+    return e
+
+
+def _indexer(args: ModelArgs, a: str, ao: str) -> list[Entry]:
+    """V3.2's lightning indexer; its head weights (weights_proj, small, decisive for the
+    selection) are never quantized."""
+    D, Hi, Di = args.hidden_size, args.index_n_heads, args.index_head_dim
+    i, io = f"{a}.indexer", f"{ao}.indexer"
+    return [
+        Entry(f"{i}.wq_b.weight", (Hi * Di, args.q_lora_rank), f"{io}.wq_b.weight", "attention"),
+        Entry(f"{i}.wk.weight", (Di, D), f"{io}.wk.weight", "attention"),
+        Entry(f"{i}.k_norm.weight", (Di,), f"{io}.k_norm.weight", "norm", "vector"),
+        Entry(f"{i}.k_norm.bias", (Di,), f"{io}.k_norm.bias", "norm", "vector"),
+        Entry(f"{i}.weights_proj.weight", (Hi, D), f"{io}.weights_proj.weight", "index_weights"),
+    ]
 
 
 def kv_b_outputs(args: ModelArgs, kv_b_out: str) -> tuple[tuple[str, tuple[int, ...]], ...]:

@@ -22,6 +22,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_deepseek.errors import DeepSeekError
+from mlx_deepseek.models.compressed_tensors import dequantize as dequantize_packed
+from mlx_deepseek.models.compressed_tensors import to_affine
 
 from .destination import (
     Staging,
@@ -163,7 +165,7 @@ def chunks(plan: Plan) -> Iterator[Chunk]:
             yield Chunk(job, 0, info.rows)
             continue
         step = max(1, CHUNK_ELEMENTS // info.shape[-1])
-        if job.scale is not None:
+        if job.scale is not None and job.packed is None:
             br = plan.block[0]
             step = max(br, step // br * br)  # FP8 chunks start on block rows
         for r0 in range(0, info.rows, step):
@@ -198,6 +200,8 @@ def _read(
     w = source.read_raw(job.src, chunk.r0, chunk.r1)
     if job.scale is None:
         return w, None
+    if job.packed is not None:  # one scale row per weight row
+        return w, source.read_raw(job.scale, chunk.r0, chunk.r1)
     br = plan.block[0]
     return w, source.read_raw(job.scale, chunk.r0 // br, -(-chunk.r1 // br))
 
@@ -207,11 +211,15 @@ def _convert_rows(
 ) -> None:
     job, e = chunk.job, chunk.job.entry
     module, spec = next(iter(job.specs.items())) if job.specs else (None, None)
-    w = to_mlx(raw, job.src.dtype)
-    if scale is not None:
-        w = dequantize_fp8(w, to_mlx(scale, job.scale.dtype), plan.block)
-    w = w.astype(job.dtype)
     row = chunk.r0 + (e.expert * job.src.rows if e.expert is not None else 0)  # in [E*out, in]
+    if job.packed is not None and spec is not None:  # the packed words as they are
+        s = to_mlx(scale, job.scale.dtype).astype(job.dtype)  # exact (plan.check_scale_dtype)
+        q, s, b = to_affine(to_mlx(raw, job.src.dtype), s, job.packed)
+        mx.eval(q, s, b)
+        for kind, t in (("weight", q), ("scales", s), ("biases", b)):
+            writer.write(f"{module}.{kind}", t, row)
+        return
+    w = _source_weight(plan, job, raw, scale)
     if spec is None:
         mx.eval(w)
         writer.write(e.out if module is None else f"{module}.weight", w, row)
@@ -228,9 +236,7 @@ def _split_kv_b(
 ) -> None:
     """V3's kv_b_proj [H*(nope+v), rank] -> embed_q [H, rank, nope] and unembed_out [H, v, rank]."""
     args = plan.args
-    w = to_mlx(raw, job.src.dtype)
-    if scale is not None:
-        w = dequantize_fp8(w, to_mlx(scale, job.scale.dtype), plan.block)
+    w = _source_weight(plan, job, raw, scale)
     nope = args.qk_nope_head_dim
     w = w.astype(job.dtype).reshape(args.num_attention_heads, nope + args.v_head_dim, -1)
     parts = (mx.contiguous(w[:, :nope, :].swapaxes(-1, -2)), mx.contiguous(w[:, nope:, :]))
@@ -244,6 +250,17 @@ def _split_kv_b(
             writer.write(f"{module}.weight", q)
             writer.write(f"{module}.scales", s)
             writer.write(f"{module}.biases", b)
+
+
+def _source_weight(plan: Plan, job: Job, raw: np.ndarray, scale: np.ndarray | None) -> mx.array:
+    """A chunk of the source weight in the job's output dtype (FP8 and packed integer
+    weights dequantized in float32 first)."""
+    w = to_mlx(raw, job.src.dtype)
+    if job.packed is not None:
+        w = dequantize_packed(w, to_mlx(scale, job.scale.dtype), job.packed)
+    elif scale is not None:
+        w = dequantize_fp8(w, to_mlx(scale, job.scale.dtype), plan.block)
+    return w.astype(job.dtype)
 
 
 def _check_space(dst: Path, need: int) -> None:

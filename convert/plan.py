@@ -15,11 +15,15 @@ import mlx.core as mx
 
 from mlx_deepseek.errors import CheckpointError, ConfigError, DeepSeekError
 from mlx_deepseek.loading import check_layers, mtp_layers_present
+from mlx_deepseek.models import model_args
+from mlx_deepseek.models.compressed_tensors import PackedFormat, packed_format
 from mlx_deepseek.models.config import ModelArgs
+from mlx_deepseek.models.weights import K25_PREFIX, VISION_PREFIXES
 
 from .fp8 import DEFAULT_BLOCK, scale_shape
 from .layout import Entry, expected_entries, is_ignorable, kv_b_outputs, mtp_layers
-from .reader import SourceCheckpoint, TensorInfo
+from .packed import check_scale_dtype, find_packed, is_packed_part
+from .reader import FLOAT_DTYPES, SourceCheckpoint, TensorInfo
 from .recipe import QuantSpec, Recipe, quantization_section
 from .writer import OutTensor
 
@@ -46,6 +50,7 @@ class Job:
     scale: TensorInfo | None
     specs: dict[str, QuantSpec | None]
     dtype: mx.Dtype
+    packed: PackedFormat | None = None  # src / scale are compressed-tensors' packed weight
 
     @property
     def read_bytes(self) -> int:
@@ -90,13 +95,18 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
             f"{cfg_path}: this checkpoint is already converted (it has a quantization section); "
             "convert reads the original Hugging Face checkpoint"
         )
-    block = _fp8_block(config, cfg_path)
-    args = ModelArgs.from_dict(config, source=cfg_path)
+    packed = packed_format(config, cfg_path)  # compressed-tensors INT4 (Kimi K2-Thinking)
+    block = DEFAULT_BLOCK if packed else _fp8_block(config, cfg_path)
+    args = model_args(config, source=cfg_path)
     check_layers(args, source.tensors, source.folder)  # before listing every expected tensor
     dtype_name = out_dtype_name(config, options.dtype)
     dtype = DTYPES[dtype_name]
     recipe = Recipe(options.recipe, options.bits, options.group_size)
     notes: list[str] = []
+    if args.label == "kimi_k25":
+        notes.append(_k25_text_tensors(source))
+    if args.model_type != "deepseek_v3" and args.num_nextn_predict_layers:
+        notes.append(f"{args.label} runs without its MTP layer: not converted")
 
     keep_mtp = options.mtp and mtp_layers(args) > 0
     present = mtp_layers_present(args, source.tensors)
@@ -110,7 +120,7 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
         )
     entries = expected_entries(args, keep_mtp)
 
-    found = _check_tensors(source, entries, block, args)
+    found, packed_entries = _check_tensors(source, entries, block, args, packed)
     if keep_mtp:
         notes.extend(_drop_mtp_copies(source, args, found))
     _check_extras(source, entries, args)
@@ -131,9 +141,15 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
             continue
         parts = kv_b_outputs(args, e.out) if e.kind == "kv_b" else ((e.out, e.shape),)
         specs: dict[str, QuantSpec | None] = {}
+        # a packed weight stays as it is (a kv_b_proj, split per head, cannot)
+        keep = e in packed_entries and e.kind == "linear" and options.quantize
+        if keep:
+            check_scale_dtype(scale, dtype)
         for out, shape in parts:
             module = out.rsplit(".", 1)[0]
             spec = recipe.spec(e.role, shape[-1]) if options.quantize else None
+            if keep:
+                spec = QuantSpec(packed.bits, packed.group_size)
             specs[module] = spec
             if options.quantize:
                 decisions[module] = spec
@@ -143,19 +159,21 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
                 stacked.add(out)
                 shape = (e.n_experts, *shape)
             tensors += _outputs(module, shape, spec, dtype)
-        jobs.append(Job(e, info, scale, specs, dtype))
+        jobs.append(Job(e, info, scale, specs, dtype, packed if e in packed_entries else None))
+    if packed_entries:
+        notes.append(_packed_note(packed, options, recipe, len(packed_entries)))
 
-    out_config = dict(config)
-    out_config.pop("quantization_config", None)  # the source's FP8 description
+    out_config = _text_config(config) if args.label == "kimi_k25" else dict(config)
+    out_config.pop("quantization_config", None)  # the source's FP8 / INT4 description
     if options.quantize:
         out_config["quantization"] = quantization_section(recipe, decisions)
-    if mtp_layers(args) and not keep_mtp:
+    if args.num_nextn_predict_layers and not keep_mtp:
         out_config["num_nextn_predict_layers"] = 0
     for key in ("torch_dtype", "dtype"):
         if key in out_config:
             out_config[key] = dtype_name
     # what will be written must load back: the loader's own field checks on it
-    ModelArgs.from_dict(out_config, source=f"{cfg_path} (as converted)")
+    model_args(out_config, source=f"{cfg_path} (as converted)")
     return Plan(args, options, dtype, block, jobs, tensors, out_config, params, notes)
 
 
@@ -197,14 +215,23 @@ def _fp8_block(config: dict[str, Any], cfg_path: str) -> tuple[int, int]:
 
 
 def _check_tensors(
-    source: SourceCheckpoint, entries: list[Entry], block: tuple[int, int], args: ModelArgs
-) -> dict[Entry, tuple[TensorInfo, TensorInfo | None]]:
+    source: SourceCheckpoint,
+    entries: list[Entry],
+    block: tuple[int, int],
+    args: ModelArgs,
+    packed: PackedFormat | None,
+) -> tuple[dict[Entry, tuple[TensorInfo, TensorInfo | None]], set[Entry]]:
     found: dict[Entry, tuple[TensorInfo, TensorInfo | None]] = {}
+    packed_entries: set[Entry] = set()
     missing: list[str] = []
     for e in entries:
         info = source.tensors.get(e.src)
         if info is None:
-            if not e.optional:
+            pair = find_packed(source, e, packed)
+            if pair is not None:
+                found[e] = pair
+                packed_entries.add(e)
+            elif not e.optional:
                 missing.append(e.src)
             continue
         if info.shape != e.shape:
@@ -214,9 +241,14 @@ def _check_tensors(
                 f"(model_type {args.model_type}, {args.num_hidden_layers} layers)"
             )
         info.check_dtype()
+        if info.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{info.file.name}: tensor {info.name} has dtype {info.dtype}; a float (or FP8 "
+                "with a weight_scale_inv) was expected"
+            )
         scale = None
         if info.dtype == "F8_E4M3":
-            scale = _fp8_scale(source, info, block)
+            scale = _fp8_scale(source, e.src, info, block)
         found[e] = (info, scale)
     if missing:
         raise CheckpointError(
@@ -224,11 +256,50 @@ def _check_tensors(
             "the checkpoint is incomplete (a shard or index entry lost?) or its config.json "
             "does not match it"
         )
-    return found
+    return found, packed_entries
 
 
-def _fp8_scale(source: SourceCheckpoint, info: TensorInfo, block: tuple[int, int]) -> TensorInfo:
-    name = f"{info.name}_scale_inv"
+def _k25_text_tensors(source: SourceCheckpoint) -> str:
+    """Kimi K2.5: read the language model's tensors under their own names; drop the vision
+    tower and projector (the converted checkpoint is text only)."""
+    tensors, dropped = {}, 0
+    for name, info in source.tensors.items():
+        if name.startswith(VISION_PREFIXES):
+            dropped += 1
+            continue
+        tensors[name[len(K25_PREFIX) :] if name.startswith(K25_PREFIX) else name] = info
+    source.tensors = tensors
+    return (
+        f"kimi_k25: the language model only ({dropped} vision tensors dropped), written as "
+        "model_type kimi_k2 (DeepSeek-V3's architecture)"
+    )
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """K2.5's text_config as the converted checkpoint's config.json (model_type kimi_k2),
+    with the wrapper's token ids where the text config has none."""
+    text = dict(config["text_config"])
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if text.get(key) is None and config.get(key) is not None:
+            text[key] = config[key]
+    return {**text, "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"]}
+
+
+def _packed_note(fmt: PackedFormat, options: Options, recipe: Recipe, n: int) -> str:
+    if not options.quantize:
+        return f"{n} packed INT{fmt.bits} weights dequantized for --no-quantize (exact in float32)"
+    how = f"{fmt.bits}-bit, group {fmt.group_size}"
+    differs = (fmt.bits, fmt.group_size) != (recipe.bits, recipe.group_size)
+    return (
+        f"{n} compressed-tensors weights kept as they are ({how}, MLX affine, not requantized)"
+        + ("; --bits / --group-size apply to the other weights" if differs else "")
+    )
+
+
+def _fp8_scale(
+    source: SourceCheckpoint, key: str, info: TensorInfo, block: tuple[int, int]
+) -> TensorInfo:
+    name = f"{key}_scale_inv"
     scale = source.tensors.get(name)
     if len(info.shape) != 2:
         raise CheckpointError(f"{info.file.name}: tensor {info.name} is FP8 but not a matrix")
@@ -295,14 +366,16 @@ def _check_extras(source: SourceCheckpoint, entries: list[Entry], args: ModelArg
             )
         if name.endswith("_scale_inv") and name[: -len("_scale_inv")] in source.tensors:
             continue
+        if is_packed_part(name, known):
+            continue
         parts = name.split(".")
         if (
             len(parts) > 2
             and parts[:2] == ["model", "layers"]
             and parts[2].isdigit()
-            and n_main <= int(parts[2]) < n_main + mtp_layers(args)
+            and n_main <= int(parts[2]) < n_main + args.num_nextn_predict_layers
         ):
-            continue  # an MTP layer left out on request (--no-mtp)
+            continue  # an MTP layer left out (--no-mtp, or a family that does not use it)
         extra.append(name)
     if extra:
         raise CheckpointError(

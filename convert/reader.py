@@ -30,8 +30,14 @@ RAW_DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(np.uint16),
     "F16": np.dtype(np.float16),
     "F32": np.dtype(np.float32),
+    # compressed-tensors' packed integer weights and their shapes
+    "I32": np.dtype(np.int32),
+    "I64": np.dtype(np.int64),
 }
-SUPPORTED = "BF16, F16, F32, and F8_E4M3 with a weight_scale_inv"
+FLOAT_DTYPES = ("F8_E4M3", "BF16", "F16", "F32")
+SUPPORTED = (
+    "BF16, F16, F32, F8_E4M3 with a weight_scale_inv, and compressed-tensors' packed integers"
+)
 
 
 @dataclass(frozen=True)

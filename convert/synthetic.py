@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_deepseek.models.config import ModelArgs
+from mlx_deepseek.models import model_args
 from mlx_deepseek.models.tiny import tiny_config as models_tiny_config
 
 from .layout import expected_entries
@@ -55,7 +55,7 @@ def tiny_config(model_type: str = "deepseek_v3", **overrides: Any) -> dict[str, 
 
 def source_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every tensor name -> shape of a Hugging Face checkpoint for `config` (MTP included)."""
-    args = ModelArgs.from_dict(config)
+    args = model_args(config)
     return {e.src: e.shape for e in expected_entries(args, keep_mtp=True)}
 
 

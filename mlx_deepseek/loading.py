@@ -28,6 +28,7 @@ from . import checkpoint_files, offload, ops
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
 from .models import build_model, model_args
 from .models.cache import check_kv_bits, latent_bytes_per_token, latent_group_size
+from .models.compressed_tensors import packed_format
 from .models.config import ModelArgs
 from .models.deepseek_v3 import Model
 from .safetensors_check import (
@@ -50,8 +51,9 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-
 _MLX_UNREADABLE = ("F64", "F8_E5M2")
 # tensor names of a decoder layer, an MTP layer, a routed expert (V4's DeepSeek layout has
 # no "model." and calls the MLP "ffn")
-_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
-_MTP = re.compile(r"^(?:model\.)?mtp\.(\d+)\.")
+# (Kimi K2.5 keeps the language model under `language_model.`)
+_LAYER = re.compile(r"^(?:language_model\.)?(?:model\.)?layers\.(\d+)\.")
+_MTP = re.compile(r"^(?:language_model\.)?(?:model\.)?mtp\.(\d+)\.")
 _EXPERT = re.compile(r"\.(?:mlp|ffn)\.experts\.(\d+)\.")
 
 
@@ -311,11 +313,22 @@ def estimate_memory(
             total += nbytes
     if hasattr(args, "cache_bytes"):  # a family whose cache is not one row per token (V4)
         return total, args.cache_bytes(context, dtype.size)
-    layers = args.num_hidden_layers + args.num_nextn_predict_layers
-    per_token = layers * latent_bytes_per_token(
-        args.kv_lora_rank, args.qk_rope_head_dim, dtype, kv_bits
-    )
-    return total, per_token * context
+    if kv_bits is not None:  # MLA's latent, c_kv quantized (V2/V3 only: load_model checks)
+        per_layer = latent_bytes_per_token(args.kv_lora_rank, args.qk_rope_head_dim, dtype, kv_bits)
+        return total, cache_layers(args) * per_layer * context
+    return total, cache_values_per_token(args) * context * dtype.size
+
+
+def cache_layers(args: ModelArgs) -> int:
+    """Layers that cache: the main ones plus the MTP layers that run (V3's family only)."""
+    mtp = args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0
+    return args.num_hidden_layers + mtp
+
+
+def cache_values_per_token(args: ModelArgs) -> int:
+    """KV-cache values one token adds over all layers (MTP layers that run included): MLA's
+    latent, V3.2's latent + indexer key, DeepSeekMoE 16B's per-head K and V."""
+    return cache_layers(args) * args.kv_values_per_layer
 
 
 def available_memory() -> int | None:
@@ -393,11 +406,19 @@ def format_bytes(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def mtp_layers_used(args: ModelArgs) -> int:
+    """The MTP layers the family runs: V2, V3.2 and DeepSeekMoE 16B run none (a V3.2
+    checkpoint's MTP layer is dropped, as mlx-lm does)."""
+    if args.model_type in ("deepseek_v2", "deepseek_v32", "deepseek"):
+        return 0
+    return args.num_nextn_predict_layers
+
+
 def mtp_layers_present(args: ModelArgs, names: Iterable[str]) -> int:
     """How many of the MTP layers the config announces the checkpoint holds (raw layout:
     model.layers.{num_hidden_layers + j}; converted: mtp.{j})."""
     n_main = args.num_hidden_layers
-    n_mtp = 0 if args.model_type == "deepseek_v2" else args.num_nextn_predict_layers
+    n_mtp = mtp_layers_used(args)
     found = set()
     for name in names:
         m = _LAYER.match(name) or _MTP.match(name)
@@ -492,12 +513,18 @@ def load_model(
     kv_bits = check_kv_bits(kv_bits)
     budget = None if expert_cache is None else offload.parse_budget(expert_cache)
     args, config, headers = check_checkpoint(path)
+    packed_format(config, str(path / "config.json"))  # an unsupported INT scheme: one line
     tensors = {name: entry for name, (_, entry) in tensor_entries(path, headers).items()}
     if kv_bits is not None:
         if hasattr(args, "cache_bytes"):  # V4: window, compressed and indexer rows
             raise ConfigError(
                 f"kv_bits={kv_bits}: DeepSeek V4's compressed cache is not quantized yet (it "
                 "already holds ~10x fewer values per token than V3's): drop --kv-bits"
+            )
+        if args.model_type not in ("deepseek_v2", "deepseek_v3"):  # V3.2, DeepSeekMoE 16B
+            raise ConfigError(
+                f"kv_bits={kv_bits}: only MLA's latent cache (V2, V2.5, V3, R1, V3.1, Kimi) is "
+                f"quantized; model_type {args.model_type}'s cache is not yet: drop --kv-bits"
             )
         latent_group_size(args.kv_lora_rank)  # a rank MLX cannot group is refused now
     refused = None  # refused before anything is built; the refusal raised below names the
@@ -512,7 +539,7 @@ def load_model(
     # checkpoints often drop the MTP layer(s) their config announces: build only those present
     announced = args  # the memory checks count the cache of the layers the config announces
     present = mtp_layers_present(args, tensors)
-    if present < args.num_nextn_predict_layers:
+    if present < mtp_layers_used(args):
         args = dataclasses.replace(args, num_nextn_predict_layers=present)
     model = build_model(args)  # lazily: nothing is read or evaluated yet
     weights = model.sanitize(read_tensors(path, headers))
@@ -548,7 +575,9 @@ def load_model(
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")
     if quantization is None and any(k.endswith(".scales") for k in weights):
-        quantization = {}  # quantized tensors without MLX's section (V4's MXFP4 experts)
+        # quantized tensors without MLX's section (V4's MXFP4 experts, compressed-tensors'
+        # INT4 mapped by weights.sanitize): bits / group size from each tensor's shape
+        quantization = {}
     if quantization is not None:
         _quantize(model, quantization, weights)
     if plan is not None:

@@ -19,10 +19,15 @@ FAMILIES = ROUTINGS
 
 def hf_config(family: str, **overrides):
     """transformers' config object for tiny_config(family, **overrides)."""
-    from transformers import DeepseekV2Config, DeepseekV3Config
+    from transformers import DeepseekV2Config, DeepseekV3Config, DeepseekV32Config
 
     fields = tiny_config(family, **overrides)
-    cls = DeepseekV2Config if fields.pop("model_type") == "deepseek_v2" else DeepseekV3Config
+    model_type = fields.pop("model_type")
+    if model_type == "deepseek_v32":
+        for name in ("topk_method", "scoring_func", "architectures"):
+            fields.pop(name, None)  # V3.2's config has no such field (noaux_tc is implied)
+        return DeepseekV32Config(**fields)
+    cls = DeepseekV2Config if model_type == "deepseek_v2" else DeepseekV3Config
     return cls(**fields)
 
 
@@ -32,11 +37,15 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
 
 
 def build_from_config(config, seed: int = 0):
-    """build_hf_model for any transformers DeepseekV2Config / DeepseekV3Config."""
-    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+    """build_hf_model for any transformers DeepseekV2Config / V3Config / V32Config."""
+    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM
 
     torch.manual_seed(seed)
-    cls = DeepseekV2ForCausalLM if config.model_type == "deepseek_v2" else DeepseekV3ForCausalLM
+    cls = {
+        "deepseek_v2": DeepseekV2ForCausalLM,
+        "deepseek_v3": DeepseekV3ForCausalLM,
+        "deepseek_v32": DeepseekV32ForCausalLM,
+    }[config.model_type]
     model = cls(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -124,3 +133,202 @@ def add_mtp_layer(path: Path, seed: int = 1, same_copies: bool = True) -> dict:
     config["num_nextn_predict_layers"] = 1
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return mtp
+
+
+# ---- Moonshot's models: DeepSeek-V3's architecture under Kimi / Moonlight configs ---------
+
+KIMI = {
+    # K2 / K2-Instruct / K2-Thinking: one expert group, sigmoid noaux_tc, scaling 2.827,
+    # rope_theta 50000 with YaRN beta_fast = beta_slow = 1 (K2's own values)
+    "kimi_k2": dict(
+        family="v3_noaux",
+        n_group=1,
+        topk_group=1,
+        n_routed_experts=12,
+        num_experts_per_tok=4,
+        routed_scaling_factor=2.827,
+        rope_theta=50000.0,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 32.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 1.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    ),
+    # Moonlight-16B-A3B: no q LoRA, 6 of 64 experts (here 16) + 2 shared, scaling 2.446
+    "moonlight": dict(
+        family="v3_noaux_noqlora",
+        n_group=1,
+        topk_group=1,
+        n_routed_experts=16,
+        num_experts_per_tok=6,
+        n_shared_experts=2,
+        routed_scaling_factor=2.446,
+        rope_theta=50000.0,
+        rope_scaling=None,
+    ),
+}
+
+INT4_CONFIG = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 32,
+                "dynamic": False,
+                "actorder": None,
+                "observer": "minmax",
+            },
+            "input_activations": None,
+            "output_activations": None,
+        }
+    },
+    "ignore": [
+        "lm_head",
+        "re:.*self_attn.*",
+        "re:.*shared_experts.*",
+        "re:.*mlp\\.(gate|up|down)_proj.*",
+    ],
+    "kv_cache_scheme": None,
+}
+
+
+def build_kimi_model(name: str, seed: int = 0):
+    fields = dict(KIMI[name])
+    return build_hf_model(fields.pop("family"), seed=seed, **fields)
+
+
+def int4_quantize(w, group: int = 32, bits: int = 4):
+    """Symmetric group quantization as compressed-tensors does: (q int8, bf16 scales)."""
+    import numpy as np
+
+    top = 2 ** (bits - 1)
+    out, cols = w.shape
+    g = w.reshape(out, cols // group, group).astype(np.float32)
+    scale = torch.tensor(np.abs(g).max(-1) / (top - 1)).to(torch.bfloat16)
+    s = scale.float().numpy()
+    q = np.clip(np.round(g / s[..., None]), -top, top - 1).astype(np.int8).reshape(out, cols)
+    return q, scale
+
+
+def pack_int32(q, bits: int = 4):
+    """compressed-tensors' pack_to_int32: u = q + 2^(b-1), 32/b per word, low bits first."""
+    import numpy as np
+
+    per = 32 // bits
+    u = (q.astype(np.int64) + 2 ** (bits - 1)).astype(np.uint32)
+    packed = np.zeros((u.shape[0], u.shape[1] // per), np.uint32)
+    for i in range(per):
+        packed |= u[:, i::per] << np.uint32(bits * i)
+    return packed.view(np.int32)
+
+
+def write_int4_kimi(model, path: Path, ref_path: Path, bits: int = 4, group: int = 32) -> dict:
+    """K2-Thinking's layout: routed experts packed (compressed-tensors), the rest float32.
+    Also writes `ref_path`: the same model with the experts' dequantized values (for
+    transformers). Returns {expert weight name: (q, scale)}."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    save_hf_checkpoint(model, ref_path)  # rope_scaling as Moonshot's configs write it
+    tensors = load_file(str(ref_path / "model.safetensors"))
+    packed_out, ref_out, quantized = {}, {}, {}
+    for name, t in tensors.items():
+        if ".mlp.experts." in name and name.endswith(".weight"):
+            q, scale = int4_quantize(t.numpy(), group, bits)
+            quantized[name] = (q, scale)
+            base = name[: -len("weight")]
+            packed_out[base + "weight_packed"] = torch.from_numpy(pack_int32(q, bits))
+            packed_out[base + "weight_scale"] = scale
+            packed_out[base + "weight_shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
+            deq = (
+                q.astype(np.float32).reshape(q.shape[0], -1, group)
+                * scale.float().numpy()[..., None]
+            )
+            ref_out[name] = torch.from_numpy(deq.reshape(q.shape))
+        else:
+            packed_out[name] = ref_out[name] = t
+    save_file(ref_out, str(ref_path / "model.safetensors"), metadata={"format": "pt"})
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(packed_out, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = read_config(ref_path)
+    qc = json.loads(json.dumps(INT4_CONFIG))
+    qc["config_groups"]["group_0"]["weights"].update(num_bits=bits, group_size=group)
+    config.update(model_type="kimi_k2", quantization_config=qc)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return quantized
+
+
+def as_kimi_k25(path: Path) -> None:
+    """Turn a saved kimi_k2 / deepseek_v3 checkpoint into K2.5's layout: the config as
+    text_config inside a kimi_k25 wrapper (with a vision config), the tensors under
+    `language_model.`, plus vision tower / projector tensors."""
+    from safetensors.torch import load_file, save_file
+
+    config = read_config(path)
+    qc = config.pop("quantization_config", None)
+    text = {**config, "model_type": "kimi_k2"}
+    wrapper = {
+        "architectures": ["KimiK25ForConditionalGeneration"],
+        "model_type": "kimi_k25",
+        "text_config": text,
+        "vision_config": {"patch_size": 14, "hidden_size": 16, "num_hidden_layers": 1},
+        "tie_word_embeddings": True,  # the wrapper's default; the text config's value rules
+    }
+    if qc is not None:
+        wrapper["quantization_config"] = qc
+    (path / "config.json").write_text(json.dumps(wrapper, indent=2))
+    tensors = {f"language_model.{k}": v for k, v in load_file(path / "model.safetensors").items()}
+    tensors["vision_tower.patch_embed.proj.weight"] = torch.randn(16, 3, 14, 14)
+    tensors["mm_projector.proj.0.weight"] = torch.randn(64, 64)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---- DeepSeekMoE 16B (model_type deepseek): no transformers class; synthetic checkpoints ---
+
+
+def v1_config(**changes) -> dict:
+    """A tiny DeepSeekMoE 16B config (its structure: MHA, softmax greedy top-k, 2 shared
+    experts, first layer dense) in the checkpoint's field names."""
+    config = dict(
+        architectures=["DeepseekForCausalLM"],
+        model_type="deepseek",
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=2,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        moe_layer_freq=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=False,
+        scoring_func="softmax",
+        aux_loss_alpha=0.001,
+        seq_aux=True,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        attention_bias=False,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        torch_dtype="bfloat16",
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    config.update(changes)
+    return config

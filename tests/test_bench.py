@@ -397,3 +397,25 @@ def test_bench_kernels_compares_on_and_off(bench_json, tmp_path, monkeypatch):
 def test_bench_kernels_refuses_options_it_does_not_take():
     result = CliRunner().invoke(app, ["bench", "--kernels", "--check"])
     assert result.exit_code != 0 and "--kernels does not take" in str(result.exception)
+
+
+def test_v32_bench_prefills_at_depth_and_counts_the_indexer_cache(tmp_path):
+    """V3.2: both runtimes' caches (ours: latent + indexer keys; mlx-lm: a CacheList whose
+    indexer cache keeps the keys twice) filled and measured; prefill at a cache depth."""
+    out = tmp_path / "r.json"
+    args = ["bench", "--shape", "tiny-v32", "--prompt-tokens", "4", "--decode-tokens", "1"]
+    args += ["--repeats", "1", "--contexts", "20", "--prefill-contexts", "30"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--bandwidth-gb", "0.05", "--json", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "prefill tok/s of 4 tokens at 30" in result.output
+    (entry,) = json.loads(out.read_text())["models"]
+    c = SHAPES["tiny-v32"]().config
+    layers, latent, key = c["num_hidden_layers"], c["kv_lora_rank"] + c["qk_rope_head_dim"], 32
+    ours, lm = entry["runtimes"]["mlx-deepseek"], entry["runtimes"]["mlx-lm"]
+    assert ours["kv_bytes_per_token"] == layers * (latent + key) * 4
+    assert lm["kv_bytes_per_token"] == layers * (latent + 2 * key) * 4
+    for rt in (ours, lm):
+        assert rt["prefill_tok_s_at"]["30"]["median"] > 0
+        assert rt["peak_memory_bytes"]["prefill_at"]["30"] > rt["weights_bytes"]
+    assert set(entry["ratios"]["prefill_at"]) == {"30"}

@@ -21,6 +21,7 @@ from .runtimes import (
     OURS,
     Runtime,
     cache_bytes_per_token,
+    cache_nbytes,
     decode_step,
     filled_cache,
     load_mlx_lm,
@@ -79,6 +80,9 @@ class Settings:
     # None: the device's default (DEFAULTS): a 2-core CPU cannot afford a GPU's sample sizes
     prompt_tokens: int | None = None
     contexts: list[int] = field(default_factory=lambda: [128, 2048, 8192])
+    # prefill of prompt_tokens more tokens on a cache already holding this many (chunked
+    # prefill of a long prompt: the cost of its chunk at that depth)
+    prefill_contexts: list[int] = field(default_factory=list)
     decode_tokens: int | None = None  # timed decode steps per repeat
     repeats: int | None = None
     bits: int = 4
@@ -181,6 +185,7 @@ def run(settings: Settings, log: Log = print) -> dict[str, Any]:
             "dtype": str(dtype).split(".")[-1],
             "prompt_tokens": settings.prompt_tokens,
             "contexts": settings.contexts,
+            "prefill_contexts": settings.prefill_contexts,
             "decode_tokens_per_repeat": settings.decode_tokens,
             "repeats": settings.repeats,
             "quantization": {"bits": settings.bits, "group_size": settings.group_size},
@@ -253,6 +258,8 @@ def measure_model(
     agreement = None
     if settings.prompt_tokens > 0:
         agreement = _measure_prefill(settings, runtimes, res, log)
+    for ctx in settings.prefill_contexts:
+        _measure_prefill_at(settings, runtimes, res, ctx, log)
     for ctx in settings.contexts:
         _measure_decode(settings, runtimes, res, ctx, log)
     for rt in runtimes:
@@ -331,6 +338,52 @@ def _measure_prefill(
     return {"last_logits_max_rel_diff": diff}
 
 
+def _measure_prefill_at(
+    settings: Settings, runtimes: list[Runtime], res: dict[str, Any], ctx: int, log: Log
+) -> None:
+    """prompt_tokens tokens prefilled onto a cache holding `ctx` random positions. A runtime
+    that fails (e.g. out of memory) is recorded as such and the others go on."""
+    P, R = settings.prompt_tokens, settings.repeats
+    vocab = min(rt.config["vocab_size"] for rt in runtimes)
+    tokens = mx.random.randint(2, vocab, (1, P), key=mx.random.key(2))
+    samples: dict[str, list[float]] = {rt.name: [] for rt in runtimes}
+    caches = {}
+    for rt in runtimes:
+        log(f"  prefill at context {ctx}: filling the {rt.name} cache with random values")
+        caches[rt.name] = filled_cache(rt, ctx, room=P)
+    failed: set[str] = set()
+    for rep in range(R):
+        for rt in _order(runtimes, rep):
+            if rt.name in failed:
+                continue
+            cache = caches[rt.name]
+
+            def chunk(rt=rt, cache=cache) -> float:
+                rewind(cache, ctx)
+                t = time.perf_counter()
+                mx.eval(rt.model(tokens, cache=cache))
+                return P / (time.perf_counter() - t)
+
+            resident = res[rt.name]["weights_bytes"] + cache_nbytes(cache)
+            try:
+                tok_s, peak = _peak(chunk, resident)
+            except (RuntimeError, MemoryError) as e:  # MLX's allocation failures
+                failed.add(rt.name)
+                res[rt.name]["notes"].append(f"prefill at {ctx} failed: {type(e).__name__}: {e}")
+                continue
+            samples[rt.name].append(tok_s)
+            peaks = res[rt.name]["peak_memory_bytes"].setdefault("prefill_at", {})
+            _keep_max(peaks, str(ctx), peak)
+            log(f"  prefill {P} tokens at {ctx} ({rep + 1}/{R}): {rt.name} {tok_s:.2f} tok/s")
+    for rt in runtimes:
+        if samples[rt.name]:
+            res[rt.name].setdefault("prefill_tok_s_at", {})[str(ctx)] = metrics.summary(
+                samples[rt.name]
+            )
+    del caches
+    mx.clear_cache()
+
+
 def _measure_decode(
     settings: Settings, runtimes: list[Runtime], res: dict[str, Any], ctx: int, log: Log
 ) -> None:
@@ -357,7 +410,7 @@ def _measure_decode(
         for rt in _order(runtimes, rep):
             cache = caches[rt.name]
             resident = res[rt.name]["weights_bytes"]
-            resident += sum(c.keys.nbytes + c.values.nbytes for c in cache)
+            resident += cache_nbytes(cache)
             tok_s, peak = _peak(lambda rt=rt, cache=cache: steps(rt, cache), resident)
             samples[rt.name].append(tok_s)
             _keep_max(res[rt.name]["peak_memory_bytes"]["decode"], str(ctx), peak)
@@ -435,6 +488,10 @@ def derive(entry: dict[str, Any], read_gbps: float, prompt_tokens: int = 0) -> N
         ratios["prefill_peak_memory"] = (
             a["peak_memory_bytes"]["prefill"] / b["peak_memory_bytes"]["prefill"]
         )
+    at_a, at_b = a.get("prefill_tok_s_at", {}), b.get("prefill_tok_s_at", {})
+    both = [c for c in at_a if c in at_b]
+    if both:
+        ratios["prefill_at"] = {c: paired(at_a[c], at_b[c]) for c in both}
     entry["ratios"] = ratios
     targets = []
     contexts = sorted(ratios["decode"], key=int)

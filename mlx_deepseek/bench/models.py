@@ -130,9 +130,35 @@ def v3_shape(
     return Shape("v3", "V3-shaped", config, scaled)
 
 
+def v32_shape(
+    moe_layers: int = 1, experts: int = 16, moe_intermediate: int = 512, vocab: int = 16384
+) -> Shape:
+    """DeepSeek-V3.2's attention exactly (MLA 128 heads, q LoRA 1536, latent 512 + 64, the
+    indexer's 64 heads of 128 and top-2048); few layers, few and narrow experts, a narrow
+    dense layer and a small vocabulary (the MLP does not change with the context)."""
+    config = dict(v3_shape(moe_layers, experts, vocab).config)
+    config.update(
+        architectures=["DeepseekV32ForCausalLM"],
+        model_type="deepseek_v32",
+        index_n_heads=64,
+        index_head_dim=128,
+        index_topk=2048,
+        intermediate_size=2048,
+        moe_intermediate_size=moe_intermediate,
+    )
+    scaled = [
+        f"layers: {1 + moe_layers} = 1 dense + {moe_layers} MoE (real 61 = 3 + 58)",
+        f"n_routed_experts: {experts} of {moe_intermediate} (real 256 of 2048), 8 active",
+        "dense layer intermediate_size: 2048 (real 18432)",
+        f"vocab_size: {vocab} (real 129280)",
+        "MTP layer: none (real 1; not used)",
+    ]
+    return Shape("v3.2", "V3.2-shaped", config, scaled)
+
+
 def tiny_shape(model_type: str = "deepseek_v2") -> Shape:
     """A model of a few MB with every structural feature (tests, a harness smoke run)."""
-    v3 = model_type == "deepseek_v3"
+    v3 = model_type in ("deepseek_v3", "deepseek_v32")
     fields = dict(
         _COMMON,
         max_position_embeddings=4096,
@@ -154,9 +180,11 @@ def tiny_shape(model_type: str = "deepseek_v2") -> Shape:
         rope_scaling={**YARN_V2, "factor": 4, "original_max_position_embeddings": 1024},
         num_nextn_predict_layers=1 if v3 else 0,
     )
+    if model_type == "deepseek_v32":  # top-8 of 16 indexer heads: sparse from 8 positions on
+        fields.update(index_n_heads=16, index_head_dim=32, index_topk=8)
     config = tiny_config(model_type, **fields)
-    name = "tiny-v3" if v3 else "tiny-v2"
-    return Shape(name, f"tiny {model_type}", config, ["everything (a test model)"])
+    name = {"deepseek_v2": "tiny-v2", "deepseek_v3": "tiny-v3", "deepseek_v32": "tiny-v32"}
+    return Shape(name[model_type], f"tiny {model_type}", config, ["everything (a test model)"])
 
 
 SHAPES: dict[str, Callable[[], Shape]] = {
@@ -165,6 +193,8 @@ SHAPES: dict[str, Callable[[], Shape]] = {
     "attn": attention_shape,
     "tiny-v2": lambda: tiny_shape("deepseek_v2"),
     "tiny-v3": lambda: tiny_shape("deepseek_v3"),
+    "v3.2": v32_shape,
+    "tiny-v32": lambda: tiny_shape("deepseek_v32"),
 }
 
 

@@ -68,6 +68,14 @@ def model_table(entry: dict[str, Any], result: dict[str, Any]) -> Table:
             ratios.get("prefill"),
             _target_cell(entry, "prefill speed"),
         )
+    for ctx in settings.get("prefill_contexts", []):
+        ctx = str(ctx)
+        got = [rts[n].get("prefill_tok_s_at", {}).get(ctx) for n in names]
+        row(
+            f"prefill tok/s of {settings['prompt_tokens']} tokens at {ctx}",
+            [_tok_s(g) if g else "failed (see notes)" for g in got],
+            ratios.get("prefill_at", {}).get(ctx),
+        )
     for ctx in rts[names[0]]["decode_tok_s"]:
         row(
             f"decode tok/s at {ctx}",
@@ -93,6 +101,9 @@ def model_table(entry: dict[str, Any], result: dict[str, Any]) -> Table:
             ratios.get("prefill_peak_memory"),
             _target_cell(entry, "prefill peak memory"),
         )
+    for ctx in settings.get("prefill_contexts", []):
+        peaks = [rts[n]["peak_memory_bytes"].get("prefill_at", {}).get(str(ctx)) for n in names]
+        row(f"peak memory, prefill at {ctx}", [_bytes(p) for p in peaks])
     decode_peaks = rts[names[0]]["peak_memory_bytes"]["decode"]
     if decode_peaks:
         hi = max(decode_peaks, key=int)

@@ -95,55 +95,99 @@ def _is_float(v: mx.array) -> bool:
 # ---- caches ---------------------------------------------------------------------------------
 
 
-def cache_layout(rt: Runtime) -> list[tuple[tuple[int, ...], tuple[int, ...], mx.Dtype]]:
-    """Per layer: (keys shape, values shape, dtype) of ONE token, read after a real step."""
+def layer_parts(c: Any) -> list[Any]:
+    """The KVCache-like objects of one layer's cache: mlx-lm's deepseek_v32 keeps a CacheList
+    (latent cache, indexer cache); ours one cache (V3.2's with the indexer keys inside)."""
+    return list(c.caches) if hasattr(c, "caches") else [c]
+
+
+def part_arrays(part: Any) -> list[str]:
+    """The per-position arrays a cache object holds ([B, H, S, D] each)."""
+    return ["keys", "values"] + (["index_keys"] if hasattr(part, "index_keys") else [])
+
+
+Layout = list[list[dict[str, tuple[tuple[int, ...], mx.Dtype]]]]
+
+
+def cache_layout(rt: Runtime) -> Layout:
+    """Per layer, per cache object: each array's shape for ONE token and its dtype, read
+    after a real step."""
     if rt._layout is None:
         cache = rt.make_cache()
         mx.eval(rt.model(mx.array([[0]]), cache=cache))
         rt._layout = [
-            ((*c.keys.shape[:2], 1, c.keys.shape[3]), (*c.values.shape[:2], 1, c.values.shape[3]),
-             c.keys.dtype)
+            [
+                {
+                    name: ((*a.shape[:2], 1, a.shape[3]), a.dtype)
+                    for name in part_arrays(part)
+                    if (a := getattr(part, name)) is not None
+                }
+                for part in layer_parts(c)
+            ]
             for c in cache
-        ]  # fmt: skip
+        ]
     return rt._layout
 
 
 def filled_cache(rt: Runtime, context: int, room: int, seed: int = 0) -> list[Any]:
     """A cache at offset `context` holding random values, with space for `room` more tokens
-    (so timed decode steps never reallocate)."""
+    (so timed steps never reallocate)."""
     capacity = -(-(context + room) // CACHE_STEP) * CACHE_STEP
     key = mx.random.key(seed)
     cache = rt.make_cache()
-    for c, (ks, vs, dtype) in zip(cache, cache_layout(rt), strict=True):
-        k1, k2, key = mx.random.split(key, 3)
-        c.keys = mx.random.normal((ks[0], ks[1], capacity, ks[3]), key=k1).astype(dtype)
-        c.values = mx.random.normal((vs[0], vs[1], capacity, vs[3]), key=k2).astype(dtype)
-        c.offset = context
-        mx.eval(c.keys, c.values)
+    for c, layout in zip(cache, cache_layout(rt), strict=True):
+        for part, arrays in zip(layer_parts(c), layout, strict=True):
+            for name, (shape, dtype) in arrays.items():
+                k, key = mx.random.split(key)
+                a = mx.random.normal((shape[0], shape[1], capacity, shape[3]), key=k)
+                setattr(part, name, a.astype(dtype))
+                mx.eval(getattr(part, name))
+            part.offset = context
     return cache
 
 
 def rewind(cache: list[Any], offset: int) -> None:
     for c in cache:
-        c.offset = offset
+        for part in layer_parts(c):
+            part.offset = offset
+
+
+def cache_nbytes(cache: list[Any]) -> int:
+    """Bytes allocated for the cache (whole buffers)."""
+    return sum(
+        getattr(p, n).nbytes
+        for c in cache
+        for p in layer_parts(c)
+        for n in part_arrays(p)
+        if getattr(p, n) is not None
+    )
 
 
 def cache_bytes_per_token(cache: list[Any]) -> float:
-    """Bytes of the live cache (every layer's keys + values up to the offset) per token."""
-    total, tokens = 0, cache[0].offset
+    """Bytes of the live cache (every layer's arrays up to the offset) per token."""
+    total, tokens = 0, layer_parts(cache[0])[0].offset
     for c in cache:
-        for a in (c.keys, c.values):
-            total += a[..., : c.offset, :].nbytes
+        for p in layer_parts(c):
+            for n in part_arrays(p):
+                a = getattr(p, n)
+                if a is not None:
+                    total += a[..., : p.offset, :].nbytes
     return total / max(tokens, 1)
 
 
-def snapshot(cache: list[Any]) -> list[tuple[Any, Any, int]]:
-    return [(c.keys, c.values, c.offset) for c in cache]
+def snapshot(cache: list[Any]) -> list[list[tuple[dict[str, Any], int]]]:
+    return [
+        [({n: getattr(p, n) for n in part_arrays(p)}, p.offset) for p in layer_parts(c)]
+        for c in cache
+    ]
 
 
-def restore(cache: list[Any], saved: list[tuple[Any, Any, int]]) -> None:
-    for c, (k, v, o) in zip(cache, saved, strict=True):
-        c.keys, c.values, c.offset = k, v, o
+def restore(cache: list[Any], saved: list[list[tuple[dict[str, Any], int]]]) -> None:
+    for c, layer in zip(cache, saved, strict=True):
+        for p, (arrays, offset) in zip(layer_parts(c), layer, strict=True):
+            for n, a in arrays.items():
+                setattr(p, n, a)
+            p.offset = offset
 
 
 # ---- steps -----------------------------------------------------------------------------------

@@ -84,6 +84,13 @@ def bench_command(
         ),
     ] = None,
     contexts: Annotated[str, typer.Option(help="Decode contexts.")] = "128,2048,8192",
+    prefill_contexts: Annotated[
+        str,
+        typer.Option(
+            help="Also time a prefill of --prompt-tokens tokens on a cache already holding "
+            "this many positions (comma-separated; a long prompt's chunk at that depth)."
+        ),
+    ] = "",
     decode_tokens: Annotated[
         int | None,
         typer.Option(help="Timed decode steps per repeat. (default: 16 on a GPU, 1 on CPU)"),
@@ -170,6 +177,7 @@ def bench_command(
         dtype=dtype,
         prompt_tokens=prompt_tokens,
         contexts=_ints(contexts, "--contexts"),
+        prefill_contexts=_ints(prefill_contexts, "--prefill-contexts") if prefill_contexts else [],
         decode_tokens=decode_tokens,
         repeats=repeats,
         bits=bits,

@@ -4,12 +4,37 @@ from __future__ import annotations
 
 import typer
 
+ARCHITECTURES = {
+    "deepseek_v2": "DeepSeek-V2: MLA + DeepSeekMoE",
+    "deepseek_v3": "DeepSeek-V3: MLA + DeepSeekMoE",
+    "deepseek_v32": "DeepSeek-V3.2: MLA with sparse attention (lightning indexer) + DeepSeekMoE",
+    "deepseek_v4": "DeepSeek-V4: shared-KV MQA (window, compressed, sparse) + DeepSeekMoE",
+    "deepseek": "DeepSeekMoE: multi-head attention + DeepSeekMoE",
+}
+
 
 def kv_cache_bytes_per_token(args, dtype_size: int = 2) -> dict[str, int]:
-    """Per layer: our latent cache vs an expanded per-head K/V cache (mlx-lm's V2 cache)."""
-    latent = (args.kv_lora_rank + args.qk_rope_head_dim) * dtype_size
+    """Per layer: what our cache holds per token ("latent": MLA's latent, plus V3.2's
+    indexer key; DeepSeekMoE 16B's per-head K/V) vs an expanded per-head K/V cache."""
+    latent = args.kv_values_per_layer * dtype_size
+    if args.model_type == "deepseek":
+        return {"latent": latent, "expanded": latent}
     expanded = args.num_attention_heads * (args.qk_head_dim + args.v_head_dim) * dtype_size
     return {"latent": latent, "expanded": expanded}
+
+
+def quantization_line(config: dict) -> str:
+    """A source checkpoint's quantization (one without MLX's `quantization` section)."""
+    from ..models.compressed_tensors import packed_format
+
+    packed = packed_format(config)
+    if packed:
+        return (
+            f"{packed.bits}-bit, group {packed.group_size} (compressed-tensors, symmetric; "
+            "read as MLX affine without requantizing)"
+        )
+    qc = config.get("quantization_config") or {}
+    return "FP8 blocks (quantization_config)" if qc.get("quant_method") == "fp8" else "none"
 
 
 def info_command(
@@ -38,7 +63,8 @@ def info_command(
     table = Table(show_header=False, box=None)
     rows = [
         ("checkpoint", str(path)),
-        ("model_type", args.model_type),
+        ("model_type", getattr(args, "label", args.model_type)),
+        ("architecture", ARCHITECTURES[args.model_type]),
         (
             "layers / hidden / heads",
             f"{args.num_hidden_layers} / {args.hidden_size} / {args.num_attention_heads}",
@@ -52,7 +78,10 @@ def info_command(
             "MTP layers in checkpoint",
             str(mtp_layers_present(args, tensors)),
         ),
-        ("quantization", describe_quantization(quant, tensors) if quant else "none"),
+        (
+            "quantization",
+            describe_quantization(quant, tensors) if quant else quantization_line(config),
+        ),
         ("weights", format_bytes(weight_bytes)),
         ("cache, 4096 tokens", format_bytes(cache_bytes)),
         *_cache_rows(args),
@@ -75,7 +104,7 @@ def _routing(args) -> str:
 def _cache_rows(args) -> list[tuple[str, str]]:
     """What the cache costs per token: V4's compressed rows next to its bounded windows, or
     MLA's latent next to an expanded K/V cache."""
-    if hasattr(args, "cache_values_per_token"):
+    if args.model_type == "deepseek_v4":
         from ..models.v4_config import CSA, HCA
 
         kinds = [args.layer_type(i) for i in range(args.num_hidden_layers)]
@@ -95,13 +124,26 @@ def _cache_rows(args) -> list[tuple[str, str]]:
             ),
         ]
     kv = kv_cache_bytes_per_token(args)
-    return [
+    if args.model_type == "deepseek":
+        line = f"{kv['latent']} B per-head K/V ({args.kv_heads} heads of {args.head_dim})"
+        return [("KV cache per token per layer (bf16)", line)]
+    what = "latent + indexer key" if args.model_type == "deepseek_v32" else "latent"
+    rows = [
         (
             "KV cache per token per layer (bf16)",
-            f"{kv['latent']} B latent vs {kv['expanded']} B expanded K/V "
+            f"{kv['latent']} B {what} vs {kv['expanded']} B expanded K/V "
             f"({kv['expanded'] / kv['latent']:.1f}x less)",
         )
     ]
+    if args.model_type == "deepseek_v32":
+        rows.append(
+            (
+                "sparse attention",
+                f"each token attends to at most {args.index_topk} positions, chosen by "
+                f"{args.index_n_heads} indexer heads of {args.index_head_dim}",
+            )
+        )
+    return rows
 
 
 def _dtype_of(tensors):

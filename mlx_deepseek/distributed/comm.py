@@ -73,5 +73,9 @@ def recv(shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array:
 
 def share(x: mx.array) -> mx.array:
     """One rank's x on every rank, exactly: the others pass zeros of its shape and dtype (which
-    may carry dependencies, e.g. on a send that must happen first) and all_sum adds them."""
-    return all_sum(x, stream=mx.cpu)
+    may carry dependencies, e.g. on a send that must happen first) and all_sum adds them.
+    Evaluated here: callers (MTP's one-sync-per-round loop) may otherwise build a graph that
+    spans several sends and reductions, which the ring backend can deadlock on."""
+    out = all_sum(x, stream=mx.cpu)
+    mx.eval(out)
+    return out

@@ -22,7 +22,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import ops
-from ..models.cache import check_layer_cache
 from ..models.config import ModelArgs
 from ..models.deepseek_v3 import Model, attention_mask
 from . import comm
@@ -73,7 +72,6 @@ class PipelineModel(Model):
         layers = self.model.layers
         if cache is None:
             cache = [None] * len(layers)
-        check_layer_cache(cache[0])
         B, L = inputs.shape[:2]
         D = self.args.hidden_size
         mask = attention_mask(L, cache[0])

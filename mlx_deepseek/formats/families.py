@@ -93,7 +93,8 @@ def detect_family(
     if model_type == "deepseek_v32":
         return "v3.2"
     if model_type in _KIMI_TYPES or tokenizer_kind == "tiktoken" or "kimi" in text:
-        return "kimi-thinking" if re.search(r"thinking|k2\.5|k25", text) else "kimi"
+        thinking = model_type == "kimi_k25" or re.search(r"thinking|k2\.5|k25", text)
+        return "kimi-thinking" if thinking else "kimi"  # K2.5 thinks by default
     if "moonlight" in text:
         return "kimi"
     if re.search(r"(?<![a-z0-9])r1(?![0-9])", text):
@@ -104,6 +105,8 @@ def detect_family(
         return "v3.2"
     if model_type == "deepseek_v3":
         return "v3"
+    if model_type == "deepseek":  # DeepSeekMoE 16B Chat: V2's "User: / Assistant:" turns
+        return "v2"
     if re.search(r"v2[._-]?5|0724|1210", text) or (template and "<｜User｜>" in template):
         return "v2.5"
     return "v2"

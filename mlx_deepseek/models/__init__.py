@@ -1,6 +1,9 @@
 """The model architectures, one module per family, and what they share.
 
-- deepseek_v3.py: DeepSeek V2 / V2.5 / Coder-V2 / V3 / R1 / V3.1 (MLA + DeepSeekMoE, MTP)
+- deepseek_v3.py: DeepSeek V2 / V2.5 / Coder-V2 / V3 / R1 / V3.1 (MLA + DeepSeekMoE, MTP), and
+  Moonshot's Kimi K2 / K2-Thinking / K2.5 (text) and Moonlight (the same architecture)
+- deepseek_v32.py: DeepSeek V3.2 / V3.2-Exp (V3 + the lightning indexer's sparse attention)
+- deepseek_v1.py: DeepSeekMoE 16B (multi-head attention + DeepSeekMoE)
 - deepseek_v4.py: DeepSeek V4 Flash / Pro (shared-KV MQA with window, compressed and sparse
   layers, hash routing, hyper-connections, MTP); v4_attention.py, v4_cache.py, v4_config.py,
   v4_weights.py hold its attention, cache, config and checkpoint mapping
@@ -26,9 +29,15 @@ from ..errors import ConfigError
 MODEL_TYPES: dict[str, str] = {
     "deepseek_v2": "deepseek_v3",
     "deepseek_v3": "deepseek_v3",
+    "kimi_k2": "deepseek_v3",
+    "kimi_k25": "deepseek_v3",
+    "deepseek_v32": "deepseek_v32",
+    "deepseek": "deepseek_v1",
     "deepseek_v4": "deepseek_v4",
 }
-FAMILY_NAMES = "DeepSeek V2, V2.5, Coder-V2, V3, R1, V3.1, V4"
+FAMILY_NAMES = (
+    "DeepSeek V2, V2.5, Coder-V2, V3, R1, V3.1, V3.2, V4, DeepSeekMoE 16B; Kimi K2, K2.5, Moonlight"
+)
 
 
 def family(model_type: Any, source: str = "config.json") -> ModuleType:

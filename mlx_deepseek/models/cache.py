@@ -19,6 +19,7 @@ state back into the model's own cache).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -162,7 +163,10 @@ def latent_bytes_per_token(
 
 
 class ModelCache(list):
-    """The per-layer latent caches (quantized when kv_bits is set) and the MTP state."""
+    """The per-layer latent caches (quantized when kv_bits is set) and the MTP state.
+
+    layer_cache: the per-layer cache type when it is not the plain latent (V3.2's adds the
+    indexer's keys); such caches are not quantized."""
 
     def __init__(
         self,
@@ -170,9 +174,16 @@ class ModelCache(list):
         num_mtp_layers: int = 0,
         kv_bits: int | None = None,
         kv_group_size: int = 64,
+        layer_cache: Callable[[], KVCache] | None = None,
     ):
+        if layer_cache is not None and kv_bits is not None:
+            raise ArgumentValueError(
+                f"kv_bits={kv_bits}: this model's cache (latent plus indexer keys) is not "
+                "quantized yet: drop --kv-bits"
+            )
         self.kv_bits = kv_bits
         self.kv_group_size = kv_group_size
+        self.layer_cache = layer_cache
         super().__init__(self.new_layer_cache() for _ in range(num_layers))
         self.mtp: list = [self.new_layer_cache() for _ in range(num_mtp_layers)]
         self.mtp_hidden: mx.array | None = None  # [B, 1, D], pre-norm h at position mtp_hidden_pos
@@ -180,6 +191,8 @@ class ModelCache(list):
 
     def new_layer_cache(self) -> KVCache | QuantizedKVCache:
         """An empty latent cache of this model's kind."""
+        if self.layer_cache is not None:
+            return self.layer_cache()
         if self.kv_bits is None:
             return KVCache()
         return QuantizedKVCache(group_size=self.kv_group_size, bits=self.kv_bits)

@@ -1,17 +1,21 @@
-"""Model configuration: Hugging Face `config.json` fields for DeepSeek V2 / V3."""
+"""Model configuration: Hugging Face `config.json` fields for DeepSeek V2 / V3 (and Kimi K2,
+the same architecture; V3.2 and DeepSeekMoE 16B subclass ModelArgs in their modules)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
 from ..safetensors_check import json_type
 from .config_fields import check_fields, show
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# DeepSeek-V3's architecture under Moonshot's names: Kimi K2 / K2-Instruct / K2-Thinking, and
+# K2.5, whose config wraps the language model's in `text_config` (its vision tower is ignored)
+KIMI_MODEL_TYPES = ("kimi_k2", "kimi_k25")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 # What a config that leaves a field out (or null) means, per model_type: DeepSeek's and
@@ -65,6 +69,18 @@ class ModelArgs:
     hidden_act: str = "silu"
     torch_dtype: str | None = None
     quantization: dict[str, Any] | None = field(default=None, repr=False)
+    # the config's own model_type when it names DeepSeek-V3's architecture otherwise (kimi_k2)
+    source_model_type: str | None = None
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = SUPPORTED_MODEL_TYPES + KIMI_MODEL_TYPES
+    REQUIRED: ClassVar[tuple[str, ...]] = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "kv_lora_rank",
+        "intermediate_size",
+    )
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelArgs:
@@ -73,27 +89,23 @@ class ModelArgs:
             raise ConfigError(f"{source}: holds a JSON {json_type(config)}, not an object")
         config = dict(config)
         model_type = config.get("model_type")
-        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in cls.MODEL_TYPES:
             from . import family
 
             family(model_type, source)  # raises, naming what is supported
             raise ConfigError(
-                f"{source}: model_type={show(model_type)} is not a DeepSeek V2/V3 model"
+                f"{source}: model_type={show(model_type)} is not one of "
+                f"{', '.join(cls.MODEL_TYPES)}"
             )
+        if model_type in KIMI_MODEL_TYPES:
+            config = _kimi_text_config(config, source)
+            model_type = config["model_type"]
         for key, value in FAMILY_DEFAULTS.get(model_type, {}).items():
             if config.get(key) is None:
                 config[key] = value
         if isinstance(config.get("topk_method"), str):
             config["topk_method"] = TOPK_ALIASES.get(config["topk_method"], config["topk_method"])
-        required = (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "vocab_size",
-            "kv_lora_rank",
-            "intermediate_size",
-        )
-        missing = [k for k in required if config.get(k) is None]
+        missing = [k for k in cls.REQUIRED if config.get(k) is None]
         if missing:
             raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
 
@@ -118,6 +130,16 @@ class ModelArgs:
         return args
 
     # ---- derived values ------------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        """The model_type the checkpoint's config.json gives (kimi_k2 for a Kimi K2)."""
+        return self.source_model_type or self.model_type
+
+    @property
+    def kv_values_per_layer(self) -> int:
+        """Values one token adds to one layer's KV cache: MLA's latent c_kv and k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
     @property
     def qk_head_dim(self) -> int:
@@ -151,12 +173,22 @@ class ModelArgs:
     # ---- validation ----------------------------------------------------------------------
 
     def validate(self, source: str = "config.json") -> None:
-        """Each field's type and range (config_fields), then how the fields fit together."""
+        """Each field's type and range (config_fields), then how the fields fit together
+        (validate_attention, validate_moe: a family module overrides what differs)."""
+        check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, source)
+        self.validate_attention(source)
+        self.validate_moe(source)
+
+    def field_error(self, source: str, field_name: str, why: str) -> ConfigError:
+        """A ConfigError naming the field and its value."""
+        return ConfigError(f"{source}: {field_name}={show(getattr(self, field_name))} {why}")
+
+    def validate_attention(self, source: str) -> None:
+        """MLA's fields and RoPE."""
 
         def bad(field_name: str, why: str) -> ConfigError:
-            return ConfigError(f"{source}: {field_name}={show(getattr(self, field_name))} {why}")
+            return self.field_error(source, field_name, why)
 
-        check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, source)
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         if not self.rope_interleave:
@@ -170,6 +202,13 @@ class ModelArgs:
             for key in ("factor", "original_max_position_embeddings"):
                 if self.rope_scaling.get(key) is None:
                     raise ConfigError(f"{source}: rope_scaling is missing {key!r} (needed by yarn)")
+
+    def validate_moe(self, source: str) -> None:
+        """The routing fields."""
+
+        def bad(field_name: str, why: str) -> ConfigError:
+            return self.field_error(source, field_name, why)
+
         if self.n_routed_experts is None:
             return
         if self.moe_intermediate_size is None:
@@ -209,3 +248,19 @@ class ModelArgs:
                     "num_experts_per_tok",
                     f"exceeds the {topk_group * per_group} experts left by topk_group={topk_group}",
                 )
+
+
+def _kimi_text_config(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """A Kimi config as the DeepSeek-V3 config it is: K2.5's `text_config` unwrapped (its
+    vision settings dropped), model_type deepseek_v3, the original name kept as
+    source_model_type."""
+    label = config["model_type"]
+    if label == "kimi_k25":
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(
+                f"{source}: model_type kimi_k25 needs a text_config object (the language "
+                f"model's config), got {json_type(text)}"
+            )
+        config = dict(text)
+    return {**config, "model_type": "deepseek_v3", "source_model_type": label}

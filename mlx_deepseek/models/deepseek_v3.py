@@ -29,9 +29,11 @@ def attention_mask(L: int, cache: Any = None) -> Any:
 
 
 class DecoderLayer(nn.Module):
+    attention_class: type[nn.Module] = MLAttention  # other families swap the attention
+
     def __init__(self, args: ModelArgs, index: int):
         super().__init__()
-        self.self_attn = MLAttention(args)
+        self.self_attn = self.attention_class(args)
         self.mlp = (
             MoE(args) if args.is_moe_layer(index) else MLP(args.hidden_size, args.intermediate_size)
         )
@@ -90,10 +92,12 @@ class MTPLayer(DecoderLayer):
 
 
 class DeepseekModel(nn.Module):
+    layer_class: type[DecoderLayer] = DecoderLayer
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.layers = [self.layer_class(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def _layers(self, inputs: mx.array, cache: list | None) -> tuple[mx.array, mx.array | None]:
@@ -124,11 +128,13 @@ class DeepseekModel(nn.Module):
 
 
 class Model(nn.Module):
+    model_class: type[DeepseekModel] = DeepseekModel
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = DeepseekModel(args)
+        self.model = self.model_class(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         n_mtp = args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0

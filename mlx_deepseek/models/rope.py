@@ -39,15 +39,17 @@ def rope_inv_freq(dims: int, base: float, yarn: dict[str, Any] | None = None) ->
 
 
 class RoPE:
-    """Rotates the `dims` rope channels of q_pe / k_pe (interleaved pairs (x0,x1),(x2,x3),...).
+    """Rotates the `dims` rope channels of q_pe / k_pe (interleaved pairs (x0,x1),(x2,x3),...;
+    with traditional=False the half-split pairs (x_i, x_{i+dims/2}), as V3.2's indexer does).
 
     For YaRN the frequencies blend interpolation and extrapolation between the correction
     range [low, high] (DeepSeek's formulas, `original_max_position_embeddings` based), and the
     rotated values are multiplied by mscale(factor, mscale) / mscale(factor, mscale_all_dim).
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, traditional: bool = True):
         dims = args.qk_rope_head_dim
+        self.traditional = traditional
         self.dims = dims
         self.mscale = 1.0
         cfg = args.rope_scaling if args.rope_type == "yarn" else None
@@ -66,5 +68,11 @@ class RoPE:
         if self.mscale != 1.0:
             x = x * self.mscale
         return mx.fast.rope(
-            x, self.dims, traditional=True, base=None, scale=1.0, offset=offset, freqs=self.freqs
+            x,
+            self.dims,
+            traditional=self.traditional,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self.freqs,
         )

@@ -51,9 +51,23 @@ ROUTINGS: dict[str, dict[str, Any]] = {
     "v3_noaux_noqlora": dict(model_type="deepseek_v3", q_lora_rank=None, topk_method="noaux_tc",
                              scoring_func="sigmoid", n_group=2, topk_group=1, n_shared_experts=1,
                              routed_scaling_factor=2.5, norm_topk_prob=True),
+    # V3.2: V3 plus the lightning indexer; top-8 of 16 indexer heads (no exact ties at the
+    # top-k edge: with so many heads a score is rarely exactly 0)
+    "v32": dict(model_type="deepseek_v32", q_lora_rank=24, topk_method="noaux_tc",
+                scoring_func="sigmoid", n_group=4, topk_group=2, n_shared_experts=1,
+                routed_scaling_factor=2.5, norm_topk_prob=True, index_topk=8,
+                index_n_heads=16, index_head_dim=32),
 }  # fmt: skip
-PRESET_OF_MODEL_TYPE = {"deepseek_v2": "v2_greedy", "deepseek_v3": "v3_noaux"}
-ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+PRESET_OF_MODEL_TYPE = {
+    "deepseek_v2": "v2_greedy",
+    "deepseek_v3": "v3_noaux",
+    "deepseek_v32": "v32",
+}
+ARCHITECTURES = {
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
+}
 
 BASE: dict[str, Any] = dict(
     vocab_size=320,

@@ -7,7 +7,11 @@ DeepSeek names -> this model's parameters (V4's own layouts: v4_weights.py).
   [H, rank, nope]) and `unembed_out` (W_uv, [H, v, rank]), exactly (see _split_kv_b);
 - the MTP layer(s) `model.layers.{num_hidden_layers + j}.*` become `mtp.{j}.*`, dropping their
   `embed_tokens` / `shared_head.head` copies when equal to the main model's;
-- precomputed rotary tables are dropped.
+- precomputed rotary tables are dropped;
+- compressed-tensors' packed integer weights (Kimi K2-Thinking / K2.5) become MLX's affine
+  weight / scales / biases, bit for bit (compressed_tensors.py);
+- Kimi K2.5's `language_model.` prefix is removed and its vision tower dropped; a V3.2
+  checkpoint's MTP layer (not used) is dropped.
 Already-mapped names (mlx-lm or converted checkpoints) pass through unchanged.
 """
 
@@ -19,12 +23,28 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from ..errors import CheckpointError
+from .compressed_tensors import map_packed
 from .config import ModelArgs
 
 _EXPERT = re.compile(
     r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$"
 )
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+# Kimi K2.5: the language model under `language_model.`, beside the vision parts
+K25_PREFIX = "language_model."
+VISION_PREFIXES = ("vision_tower.", "vision_model.", "mm_projector.", "multi_modal_projector.")
+
+
+def text_model_names(args: ModelArgs, weights: dict) -> dict:
+    """Kimi K2.5's tensors under the language model's own names (vision tower dropped);
+    other checkpoints as they are."""
+    if args.label != "kimi_k25":
+        return weights
+    return {
+        (k[len(K25_PREFIX) :] if k.startswith(K25_PREFIX) else k): v
+        for k, v in weights.items()
+        if not k.startswith(VISION_PREFIXES)
+    }
 
 
 def _rename_mtp(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -33,7 +53,9 @@ def _rename_mtp(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.a
     out = {}
     for name, value in weights.items():
         m = _LAYER.match(name)
-        if m and n_main <= int(m.group(1)) < n_main + n_mtp:
+        if m and n_main <= int(m.group(1)) < n_main + args.num_nextn_predict_layers:
+            if int(m.group(1)) >= n_main + n_mtp:
+                continue  # an MTP layer this family does not use (V3.2's)
             name = f"mtp.{int(m.group(1)) - n_main}.{m.group(2)}"
         out[name] = value
     return out
@@ -133,7 +155,9 @@ def _drop_duplicate_mtp_copies(args: ModelArgs, weights: dict[str, mx.array]) ->
 
 
 def sanitize(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    weights = text_model_names(args, weights)
     weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    weights = map_packed(weights)
     if any(k.endswith("weight_scale_inv") for k in weights):
         raise CheckpointError(
             "this checkpoint stores FP8 weights (weight_scale_inv tensors): convert it first with "

@@ -15,6 +15,9 @@ Every op returns its result: choosing a path is the back-end's business, never t
 DeepSeek V4's own ops (hc_mixes, hc_pre, hc_post, hc_head, sinkhorn, compress_pool,
 index_scores, select_topk, gather_rows, shared_kv_attention) have their MLX reference in
 v4.py; a back-end module overrides one by defining a function of the same name.
+
+sparse.py holds DeepSeek V3.2's own operations (the lightning indexer's scores and top-k,
+attention over the selected latent rows) as plain MLX functions the V3.2 model calls.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
   onto doubly-stochastic matrices by `sinkhorn`); `hc_pre` collapses, `hc_post` expands a
   block's output and mixes the copies, `hc_head` collapses the last layer's copies.
 - The compressor's gated softmax pooling over a window of tokens (`compress_pool`).
-- The lightning indexer's scores and its top-k (`index_scores`, `select_topk`).
+- The lightning indexer's scores and its top-k (`index_scores`, `select_topk`); V3.2's
+  sparse attention (sparse.py) uses the same two.
 - Attention with one shared K=V head and per-head sinks (`shared_kv_attention`), and the
   row gather that feeds it the selected compressed rows at decode (`gather_rows`).
 
@@ -19,9 +20,8 @@ import mlx.core as mx
 
 # below this many float32 elements an [L, H, N] index-score block is computed in one piece
 INDEX_BLOCK_ELEMENTS = 1 << 25
-# exact ties in index scores (relu makes many exactly 0) go to the earlier row: subtracting
-# idx * TIE_STEP changes no score above ~1e-24 in float32 but orders equal ones by position
-TIE_STEP = 1e-30
+# the low 32 bits of a selection key: (2^32 - 1) - row, so the earlier row ranks higher
+_ROW_FIELD = (1 << 32) - 1
 
 
 # ---- hyper-connections ---------------------------------------------------------------------
@@ -135,14 +135,32 @@ def index_scores(q: mx.array, rows: mx.array, weights: mx.array, scale: float) -
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
 
+def selection_keys(scores: mx.array) -> mx.array:
+    """int64 keys [..., N] ordered as (score, then the EARLIER row first) for scores [..., N].
+
+    Each float32 score is mapped to an order-preserving int32 (negative floats order the other
+    way round as integers: their magnitude bits are flipped; -0.0 counts as 0.0) and combined
+    with its row into one int64, so all keys are distinct and any correct top-k algorithm
+    (argpartition, a sort, on any device) returns the same set, exact ties included.
+    """
+    scores = mx.where(scores == 0, mx.array(0.0, mx.float32), scores.astype(mx.float32))
+    bits = scores.view(mx.int32)
+    ordered = mx.where(bits < 0, mx.bitwise_xor(bits, mx.array(0x7FFFFFFF, mx.int32)), bits)
+    rows = mx.arange(scores.shape[-1], dtype=mx.int64)
+    return ordered.astype(mx.int64) * (1 << 32) + (_ROW_FIELD - rows)
+
+
 def select_topk(scores: mx.array, k: int) -> mx.array:
-    """Indices [..., k] of the k highest scores [..., N] (masked rows at -inf), ties going to
-    the earlier row, so every path that computes the same scores picks the same rows."""
+    """Indices [..., k] of the k highest scores [..., N] (masked rows at -inf), in no
+    particular order. Exact ties (relu makes many scores exactly 0.0, and equal non-zero
+    scores happen too) go to the earlier row (`selection_keys`), so every path that computes
+    the same scores (prefill, decode, any back-end) picks the same rows."""
     N = scores.shape[-1]
     if k >= N:
         return mx.broadcast_to(mx.arange(N, dtype=mx.int32), (*scores.shape[:-1], N))
-    key = scores - mx.arange(N, dtype=mx.float32) * TIE_STEP
-    return mx.argpartition(-key, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+    return mx.argpartition(selection_keys(scores), kth=N - k, axis=-1)[..., N - k :].astype(
+        mx.int32
+    )
 
 
 # ---- attention -----------------------------------------------------------------------------
