@@ -24,6 +24,7 @@ from .options import (
     TopK,
     TopP,
     check_options,
+    sampling_settings,
 )
 
 
@@ -50,7 +51,6 @@ def chat(
     """Chat with a model in the terminal (streams answers; /help lists the commands)."""
     from ..chat.repl import Repl
     from ..chat.session import ChatSession, no_thinking_switch
-    from ..sampling import SamplingSettings
     from .generate import argv_text, join_ranks, load_checkpoint
 
     check_options(
@@ -73,14 +73,7 @@ def chat(
     )
     if think and not fmt.has_thinking_switch:
         raise no_thinking_switch(fmt, "--think")
-    settings = SamplingSettings(
-        temperature=fmt.temperature if temp is None else temp,
-        top_p=fmt.top_p if top_p is None else top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    ).validated()
+    settings = sampling_settings(fmt, temp, top_p, top_k, min_p, repetition_penalty, seed)
     session = ChatSession(
         m,
         tokenizer,

@@ -32,6 +32,7 @@ from .options import (
     TopP,
     check_memory_options,
     check_options,
+    sampling_settings,
 )
 
 
@@ -240,7 +241,6 @@ def generate(
     from ..decoding import context_length
     from ..formats import starts_in_reasoning
     from ..generation import stream_generate
-    from ..sampling import SamplingSettings
     from ..speculative import Drafting
 
     if world is not None:
@@ -268,14 +268,7 @@ def generate(
         tokenizer,
         tokens,
         max_tokens,
-        sampling=SamplingSettings(
-            temperature=fmt.temperature if temp is None else temp,
-            top_p=fmt.top_p if top_p is None else top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-        ),
+        sampling=sampling_settings(fmt, temp, top_p, top_k, min_p, repetition_penalty, seed),
         drafting=Drafting(mtp, draft_tokens),
         stop=stop or None,
     ):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:  # the CLI imports MLX only when a command runs
+    from ..sampling import SamplingSettings
 
 
 class State:
@@ -127,7 +130,6 @@ def check_options(
     """The checks `chat` and `generate` share, run before the model is loaded (a typo costs
     no loading time) and worded the same in both: `--top-p 2.0: must be in (0, 1] (1 = off)`."""
     from ..errors import ArgumentValueError
-    from ..sampling import SamplingSettings
 
     check_memory_options(expert_cache, kv_bits)
 
@@ -139,9 +141,27 @@ def check_options(
         if value is not None and (value < low or (high is not None and value > high)):
             rule = f"at least {low}" if high is None else f"from {low} to {high}"
             raise ArgumentValueError(f"{option} {value}: must be {rule}")
-    SamplingSettings(  # the family's defaults stand in for what is not given: they are valid
-        temperature=0.0 if temp is None else temp,
-        top_p=1.0 if top_p is None else top_p,
+    # greedy stands in for the family's defaults (not known before loading; they are valid)
+    sampling_settings(None, temp, top_p, top_k, min_p, repetition_penalty, seed)
+
+
+def sampling_settings(
+    fmt: Any,
+    temp: float | None,
+    top_p: float | None,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float | None,
+    seed: int | None,
+) -> SamplingSettings:
+    """The sampling the options ask for, the chat format's temperature / top_p where they are
+    not given (greedy when fmt is None), validated in the options' words."""
+    from ..sampling import SamplingSettings
+
+    default_temp, default_top_p = (0.0, 1.0) if fmt is None else (fmt.temperature, fmt.top_p)
+    return SamplingSettings(
+        temperature=default_temp if temp is None else temp,
+        top_p=default_top_p if top_p is None else top_p,
         top_k=top_k,
         min_p=min_p,
         repetition_penalty=repetition_penalty,
