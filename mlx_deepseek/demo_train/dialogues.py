@@ -15,7 +15,15 @@ from typing import Any
 
 from .data import Split, Turn, arith_turn, backwards_turn, count_turn, sample_pair
 from .facts import facts_turn, greeting_turn, refusal_turn
-from .tools import ToolSplit, add_tool_turn, lookup_turn, tools_subset, weather_turn
+from .tools import (
+    DEFINITIONS,
+    ToolSplit,
+    add_tool_turn,
+    lookup_turn,
+    made_up,
+    tools_subset,
+    weather_turn,
+)
 
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
@@ -30,16 +38,19 @@ TASKS: list[tuple[str, float, float]] = [
     ("add2", 0.19, 0.23),
     ("sub2", 0.19, 0.23),
     ("arith1", 0.05, 0.06),
-    ("arith3", 0.08, 0.10),
-    ("count", 0.06, 0.08),
-    ("backwards", 0.06, 0.07),
+    ("arith3", 0.06, 0.10),
+    ("count", 0.05, 0.08),
+    ("backwards", 0.05, 0.07),
     ("facts", 0.06, 0.08),
-    ("greet", 0.04, 0.05),
+    ("greet", 0.03, 0.05),
     ("refuse", 0.03, 0.04),
-    ("weather", 0.12, 0.02),
-    ("lookup", 0.07, 0.02),
-    ("add_tool", 0.05, 0.02),
+    ("weather", 0.14, 0.02),
+    ("lookup", 0.09, 0.02),
+    ("add_tool", 0.06, 0.02),
 ]
+# On the training side, this share of the weather and lookup questions name a made-up city
+# or word (tools.made_up), so that calls copy names rather than recall them.
+MADE_UP_SHARE = 0.4
 
 
 @dataclass
@@ -67,6 +78,8 @@ class TurnSampler:
         self.split, self.held = split, held
         self.cities = tool_split.cities(held)
         self.words = tool_split.words(held)
+        # made-up words mean what a training word means (never a held-out word's meaning)
+        self.meanings = [DEFINITIONS[w] for w in tool_split.words(False)]
 
     def task(self, rng: random.Random, names: list[str]) -> str:
         weights = [w_tools if names else w_plain for _, w_tools, w_plain in TASKS]
@@ -79,9 +92,14 @@ class TurnSampler:
             digits = {"add2": 2, "sub2": 2, "arith1": 1, "arith3": 3}[task]
             a, b = sample_pair(rng, op, digits, self.split, self.held)
             return arith_turn(rng, op, a, b)
+        made = not self.held and rng.random() < MADE_UP_SHARE
         if task == "weather":
-            return weather_turn(rng, names, self.cities)
+            cities = [made_up(rng, True) for _ in range(2)] if made else self.cities
+            return weather_turn(rng, names, cities)
         if task == "lookup":
+            if made:
+                word = made_up(rng, False)
+                return lookup_turn(rng, names, [word], {word: rng.choice(self.meanings)})
             return lookup_turn(rng, names, self.words)
         if task == "add_tool":
             return add_tool_turn(rng, names)

@@ -312,13 +312,16 @@ def weather_turn(rng: random.Random, names: list[str], cities: list[str]) -> Tur
     return Turn(q, answer, reasoning, "weather", calls, results, expect)
 
 
-def lookup_turn(rng: random.Random, names: list[str], words: list[str]) -> Turn:
+def lookup_turn(
+    rng: random.Random, names: list[str], words: list[str], definitions: dict[str, str] | None = None
+) -> Turn:
+    """`definitions`: the meanings of words DEFINITIONS lacks (made-up ones, see made_up)."""
     w = rng.choice(words)
     q = case(rng, rng.choice(LOOKUP_PHRASES).format(w=w))
     if "lookup" not in names:
         answer = f"I do not know what {w} means, and I have no lookup tool here."
         return Turn(q, answer, "I have no lookup tool.\n", "no_tool", expect=[answer])
-    d = DEFINITIONS[w]
+    d = DEFINITIONS.get(w) or (definitions or {})[w]
     if rng.random() < 0.04:
         err = _tool_error(rng)
         reason = json.loads(err)["error"]
@@ -329,6 +332,27 @@ def lookup_turn(rng: random.Random, names: list[str], words: list[str]) -> Turn:
     answer = f"{w}: {d}."
     reasoning = f"The user asks what {w} means: I call lookup.\n"
     return Turn(q, answer, reasoning, "lookup", [("lookup", {"word": w})], [out], [d])
+
+
+# ---------------------------------------------------------------- made-up names
+
+_ONSETS = "b c d f g h k l m n p r s t v w z br dr gr kr pl st tr ch sh th".split()
+_VOWELS = "a e i o u a e o ia ou".split()
+_CODAS = ["", "", "", "n", "r", "s", "l", "k", "m", "rt", "nd", "st"]
+
+
+def made_up(rng: random.Random, capital: bool) -> str:
+    """A pronounceable made-up name (2 or 3 syllables) that is no city or word of the demo's.
+
+    Training questions about made-up cities and words teach the model to copy the name from
+    the question into the call, whatever its tokens, instead of recalling names it has seen;
+    the held-out cities and words are then copied like any other."""
+    known = {w.lower() for w in CITIES + WORDS}
+    while True:
+        parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3))]
+        name = "".join(parts) + rng.choice(_CODAS)
+        if name not in known and 4 <= len(name) <= 10:
+            return name.capitalize() if capital else name
 
 
 def _big_number(rng: random.Random) -> int:
