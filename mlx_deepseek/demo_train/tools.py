@@ -313,7 +313,10 @@ def weather_turn(rng: random.Random, names: list[str], cities: list[str]) -> Tur
 
 
 def lookup_turn(
-    rng: random.Random, names: list[str], words: list[str], definitions: dict[str, str] | None = None
+    rng: random.Random,
+    names: list[str],
+    words: list[str],
+    definitions: dict[str, str] | None = None,
 ) -> Turn:
     """`definitions`: the meanings of words DEFINITIONS lacks (made-up ones, see made_up)."""
     w = rng.choice(words)
