@@ -255,6 +255,29 @@ def test_tool_exchanges_follow_the_schemas_and_answer_from_the_results():
     assert counts["call"] > 200 and counts["refusal"] > 50
 
 
+def test_made_up_names_are_copied_only_on_the_training_side():
+    tool_split = tools.make_tool_split()
+    known = set(tools.CITIES) | set(tools.WORDS)
+    held_meanings = {tools.DEFINITIONS[w] for w in tool_split.held_words}
+    rng = random.Random(8)
+    for held in (False, True):
+        sampler = TurnSampler(data.make_split(), tool_split, held=held)
+        made = 0
+        for _ in range(300):
+            t = sampler.turn(rng, tools.TOOL_NAMES, rng.choice(["weather", "lookup"]))
+            for name, args in t.calls:
+                value = args.get("city") or args.get("word")
+                assert value in t.user  # the call copies the name from the question
+                if value not in known:
+                    made += 1
+                    # a made-up word means what a training word means, never a held-out one
+                    assert not any(m in r for r in t.results for m in held_meanings)
+        if held:
+            assert made == 0
+        else:
+            assert 60 < made < 200, made
+
+
 def test_task_weights_are_distributions():
     for column in (1, 2):
         assert sum(row[column] for row in TASKS) == pytest.approx(1.0)
