@@ -193,7 +193,8 @@ def self_description(ev: Evaluator, thinking: bool = False) -> dict:
         for turns in (0, 3, 6):
             msgs = ev.history(rng, turns, [])
             prompts.append(ev.render(msgs + [{"role": "user", "content": q}], thinking))
-    replies = ev.answer(prompts, 96)
+    # the self-description is 90 tokens: room for it after a line of reasoning
+    replies = ev.answer(prompts, 128)
     ok = [r.content == INTRO for r in replies]
     misses = [r.content[:80] for r in replies if r.content != INTRO][:2]
     return {"accuracy": _rate(ok), "n": len(ok), "misses": misses}
