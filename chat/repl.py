@@ -97,7 +97,8 @@ def format_memory(gb: float) -> str:
 
 DEMO_BANNER = (
     "This is the bundled demo: a 1.2M-parameter model with DeepSeek-V3's architecture, trained "
-    "for this repo (it adds, subtracts, counts, spells backwards). For a real DeepSeek: "
+    "for this repo (it adds, subtracts, counts, spells backwards, calls tools through the "
+    "server; /think on shows its reasoning). For a real DeepSeek: "
     "mlx-deepseek chat mlx-community/DeepSeek-V2-Lite-Chat-4bit-mlx"
 )
 

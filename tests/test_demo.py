@@ -1,10 +1,8 @@
-"""The bundled demo model (mlx_deepseek/demo/): its guarantees on samples of the held-out data,
-measured with demo_train.metrics through the product's own chat format and output parser.
-
-The shipped package is still the earlier demo (V3 format, reasoning on every arithmetic
-answer, no thinking switch, no tools): the V3.1 retraining of issue 18 did not reach its
-targets in the time it had (see demo_train/README.md). These are the guarantees it keeps.
-"""
+"""The bundled demo model (mlx_deepseek/demo/): issue 18's targets on samples of the held-out
+data (the full measurement is `python -m mlx_deepseek.demo_train.evaluate`), through the
+product's own chat format and output parser, the chat's /think, and a tool call through the
+server. Every question comes from the held-out split: 2-digit pairs, cities and words that no
+training conversation contains."""
 
 from __future__ import annotations
 
@@ -13,7 +11,8 @@ import json
 import pytest
 
 from mlx_deepseek import load
-from mlx_deepseek.demo_train import data, metrics
+from mlx_deepseek.demo_train import data, metrics, tools
+from mlx_deepseek.demo_train.config import LONG_CONTEXT
 from mlx_deepseek.loading import demo_path
 
 DEMO = demo_path()
@@ -29,10 +28,15 @@ def ev(demo):
     return metrics.Evaluator(*demo, json.loads((DEMO / "config.json").read_text()))
 
 
+def ask(ev: metrics.Evaluator, question: str, thinking: bool = False, declared=None):
+    prompt = ev.render([{"role": "user", "content": question}], thinking, declared)
+    return ev.answer([prompt], 120)[0]
+
+
 # ---- the shipped artifacts -----------------------------------------------------------------
 
 
-def test_demo_is_small_and_quantized():
+def test_demo_is_small_quantized_and_long():
     size = sum(f.stat().st_size for f in DEMO.iterdir() if f.is_file())
     assert size < 2 * 2**20, f"demo package data is {size} bytes"
     config = json.loads((DEMO / "config.json").read_text())
@@ -40,61 +44,138 @@ def test_demo_is_small_and_quantized():
     assert config["quantization"]["bits"] == 4
     assert config["num_nextn_predict_layers"] == 1
     assert (DEMO / "mtp.safetensors").exists()
-    assert config["rope_scaling"]["type"] == "yarn"
+    yarn = config["rope_scaling"]
+    assert yarn["type"] == "yarn" and yarn["factor"] > 1
+    assert config["max_position_embeddings"] >= LONG_CONTEXT >= 1024
 
 
-def test_demo_tokenizer_and_template(demo):
+def test_demo_template_renders_as_deepseek_v31(demo):
+    # DeepSeek V3.1's own template: every past answer after `<｜Assistant｜></think>`; the
+    # generation prompt ends `</think>` (thinking off) or `<think>` (thinking on)
     _, tokenizer = demo
-    assert tokenizer.bos_token == "<｜begin▁of▁sentence｜>"
-    assert tokenizer.eos_token == "<｜end▁of▁sentence｜>"
     messages = [
         {"role": "user", "content": "What is 2 + 3?"},
-        {"role": "assistant", "content": "<think>\nOnes: 2 + 3 + 0 = 5.\n</think>\n\n2 + 3 = 5."},
+        {"role": "assistant", "content": "2 + 3 = 5."},
         {"role": "user", "content": "Hi"},
     ]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == (
-        "<｜begin▁of▁sentence｜><｜User｜>What is 2 + 3?<｜Assistant｜>2 + 3 = 5."
+    head = (
+        "<｜begin▁of▁sentence｜><｜User｜>What is 2 + 3?<｜Assistant｜></think>2 + 3 = 5."
         "<｜end▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>"
     )
+    for thinking, tail in ((False, "</think>"), (True, "<think>")):
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, thinking=thinking
+        )
+        assert text == head + tail
 
 
-# ---- the guarantees, on samples ---------------------------------------------------------------
+# ---- the targets, on samples ----------------------------------------------------------------
 
 
-def test_demo_answers_the_readme_questions(demo):
-    from mlx_deepseek.chat.session import ChatSession
-
-    from mlx_deepseek.sampling import SamplingSettings
-
+def test_demo_answers_the_readme_questions(ev):
     # both pairs are in the held-out split: never seen in training
     split = data.make_split()
     assert split.add_is_held(23, 45) and split.sub_is_held(71, 38)
-    model, tokenizer = demo
-    s = ChatSession(model, tokenizer, name="demo", max_tokens=120, settings=SamplingSettings())
-    for question, answer in (
-        ("What is 23 + 45?", "23 + 45 = 68."),
-        ("What is 71 - 38?", "71 - 38 = 33."),
-    ):
-        chunks = list(s.respond(question))
-        reasoning = "".join(c.text for c in chunks if c.kind == "reasoning")
-        content = "".join(c.text for c in chunks if c.kind == "answer").strip()
-        assert reasoning.strip().startswith(question[8:-1])  # the column trace
-        assert content == answer
-    # the history keeps only the answers, as the template writes them
-    assert s.messages[-1]["role"] == "assistant"
-    assert s.messages[-1]["content"].strip() == "71 - 38 = 33."
+    off = ask(ev, "What is 23 + 45?")
+    assert off.content == "23 + 45 = 68." and off.reasoning == ""
+    on = ask(ev, "What is 71 - 38?", thinking=True)
+    assert on.content == "71 - 38 = 33."
+    assert on.reasoning.startswith("71 - 38\n") and "= 3" in on.reasoning
 
 
-def test_held_out_arithmetic_at_turn_1(ev):
-    # the earlier demo reasons before every arithmetic answer: the thinking budget of tokens
-    row = metrics.arithmetic(ev, limit=48, turn=1, thinking=True)
+def test_held_out_arithmetic_at_turn_1_and_turn_10(ev):
+    first = metrics.arithmetic(ev, limit=40, turn=1)  # thinking off: answered directly
+    assert first["accuracy"] >= 0.9, first
+    tenth = metrics.arithmetic(ev, limit=40, turn=10)
+    assert tenth["accuracy"] >= 0.9, tenth
+    assert tenth["prompt_tokens"][0] > 150  # nine exchanges came first
+
+
+def test_held_out_arithmetic_in_thinking_mode(ev):
+    row = metrics.arithmetic(ev, limit=16, turn=1, thinking=True)
     assert row["accuracy"] >= 0.9, row
-    assert row["n"] == 48 and row["prompt_tokens"][0] > 10
+
+
+def test_held_out_arithmetic_after_a_thousand_tokens(ev):
+    row = metrics.arithmetic(ev, limit=8, turn=1, context=1000)
+    assert row["prompt_tokens"][0] >= 960
+    assert row["accuracy"] >= 0.75, row
+
+
+def test_tool_calls_parse_as_calls(ev):
+    # Below issue 18's targets (see demo_train/README.md): the calls parse as V3.1 calls with
+    # JSON arguments more often than not, but the model copies names into them badly (right
+    # calls ~3% on held-out questions) and copies names and meanings out of results badly.
+    row = metrics.tool_use(ev, n=15)
+    assert row["well_formed"] >= 0.3, row
+
+
+def test_no_tool_call_without_a_need(ev):
+    row = metrics.arithmetic(ev, limit=16, turn=2, tools=True)  # tools declared, not needed
+    assert row["accuracy"] >= 0.85, row
+    refusal = ask(ev, "What's the weather in Lisbon?")  # no tools declared: no call
+    assert not refusal.calls and "no weather tool" in refusal.content
+
+
+def test_self_description(ev):
+    row = metrics.self_description(ev)
+    assert row["accuracy"] >= 0.9, row
+    assert "mlx-deepseek demo" in metrics.INTRO and "I am fine" not in metrics.INTRO
 
 
 def test_mtp_drafts_are_mostly_accepted(ev):
     ev.generated.clear()
-    metrics.arithmetic(ev, limit=12, turn=1, thinking=True)
+    metrics.arithmetic(ev, limit=8, turn=3)
+    metrics.tool_use(ev, n=6)
     row = metrics.mtp_acceptance(ev)
-    assert row["drafted"] > 100 and row["acceptance"] >= 0.85, row
+    assert row["drafted"] > 100 and row["acceptance"] >= 0.9, row
+
+
+# ---- the chat and the server drive it ---------------------------------------------------------
+
+
+def test_chat_think_switch(demo):
+    from mlx_deepseek.chat.session import ChatSession
+
+    from mlx_deepseek.sampling import SamplingSettings
+
+    model, tokenizer = demo
+    s = ChatSession(model, tokenizer, name="demo", max_tokens=120, settings=SamplingSettings())
+    assert s.fmt.family == "v3.1" and s.fmt.has_thinking_switch
+    chunks = list(s.respond("What is 23 + 45?"))
+    assert not [c for c in chunks if c.kind == "reasoning"]
+    assert "".join(c.text for c in chunks).strip() == "23 + 45 = 68."
+    s.set_thinking(True)
+    chunks = list(s.respond("What is 71 - 38?"))
+    reasoning = "".join(c.text for c in chunks if c.kind == "reasoning")
+    assert reasoning.strip().startswith("71 - 38")
+    assert "".join(c.text for c in chunks if c.kind == "answer").strip() == "71 - 38 = 33."
+    # the history keeps only the answer (V3.1 drops the reasoning), as the template writes it
+    assert s.messages[-1] == {"role": "assistant", "content": "71 - 38 = 33."}
+
+
+def test_a_tool_call_through_the_server():
+    import openai
+    from serve_helpers import demo_server
+
+    with demo_server() as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "What's the weather in Lisbon?"}]
+        first = client.chat.completions.create(
+            model="demo", messages=messages, tools=tools.TOOLS, temperature=0, max_tokens=60
+        )
+        choice = first.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        city = json.loads(call.function.arguments)["city"]  # not always "Lisbon" (see above)
+        result = {"city": city, "temperature_c": 21, "condition": "sunny"}
+        messages += [
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)},
+        ]
+        second = client.chat.completions.create(
+            model="demo", messages=messages, tools=tools.TOOLS, temperature=0, max_tokens=60
+        )
+        answer = second.choices[0].message.content
+        assert "sunny" in answer and "21 °C" in answer

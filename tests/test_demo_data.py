@@ -35,7 +35,7 @@ def renderer():
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
-    """The tokenizer train.py trains (the shipped demo is still the earlier one)."""
+    """The tokenizer train.py trains (the shipped demo was trained with it at stage 1; see demo_train/README.md)."""
     from mlx_deepseek.demo_train.tokenizer import save_tokenizer, train_tokenizer
 
     folder = tmp_path_factory.mktemp("demo_tokenizer")
@@ -265,7 +265,7 @@ def test_made_up_names_are_copied_only_on_the_training_side():
         made = 0
         for _ in range(300):
             t = sampler.turn(rng, tools.TOOL_NAMES, rng.choice(["weather", "lookup"]))
-            for name, args in t.calls:
+            for _, args in t.calls:
                 value = args.get("city") or args.get("word")
                 assert value in t.user  # the call copies the name from the question
                 if value not in known:
