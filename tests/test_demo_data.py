@@ -35,7 +35,7 @@ def renderer():
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
-    """The tokenizer train.py trains (the shipped demo was trained with it at stage 1; see demo_train/README.md)."""
+    """The tokenizer train.py trains (the shipped demo's: stage 2 of the README's recipe)."""
     from mlx_deepseek.demo_train.tokenizer import save_tokenizer, train_tokenizer
 
     folder = tmp_path_factory.mktemp("demo_tokenizer")
