@@ -116,13 +116,20 @@ def mlp(x: mx.array, layer: nn.Module) -> mx.array:
 
 
 def moe(
-    x: mx.array, inds: mx.array, weights: mx.array, experts: nn.Module, shared: nn.Module | None
+    x: mx.array,
+    inds: mx.array,
+    weights: mx.array,
+    experts: nn.Module,
+    shared: nn.Module | None,
+    swiglu_limit: float = 0.0,
 ) -> mx.array:
     """A MoE layer's experts: sum_j weights[..., j] * expert_{inds[..., j]}(x) + shared(x).
 
-    experts: mlx-lm's SwitchGLU with stacked [E, out, in] weights; shared: the shared
-    experts' MLP or None; weights already carry the routed scaling factor."""
-    return active().moe(x, inds, weights, experts, shared)
+    experts: mlx-lm's SwitchGLU with stacked [E, out, in] weights (its own activation the
+    plain SwiGLU); shared: the shared experts' MLP (gate_proj, up_proj, down_proj) or None;
+    weights already carry the routed scaling factor; swiglu_limit > 0: every expert's SwiGLU,
+    the shared one's too, is silu(min(gate, limit)) * clip(up, -limit, limit) (DeepSeek V4)."""
+    return active().moe(x, inds, weights, experts, shared, swiglu_limit)
 
 
 def prepare(model: nn.Module) -> int:
