@@ -1,12 +1,14 @@
 """A conversion from start to finish: resolve SRC, plan, stream every tensor into DST.
 
 Tensors are processed in source order (shard by shard, by offset: sequential reads), each
-in row chunks of at most CHUNK_ELEMENTS source elements: read -> FP8 dequantize (float32)
--> cast to the output dtype -> quantize -> written at its final offset. A routed expert is
-written into its slice of the stacked [E, out, in] tensor, so no layer is ever held whole;
-memory stays at a few chunks whatever the model's size. Quantizing per expert or per row
-chunk gives the same bytes as quantizing the stacked tensor (groups run along rows). One
-reader thread fetches the next chunk while the current one is converted and written.
+in row chunks of at most CHUNK_ELEMENTS source elements: read -> FP8 / FP4 dequantize
+(float32) -> cast to the output dtype -> quantize -> written at its final offset. FP4
+weights kept as MLX mxfp4 (V4's routed experts) skip all of it: their bytes are written as
+read. A routed expert is written into its slice of the stacked [E, out, in] tensor, so no
+layer is ever held whole; memory stays at a few chunks whatever the model's size.
+Quantizing per expert or per row chunk gives the same bytes as quantizing the stacked tensor
+(groups run along rows). One reader thread fetches the next chunk while the current one is
+converted and written.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_deepseek.errors import DeepSeekError
+from mlx_deepseek.errors import CheckpointError, DeepSeekError
+from mlx_deepseek.models.v4_weights import e8m0_to_float
 
 from .fp8 import dequantize_fp8
-from .plan import Job, Options, Plan, make_plan
+from .plan import E8M0, FP4_GROUP, Job, Options, Plan, make_plan
 from .reader import SourceCheckpoint, to_mlx
 from .writer import ShardWriter, Staging, check_destination, plan_shards
 
@@ -140,7 +143,7 @@ def chunks(plan: Plan) -> Iterator[Chunk]:
             yield Chunk(job, 0, info.rows)
             continue
         step = max(1, CHUNK_ELEMENTS // info.shape[-1])
-        if job.scale is not None:
+        if job.fmt == "fp8":
             br = plan.block[0]
             step = max(br, step // br * br)  # FP8 chunks start on block rows
         for r0 in range(0, info.rows, step):
@@ -175,6 +178,8 @@ def _read(
     w = source.read_raw(job.src, chunk.r0, chunk.r1)
     if job.scale is None:
         return w, None
+    if job.fmt == "fp4":  # one row of scales per row
+        return w, source.read_raw(job.scale, chunk.r0, chunk.r1)
     br = plan.block[0]
     return w, source.read_raw(job.scale, chunk.r0 // br, -(-chunk.r1 // br))
 
@@ -184,20 +189,60 @@ def _convert_rows(
 ) -> None:
     job, e = chunk.job, chunk.job.entry
     module, spec = next(iter(job.specs.items())) if job.specs else (None, None)
-    w = to_mlx(raw, job.src.dtype)
-    if scale is not None:
-        w = dequantize_fp8(w, to_mlx(scale, job.scale.dtype), plan.block)
-    w = w.astype(job.dtype)
     row = chunk.r0 + (e.expert * job.src.rows if e.expert is not None else 0)  # in [E*out, in]
+    if e.kind == "table":
+        writer.write(e.out, _table(plan, job, raw), chunk.r0)
+        return
+    if job.fmt == "fp4" and spec is not None and spec.mode == "mxfp4":
+        # FP4 e2m1 two per byte, low nibble first, + E8M0 per 32 IS MLX's mxfp4: as read
+        writer.write(f"{module}.weight", mx.array(raw.view(np.uint8)).view(mx.uint32), row)
+        writer.write(f"{module}.scales", mx.array(scale), row)
+        return
+    w = _decoded(plan, job, raw, scale)
+    if spec is None or spec.mode == "affine":
+        w = w.astype(job.dtype)  # mxfp8 / mxfp4 quantize the exact float32 values
     if spec is None:
         mx.eval(w)
         writer.write(e.out if module is None else f"{module}.weight", w, row)
         return
-    q, s, b = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-    mx.eval(q, s, b)
-    writer.write(f"{module}.weight", q, row)
-    writer.write(f"{module}.scales", s, row)
-    writer.write(f"{module}.biases", b, row)
+    _write_quantized(
+        writer, module, mx.quantize(w, spec.group_size, spec.bits, mode=spec.mode), row
+    )
+
+
+def _decoded(plan: Plan, job: Job, raw: np.ndarray, scale: np.ndarray | None) -> mx.array:
+    """A chunk's values: FP8 / FP4 decoded to float32, floating point as stored."""
+    w = to_mlx(raw, job.src.dtype)
+    if scale is None:
+        return w
+    s = to_mlx(scale, job.scale.dtype)
+    if job.fmt == "fp4":
+        packed = mx.array(raw.view(np.uint8)).view(mx.uint32)
+        return mx.dequantize(packed, s, group_size=FP4_GROUP, bits=4, mode="mxfp4",
+                             dtype=mx.float32)  # fmt: skip
+    if job.scale.dtype in E8M0:
+        s = e8m0_to_float(s)
+    return dequantize_fp8(w, s, plan.block)
+
+
+def _write_quantized(writer: ShardWriter, module: str, parts, row: int) -> None:
+    """mx.quantize's (weight, scales[, biases]) evaluated and written at `row`."""
+    mx.eval(*parts)
+    for name, part in zip(("weight", "scales", "biases"), parts, strict=False):
+        writer.write(f"{module}.{name}", part, row)
+
+
+def _table(plan: Plan, job: Job, raw: np.ndarray) -> mx.array:
+    """V4's token -> experts table as int32, every entry an expert of the layer."""
+    E = plan.args.n_routed_experts
+    bad = (raw < 0) | (raw >= E)
+    if bad.any():
+        value = int(raw[bad].flat[0])
+        raise CheckpointError(
+            f"{job.src.file.name}: tensor {job.src.name} routes to expert {value}, but "
+            f"config.json says n_routed_experts={E}: the checkpoint and config do not match"
+        )
+    return mx.array(raw.astype(np.int32))
 
 
 def _split_kv_b(
@@ -216,11 +261,8 @@ def _split_kv_b(
             mx.eval(t)
             writer.write(f"{module}.weight", t)
         else:
-            q, s, b = mx.quantize(t, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-            mx.eval(q, s, b)
-            writer.write(f"{module}.weight", q)
-            writer.write(f"{module}.scales", s)
-            writer.write(f"{module}.biases", b)
+            parts = mx.quantize(t, spec.group_size, spec.bits, mode=spec.mode)
+            _write_quantized(writer, module, parts, 0)
 
 
 def _check_space(dst: Path, need: int) -> None:
@@ -247,6 +289,9 @@ def write_metadata(folder: Path, src: Path, config: dict, src_name: str, title: 
                 shutil.copy2(f, folder / f.name)
     q = config.get("quantization")
     how = f"{q['bits']}-bit affine, group size {q['group_size']}" if q else "unquantized"
+    modes = {v["mode"] for v in (q or {}).values() if isinstance(v, dict) and "mode" in v}
+    if modes - {"affine"}:
+        how += "; " + " and ".join(sorted(modes - {"affine"})) + " where the source was FP4/FP8"
     (folder / "README.md").write_text(
         "---\nlibrary_name: mlx\ntags:\n- mlx\n- deepseek\npipeline_tag: text-generation\n---\n\n"
         f"# {title}\n\n"

@@ -14,15 +14,30 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_deepseek.errors import CheckpointError, ConfigError, DeepSeekError
+from mlx_deepseek.models import v4_config
 from mlx_deepseek.models.config import ModelArgs
 
+from . import layout_v4
 from .fp8 import DEFAULT_BLOCK, scale_shape
 from .layout import Entry, expected_entries, is_ignorable, kv_b_outputs, mtp_layers
-from .reader import SourceCheckpoint, TensorInfo
+from .reader import FLOAT_DTYPES, INT_DTYPES, SourceCheckpoint, TensorInfo
 from .recipe import QuantSpec, Recipe, quantization_section
 from .writer import OutTensor
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+FP4_GROUP = 32  # values per E8M0 scale of an FP4 weight (MXFP4)
+E8M0 = ("F8_E8M0", "U8")  # power-of-two scale bytes, 2^(b - 127)
+_ALLOWED = {
+    "linear": (*FLOAT_DTYPES, "F8_E4M3", "I8"),  # I8: FP4 e2m1, two values a byte
+    "vector": FLOAT_DTYPES,
+    "table": INT_DTYPES,
+}
+
+
+def source_format(info: TensorInfo) -> str:
+    """How a tensor is stored: "fp8" (e4m3 + block scales), "fp4" (e2m1 packed two per int8
+    byte + E8M0 scales per 32) or "float"."""
+    return {"F8_E4M3": "fp8", "I8": "fp4"}.get(info.dtype, "float")
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,10 @@ class Job:
     @property
     def read_bytes(self) -> int:
         return self.src.nbytes + (self.scale.nbytes if self.scale else 0)
+
+    @property
+    def fmt(self) -> str:
+        return source_format(self.src)
 
 
 @dataclass
@@ -90,23 +109,35 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
             "convert reads the original Hugging Face checkpoint"
         )
     block = _fp8_block(config, cfg_path)
-    args = ModelArgs.from_dict(config, source=cfg_path)
+    v4 = config.get("model_type") == "deepseek_v4"
+    args = (v4_config.ModelArgs if v4 else ModelArgs).from_dict(config, source=cfg_path)
     dtype_name = out_dtype_name(config, options.dtype)
     dtype = DTYPES[dtype_name]
     recipe = Recipe(options.recipe, options.bits, options.group_size)
+    if recipe.name == "native" and not v4:
+        raise DeepSeekError(
+            f"--recipe native keeps DeepSeek V4's released FP8 / FP4 weights; {cfg_path} is "
+            f"model_type {config.get('model_type')!r}: use --recipe uniform or mixed"
+        )
     notes: list[str] = []
 
+    def entries_for(keep_mtp: bool) -> list[Entry]:
+        if not v4:
+            return expected_entries(args, keep_mtp)
+        layout = layout_v4.source_layout(source.tensors)
+        return layout_v4.expected_entries(args, keep_mtp, layout)
+
     keep_mtp = options.mtp and mtp_layers(args) > 0
-    entries = expected_entries(args, keep_mtp)
+    entries = entries_for(keep_mtp)
     if keep_mtp and not _any_present(source, entries, "mtp."):
         notes.append("the checkpoint has no MTP layer; converted without it")
         keep_mtp = False
-        entries = expected_entries(args, False)
+        entries = entries_for(False)
 
     found = _check_tensors(source, entries, block, args)
-    if keep_mtp:
+    if keep_mtp and not v4:
         notes.extend(_drop_mtp_copies(source, args, found))
-    _check_extras(source, entries, args)
+    _check_extras(source, entries, args, keep_mtp)
 
     jobs: list[Job] = []
     tensors: list[OutTensor] = []
@@ -117,16 +148,18 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
         found.items(), key=lambda kv: (source.file_order[kv[1][0].file], kv[1][0].offset)
     ):
         params += math.prod(e.shape)
-        if e.kind == "vector":
-            out_dt = mx.float32 if e.role == "router_bias" else dtype
+        if e.kind in ("vector", "table"):
+            out_dt = mx.float32 if e.role == "router_bias" or e.keep_float32 else dtype
+            out_dt = mx.int32 if e.kind == "table" else out_dt
             jobs.append(Job(e, info, scale, {}, out_dt))
             tensors.append(OutTensor(e.out, out_dt, e.shape))
             continue
+        fmt = source_format(info)
         parts = kv_b_outputs(args, e.out) if e.kind == "kv_b" else ((e.out, e.shape),)
         specs: dict[str, QuantSpec | None] = {}
         for out, shape in parts:
             module = out.rsplit(".", 1)[0]
-            spec = recipe.spec(e.role, shape[-1]) if options.quantize else None
+            spec = recipe.spec(e.role, shape[-1], fmt) if options.quantize else None
             specs[module] = spec
             if options.quantize:
                 decisions[module] = spec
@@ -138,6 +171,12 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
             tensors += _outputs(module, shape, spec, dtype)
         jobs.append(Job(e, info, scale, specs, dtype))
 
+    fp4 = {j.entry.module for j in jobs if j.fmt == "fp4"}
+    if fp4 and options.quantize and recipe.name != "native" and options.bits != 4:
+        notes.append(
+            f"{len(fp4)} FP4 weight stacks (routed experts) kept as released: MLX mxfp4, bit "
+            f"for bit (4.25 bits per weight); --bits {options.bits} applies to the others"
+        )
     out_config = dict(config)
     out_config.pop("quantization_config", None)  # the source's FP8 description
     if options.quantize:
@@ -156,11 +195,12 @@ def _outputs(
     if spec is None:
         return [OutTensor(f"{module}.weight", dtype, shape)]
     *lead, cols = shape
-    return [
+    groups = (*lead, cols // spec.group_size)
+    out = [
         OutTensor(f"{module}.weight", mx.uint32, (*lead, cols * spec.bits // 32)),
-        OutTensor(f"{module}.scales", dtype, (*lead, cols // spec.group_size)),
-        OutTensor(f"{module}.biases", dtype, (*lead, cols // spec.group_size)),
+        OutTensor(f"{module}.scales", dtype if spec.biases else mx.uint8, groups),
     ]
+    return out + [OutTensor(f"{module}.biases", dtype, groups)] if spec.biases else out
 
 
 def _fp8_block(config: dict[str, Any], cfg_path: str) -> tuple[int, int]:
@@ -190,7 +230,7 @@ def _any_present(source: SourceCheckpoint, entries: list[Entry], out_prefix: str
 
 
 def _check_tensors(
-    source: SourceCheckpoint, entries: list[Entry], block: tuple[int, int], args: ModelArgs
+    source: SourceCheckpoint, entries: list[Entry], block: tuple[int, int], args
 ) -> dict[Entry, tuple[TensorInfo, TensorInfo | None]]:
     found: dict[Entry, tuple[TensorInfo, TensorInfo | None]] = {}
     missing: list[str] = []
@@ -200,16 +240,30 @@ def _check_tensors(
             if not e.optional:
                 missing.append(e.src)
             continue
-        if info.shape != e.shape:
+        fmt = source_format(info)
+        want = e.shape if fmt != "fp4" else (*e.shape[:-1], e.shape[-1] // 2)
+        if info.shape != want or (fmt == "fp4" and e.shape[-1] % FP4_GROUP):
+            packed = " (FP4: two values a byte)" if fmt == "fp4" else ""
             raise CheckpointError(
-                f"{info.file.name}: tensor {e.src} has shape {list(info.shape)}, but config.json "
-                f"implies {list(e.shape)}: the weights do not match their config "
+                f"{info.file.name}: tensor {e.src} has shape {list(info.shape)}{packed}, but "
+                f"config.json implies {list(want)}: the weights do not match their config "
                 f"(model_type {args.model_type}, {args.num_hidden_layers} layers)"
             )
         info.check_dtype()
+        allowed = _ALLOWED[
+            "table" if e.kind == "table" else "linear" if e.kind != "vector" else "vector"
+        ]
+        if info.dtype not in allowed:
+            raise CheckpointError(
+                f"{info.file.name}: tensor {e.src} has dtype {info.dtype}, but this {e.kind} "
+                f"must be one of {', '.join(allowed)}: the checkpoint is corrupt or its "
+                "config.json does not match it"
+            )
         scale = None
-        if info.dtype == "F8_E4M3":
-            scale = _fp8_scale(source, info, block)
+        if fmt == "fp8":
+            scale = _fp8_scale(source, info, block, args.model_type == "deepseek_v4")
+        elif fmt == "fp4":
+            scale = _fp4_scale(source, info)
         found[e] = (info, scale)
     if missing:
         raise CheckpointError(
@@ -220,8 +274,18 @@ def _check_tensors(
     return found
 
 
-def _fp8_scale(source: SourceCheckpoint, info: TensorInfo, block: tuple[int, int]) -> TensorInfo:
-    name = f"{info.name}_scale_inv"
+def scale_name(name: str, v4: bool) -> str:
+    """The scale tensor of a quantized weight: V4's `X.scale` for `X.weight`, V3's
+    `W_scale_inv`."""
+    if v4 and name.endswith(".weight"):
+        return f"{name[: -len('.weight')]}.scale"
+    return f"{name}_scale_inv"
+
+
+def _fp8_scale(
+    source: SourceCheckpoint, info: TensorInfo, block: tuple[int, int], v4: bool
+) -> TensorInfo:
+    name = scale_name(info.name, v4)
     scale = source.tensors.get(name)
     if len(info.shape) != 2:
         raise CheckpointError(f"{info.file.name}: tensor {info.name} is FP8 but not a matrix")
@@ -231,11 +295,31 @@ def _fp8_scale(source: SourceCheckpoint, info: TensorInfo, block: tuple[int, int
             "dequantized without it (a shard or index entry lost?)"
         )
     want = scale_shape(info.shape, block)
-    if scale.shape != want or scale.dtype not in ("F32", "BF16", "F16"):
+    if scale.shape != want or scale.dtype not in (*FLOAT_DTYPES, *E8M0):
         raise CheckpointError(
             f"{scale.file.name}: tensor {name} is {scale.dtype} {list(scale.shape)}, but a "
-            f"{list(info.shape)} weight with {block[0]}x{block[1]} blocks needs a float "
-            f"{list(want)}: the checkpoint is corrupt or weight_block_size is wrong"
+            f"{list(info.shape)} weight with {block[0]}x{block[1]} blocks needs a float or "
+            f"ue8m0 {list(want)}: the checkpoint is corrupt or weight_block_size is wrong"
+        )
+    return scale
+
+
+def _fp4_scale(source: SourceCheckpoint, info: TensorInfo) -> TensorInfo:
+    """The E8M0 scales [out, in / 32] of an FP4 weight [out, in / 2]."""
+    name = scale_name(info.name, v4=True)
+    scale = source.tensors.get(name)
+    if scale is None:
+        raise CheckpointError(
+            f"{source.folder}: tensor {name} is missing: the FP4 weight {info.name} means "
+            "nothing without its E8M0 scales (a shard or index entry lost?)"
+        )
+    rows, half = info.shape
+    want = (rows, 2 * half // FP4_GROUP)
+    if scale.shape != want or scale.dtype not in E8M0:
+        raise CheckpointError(
+            f"{scale.file.name}: tensor {name} is {scale.dtype} {list(scale.shape)}, but the "
+            f"FP4 weight {info.name} ({rows} x {2 * half} values) needs E8M0 (F8_E8M0) scales "
+            f"{list(want)}, one per {FP4_GROUP}: the checkpoint is corrupt"
         )
     return scale
 
@@ -270,7 +354,9 @@ def _drop_mtp_copies(source: SourceCheckpoint, args: ModelArgs, found: Found) ->
     return notes
 
 
-def _check_extras(source: SourceCheckpoint, entries: list[Entry], args: ModelArgs) -> None:
+def _check_extras(
+    source: SourceCheckpoint, entries: list[Entry], args, keep_mtp: bool = True
+) -> None:
     known = {e.src for e in entries}
     n_main = args.num_hidden_layers
     extra = []
@@ -281,6 +367,10 @@ def _check_extras(source: SourceCheckpoint, entries: list[Entry], args: ModelArg
             continue  # a tied head some exporters still write: the embedding is used
         if name.endswith("_scale_inv") and name[: -len("_scale_inv")] in source.tensors:
             continue
+        if name.endswith(".scale") and f"{name[: -len('.scale')]}.weight" in known:
+            continue  # V4's FP8 / FP4 scales
+        if name.startswith("mtp.") and not keep_mtp and args.model_type == "deepseek_v4":
+            continue  # V4's MTP modules left out on request (--no-mtp)
         parts = name.split(".")
         if (
             len(parts) > 2
