@@ -3,8 +3,7 @@
 Input is plain `input()` (with readline's line editing and history where available): a line
 ending in a backslash continues on the next line, and a line holding only three double
 quotes starts a paste block that ends at the next such line. Ctrl-C during an answer stops
-it (the partial answer stays in the conversation); Ctrl-C twice at the prompt, Ctrl-D or
-/exit leaves.
+it (INTERRUPT_HELP says what is kept); Ctrl-C twice at the prompt, Ctrl-D or /exit leaves.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import re
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -20,6 +20,7 @@ from rich.console import Console
 from mlx_deepseek.errors import DeepSeekError
 
 from .session import ChatSession, TurnStats
+from .session_file import DEFAULT_NAME, SUFFIX
 
 PROMPT = ">>> "
 MORE = "... "
@@ -30,6 +31,14 @@ PASTE = '"""'
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 NOT_UTF8 = "that input is not UTF-8 text (check your terminal's encoding); nothing was sent"
+
+# What ChatSession.respond keeps when stopped (its _commit): an answer begun stays with the
+# message it answers; a turn stopped while the model was still reasoning is dropped whole.
+INTERRUPT_HELP = (
+    "Ctrl-C during an answer stops it: the answer so far stays in the conversation. Stopped\n"
+    "before the answer begins (the model still reading your message or thinking), the turn\n"
+    "is dropped: neither your message nor its reasoning is kept."
+)
 
 HELP = """\
 Commands:
@@ -42,13 +51,39 @@ Commands:
   /top_k N              sample from the N most likely tokens (0 = off)
   /min_p X              drop tokens below X times the top token's probability (0 = off)
   /max_tokens N         longest answer, in tokens
-  /save [FILE]          save the conversation and its cache (default chat.safetensors)
-  /load [FILE]          load a saved conversation
+  /save [FILE]          save the conversation and its cache (.safetensors is added to FILE
+                        unless it ends so; default: {default})
+  /load [FILE]          load a saved conversation (default: the same file)
   /stats                numbers for the last answer and the whole session
   /exit                 leave (also /quit, Ctrl-D, or Ctrl-C twice at the prompt)
 Input: end a line with \\ to continue it; a line with only \"\"\" starts and ends a paste
 block. Start a message with // to send a text that begins with /.
-Ctrl-C during an answer stops it; the partial answer stays in the conversation."""
+{interrupt}"""
+
+
+def help_text() -> str:
+    """/help's text; the default session file is named in full (the folder the chat runs in)."""
+    return HELP.format(default=Path.cwd() / DEFAULT_NAME, interrupt=INTERRUPT_HELP)
+
+
+class LeadingBlankLines:
+    """Drops the blank lines a streamed answer starts with (after a reasoning block models
+    write two newlines): `feed` returns what to show of each piece."""
+
+    def __init__(self) -> None:
+        self.pending = ""  # whitespace at the start, held back
+        self.started = False
+
+    def feed(self, text: str) -> str:
+        if self.started:
+            return text
+        text = self.pending + text
+        if not text.strip():
+            self.pending = text
+            return ""
+        lead = len(text) - len(text.lstrip())
+        self.started = True
+        return text[text.rfind("\n", 0, lead) + 1 :]  # whole blank lines only
 
 
 def printable(text: str) -> str:
@@ -110,8 +145,10 @@ class Repl:
     def banner(self) -> None:
         s, fmt = self.session, self.session.fmt
         think = f", thinking {'on' if s.thinking else 'off'}" if fmt.has_thinking_switch else ""
+        context = f" · context {s.context_limit} tokens" if s.context_limit else ""
         self.say(
-            f"mlx-deepseek chat · {s.name or 'model'} · {fmt.family} format ({fmt.source}){think}",
+            f"mlx-deepseek chat · {s.name or 'model'} · {fmt.family} format ({fmt.source})"
+            f"{think}{context}",
             style="bold",
         )
         if s.name == "demo":
@@ -200,6 +237,8 @@ class Repl:
 
         previous = signal.signal(signal.SIGINT, on_sigint)
         kind = None
+        reasoning_end = ""  # whitespace at the end of the reasoning so far, held back
+        answer = LeadingBlankLines()
         try:
             for chunk in self.session.respond(text, stop=lambda: self._stop, progress=progress):
                 if shown:
@@ -209,9 +248,14 @@ class Repl:
                     if chunk.kind == "reasoning":
                         self._write("thinking: ", "dim bold")
                     elif kind == "reasoning":
-                        self._write("\n\n")
+                        self._write("\n\n")  # one blank line between reasoning and answer
                     kind = chunk.kind
-                self._write(chunk.text, "dim italic" if chunk.kind == "reasoning" else None)
+                if kind == "reasoning":
+                    body = (reasoning_end + chunk.text).rstrip()
+                    reasoning_end = (reasoning_end + chunk.text)[len(body) :]
+                    self._write(body, "dim italic")
+                else:
+                    self._write(answer.feed(chunk.text))
         finally:
             signal.signal(signal.SIGINT, previous)
             if shown:
@@ -221,7 +265,11 @@ class Repl:
         if stats is None:
             return
         if stats.finish_reason == "interrupted":
-            kept = "answer kept" if stats.kept else "nothing kept"
+            kept = (
+                "the answer so far is kept"
+                if stats.kept
+                else "before the answer began: your message and its reasoning are not kept"
+            )
             self.say(f"[interrupted: {kept}]", style="yellow")
         self.say(stats_line(stats), style="dim")
 
@@ -234,7 +282,7 @@ class Repl:
         if name in ("/exit", "/quit"):
             return "exit"
         if name == "/help":
-            self.say(HELP)
+            self.say(help_text())
         elif name == "/reset":
             s.reset()
             self.say("new conversation", style="dim")
@@ -269,13 +317,17 @@ class Repl:
                 s.max_tokens = n
             self.say(f"max_tokens = {s.max_tokens}", style="dim")
         elif name == "/save":
-            path = s.save(arg or "chat.safetensors")
+            path = s.save(arg or DEFAULT_NAME)
+            added = f" ({SUFFIX} added to the name)" if arg and not arg.endswith(SUFFIX) else ""
             self.say(
-                f"saved {len(s.messages)} messages and {len(s.tokens)} cached tokens to {path}"
+                f"saved {len(s.messages)} messages and {len(s.tokens)} cached tokens to "
+                f"{path}{added}"
             )
         elif name == "/load":
-            s.load(arg or "chat.safetensors")
-            self.say(f"loaded {len(s.messages)} messages ({len(s.tokens)} cached tokens)")
+            path = s.load(arg or DEFAULT_NAME)
+            self.say(
+                f"loaded {len(s.messages)} messages ({len(s.tokens)} cached tokens) from {path}"
+            )
         elif name == "/stats":
             self.show_stats()
         else:

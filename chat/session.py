@@ -11,16 +11,14 @@ to the start of that answer and the answer alone is prefilled again.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from mlx_deepseek.decoding import (
     DEFAULT_PREFILL_STEP_SIZE,
@@ -30,6 +28,7 @@ from mlx_deepseek.decoding import (
     context_length,
     make_cache,
     trim_cache,
+    vocab_size,
 )
 from mlx_deepseek.errors import DeepSeekError
 from mlx_deepseek.formats import (
@@ -41,7 +40,11 @@ from mlx_deepseek.formats import (
 from mlx_deepseek.generation import stream_generate
 from mlx_deepseek.sampling import SamplingSettings
 
-SESSION_FORMAT = "mlx-deepseek-chat/1"
+from .session_file import load_source, read_session, save_target, write_session
+
+DEFAULT_MAX_TOKENS = (
+    4096  # longest answer unless the user says otherwise (or the context is shorter)
+)
 _ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "kv_lora_rank")
 
 
@@ -124,6 +127,20 @@ def _prefill_check(
     return check
 
 
+def no_thinking_switch(fmt: ChatFormat, asked: str) -> DeepSeekError:
+    """Why `asked` (/think, --think) does not apply to this chat format: the same words in
+    the chat and in `generate`. A model without a switch may still reason on its own (R1
+    always does; fine-tunes and the demo may): the words must not deny it."""
+    if fmt.family == "r1":
+        why = "always reasons before it answers; there is no switch to turn"
+    else:
+        why = (
+            "has no thinking switch (V3.1's has one); reasoning the model writes on its own "
+            "is still shown"
+        )
+    return DeepSeekError(f"{asked}: this model's chat format ({fmt.family}) {why}")
+
+
 @dataclass
 class _Turn:
     """What one respond() call produced (kept for /stats and save files)."""
@@ -146,7 +163,7 @@ class ChatSession:
         name: str = "",
         system: str | None = None,
         settings: SamplingSettings | None = None,
-        max_tokens: int = 4096,
+        max_tokens: int | None = None,
         thinking: bool = False,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         step_fn: StepFn | None = None,
@@ -169,13 +186,13 @@ class ChatSession:
             settings or SamplingSettings(temperature=fmt.temperature, top_p=fmt.top_p)
         ).validated()
         self.system = system
-        self.max_tokens = max_tokens
+        self.context_limit = context_length(model)
+        self.max_tokens = self._max_tokens(max_tokens)
         self.thinking = thinking
         self.prefill_step_size = prefill_step_size
         self.step_fn = step_fn  # replaces the decoding loop (tests); None: stream_generate's
         self.mtp = mtp  # MTP self-speculative decoding: None = the default for this device
         self.draft_tokens = draft_tokens
-        self.context_limit = context_length(model)
         self.messages: list[dict[str, str]] = []
         self.reasoning: dict[int, str] = {}  # message index -> its reasoning (display, saves)
         self.tokens: list[int] = []  # exactly what the cache holds
@@ -183,6 +200,12 @@ class ChatSession:
         self._text: str | None = ""  # decode(self.tokens), computed lazily
         self.last: TurnStats | None = None
         self.totals = SessionTotals()
+
+    def _max_tokens(self, given: int | None) -> int:
+        """`given`, or the default: DEFAULT_MAX_TOKENS, at most the model's context."""
+        if given is not None:
+            return given
+        return min(DEFAULT_MAX_TOKENS, self.context_limit or DEFAULT_MAX_TOKENS)
 
     # ---- conversation ----------------------------------------------------------------------
 
@@ -300,20 +323,23 @@ class ChatSession:
             self._text = self._decode(self.tokens)
         return self._text
 
-    def _sync(self, prompt_text: str) -> tuple[int, list[int]]:
-        """Trim the cache to its longest prefix that `prompt_text` continues; the new tokens."""
+    def _cached_prefix(self, prompt_text: str) -> tuple[int, str]:
+        """The longest run of cached tokens whose text `prompt_text` starts with (count, text)."""
         cached = self._cached_text()
         if prompt_text.startswith(cached):
-            keep, keep_text = len(self.tokens), cached
-        else:
-            lo, hi = 0, len(self.tokens)  # invariant: tokens[:lo] decodes to a prefix
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if prompt_text.startswith(self._decode(self.tokens[:mid])):
-                    lo = mid
-                else:
-                    hi = mid - 1
-            keep, keep_text = lo, self._decode(self.tokens[:lo])
+            return len(self.tokens), cached
+        lo, hi = 0, len(self.tokens)  # invariant: tokens[:lo] decodes to a prefix
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if prompt_text.startswith(self._decode(self.tokens[:mid])):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, self._decode(self.tokens[:lo])
+
+    def _sync(self, prompt_text: str) -> tuple[int, list[int]]:
+        """Trim the cache to its longest prefix that `prompt_text` continues; the new tokens."""
+        keep, keep_text = self._cached_prefix(prompt_text)
         if keep and keep_text == prompt_text:  # nothing new: recompute the last token's logits
             keep -= 1
             keep_text = self._decode(self.tokens[:keep])
@@ -322,6 +348,18 @@ class ChatSession:
         self._truncate(keep, keep_text)
         delta = self.tokenizer.encode(prompt_text[len(keep_text) :], add_special_tokens=False)
         return keep, list(delta)
+
+    def _trim_to_history(self) -> None:
+        """Keep in the cache what the next turn will reuse: the tokens the template renders
+        the same way in front of any next message (not the reasoning it drops, nor tokens
+        it writes differently), so that the stats line's context is the next turn's cached
+        count. The probe stands for the next message: a private-use character no cached
+        text ends with."""
+        probe = [{"role": "user", "content": "\ue000"}]
+        keep, text = self._cached_prefix(self.render(self.conversation() + probe, True))
+        if keep < len(self.tokens) and not can_trim_cache(self.cache, keep):
+            keep, text = 0, ""  # as the next turn will (_sync): the cache cannot roll back
+        self._truncate(keep, text)
 
     def _truncate(self, keep: int, text: str | None = None) -> None:
         trim_cache(self.cache, keep)
@@ -350,6 +388,8 @@ class ChatSession:
             if turn.reasoning:
                 self.reasoning[len(self.messages) - 1] = turn.reasoning
         prefilled = max(0, min(keep, reused + len(delta)) - reused)
+        if answered:  # a dropped turn keeps its prefill for the message sent again
+            self._trim_to_history()
         self.totals.prompt_tokens += prefilled
         self.totals.generation_tokens += len(turn.tokens)
         self.totals.turns += 1 if answered else 0
@@ -388,12 +428,7 @@ class ChatSession:
 
     def set_thinking(self, on: bool) -> None:
         if not self.fmt.has_thinking_switch:
-            what = (
-                "always reasons before answering"
-                if self.fmt.family == "r1"
-                else "has no thinking mode"
-            )
-            raise DeepSeekError(f"this model ({self.fmt.family}) {what}; /think does not apply")
+            raise no_thinking_switch(self.fmt, "/think")
         self.thinking = on
 
     # ---- save / load -----------------------------------------------------------------------
@@ -402,17 +437,11 @@ class ChatSession:
         args = getattr(self.model, "args", None)
         return {k: getattr(args, k, None) for k in _ARCH_FIELDS}
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the conversation and its cache to one .safetensors file, atomically."""
-        path = Path(path).expanduser()
-        if not path.suffix:
-            path = path.with_suffix(".safetensors")
-        if path.is_dir():
-            raise DeepSeekError(
-                f"{path} is a folder: give a file name, e.g. {path}/chat.safetensors"
-            )
-        if not path.parent.exists():
-            raise DeepSeekError(f"{path.parent}: no such folder")
+    def save(self, name: str | os.PathLike) -> Path:
+        """Write the conversation and its cache to one .safetensors file (NAME gets the
+        suffix unless it has it), atomically: an existing file is replaced whole or not at
+        all. Returns the path written."""
+        path, _ = save_target(name)
         if not all(getattr(c, "savable", True) for c in self.cache):
             raise DeepSeekError(
                 f"{path}: this model's cache (DeepSeek V4) cannot be saved to a session file yet"
@@ -430,56 +459,38 @@ class ChatSession:
             "thinking": self.thinking,
             "totals": asdict(self.totals),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
-        try:
-            save_prompt_cache(
-                str(tmp), self.cache, {"format": SESSION_FORMAT, "session": json.dumps(state)}
-            )
-            os.replace(tmp, path)
-        except Exception as e:
-            reason = getattr(e, "strerror", None) or e
-            raise DeepSeekError(f"{path}: could not save the session ({reason})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_session(path, self.cache, state)
         return path
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Replace this conversation with one saved by `save` (same model architecture)."""
-        path = Path(path).expanduser()
-        if not path.exists() and not path.suffix and path.with_suffix(".safetensors").exists():
-            path = path.with_suffix(".safetensors")
-        if not path.is_file():
-            raise DeepSeekError(f"{path}: no such session file")
-        try:
-            cache, meta = load_prompt_cache(str(path), return_metadata=True)
-            if meta.get("format") != SESSION_FORMAT:
-                raise ValueError("format")
-            state = json.loads(meta["session"])
-            tokens = [int(t) for t in state["tokens"]]
-            settings = SamplingSettings(**state["settings"]).validated()
-            messages = [{"role": m["role"], "content": m["content"]} for m in state["messages"]]
-        except Exception:
-            raise DeepSeekError(
-                f"{path}: not a chat session saved by mlx-deepseek (/save writes them)"
-            ) from None
-        if state.get("arch") != self._arch():
-            raise DeepSeekError(
-                f"{path} was saved with another model ({state.get('model') or 'unknown'}, "
-                f"{state.get('arch')}); load it in a chat with that model"
-            )
+    def load(self, name: str | os.PathLike) -> Path:
+        """Replace this conversation with one saved by `save` (same model architecture);
+        the file is checked whole first, so a bad one leaves the conversation as it was.
+        Returns the path read."""
+        path = load_source(name)
+        args = getattr(self.model, "args", None)
+        dims = (getattr(args, "kv_lora_rank", None), getattr(args, "qk_rope_head_dim", None))
+        saved = read_session(path, self._arch(), vocab_size(self.model), dims)
         fresh = make_cache(self.model)  # the model's own cache type (it may carry MTP state)
-        if len(cache) != len(fresh) or cache_length(cache) < len(tokens):
-            raise DeepSeekError(f"{path}: the saved cache does not match its conversation")
-        for layer, saved in zip(fresh, cache, strict=True):
-            layer.state = saved.state
-        trim_cache(fresh, len(tokens))
-        self.cache, self.tokens, self._text = fresh, tokens, None
-        self.system = state.get("system")
-        self.messages = messages
-        self.reasoning = {int(k): v for k, v in state.get("reasoning", {}).items()}
-        self.settings = settings
-        self.max_tokens = int(state.get("max_tokens", self.max_tokens))
+        if not all(getattr(c, "savable", True) for c in fresh):
+            raise DeepSeekError(
+                f"{path}: this model's cache (DeepSeek V4) cannot be loaded from a session file yet"
+            )
+        if len(saved.layers) != len(fresh):
+            raise DeepSeekError(
+                f"{path}: its cache has {len(saved.layers)} layers, this model {len(fresh)}"
+            )
+        for layer, (keys, values, offset) in zip(fresh, saved.layers, strict=True):
+            layer.keys, layer.values, layer.offset = keys, values, offset
+        trim_cache(fresh, len(saved.tokens))
+        self.cache, self.tokens, self._text = fresh, saved.tokens, None
+        self.system = saved.system
+        self.messages = saved.messages
+        self.reasoning = saved.reasoning
+        self.settings = saved.settings
+        self.max_tokens = self._max_tokens(saved.max_tokens)
         if self.fmt.has_thinking_switch:
-            self.thinking = bool(state.get("thinking", False))
-        self.totals = SessionTotals(**state.get("totals", {}))
+            self.thinking = saved.thinking
+        known = {f.name for f in fields(SessionTotals)}
+        self.totals = SessionTotals(**{k: v for k, v in saved.totals.items() if k in known})
         self.last = None
+        return path

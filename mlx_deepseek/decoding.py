@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from numbers import Integral
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .errors import ArgumentTypeError, ArgumentValueError
 from .sampling import LogitsProcessor, Sampler
 
 DEFAULT_PREFILL_STEP_SIZE = 2048
@@ -76,6 +78,52 @@ def trim_cache(cache: list, length: int) -> None:
 def context_length(model: nn.Module) -> int | None:
     args = getattr(model, "args", None)
     return getattr(args, "max_position_embeddings", None)
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "args", None), "vocab_size", None)
+
+
+# ---- token ids from outside ----------------------------------------------------------------
+
+
+def check_token_ids(
+    ids: Any, vocab: int | None, what: str = "prompt", check_range: bool = True
+) -> list[int]:
+    """`ids` (a sequence of integers, or an integer mx / NumPy array) as a list of ints, each in
+    [0, vocab); else ArgumentTypeError / ArgumentValueError naming `what`, the first bad id
+    and its position (check_range=False: types only). Every id that comes from outside the
+    process (the API, a saved session, a server request) passes here before it can reach the
+    embedding's gather, which does not check its indices."""
+    if isinstance(ids, mx.array):
+        if ids.dtype == mx.bool_ or not mx.issubdtype(ids.dtype, mx.integer):
+            raise ArgumentTypeError(
+                f"{what}: token ids must be integers, got an array of {ids.dtype}"
+            )
+        ids = ids.reshape(-1).tolist()
+    elif hasattr(ids, "dtype") and hasattr(ids, "tolist"):  # a NumPy array
+        if getattr(ids.dtype, "kind", None) not in ("i", "u"):
+            raise ArgumentTypeError(
+                f"{what}: token ids must be integers, got an array of {ids.dtype}"
+            )
+        ids = ids.reshape(-1).tolist()
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ArgumentTypeError(f"{what}: give a list of token ids, got {type(ids).__name__}")
+    out = []
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, Integral):
+            raise ArgumentTypeError(
+                f"{what}: token ids must be integers, got {type(t).__name__} {t!r} at position {i}"
+            )
+        t = int(t)
+        if check_range and (t < 0 or (vocab is not None and t >= vocab)):
+            where = f"[0, {vocab})" if vocab is not None else "[0, vocab_size)"
+            raise ArgumentValueError(
+                f"{what}: token id {t} at position {i} is outside the model's vocabulary "
+                f"{where}: use ids from this model's tokenizer"
+            )
+        out.append(t)
+    return out
 
 
 # ---- the plain step function ---------------------------------------------------------------

@@ -19,3 +19,11 @@ class CheckpointError(DeepSeekError):
 
 class OutOfMemoryError(DeepSeekError):
     """The model (weights + a default context's cache) cannot fit in this machine's memory."""
+
+
+class ArgumentValueError(DeepSeekError, ValueError):
+    """An API argument or CLI option has a value outside what it accepts (also a ValueError)."""
+
+
+class ArgumentTypeError(DeepSeekError, TypeError):
+    """An API argument has the wrong type, e.g. a number given as a string (also a TypeError)."""

@@ -9,9 +9,11 @@ timings and memory.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import mlx.core as mx
@@ -23,11 +25,13 @@ from .decoding import (
     StepFn,
     StepOptions,
     cache_length,
+    check_token_ids,
     context_length,
     decode_steps,
     make_cache,
+    vocab_size,
 )
-from .errors import DeepSeekError
+from .errors import ArgumentTypeError, ArgumentValueError
 from .sampling import (
     LogitsProcessor,
     Sampler,
@@ -73,6 +77,46 @@ def wrap_tokenizer(tokenizer: Any) -> TokenizerWrapper:
     return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: Any, what: str) -> str:
+    """`text` if it is a str that UTF-8 can encode; else ArgumentTypeError/ArgumentValueError
+    naming `what`. A lone surrogate is what undecodable bytes become under Python's
+    surrogateescape (sys.argv, os.listdir): it is not text and no tokenizer can encode it."""
+    if not isinstance(text, str):
+        raise ArgumentTypeError(f"{what}: must be a string, got {type(text).__name__}")
+    m = _LONE_SURROGATE.search(text)
+    if m:
+        raise ArgumentValueError(
+            f"{what}: contains a lone surrogate {m.group()!r} at index {m.start()}, which is not "
+            "text (undecodable bytes?): decode the bytes with errors='replace' first"
+        )
+    return text
+
+
+def check_int(value: Any, what: str, low: int, high: int | None = None) -> int:
+    """`value` if it is an integer in [low, high]; else an error naming `what`."""
+    rule = f">= {low}" if high is None else f"from {low} to {high}"
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ArgumentTypeError(f"{what}={value!r}: must be an integer {rule}")
+    if value < low or (high is not None and value > high):
+        raise ArgumentValueError(f"{what}={value!r}: must be an integer {rule}")
+    return int(value)
+
+
+def _check_messages(messages: list) -> list[dict]:
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and "role" in m and "content" in m):
+            raise ArgumentTypeError(
+                f"prompt[{i}]: chat messages are dicts like "
+                f'{{"role": "user", "content": "..."}}, got {type(m).__name__}'
+            )
+        check_text(m["role"], f"prompt[{i}]['role']")
+        check_text(m["content"], f"prompt[{i}]['content']")
+    return messages
+
+
 def encode_prompt(
     tokenizer: Any,
     prompt: str | Sequence[int] | Sequence[dict] | mx.array,
@@ -88,22 +132,26 @@ def encode_prompt(
     Messages (a list of {"role", "content"} dicts) go through the chat template: the
     checkpoint's own, else the built-in DeepSeek one (see mlx_deepseek.formats.templates).
     `system` prepends a system message (and turns a text prompt into a one-turn chat).
+    Token ids are checked for type here; their range is checked against the model by
+    `stream_generate` (decoding.check_token_ids).
     """
-    if isinstance(prompt, mx.array):
-        return [int(t) for t in prompt.reshape(-1).tolist()]
+    if system is not None:
+        check_text(system, "system")
+    if isinstance(prompt, mx.array) or (hasattr(prompt, "dtype") and hasattr(prompt, "tolist")):
+        return check_token_ids(prompt, None, check_range=False)  # an MLX or NumPy array of ids
     if isinstance(prompt, str):
+        check_text(prompt, "prompt")
         if system is None:
             return _with_bos(tokenizer, list(tokenizer.encode(prompt, add_special_tokens=False)))
         prompt = [{"role": "user", "content": prompt}]
-    prompt = list(prompt)
-    if all(isinstance(t, int) for t in prompt):
-        return prompt
-    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-        raise DeepSeekError(
+    if isinstance(prompt, bytes) or not isinstance(prompt, Sequence):
+        raise ArgumentTypeError(
             "prompt: give a string, a list of token ids, or a list of chat messages "
-            '({"role": "user", "content": "..."})'
+            f'({{"role": "user", "content": "..."}}), got {type(prompt).__name__}'
         )
-    messages = list(prompt)
+    if not prompt or not isinstance(prompt[0], dict):
+        return check_token_ids(prompt, None, check_range=False)
+    messages = _check_messages(list(prompt))
     if system is not None and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
     if chat_format is None:
@@ -121,6 +169,18 @@ def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
     if isinstance(bos, int) and (not ids or ids[0] != bos):
         return [bos, *ids]
     return ids
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [check_text(stop, "stop")]
+    if isinstance(stop, bytes) or not isinstance(stop, Sequence):
+        raise ArgumentTypeError(
+            f"stop: give a string or a list of strings, got {type(stop).__name__}"
+        )
+    return [check_text(s, f"stop[{i}]") for i, s in enumerate(stop)]
 
 
 class StopStrings:
@@ -193,6 +253,13 @@ def stream_generate(
     step (None: on where `speculative.mtp_by_default` says it pays off); responses then carry
     the acceptance rate and tokens per step. `step_fn` replaces the decoding loop entirely.
     """
+    max_tokens = check_int(max_tokens, "max_tokens", 1)
+    prefill_step_size = check_int(prefill_step_size, "prefill_step_size", 1)
+    draft_tokens = check_int(draft_tokens, "draft_tokens", 1, 8)
+    for name, flag in (("thinking", thinking), ("mtp", mtp)):
+        if not (isinstance(flag, bool) or (name == "mtp" and flag is None)):
+            raise ArgumentTypeError(f"{name}={flag!r}: must be True or False")
+    stops = StopStrings(_stop_strings(stop))
     settings = SamplingSettings(
         temperature=temperature,
         top_p=top_p,
@@ -202,14 +269,14 @@ def stream_generate(
         repetition_context_size=repetition_context_size,
         seed=seed,
     ).validated()
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise DeepSeekError(f"max_tokens={max_tokens!r}: must be an integer >= 1")
     tokenizer = wrap_tokenizer(tokenizer)
     args = getattr(model, "args", None)
     config = {"model_type": getattr(args, "model_type", None)}
     tokens = encode_prompt(tokenizer, prompt, system=system, thinking=thinking, model_config=config)
     if not tokens:
-        raise DeepSeekError("the prompt is empty: give at least one token")
+        raise ArgumentValueError("the prompt is empty: give at least one token")
+    tokens = check_token_ids(tokens, vocab_size(model), "prompt")
+    prior_tokens = check_token_ids(prior_tokens, vocab_size(model), "prior_tokens")
 
     cache = prompt_cache if prompt_cache is not None else make_cache(model)
     used = cache_length(cache)
@@ -217,7 +284,7 @@ def stream_generate(
     if limit is not None:
         if used + len(tokens) >= limit:
             held = f" + {used} already in the conversation" if used else ""
-            raise DeepSeekError(
+            raise ArgumentValueError(
                 f"the prompt is {len(tokens)} tokens{held}, but the model's context holds "
                 f"{limit} (max_position_embeddings) and needs room to answer: shorten the "
                 "prompt" + (" or start a new conversation" if used else "")
@@ -231,7 +298,7 @@ def stream_generate(
             logits_processors if logits_processors is not None else make_logits_processors(settings)
         ),
         max_tokens=max_tokens,
-        prefill_step_size=max(1, int(prefill_step_size)),
+        prefill_step_size=prefill_step_size,
         prior_tokens=prior_tokens,
         prefill_progress=prefill_progress,
     )
@@ -241,7 +308,6 @@ def stream_generate(
     steps = (step_fn or decode_steps)(model, mx.array(tokens), cache, opts)
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
-    stops = StopStrings([stop] if isinstance(stop, str) else list(stop or ()))
 
     tic = time.perf_counter()
     prompt_tps = 0.0

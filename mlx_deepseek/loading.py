@@ -68,17 +68,42 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
 
 
 def _download(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    # huggingface_hub's own reading of HF_HUB_OFFLINE (its spellings of "true")
+    is_offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)
+    offline = bool(is_offline())
     try:
         return Path(snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=offline))
     except HFValidationError as e:
         raise CheckpointError(f"{repo}: not a valid Hugging Face repo id ({e})") from None
-    except LocalEntryNotFoundError:
-        pass
-    except Exception as e:  # network errors, gated repos, 404s
+    except LocalEntryNotFoundError as e:
+        if offline:
+            raise CheckpointError(
+                f"{repo}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set so the "
+                "hub is not asked: unset HF_HUB_OFFLINE to download it, or pass a local folder"
+            ) from None
+        cause = type(e.__cause__).__name__ if e.__cause__ is not None else "no answer"
+        raise CheckpointError(
+            f"{repo}: not in the local Hugging Face cache and the hub cannot be reached "
+            f"({cause}): check your network connection, or pass a local folder"
+        ) from None
+    except GatedRepoError:
+        raise CheckpointError(
+            f"{repo}: a gated repo: accept its terms on huggingface.co, then log in (hf auth login)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"{repo}: no such repo on the Hugging Face hub (or a private one: log in with "
+            "hf auth login); check the name, or pass a local folder"
+        ) from None
+    except Exception as e:  # the hub answered with an error: what the cache holds may do
         try:
             return Path(
                 snapshot_download(repo, allow_patterns=_HUB_PATTERNS, local_files_only=True)
@@ -88,10 +113,6 @@ def _download(repo: str) -> Path:
                 f"{repo}: could not download it ({type(e).__name__}) and it is not in the local "
                 "Hugging Face cache; check the name and your network, or pass a local folder"
             ) from None
-    raise CheckpointError(
-        f"{repo}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-        "download it once with network access, or pass a local folder"
-    )
 
 
 # ---- config and tensors --------------------------------------------------------------------

@@ -10,8 +10,9 @@ arrays: on MLX's CPU backend every new constant would cost a JIT compile of seco
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from numbers import Integral, Real
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
@@ -21,7 +22,7 @@ from mlx_lm.sample_utils import (
     make_repetition_penalty,
 )
 
-from .errors import DeepSeekError
+from .errors import ArgumentTypeError, ArgumentValueError
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -39,23 +40,34 @@ class SamplingSettings:
     repetition_context_size: int = 20
     seed: int | None = None
 
-    def validated(self) -> SamplingSettings:
-        """Self, or DeepSeekError naming the bad value and its valid range."""
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise DeepSeekError(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise DeepSeekError(f"top_p={self.top_p!r}: must be in (0, 1] (1 = off)")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise DeepSeekError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
-        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1):
-            raise DeepSeekError(f"min_p={self.min_p!r}: must be in [0, 1) (0 = off)")
-        rp = self.repetition_penalty
-        if rp is not None and not (isinstance(rp, (int, float)) and rp > 0):
-            raise DeepSeekError(f"repetition_penalty={rp!r}: must be > 0 (1 = off)")
-        if not (isinstance(self.repetition_context_size, int) and self.repetition_context_size > 0):
-            raise DeepSeekError(
-                f"repetition_context_size={self.repetition_context_size!r}: must be an integer > 0"
-            )
+    def validated(self, names: Mapping[str, str] | None = None) -> SamplingSettings:
+        """Self, or an error naming the bad value and what is accepted: ArgumentTypeError (a
+        TypeError) for a wrong type, ArgumentValueError (a ValueError) for a value out of
+        range. `names` spells the fields as the caller's user knows them (the CLI's options):
+        `--top-p 2.0: ...` instead of `top_p=2.0: ...`."""
+
+        def label(field: str) -> str:
+            value = getattr(self, field)
+            return f"{names[field]} {value}" if names and field in names else f"{field}={value!r}"
+
+        def number(field: str, rule: str, ok, integer: bool = False, optional: bool = False):
+            value = getattr(self, field)
+            if value is None and optional:
+                return
+            kind = Integral if integer else Real
+            if isinstance(value, bool) or not isinstance(value, kind):
+                what = "an integer" if integer else "a number"
+                raise ArgumentTypeError(f"{label(field)}: must be {what} {rule}")
+            if not ((integer or math.isfinite(value)) and ok(value)):
+                raise ArgumentValueError(f"{label(field)}: must be {rule}")
+
+        number("temperature", ">= 0 (0 = greedy)", lambda v: v >= 0)
+        number("top_p", "in (0, 1] (1 = off)", lambda v: 0 < v <= 1)
+        number("top_k", ">= 0 (0 = off)", lambda v: v >= 0, integer=True)
+        number("min_p", "in [0, 1) (0 = off)", lambda v: 0 <= v < 1)
+        number("repetition_penalty", "> 0 (1 = off)", lambda v: v > 0, optional=True)
+        number("repetition_context_size", "> 0", lambda v: v > 0, integer=True)
+        number("seed", "in [0, 2**64)", lambda v: 0 <= v < 2**64, integer=True, optional=True)
         return self
 
     def with_(self, **changes) -> SamplingSettings:

@@ -273,6 +273,7 @@ def test_bench_kernels_says_in_one_line_when_they_cannot_run(bench_json, tmp_pat
     assert "kernels off (MLX)" in result.output and "kernels on" not in result.output
 
 
+@pytest.mark.emulator
 def test_bench_kernels_compares_on_and_off(bench_json, tmp_path, monkeypatch):
     from kernel_support import metal
 

@@ -151,7 +151,7 @@ def test_multi_turn_commands_and_ctrl_c_in_a_real_terminal(chat):
     chat.expect(r"(?s)Go on\n.{20}", timeout=60)  # the answer is streaming
     time.sleep(0.3)
     chat.send("\x03")
-    chat.expect(r"\[interrupted: answer kept\]")
+    chat.expect(r"\[interrupted: the answer so far is kept\]")
     p3, cached3, g3, ctx3 = stats(chat)
     assert 0 < g3 < 1500  # stopped part way
     assert ctx3 == cached3 + p3 + g3  # the partial answer is in the cache

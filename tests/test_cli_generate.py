@@ -69,8 +69,8 @@ def test_non_utf8_stdin_is_one_clear_line(model_dir, monkeypatch, capsys):
     [
         (["generate", "./no/such/model", "-p", "x"], "no such folder"),
         (["generate", "{model}", "-p", "dragon " * 3000], "max_position_embeddings"),
-        (["generate", "{model}", "-p", "x", "--top-p", "0"], "top_p"),
-        (["generate", "{model}", "-p", "x", "-m", "0"], "max_tokens"),
+        (["generate", "{model}", "-p", "x", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+        (["generate", "{model}", "-p", "x", "-m", "0"], "--max-tokens 0: must be at least 1"),
         (["generate", "{model}", "-p", "x", "--think"], "no thinking switch"),
         (["chat", "./no/such/model"], "no such folder"),
     ],
@@ -121,7 +121,7 @@ def test_chat_session_through_the_runner(model_dir, tmp_path):
     assert "unknown command /bogus" in out
     assert "error: top_p=2.0: must be in (0, 1]" in out
     assert "top_k = 5" in out and "system prompt set" in out
-    assert "has no thinking mode" in out
+    assert "has no thinking switch" in out and "still shown" in out
     assert "saved 6 messages" in out and "loaded 6 messages" in out
     assert "turns 3 · prefilled" in out
     assert (tmp_path / "s.safetensors").exists()
@@ -154,5 +154,5 @@ def test_generate_sends_r1_reasoning_to_stderr():
     model, tok = tiny_model("tiny-deepseek-r1")
     prompt = [{"role": "user", "content": "Why?"}]
     reasoning = generate(model, tok, prompt, 5)  # the tiny model never writes </think>
-    assert r.stdout == "\n"  # no answer yet: it was all reasoning
+    assert r.stdout == ""  # no answer yet: it was all reasoning (and no blank line)
     assert r.stderr.startswith(reasoning.strip()[:3]) and "generated 5 tok" in r.stderr

@@ -17,6 +17,8 @@ from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.models.deepseek_v3 import Model
 from mlx_deepseek.ops import metal as metal_ops
 
+pytestmark = pytest.mark.emulator  # without Metal: needs clang >= 16 (conftest.py)
+
 # Measured with this code (tiny V3 below, float32, Metal-equivalent, kernel launches as one
 # placeholder each): 33 for mlx-deepseek, 78 for mlx-lm. A change that adds a dispatch to the
 # decode step fails here; one that removes some lowers the bound.

@@ -21,6 +21,8 @@ from mlx_deepseek.models.tiny import YARN, tiny_config
 from mlx_deepseek.ops import metal as metal_ops
 from mlx_deepseek.ops.types import Routing
 
+pytestmark = pytest.mark.emulator  # without Metal: needs clang >= 16 (conftest.py)
+
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 

@@ -35,6 +35,8 @@ from mlx_deepseek.kernels.runtime import Unsupported
 from mlx_deepseek.models.moe import MLP
 from mlx_deepseek.ops import metal as metal_ops
 
+pytestmark = pytest.mark.emulator  # without Metal: needs clang >= 16 (conftest.py)
+
 
 @dataclass(frozen=True)
 class Case:

@@ -11,9 +11,12 @@ from metal_emulator.signature import Arg, TemplateArg, write_signature
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
 
-pytestmark = pytest.mark.skipif(
-    sys.platform == "darwin", reason="on macOS the kernels run on the real GPU instead"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        sys.platform == "darwin", reason="on macOS the kernels run on the real GPU instead"
+    ),
+    pytest.mark.emulator,
+]
 
 
 def run1(source, inputs, n, grid=None, tg=(32, 1, 1), dtype=np.float32, **kw):

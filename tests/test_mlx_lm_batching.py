@@ -63,7 +63,9 @@ def singles(model, tokenizer, ids: list[list[int]]) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("backend", ["mlx", "cpu-split", "metal"])
+@pytest.mark.parametrize(
+    "backend", ["mlx", "cpu-split", pytest.param("metal", marks=pytest.mark.emulator)]
+)
 def test_batch_generate_equals_one_sequence_at_a_time(backend, model_and_tokenizer, monkeypatch):
     model, tokenizer = model_and_tokenizer
     ids = [tokenizer.encode(p) for p in PROMPTS]

@@ -4,14 +4,16 @@ plain `pip install .` (not editable) would lack it."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_package_folder_is_in_the_wheel():
-    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    from setuptools.config.pyprojecttoml import read_configuration  # any Python we support
+
+    setup = read_configuration(ROOT / "pyproject.toml")["tool"]["setuptools"]
     listed = set(setup["packages"])
     dirs = setup["package-dir"]
     found = set()

@@ -47,7 +47,6 @@ def bench_command(
         list[Path] | None,
         typer.Option(
             "--model",
-            "-m",
             help="A real checkpoint folder to measure as well (mlx-lm is compared when it can "
             "load it).",
         ),

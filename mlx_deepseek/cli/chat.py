@@ -12,6 +12,7 @@ from .options import (
     MaxTokens,
     MinP,
     Mtp,
+    PrefillStepSize,
     RepetitionPenalty,
     Seed,
     State,
@@ -19,6 +20,7 @@ from .options import (
     Temp,
     TopK,
     TopP,
+    check_options,
 )
 
 
@@ -30,27 +32,36 @@ def chat(
     min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = None,
     seed: Seed = None,
-    max_tokens: MaxTokens = 4096,
+    max_tokens: MaxTokens = None,
     system: System = None,
     think: bool = typer.Option(
         False, "--think", help="Start in thinking mode (models with a switch: V3.1)."
     ),
-    prefill_step_size: int = typer.Option(
-        2048, "--prefill-step-size", help="Prompt tokens per prefill pass."
-    ),
+    prefill_step_size: PrefillStepSize = 2048,
     mtp: Mtp = None,
     draft_tokens: DraftTokens = 1,
 ) -> None:
     """Chat with a model in the terminal (streams answers; /help lists the commands)."""
     from ..chat.repl import Repl
-    from ..chat.session import ChatSession
-    from ..errors import DeepSeekError
+    from ..chat.session import ChatSession, no_thinking_switch
     from ..sampling import SamplingSettings
-    from .generate import load_checkpoint
+    from .generate import argv_text, load_checkpoint
 
-    if max_tokens < 1:
-        raise DeepSeekError(f"--max-tokens {max_tokens}: must be at least 1")
+    check_options(
+        max_tokens=max_tokens,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        draft_tokens=draft_tokens,
+        prefill_step_size=prefill_step_size,
+    )
+    system = argv_text(system, "--system") if system is not None else None
     m, tokenizer, fmt, name = load_checkpoint(model)
+    if think and not fmt.has_thinking_switch:
+        raise no_thinking_switch(fmt, "--think")
     settings = SamplingSettings(
         temperature=fmt.temperature if temp is None else temp,
         top_p=fmt.top_p if top_p is None else top_p,

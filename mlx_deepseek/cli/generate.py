@@ -6,6 +6,7 @@ a stats line follows on stderr. Heavy imports happen inside the command (fast --
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .options import (
     Temp,
     TopK,
     TopP,
+    check_options,
 )
 
 
@@ -54,24 +56,66 @@ def load_checkpoint(model: str, quiet: bool = False) -> tuple[Any, Any, Any, str
     return m, tokenizer, chat_format(tokenizer, config, name), name
 
 
+def _not_utf8(where: str, data: bytes, e: UnicodeDecodeError) -> DeepSeekError:
+    return DeepSeekError(
+        f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): convert "
+        "it first, e.g. iconv -f latin1 -t utf-8"
+    )
+
+
+def argv_text(value: str, option: str) -> str:
+    """An option's value as text: argv bytes that are not UTF-8 arrive as lone surrogates
+    (Python's surrogateescape), which no tokenizer can encode: one line instead."""
+    data = os.fsencode(value)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(f"the {option} argument", data, e) from None
+
+
 def read_prompt(prompt: str | None) -> str:
-    """--prompt's text, or stdin's when --prompt is absent or '-' (must be UTF-8)."""
+    """--prompt's text, or stdin's when --prompt is absent or '-' (must be UTF-8, not empty)."""
     if prompt is not None and prompt != "-":
-        return prompt
+        text = argv_text(prompt, "--prompt")
+        if not text.strip():
+            raise DeepSeekError("the prompt given with --prompt is empty: give some text")
+        return text
     if prompt is None and sys.stdin.isatty():
         raise DeepSeekError("no prompt: give --prompt TEXT, or pipe the prompt on stdin")
     data = sys.stdin.buffer.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DeepSeekError(
-            f"stdin is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): convert "
-            "it first, e.g. iconv -f latin1 -t utf-8"
-        ) from None
+        raise _not_utf8("stdin", data, e) from None
     text = text.rstrip("\r\n")
     if not text.strip():
-        raise DeepSeekError("the prompt on stdin is empty")
+        raise DeepSeekError("the prompt on stdin is empty: give some text")
     return text
+
+
+class _Answer:
+    """The answer on stdout, without the blank lines it may start with: `$(mlx-deepseek
+    generate ...)` gets the answer itself."""
+
+    def __init__(self) -> None:
+        from ..chat.repl import LeadingBlankLines
+
+        self.lines = LeadingBlankLines()
+
+    @property
+    def started(self) -> bool:
+        return self.lines.started
+
+    def write(self, text: str) -> None:
+        text = self.lines.feed(text)
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.started:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 def generate(
@@ -79,7 +123,7 @@ def generate(
     prompt: str | None = typer.Option(
         None, "--prompt", "-p", help="The prompt; omit it or give '-' to read stdin."
     ),
-    max_tokens: MaxTokens = 512,
+    max_tokens: MaxTokens = None,
     temp: Temp = None,
     top_p: TopP = None,
     top_k: TopK = 0,
@@ -101,19 +145,33 @@ def generate(
     draft_tokens: DraftTokens = 1,
 ) -> None:
     """Generate an answer to one prompt (stdout: the answer; stderr: reasoning and stats)."""
+    # text first (no MLX import needed), then the options; all before loading the model
+    stop = [argv_text(s, "--stop") for s in stop or ()]
+    system = argv_text(system, "--system") if system is not None else None
+    text = read_prompt(prompt)
+    check_options(
+        max_tokens=max_tokens,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        draft_tokens=draft_tokens,
+    )
     from rich.console import Console
 
     from ..chat.repl import format_memory
-    from ..chat.session import ReasoningSplitter
+    from ..chat.session import ReasoningSplitter, no_thinking_switch
+    from ..decoding import context_length
     from ..formats import starts_in_reasoning
     from ..generation import stream_generate
 
-    text = read_prompt(prompt)
     m, tokenizer, fmt, _ = load_checkpoint(model, quiet)
     if think and not fmt.has_thinking_switch:
-        raise DeepSeekError(
-            f"--think: this model's chat format ({fmt.family}) has no thinking switch"
-        )
+        raise no_thinking_switch(fmt, "--think")
+    if max_tokens is None:
+        max_tokens = min(512, context_length(m) or 512)
     if raw:
         prompt_text = text
         tokens: Any = text
@@ -125,8 +183,8 @@ def generate(
         tokens = tokenizer.encode(prompt_text, add_special_tokens=False)
     splitter = ReasoningSplitter(starts_in_reasoning(prompt_text), detect=True)
     err = Console(stderr=True, highlight=False)
+    answer = _Answer()
     last = None
-    answered = False
     for last in stream_generate(
         m,
         tokenizer,
@@ -147,15 +205,12 @@ def generate(
             if chunk.kind == "reasoning":
                 err.print(chunk.text, style="dim italic", end="", markup=False, soft_wrap=True)
             else:
-                if splitter.reasoning and not answered:
+                if splitter.reasoning and not answer.started and chunk.text.strip():
                     err.print()  # end the reasoning's line before the answer starts
-                answered = True
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-    if splitter.reasoning and not answered:
+                answer.write(chunk.text)
+    if splitter.reasoning and not answer.started:
         err.print()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    answer.end()
     if last is not None and not quiet:
         err.print(
             f"prompt {last.prompt_tokens} tok {last.prompt_tps:.1f} tok/s · generated "

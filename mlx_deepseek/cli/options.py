@@ -14,7 +14,16 @@ class State:
 MODEL_HELP = "Checkpoint folder, Hugging Face repo id, or 'demo' (the bundled demo model)."
 
 # The options `generate` and `chat` share (each command gives its own default value)
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-m", help="Longest answer, in tokens.")]
+MaxTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--max-tokens",
+        "-m",
+        help="Longest answer, in tokens. Default: 512 for generate, 4096 for chat, or the "
+        "model's context if it is shorter.",
+        show_default=False,
+    ),
+]
 Temp = Annotated[
     float | None,
     typer.Option("--temp", help="Temperature (0 = greedy). Default: the model family's (R1: 0.6)."),
@@ -42,6 +51,9 @@ Mtp = Annotated[
         "layer.",
     ),
 ]
+PrefillStepSize = Annotated[
+    int, typer.Option("--prefill-step-size", help="Prompt tokens per prefill pass.")
+]
 DraftTokens = Annotated[
     int,
     typer.Option(
@@ -49,3 +61,49 @@ DraftTokens = Annotated[
         help="Tokens the MTP head drafts per step (1 is DeepSeek's; more apply it recursively).",
     ),
 ]
+
+
+# How the checks of sampling settings name the options (the same words in chat and generate)
+OPTION_NAMES = {
+    "temperature": "--temp",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+    "seed": "--seed",
+}
+
+
+def check_options(
+    *,
+    max_tokens: int | None,
+    temp: float | None,
+    top_p: float | None,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float | None,
+    seed: int | None,
+    draft_tokens: int,
+    prefill_step_size: int | None = None,
+) -> None:
+    """The checks `chat` and `generate` share, run before the model is loaded (a typo costs
+    no loading time) and worded the same in both: `--top-p 2.0: must be in (0, 1] (1 = off)`."""
+    from ..errors import ArgumentValueError
+    from ..sampling import SamplingSettings
+
+    for option, value, low, high in (
+        ("--max-tokens", max_tokens, 1, None),
+        ("--draft-tokens", draft_tokens, 1, 8),
+        ("--prefill-step-size", prefill_step_size, 1, None),
+    ):
+        if value is not None and (value < low or (high is not None and value > high)):
+            rule = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise ArgumentValueError(f"{option} {value}: must be {rule}")
+    SamplingSettings(  # the family's defaults stand in for what is not given: they are valid
+        temperature=0.0 if temp is None else temp,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    ).validated(OPTION_NAMES)

@@ -149,7 +149,10 @@ class _Environment(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         if getattr(__obj, "__name__", "") in ("format", "format_map"):
-            _check_format(getattr(__obj, "__self__", None))
+            # the sandbox hands out str.format wrapped (functools.update_wrapper): the
+            # format string is the wrapped method's __self__
+            bound = getattr(__obj, "__wrapped__", __obj)
+            _check_format(getattr(bound, "__self__", None))
         for value in (*args, *kwargs.values()):
             if (
                 isinstance(value, int)
