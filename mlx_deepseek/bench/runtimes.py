@@ -20,6 +20,8 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlx_deepseek import _blas
 
+from . import v4
+
 OURS = "mlx-deepseek"
 MLX_LM = "mlx-lm"
 CACHE_STEP = 256
@@ -110,9 +112,13 @@ def cache_layout(rt: Runtime) -> list[tuple[tuple[int, ...], tuple[int, ...], mx
 
 def filled_cache(rt: Runtime, context: int, room: int, seed: int = 0) -> list[Any]:
     """A cache at offset `context` holding random values, with space for `room` more tokens
-    (so timed decode steps never reallocate)."""
+    (so timed decode steps never reallocate). A V4 cache: bench/v4.py's `fill`."""
     capacity = -(-(context + room) // CACHE_STEP) * CACHE_STEP
     key = mx.random.key(seed)
+    if rt.config.get("model_type") == "deepseek_v4":
+        if rt._layout is None:
+            rt._layout = v4.buffer_widths(rt.model)
+        return v4.fill(rt.model, rt._layout, context, room, key)
     cache = rt.make_cache()
     for c, (ks, vs, dtype) in zip(cache, cache_layout(rt), strict=True):
         k1, k2, key = mx.random.split(key, 3)
@@ -124,12 +130,17 @@ def filled_cache(rt: Runtime, context: int, room: int, seed: int = 0) -> list[An
 
 
 def rewind(cache: list[Any], offset: int) -> None:
+    if v4.is_v4_cache(cache):
+        v4.rewind(cache, offset)
+        return
     for c in cache:
         c.offset = offset
 
 
 def cache_bytes_per_token(cache: list[Any]) -> float:
     """Bytes of the live cache (every layer's keys + values up to the offset) per token."""
+    if v4.is_v4_cache(cache):
+        return v4.cache_bytes_per_token(cache)
     total, tokens = 0, cache[0].offset
     for c in cache:
         for a in (c.keys, c.values):
@@ -137,13 +148,19 @@ def cache_bytes_per_token(cache: list[Any]) -> float:
     return total / max(tokens, 1)
 
 
-def snapshot(cache: list[Any]) -> list[tuple[Any, Any, int]]:
-    return [(c.keys, c.values, c.offset) for c in cache]
+def cache_read_bytes(rt: Runtime, cache: list[Any]) -> int:
+    """Cache bytes one decode step reads: all of it for MLA (every position is attended),
+    V4's window, top-k and indexer rows (bench/v4.py)."""
+    if v4.is_v4_cache(cache):
+        return v4.read_bytes(cache, rt.config.get("index_topk", 512))
+    return int(cache_bytes_per_token(cache) * cache[0].offset)
 
 
-def restore(cache: list[Any], saved: list[tuple[Any, Any, int]]) -> None:
-    for c, (k, v, o) in zip(cache, saved, strict=True):
-        c.keys, c.values, c.offset = k, v, o
+def held_bytes(cache: list[Any]) -> int:
+    """Bytes the cache's buffers hold (allocated, not only used)."""
+    if v4.is_v4_cache(cache):
+        return sum(a.nbytes for c in cache for a in c.state)
+    return sum(c.keys.nbytes + c.values.nbytes for c in cache)
 
 
 # ---- steps -----------------------------------------------------------------------------------
