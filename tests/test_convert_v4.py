@@ -324,3 +324,48 @@ def test_cli_native(v4, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "native recipe" in result.output and (tmp_path / "out" / "config.json").exists()
+
+
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def test_synthetic_release_converts_to_its_float32_decoding(tmp_path):
+    """convert/synthetic_v4.py (the benchmarks' release-layout writer): sharded FP8 / FP4 /
+    bf16 tensors that the converter maps exactly (native recipe) onto what they encode, here
+    decoded by hand: e4m3 times 2^(s-127) per 128 x 128 block; e2m1 nibbles (low first)
+    times 2^(s-127) per 32."""
+    from mlx_deepseek.convert.synthetic_v4 import release_config, write_release
+
+    config = release_config(
+        vocab_size=256, hidden_size=192, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, head_dim=64, qk_rope_head_dim=16, q_lora_rank=96, o_groups=2,
+        o_lora_rank=64, n_routed_experts=4, num_experts_per_tok=2, index_n_heads=2,
+        index_head_dim=32, index_topk=4, sliding_window=8, hc_mult=2, compress_ratios=[4, 16],
+        num_hash_layers=1,
+    )  # fmt: skip
+    rel = tmp_path / "release"
+    total = write_release(rel, config, shards=3)
+    assert len(list(rel.glob("model-0000?-of-00003.safetensors"))) == 3
+    src = raw(rel)
+    assert total == sum(v.nbytes for v in src.values())
+    pipeline.convert(rel, tmp_path / "out", NATIVE)
+    got = dequantized(tmp_path / "out")
+    # an FP8 weight (hidden 192: a partial 64-wide block) and a routed expert, by hand
+    w, s = src["layers.1.attn.wq_a.weight"], src["layers.1.attn.wq_a.scale"]
+    fp8 = torch.from_numpy(w).view(torch.float8_e4m3fn).float().numpy()
+    scale = np.ldexp(1.0, s.astype(np.int64) - 127)
+    full = np.repeat(np.repeat(scale, 128, 0), 128, 1)[: w.shape[0], : w.shape[1]]
+    assert np.array_equal(got["model.layers.1.attn.wq_a.weight"], (fp8 * full).astype(np.float32))
+    b, s = (
+        src["layers.0.ffn.experts.3.w2.weight"].view(np.uint8),
+        src["layers.0.ffn.experts.3.w2.scale"],
+    )
+    codes = np.stack([b & 15, b >> 4], -1).reshape(b.shape[0], -1)
+    fp4 = E2M1[codes] * np.repeat(np.ldexp(1.0, s.astype(np.int64) - 127), 32, 1)
+    assert np.array_equal(got["model.layers.0.ffn.switch_mlp.down_proj.weight"][3], fp4)
+    # every tensor: the loader's own decoding of the release (FP8 -> float32, FP4 -> mxfp4)
+    want = dequantized(rel)
+    assert set(want) == set(got)
+    for name, value in want.items():
+        assert np.array_equal(got[name], value), name
+    assert np.array_equal(got["model.layers.0.ffn.gate.tid2eid"], src["layers.0.ffn.gate.tid2eid"])
