@@ -39,6 +39,7 @@ from mlx_deepseek.formats import (
 )
 from mlx_deepseek.generation import stream_generate
 from mlx_deepseek.sampling import SamplingSettings
+from mlx_deepseek.speculative import Drafting
 
 from .session_file import load_source, read_session, save_target, write_session
 
@@ -259,26 +260,18 @@ class ChatSession:
         last = None
         mx.reset_peak_memory()
         t0 = time.perf_counter()
-        s = self.settings
         stream = stream_generate(
             self.model,
             self.tokenizer,
             delta,
             self.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            min_p=s.min_p,
-            repetition_penalty=s.repetition_penalty,
-            repetition_context_size=s.repetition_context_size,
-            seed=s.seed,
+            sampling=self.settings,
+            drafting=Drafting(self.mtp, self.draft_tokens),
             prompt_cache=self.cache,
             prior_tokens=self.tokens,  # the repetition penalty and MTP drafting look back
             prefill_step_size=self.prefill_step_size,
             prefill_progress=_prefill_check(stop, progress),
             step_fn=self.step_fn,
-            mtp=self.mtp,
-            draft_tokens=self.draft_tokens,
         )
         try:
             for r in stream:

@@ -15,9 +15,7 @@ conversation with it. Any problem is one line naming the file and what is wrong.
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,16 +25,14 @@ import mlx.core as mx
 from mlx_lm.models.cache import save_prompt_cache
 
 from mlx_deepseek.decoding import check_token_ids
-from mlx_deepseek.errors import DeepSeekError
+from mlx_deepseek.errors import CheckpointError, DeepSeekError
 from mlx_deepseek.generation import check_text
+from mlx_deepseek.safetensors_check import SafetensorsError, validate_safetensors
 from mlx_deepseek.sampling import SamplingSettings
 
 SESSION_FORMAT = "mlx-deepseek-chat/1"
 SUFFIX = ".safetensors"
 DEFAULT_NAME = "chat" + SUFFIX
-_MAX_HEADER = 64 << 20  # bytes of JSON header a session may have (its text is the chat)
-_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2}
-_DTYPE_SIZES |= {"U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 _ROLES = ("system", "user", "assistant")
 
 
@@ -113,62 +109,17 @@ def write_session(path: Path, cache: list, state: dict[str, Any]) -> None:
 
 
 def check_safetensors_header(path: Path) -> dict[str, Any]:
-    """The header of a safetensors file, checked so that MLX can read the file safely:
-    a JSON object whose tensors have known dtypes, shapes whose size matches their byte
-    range, ranges inside the data section and not overlapping. Raises SessionFileError.
-
-    (The checkpoint loader gets a full validator of its own; this is the part sessions need.)
-    """
-
-    def bad(why: str) -> SessionFileError:
-        return SessionFileError(f"{path}: not a chat session saved by mlx-deepseek ({why})")
-
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise bad("shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            raise bad(f"a safetensors header of {n} bytes cannot be in a {size}-byte file")
-        raw = f.read(n)
+    """The header of a safetensors file, validated by the one validator the checkpoint
+    loader uses too (mlx_deepseek.safetensors_check), before MLX reads the file.
+    Raises SessionFileError."""
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise bad("its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise bad("its header is not a JSON object")
-    data_size = size - 8 - n
-    ranges = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            if not isinstance(info, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in info.items()
-            ):
-                raise bad("__metadata__ must map strings to strings")
-            continue
-        if not isinstance(info, dict) or info.get("dtype") not in _DTYPE_SIZES:
-            raise bad(f"tensor {name!r} has no known dtype")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
-            raise bad(f"tensor {name!r}: shape and data_offsets must be lists of integers")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_size:
-            raise bad(f"tensor {name!r}: bytes {begin}..{end} lie outside the data section")
-        if end - begin != math.prod(shape) * _DTYPE_SIZES[info["dtype"]]:
-            raise bad(f"tensor {name!r}: shape {shape} does not fill bytes {begin}..{end}")
-        ranges.append((begin, end, name))
-    ranges.sort()
-    for (_, end, a), (begin, _, b) in zip(ranges, ranges[1:], strict=False):
-        if begin < end:
-            raise bad(f"tensors {a!r} and {b!r} overlap")
-    return header
-
-
-def _ints(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-    )
+        return validate_safetensors(path)
+    except SafetensorsError as e:
+        raise SessionFileError(
+            f"{path}: not a chat session saved by mlx-deepseek ({e.reason})"
+        ) from None
+    except CheckpointError as e:  # unreadable: say why, as the OS does
+        raise SessionFileError(str(e)) from None
 
 
 @dataclass

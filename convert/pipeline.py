@@ -26,10 +26,17 @@ import numpy as np
 from mlx_deepseek.errors import CheckpointError, DeepSeekError
 from mlx_deepseek.models.v4_weights import e8m0_to_float
 
+from .destination import (
+    Staging,
+    check_destination,
+    check_not_source,
+    real_path,
+    signals_interrupt,
+)
 from .fp8 import dequantize_fp8
 from .plan import E8M0, FP4_GROUP, Job, Options, Plan, make_plan
 from .reader import SourceCheckpoint, to_mlx
-from .writer import ShardWriter, Staging, check_destination, plan_shards
+from .writer import ShardWriter, plan_shards
 
 CHUNK_ELEMENTS = 1 << 24  # source elements per read (64 MB as float32)
 COPY_PATTERNS = (
@@ -82,18 +89,18 @@ def convert(
     """Convert a Hugging Face DeepSeek checkpoint (folder or hub id) into an MLX one at `dst`.
 
     Raises DeepSeekError (one line, naming the problem and the fix) on bad input; on any
-    error or interrupt, `dst` is untouched and no staging folder is left behind.
+    error, Ctrl-C, SIGTERM or SIGHUP (raised as destination.Interrupted), `dst` is untouched
+    and no staging folder is left behind. `dst` may not be, contain or lie inside the source.
     """
     options = options or Options()
     start = time.perf_counter()
-    dst = Path(dst).expanduser().absolute()
+    dst = real_path(dst)  # symlinks and `..` resolved: compared with SRC as the OS sees them
     check_destination(dst, force)
     src_path = resolve_source(src)
-    if dst == src_path or dst in src_path.parents:
-        raise DeepSeekError(
-            f"-o {dst} would replace the source checkpoint {src_path}: choose another -o"
-        )
-    with SourceCheckpoint(src_path) as source:
+    check_not_source(dst, src_path)
+    with signals_interrupt(), SourceCheckpoint(src_path) as source:
+        check_not_source(dst, src_path, source.files)  # a cache snapshot's blobs too
+        metadata_files(source.folder)  # refused now rather than after the conversion
         plan = make_plan(source, options)
         shards = plan_shards(plan.tensors, options.shard_size)
         _check_space(dst, sum(s.size for s in shards))
@@ -106,7 +113,8 @@ def convert(
                 writer.finish()
             finally:
                 writer.close()
-            write_metadata(stage.path, source.folder, plan.config, str(src), dst.name)
+            write_metadata(stage.path, source.folder, plan.config, source_label(src), dst.name)
+            check_checkpoint(stage.path)  # what the loader checks before it builds a model
             stage.commit()
     return Summary(
         src_path,
@@ -116,8 +124,15 @@ def convert(
         plan.write_bytes,
         plan.params,
         [s.name for s in shards],
-        plan.notes,
+        stage.notes + plan.notes,
     )
+
+
+def source_label(src: str | Path) -> str:
+    """How the model card names the source: a hub id as given, a local folder by its name
+    only (the card is published; the machine's paths are nobody's business)."""
+    path = Path(src).expanduser()
+    return real_path(path).name if path.exists() else str(src)
 
 
 def resolve_source(src: str | Path) -> Path:
@@ -125,6 +140,14 @@ def resolve_source(src: str | Path) -> Path:
     from mlx_deepseek.loading import resolve_model_path
 
     return Path(resolve_model_path(src)).absolute()
+
+
+def check_checkpoint(folder: Path) -> None:
+    """The loader's checks (config, files, headers, layers) on the output before it is
+    published: nothing is written that `load` would refuse."""
+    from mlx_deepseek.loading import check_checkpoint as loader_checks
+
+    loader_checks(folder)
 
 
 @dataclass(frozen=True)
@@ -277,16 +300,34 @@ def _check_space(dst: Path, need: int) -> None:
         )
 
 
+def metadata_files(src: Path) -> list[Path]:
+    """The tokenizer, chat template and generation config files to copy; a symlink to a file
+    outside the checkpoint is refused (it would be copied into DST, and maybe uploaded)."""
+    from mlx_deepseek.checkpoint_files import checkpoint_root
+
+    root = checkpoint_root(src)
+    files = []
+    for pattern in COPY_PATTERNS:
+        for f in sorted(src.glob(pattern)):
+            real = real_path(f)
+            if f.is_symlink() and root not in real.parents:
+                raise DeepSeekError(
+                    f"{f}: a symlink to {real}, outside the checkpoint's folder: refused (it "
+                    "would be copied into the output); copy the file into the folder"
+                )
+            if f.is_file():
+                files.append(f)
+    return files
+
+
 def write_metadata(folder: Path, src: Path, config: dict, src_name: str, title: str) -> None:
     """config.json (mlx-lm's writer: sorted, quantization mirrored into quantization_config),
     the tokenizer, chat template and generation config, and a model card."""
     from mlx_lm.utils import save_config
 
     save_config(dict(config), folder / "config.json")
-    for pattern in COPY_PATTERNS:
-        for f in src.glob(pattern):
-            if f.is_file():
-                shutil.copy2(f, folder / f.name)
+    for f in metadata_files(src):
+        shutil.copy2(f, folder / f.name)
     q = config.get("quantization")
     how = f"{q['bits']}-bit affine, group size {q['group_size']}" if q else "unquantized"
     modes = {v["mode"] for v in (q or {}).values() if isinstance(v, dict) and "mode" in v}

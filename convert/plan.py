@@ -14,6 +14,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_deepseek.errors import CheckpointError, ConfigError, DeepSeekError
+from mlx_deepseek.loading import check_layers, mtp_layers_present
 from mlx_deepseek.models import v4_config
 from mlx_deepseek.models.config import ModelArgs
 
@@ -111,6 +112,7 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
     block = _fp8_block(config, cfg_path)
     v4 = config.get("model_type") == "deepseek_v4"
     args = (v4_config.ModelArgs if v4 else ModelArgs).from_dict(config, source=cfg_path)
+    check_layers(args, source.tensors, source.folder)  # before listing every expected tensor
     dtype_name = out_dtype_name(config, options.dtype)
     dtype = DTYPES[dtype_name]
     recipe = Recipe(options.recipe, options.bits, options.group_size)
@@ -128,11 +130,16 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
         return layout_v4.expected_entries(args, keep_mtp, layout)
 
     keep_mtp = options.mtp and mtp_layers(args) > 0
-    entries = entries_for(keep_mtp)
-    if keep_mtp and not _any_present(source, entries, "mtp."):
+    present = mtp_layers_present(args, source.tensors)
+    if keep_mtp and present == 0:
         notes.append("the checkpoint has no MTP layer; converted without it")
         keep_mtp = False
-        entries = entries_for(False)
+    elif keep_mtp and present < mtp_layers(args):
+        raise CheckpointError(
+            f"{cfg_path}: num_nextn_predict_layers={args.num_nextn_predict_layers}, but the "
+            f"weights hold {present} MTP layer(s): fix the config, or convert with --no-mtp"
+        )
+    entries = entries_for(keep_mtp)
 
     found = _check_tensors(source, entries, block, args)
     if keep_mtp and not v4:
@@ -186,6 +193,8 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
     for key in ("torch_dtype", "dtype"):
         if key in out_config:
             out_config[key] = dtype_name
+    # what will be written must load back: the loader's own field checks on it
+    ModelArgs.from_dict(out_config, source=f"{cfg_path} (as converted)")
     return Plan(args, options, dtype, block, jobs, tensors, out_config, params, notes)
 
 
@@ -207,6 +216,8 @@ def _fp8_block(config: dict[str, Any], cfg_path: str) -> tuple[int, int]:
     qc = config.get("quantization_config")
     if not qc:
         return DEFAULT_BLOCK
+    if not isinstance(qc, dict):
+        raise ConfigError(f"{cfg_path}: quantization_config={qc!r:.60} is not an object")
     method = qc.get("quant_method")
     if method != "fp8":
         raise ConfigError(
@@ -223,10 +234,6 @@ def _fp8_block(config: dict[str, Any], cfg_path: str) -> tuple[int, int]:
             f"{cfg_path}: quantization_config.weight_block_size={block!r} is not [rows, cols]"
         )
     return block[0], block[1]
-
-
-def _any_present(source: SourceCheckpoint, entries: list[Entry], out_prefix: str) -> bool:
-    return any(e.src in source.tensors for e in entries if e.out.startswith(out_prefix))
 
 
 def _check_tensors(
@@ -364,7 +371,14 @@ def _check_extras(
         if name in known or is_ignorable(name):
             continue
         if name == "lm_head.weight" and args.tie_word_embeddings:
-            continue  # a tied head some exporters still write: the embedding is used
+            embed = source.tensors.get("model.embed_tokens.weight")
+            if embed is not None and source.same_bytes(source.tensors[name], embed):
+                continue  # a tied head some exporters still write: equal to the embedding
+            raise CheckpointError(
+                f"{source.folder / 'config.json'}: tie_word_embeddings=true, but lm_head.weight "
+                "differs from model.embed_tokens.weight and would be lost: set "
+                "tie_word_embeddings to false"
+            )
         if name.endswith("_scale_inv") and name[: -len("_scale_inv")] in source.tensors:
             continue
         if name.endswith(".scale") and f"{name[: -len('.scale')]}.weight" in known:

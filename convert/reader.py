@@ -1,17 +1,17 @@
 """A source checkpoint on disk: its config, index, safetensors headers, and tensor reads.
 
-Headers are parsed here (not through a loader) so that every problem shows before any
-output is written: a shard the index names but the folder lacks, a file shorter than its
-header says, a tensor whose byte span does not match its shape and dtype. Tensor data is
-read on demand, by row range, with plain positioned reads into fresh buffers: the process
-holds only what it is converting right now (no memory map keeps a whole shard resident).
+Files and headers are checked by the loader's own code (mlx_deepseek.checkpoint_files,
+mlx_deepseek.safetensors_check) so that every problem shows before any output is written:
+a shard name that leaves the folder or is not safetensors, a shard the index names but the
+folder lacks, a header that lies about the file. Tensor data is read on demand, by row
+range, into fresh buffers: the process holds only what it is converting right now (no
+memory map keeps a whole shard resident). Each read seeks and reads under its file's lock,
+so two threads, or two tensors of one file, never read at each other's position.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlx_deepseek import checkpoint_files
 from mlx_deepseek.errors import CheckpointError, ConfigError
+from mlx_deepseek.safetensors_check import read_safetensors_header
 
-INDEX_NAME = "model.safetensors.index.json"
+INDEX_NAME = checkpoint_files.INDEX_NAME
 # safetensors dtype -> numpy dtype of the raw bytes (bf16 and fp8 keep their bit patterns)
 RAW_DTYPES: dict[str, np.dtype] = {
     "F8_E4M3": np.dtype(np.uint8),
@@ -39,7 +41,6 @@ INT_DTYPES = ("I32", "I64")
 SUPPORTED = (
     "BF16, F16, F32, F8_E4M3 with its scales, V4's FP4 (I8) with E8M0 scales, integer tables"
 )
-_MAX_HEADER = 100 << 20
 
 
 @dataclass(frozen=True)
@@ -69,103 +70,23 @@ class TensorInfo:
             )
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check one safetensors file's header (not its data)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    f"{path}: {size} bytes is too short for a safetensors file: re-download it"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: not a safetensors file, or truncated (header length {n}, file "
-                    f"size {size}): re-download it"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e}): re-download it") from None
-    data_start = 8 + n
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = entry["dtype"], tuple(entry["shape"])
-            start, end = entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name}") from None
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path} is truncated: it has {size} bytes, but its header places tensor {name} "
-                f"up to byte {data_start + end}; re-download it"
-            )
-        raw_dtype = RAW_DTYPES.get(dtype)
-        if raw_dtype is not None and math.prod(shape) * raw_dtype.itemsize != end - start:
-            raise CheckpointError(
-                f"{path}: tensor {name} spans {end - start} bytes, but shape {list(shape)} of "
-                f"{dtype} needs {math.prod(shape) * raw_dtype.itemsize}: the file is corrupt"
-            )
-        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + start, end - start)
-    return tensors
-
-
 class SourceCheckpoint:
     """A Hugging Face checkpoint folder: config.json + safetensors shards (+ index)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.config = _read_config(self.folder)
-        self.files = self._shard_files()
-        self.tensors: dict[str, TensorInfo] = {}
-        headers = {f: read_header(f) for f in self.files}
-        index = self.folder / INDEX_NAME
-        if index.exists():
-            for name, file in self._weight_map(index).items():
-                info = headers[self.folder / file].get(name)
-                if info is None:
-                    raise CheckpointError(
-                        f"{self.folder / file}: {INDEX_NAME} says it holds tensor {name}, but "
-                        "it does not: the shard is corrupt or from another checkpoint"
-                    )
-                self.tensors[name] = info
-        else:
-            for f in self.files:
-                self.tensors.update(headers[f])
-        self._handles: dict[Path, Any] = {}
+        weight_map = checkpoint_files.read_index(self.folder)
+        self.files = checkpoint_files.weight_files(self.folder)
+        headers = {f: read_safetensors_header(f) for f in self.files}
+        self.tensors: dict[str, TensorInfo] = {
+            name: TensorInfo(name, f, t.dtype, t.shape, headers[f].data_start + t.begin, t.nbytes)
+            for name, (f, t) in checkpoint_files.tensor_map(
+                self.folder, headers, weight_map
+            ).items()
+        }
+        self._handles: dict[Path, tuple[Any, threading.Lock]] = {}
         self.file_order = {f: i for i, f in enumerate(self.files)}
-
-    # ---- discovery -----------------------------------------------------------------------
-
-    def _weight_map(self, index: Path) -> dict[str, str]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e})") from None
-        return weight_map
-
-    def _shard_files(self) -> list[Path]:
-        index = self.folder / INDEX_NAME
-        if index.exists():
-            names = sorted(set(self._weight_map(index).values()))
-            missing = [n for n in names if not (self.folder / n).is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{self.folder}: shard {missing[0]} named in {INDEX_NAME} is missing "
-                    f"({len(missing)} of {len(names)} missing): re-download the checkpoint"
-                )
-            return [self.folder / n for n in names]
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{self.folder}: no *.safetensors weight files")
-        return files
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -177,21 +98,7 @@ class SourceCheckpoint:
         row_end = info.rows if row_end is None else row_end
         nbytes = (row_end - row_start) * info.row_bytes
         buf = np.empty(nbytes, dtype=np.uint8)
-        view = memoryview(buf)
-        pos, done = info.offset + row_start * info.row_bytes, 0
-        f = self._handle(info.file)
-        try:
-            f.seek(pos)
-            while done < nbytes:
-                n = f.readinto(view[done:])
-                if not n:
-                    raise CheckpointError(
-                        f"{info.file} is truncated: tensor {info.name} ends past the end of the "
-                        "file; re-download it"
-                    )
-                done += n
-        except OSError as e:
-            raise CheckpointError(f"{info.file}: read failed ({e.strerror})") from None
+        self._pread_into(info, memoryview(buf), info.offset + row_start * info.row_bytes)
         shape = (row_end - row_start, *info.shape[1:]) if info.shape else ()
         return buf.view(RAW_DTYPES[info.dtype]).reshape(shape)
 
@@ -200,26 +107,48 @@ class SourceCheckpoint:
         return to_mlx(self.read_raw(info, row_start, row_end), info.dtype)
 
     def same_bytes(self, a: TensorInfo, b: TensorInfo, chunk: int = 64 << 20) -> bool:
-        """Whether two tensors hold identical dtype, shape and bytes (compared in chunks)."""
+        """Whether two tensors hold identical dtype, shape and bytes (compared in chunks;
+        positioned reads, so two tensors of one file compare correctly)."""
         if (a.dtype, a.shape) != (b.dtype, b.shape):
             return False
-        fa, fb = self._handle(a.file), self._handle(b.file)
         for pos in range(0, a.nbytes, chunk):
             n = min(chunk, a.nbytes - pos)
-            fa.seek(a.offset + pos)
-            fb.seek(b.offset + pos)
-            if fa.read(n) != fb.read(n):
+            buf_a, buf_b = bytearray(n), bytearray(n)
+            self._pread_into(a, memoryview(buf_a), a.offset + pos)
+            self._pread_into(b, memoryview(buf_b), b.offset + pos)
+            if buf_a != buf_b:
                 return False
         return True
 
-    def _handle(self, path: Path):
-        f = self._handles.get(path)
-        if f is None:
-            f = self._handles[path] = open(path, "rb", buffering=0)
-        return f
+    def _pread_into(self, info: TensorInfo, view: memoryview, offset: int) -> None:
+        """Fill `view` from `offset` of the tensor's file (one seek + reads under a lock)."""
+        f, lock = self._handle(info.file)
+        done = 0
+        try:
+            with lock:
+                f.seek(offset)
+                while done < len(view):
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise CheckpointError(
+                            f"{info.file} is truncated: tensor {info.name} ends past the end of "
+                            "the file; re-download it"
+                        )
+                    done += n
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: read failed ({e.strerror})") from None
+
+    def _handle(self, path: Path) -> tuple[Any, threading.Lock]:
+        handle = self._handles.get(path)
+        if handle is None:
+            try:
+                handle = self._handles[path] = (open(path, "rb", buffering=0), threading.Lock())
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open it ({e.strerror})") from None
+        return handle
 
     def close(self) -> None:
-        for f in self._handles.values():
+        for f, _ in self._handles.values():
             f.close()
         self._handles.clear()
 
@@ -240,10 +169,4 @@ def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise ConfigError(f"{folder}: no config.json; give the Hugging Face checkpoint's folder")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return config
+    return checkpoint_files.read_json_object(path, ConfigError)

@@ -7,7 +7,7 @@ tensor without the layer being buffered, and a big tensor can be written in row 
 A shard is flushed and closed as soon as its last byte is written.
 
 All of it happens in a staging folder beside DST, renamed to DST only when complete and
-removed on any error or Ctrl-C (`Staging`).
+removed on any error or signal (`destination.Staging`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import errno
 import json
 import math
 import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,61 +208,3 @@ def _write_error(path: Path, e: OSError) -> DeepSeekError:
             "free some space or choose another -o location; nothing was kept"
         )
     return DeepSeekError(f"cannot write {path} ({e.strerror}); nothing was kept")
-
-
-class Staging:
-    """A hidden folder beside `dst` that becomes `dst` on commit() and vanishes on failure."""
-
-    def __init__(self, dst: Path, force: bool = False):
-        self.dst = Path(dst)
-        self.force = force
-        tag = f"{os.getpid()}-{secrets.token_hex(3)}"
-        self.path = self.dst.parent / f".{self.dst.name}.partial-{tag}"
-
-    def __enter__(self) -> Staging:
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(self.dst)
-        self.path.mkdir()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-        return False
-
-    def commit(self) -> None:
-        check_destination(self.dst, self.force)
-        old = None
-        if self.dst.exists() or self.dst.is_symlink():
-            old = self.dst.parent / f".{self.dst.name}.replaced-{secrets.token_hex(3)}"
-            os.rename(self.dst, old)
-        os.rename(self.path, self.dst)
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-
-
-def check_destination(dst: Path, force: bool) -> None:
-    """DST must not exist (an empty folder is fine) unless --force."""
-    if not (dst.exists() or dst.is_symlink()) or force:
-        return
-    if dst.is_dir() and not any(dst.iterdir()):
-        return
-    raise DeepSeekError(f"{dst} already exists: choose another -o, or pass --force to replace it")
-
-
-def _remove_stale(dst: Path) -> None:
-    """Staging folders of conversions that were killed (SIGKILL, power loss) for this DST."""
-    prefix = f".{dst.name}.partial-"
-    for p in dst.parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        try:
-            pid = int(p.name.rsplit("-", 2)[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError, OSError):
-            continue

@@ -18,6 +18,8 @@ _API = {
     "generate": "generation",
     "stream_generate": "generation",
     "GenerationResponse": "generation",
+    "SamplingSettings": "sampling",
+    "Drafting": "speculative",
     "ModelArgs": "models.config",
     "Model": "models.deepseek_v3",
 }

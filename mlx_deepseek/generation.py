@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from numbers import Integral
 from typing import Any
 
@@ -40,7 +40,7 @@ from .sampling import (
     make_sampler,
 )
 from .sampling import seed as seed_rng
-from .speculative import mtp_step_fn
+from .speculative import Drafting, mtp_step_fn
 
 
 @dataclass
@@ -215,19 +215,49 @@ class StopStrings:
 # ---- the API -------------------------------------------------------------------------------
 
 
+_SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingSettings))
+_DRAFTING_FIELDS = frozenset(f.name for f in fields(Drafting))
+
+
+def _with_shorthand(
+    sampling: SamplingSettings | None, drafting: Drafting | None, shorthand: dict[str, Any]
+) -> tuple[SamplingSettings, Drafting]:
+    """`sampling` and `drafting` (defaults when None) with the keyword shorthand applied,
+    validated; an unknown keyword is a TypeError naming it and the accepted ones."""
+    for name, value, kind in (
+        ("sampling", sampling, SamplingSettings),
+        ("drafting", drafting, Drafting),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise ArgumentTypeError(
+                f"{name}={value!r}: must be a {kind.__name__} (or None for the defaults)"
+            )
+    unknown = sorted(set(shorthand) - _SAMPLING_FIELDS - _DRAFTING_FIELDS)
+    if unknown:
+        accepted = ", ".join(sorted(_SAMPLING_FIELDS | _DRAFTING_FIELDS))
+        raise ArgumentTypeError(
+            f"stream_generate() got an unexpected keyword argument {unknown[0]!r} "
+            f"(sampling and drafting keywords: {accepted})"
+        )
+    sampling = replace(
+        sampling or SamplingSettings(),
+        **{k: v for k, v in shorthand.items() if k in _SAMPLING_FIELDS},
+    )
+    drafting = replace(
+        drafting or Drafting(),
+        **{k: v for k, v in shorthand.items() if k in _DRAFTING_FIELDS},
+    )
+    return sampling.validated(), drafting.validated()
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer: Any,
     prompt: str | Sequence[int] | Sequence[dict] | mx.array,
     max_tokens: int = 256,
     *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int = 20,
-    seed: int | None = None,
+    sampling: SamplingSettings | None = None,
+    drafting: Drafting | None = None,
     stop: str | Sequence[str] | None = None,
     system: str | None = None,
     thinking: bool = False,
@@ -238,37 +268,29 @@ def stream_generate(
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     prefill_progress: Callable[[int, int], None] | None = None,
     step_fn: StepFn | None = None,
-    mtp: bool | None = None,
-    draft_tokens: int = 1,
+    **shorthand: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a GenerationResponse per token.
 
     prompt: text (used as is; BOS added unless present), token ids, or chat messages (the
     chat template is applied). prompt_cache: a cache from `make_cache(model)` that already
     holds earlier tokens (the prompt continues them) and is updated in place. Sampling:
-    temperature 0 is greedy; `sampler` / `logits_processors` replace the built ones.
+    `sampling` (a SamplingSettings; greedy by default); `sampler` / `logits_processors`
+    replace the ones built from it.
     stop: string(s) that end the answer (not included in the text). Raises DeepSeekError
     when the prompt does not fit the model's context.
-    mtp: self-speculative decoding with the checkpoint's MTP head, `draft_tokens` drafts per
-    step (None: on where `speculative.mtp_by_default` says it pays off); responses then carry
+    drafting: self-speculative decoding with the checkpoint's MTP head (a Drafting: `mtp`
+    None is on where `speculative.mtp_by_default` says it pays off); responses then carry
     the acceptance rate and tokens per step. `step_fn` replaces the decoding loop entirely.
+    Shorthand: any field of SamplingSettings or Drafting as a keyword (`temperature=0.6`,
+    `mtp=True`) replaces that field of `sampling` / `drafting`.
     """
     max_tokens = check_int(max_tokens, "max_tokens", 1)
     prefill_step_size = check_int(prefill_step_size, "prefill_step_size", 1)
-    draft_tokens = check_int(draft_tokens, "draft_tokens", 1, 8)
-    for name, flag in (("thinking", thinking), ("mtp", mtp)):
-        if not (isinstance(flag, bool) or (name == "mtp" and flag is None)):
-            raise ArgumentTypeError(f"{name}={flag!r}: must be True or False")
+    sampling, drafting = _with_shorthand(sampling, drafting, shorthand)
+    if not isinstance(thinking, bool):
+        raise ArgumentTypeError(f"thinking={thinking!r}: must be True or False")
     stops = StopStrings(_stop_strings(stop))
-    settings = SamplingSettings(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        repetition_context_size=repetition_context_size,
-        seed=seed,
-    ).validated()
     tokenizer = wrap_tokenizer(tokenizer)
     args = getattr(model, "args", None)
     config = {"model_type": getattr(args, "model_type", None)}
@@ -291,11 +313,11 @@ def stream_generate(
             )
         max_tokens = min(max_tokens, limit - used - len(tokens))
 
-    seed_rng(settings.seed)
+    seed_rng(sampling.seed)
     opts = StepOptions(
-        sampler=sampler or make_sampler(settings),
+        sampler=sampler or make_sampler(sampling),
         logits_processors=(
-            logits_processors if logits_processors is not None else make_logits_processors(settings)
+            logits_processors if logits_processors is not None else make_logits_processors(sampling)
         ),
         max_tokens=max_tokens,
         prefill_step_size=prefill_step_size,
@@ -303,7 +325,7 @@ def stream_generate(
         prefill_progress=prefill_progress,
     )
     if step_fn is None:
-        step_fn = mtp_step_fn(model, cache, mtp, draft_tokens, settings)
+        step_fn = mtp_step_fn(model, cache, drafting.mtp, drafting.draft_tokens, sampling)
     stats = getattr(step_fn, "stats", None)
     steps = (step_fn or decode_steps)(model, mx.array(tokens), cache, opts)
     eos = set(tokenizer.eos_token_ids)

@@ -1,17 +1,22 @@
 """Loading: a local folder, a hub repo id, or `demo` -> (model, tokenizer).
 
 Reads raw Hugging Face DeepSeek checkpoints (fp32/bf16/fp16 safetensors, sharded with an
-index) and quantized MLX checkpoints in mlx-lm's layout, lazily: tensors stay memory-mapped
-until first used. Before building anything it checks that the weights and a default
-context's latent cache fit in memory.
+index) and quantized MLX checkpoints in mlx-lm's layout. Every file is untrusted: before
+anything is built, config.json is checked field by field, the shard names the index gives
+(checkpoint_files), every safetensors header (safetensors_check), the layer and expert
+counts against the tensor names, and whether the weights and a default context's latent
+cache fit in memory (from the headers alone). Only then does MLX read a file.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
+import math
 import os
+import re
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +24,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import ops
+from . import checkpoint_files, ops
 from .errors import CheckpointError, ConfigError, OutOfMemoryError
 from .models import build_model, model_args
 from .models.config import ModelArgs
 from .models.deepseek_v3 import Model
+from .safetensors_check import (
+    DTYPE_SIZES,
+    FLOAT_DTYPES,
+    SafetensorsHeader,
+    TensorEntry,
+    read_safetensors_header,
+)
 
 log = logging.getLogger("mlx_deepseek")
 
@@ -31,6 +43,15 @@ DEMO_NAME = "demo"
 DEFAULT_CONTEXT = 4096
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# what Hugging Face accepts as owner/name (huggingface_hub's validate_repo_id, simplified)
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+# safetensors dtypes MLX's loader cannot read (the model checks the others' meaning)
+_MLX_UNREADABLE = ("F64", "F8_E5M2")
+# tensor names of a decoder layer, an MTP layer, a routed expert (V4's DeepSeek layout has
+# no "model." and calls the MLP "ffn")
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+_MTP = re.compile(r"^(?:model\.)?mtp\.(\d+)\.")
+_EXPERT = re.compile(r"\.(?:mlp|ffn)\.experts\.(\d+)\.")
 
 
 def demo_path() -> Path:
@@ -51,7 +72,7 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
             )
         return path
     path = Path(name).expanduser()
-    if path.exists():
+    if _exists(path):
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; give the checkpoint's folder")
         if not (path / "config.json").exists():
@@ -60,11 +81,26 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
                 "config.json and *.safetensors, or a Hugging Face repo id)"
             )
         return path
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+    if not looks_like_repo_id(name):
         raise CheckpointError(
             f"{name}: no such folder, and not a Hugging Face repo id (owner/name)"
         )
+    owner, rest = name.split("/")
+    if Path(owner).is_dir():  # a mistyped local path, not a hub id
+        raise CheckpointError(f"{name}: no such folder ({owner}/ exists but holds no {rest})")
     return _download(name)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the OS, or holding a NUL byte
+        return False
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """owner/name as the hub spells it: not `./x`, `~/x`, `/abs`, `a/b/c`, spaces, `..`."""
+    return bool(_REPO_ID.fullmatch(name)) and ".." not in name and "--" not in name
 
 
 def _download(repo: str) -> Path:
@@ -119,49 +155,56 @@ def _download(repo: str) -> Path:
 
 
 def load_config(path: Path) -> dict[str, Any]:
+    """config.json as a dict: UTF-8 JSON holding an object, or ConfigError (one line)."""
     file = path / "config.json"
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not file.is_file():
+        raise ConfigError(f"{path}: no config.json (give the checkpoint's folder)")
+    return checkpoint_files.read_json_object(file, ConfigError)
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The shards of a checkpoint: those its index names (all must exist), else *.safetensors."""
-    index = path / "model.safetensors.index.json"
-    files: list[Path]
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
+    """The shards of a checkpoint: those its index names (all must exist; plain
+    *.safetensors names inside the folder), else *.safetensors; plus mtp.safetensors."""
+    return checkpoint_files.weight_files(path, extra=("mtp.safetensors",))
+
+
+def read_headers(path: Path) -> dict[Path, SafetensorsHeader]:
+    """Every shard's validated safetensors header (nothing but headers is read)."""
+    return {f: read_safetensors_header(f) for f in weight_files(path)}
+
+
+def tensor_entries(
+    path: Path, headers: dict[Path, SafetensorsHeader] | None = None
+) -> dict[str, tuple[Path, TensorEntry]]:
+    """Tensor name -> (shard, header entry), the index's claims checked against the shards."""
+    headers = read_headers(path) if headers is None else headers
+    located = checkpoint_files.tensor_map(path, headers, checkpoint_files.read_index(path))
+    for name, (file, entry) in located.items():
+        if entry.dtype in _MLX_UNREADABLE:
             raise CheckpointError(
-                f"{path}: shard {missing[0]} named in model.safetensors.index.json is missing "
-                f"({len(missing)} missing in all): re-download or re-convert the checkpoint"
+                f"{file}: tensor {name} has dtype {entry.dtype}, which MLX cannot read: "
+                "convert it to bfloat16 or float32 first"
             )
-        extra = path / "mtp.safetensors"
-        if extra.exists() and extra not in files:
-            files.append(extra)
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no *.safetensors weight files")
-    return files
+    return located
 
 
-def read_tensors(path: Path) -> dict[str, mx.array]:
-    weights: dict[str, mx.array] = {}
-    for file in weight_files(path):
+def read_tensors(
+    path: Path, headers: dict[Path, SafetensorsHeader] | None = None
+) -> dict[str, mx.array]:
+    """Every tensor, lazily (memory-mapped by MLX), after every header has been validated."""
+    headers = read_headers(path) if headers is None else headers
+    located = tensor_entries(path, headers)
+    loaded: dict[Path, dict[str, mx.array]] = {}
+    for file in headers:
+        if file.suffix != checkpoint_files.SUFFIX:  # MLX picks its parser by extension
+            raise CheckpointError(f"{file}: not a .safetensors file")
         try:
-            weights.update(mx.load(str(file)))
+            loaded[file] = mx.load(str(file))
         except Exception as e:
             raise CheckpointError(
                 f"{file}: unreadable safetensors file ({e}); it may be truncated: re-download it"
             ) from None
-    return weights
+    return {name: loaded[file][name] for name, (file, _) in located.items()}
 
 
 def _parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
@@ -234,18 +277,36 @@ def _check_tensors(model: Model, weights: dict[str, mx.array], path: Path) -> No
                 f"{path}: tensor {k} has shape {tuple(weights[k].shape)}, but config.json implies "
                 f"{tuple(param.shape)}: the config does not match the weights"
             )
+        floating = mx.issubdtype(param.dtype, mx.floating)
+        if floating != mx.issubdtype(weights[k].dtype, mx.floating) or (
+            not floating and weights[k].dtype != param.dtype
+        ):
+            raise CheckpointError(
+                f"{path}: tensor {k} is {str(weights[k].dtype).split('.')[-1]}, but the model "
+                f"needs {'a float' if floating else str(param.dtype).split('.')[-1]} tensor "
+                "there: the checkpoint is corrupt or its quantization section is wrong"
+            )
 
 
 def estimate_memory(
-    args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype, context: int = DEFAULT_CONTEXT
+    args: ModelArgs,
+    tensors: Mapping[str, TensorEntry | mx.array],
+    dtype: mx.Dtype,
+    context: int = DEFAULT_CONTEXT,
 ) -> tuple[int, int]:
-    """(weight bytes in the compute dtype, cache bytes for `context` tokens)."""
+    """(weight bytes in the compute dtype, cache bytes for `context` tokens). `tensors`:
+    safetensors header entries (the preflight: nothing built or read) or arrays."""
     total = 0
-    for k, v in weights.items():
-        if mx.issubdtype(v.dtype, mx.floating) and "e_score_correction_bias" not in k:
-            total += v.size * dtype.size
+    for name, t in tensors.items():
+        if isinstance(t, TensorEntry):  # ue8m0 scales stay bytes; FP8 weights become floats
+            floating = t.dtype in FLOAT_DTYPES and t.dtype != "F8_E8M0"
+            size, nbytes = math.prod(t.shape), math.prod(t.shape) * DTYPE_SIZES[t.dtype]
         else:
-            total += v.nbytes
+            floating, size, nbytes = mx.issubdtype(t.dtype, mx.floating), t.size, t.nbytes
+        if floating and "e_score_correction_bias" not in name:
+            total += size * dtype.size
+        else:
+            total += nbytes
     if hasattr(args, "cache_bytes"):  # a family whose cache is not one row per token (V4)
         return total, args.cache_bytes(context, dtype.size)
     per_token = (args.num_hidden_layers + args.num_nextn_predict_layers) * (
@@ -269,19 +330,65 @@ def available_memory() -> int | None:
 
 
 def _check_memory(
-    args: ModelArgs, weights: dict[str, mx.array], dtype: mx.Dtype, path: Path
+    args: ModelArgs, tensors: Mapping[str, TensorEntry], dtype: mx.Dtype, path: Path
 ) -> None:
     if os.environ.get("MLX_DEEPSEEK_SKIP_MEMORY_CHECK") == "1":
         return
-    need_w, need_c = estimate_memory(args, weights, dtype)
+    need_w, need_c = estimate_memory(args, tensors, dtype)
     have = available_memory()
     if have is not None and need_w + need_c > have:
-        gb = 1 / 1e9
         raise OutOfMemoryError(
-            f"{path.name} needs about {need_w * gb:.1f} GB of weights + {need_c * gb:.1f} GB of "
-            f"cache for {DEFAULT_CONTEXT} tokens in {str(dtype).split('.')[-1]}, but only "
-            f"{have * gb:.1f} GB is available: use a lower-bit conversion "
-            "(mlx-deepseek convert --bits 3), or set MLX_DEEPSEEK_SKIP_MEMORY_CHECK=1 to try anyway"
+            f"{path.name} needs about {format_bytes(need_w)} of weights + "
+            f"{format_bytes(need_c)} of cache for {DEFAULT_CONTEXT} tokens in "
+            f"{str(dtype).split('.')[-1]}, but only {format_bytes(have)} is available: use a "
+            "lower-bit conversion (mlx-deepseek convert --bits 3), or set "
+            "MLX_DEEPSEEK_SKIP_MEMORY_CHECK=1 to try anyway"
+        )
+
+
+def format_bytes(n: int) -> str:
+    """1.23 GB, or 45.6 MB below 0.1 GB (a tiny model is not "0.00 GB")."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def mtp_layers_present(args: ModelArgs, names: Iterable[str]) -> int:
+    """How many of the MTP layers the config announces the checkpoint holds (raw layout:
+    model.layers.{num_hidden_layers + j}; converted: mtp.{j})."""
+    n_main = args.num_hidden_layers
+    n_mtp = 0 if args.model_type == "deepseek_v2" else args.num_nextn_predict_layers
+    found = set()
+    for name in names:
+        m = _LAYER.match(name) or _MTP.match(name)
+        if m is None:
+            continue
+        j = int(m.group(1)) - (n_main if m.re is _LAYER else 0)
+        if 0 <= j < n_mtp:
+            found.add(j)
+    return len(found)
+
+
+def check_layers(args: ModelArgs, names: Iterable[str], path: Path) -> None:
+    """The config's layer and expert counts against what the tensor names hold, before
+    anything that size is built or listed (a config saying 10,000,000 layers fails here)."""
+    main: set[int] = set()
+    experts: set[int] = set()
+    for name in names:
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) < args.num_hidden_layers:
+            main.add(int(m.group(1)))
+        e = _EXPERT.search(name)
+        if e:
+            experts.add(int(e.group(1)))
+    if len(main) < args.num_hidden_layers:
+        held = f"layers {min(main)}..{max(main)}" if main else "no decoder layers"
+        raise CheckpointError(
+            f"{path / 'config.json'}: num_hidden_layers={args.num_hidden_layers}, but the "
+            f"weights hold {held} ({len(main)} in all): the config does not match the weights"
+        )
+    if experts and (args.n_routed_experts or 0) > len(experts):
+        raise CheckpointError(
+            f"{path / 'config.json'}: n_routed_experts={args.n_routed_experts}, but the "
+            f"weights hold {len(experts)} experts per layer: the config does not match the weights"
         )
 
 
@@ -308,6 +415,22 @@ def _tensor_dtype(model: Model, name: str, value: mx.array, compute: mx.Dtype) -
     return compute
 
 
+def read_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Any], dict[Path, SafetensorsHeader]]:
+    """config.json (every field checked), the shard names and every safetensors header
+    (validated): (args, config, headers). Reads nothing else."""
+    config = load_config(path)
+    args = model_args(config, source=str(path / "config.json"))
+    return args, config, read_headers(path)
+
+
+def check_checkpoint(path: Path) -> tuple[ModelArgs, dict[str, Any], dict[Path, SafetensorsHeader]]:
+    """What loading checks before it builds anything: read_checkpoint, the index's claims,
+    the layer and expert counts. The converter runs it on its output before publishing it."""
+    args, config, headers = read_checkpoint(path)
+    check_layers(args, tensor_entries(path, headers), path)
+    return args, config, headers
+
+
 def load_model(
     path_or_repo: str | os.PathLike, dtype: str | mx.Dtype | None = None, lazy: bool = False
 ) -> Model:
@@ -315,15 +438,16 @@ def load_model(
     them to be read at first use, which must then happen in the thread that loaded them (MLX
     evaluates a graph only on the streams of the thread that built it)."""
     path = resolve_model_path(path_or_repo)
-    config = load_config(path)
-    args = model_args(config, source=str(path / "config.json"))
     compute = _parse_dtype(dtype)
-    model = build_model(args)
-    weights = model.sanitize(read_tensors(path))
-    _check_memory(args, weights, compute, path)
+    args, config, headers = check_checkpoint(path)
+    tensors = {name: entry for name, (_, entry) in tensor_entries(path, headers).items()}
+    _check_memory(args, tensors, compute, path)  # before anything is built or read
     # checkpoints often drop the MTP layer(s) their config announces: build only those present
-    present = {k.split(".")[1] for k in weights if k.startswith("mtp.")}
-    model.mtp = model.mtp[: len(present)]
+    present = mtp_layers_present(args, tensors)
+    if present < args.num_nextn_predict_layers:
+        args = dataclasses.replace(args, num_nextn_predict_layers=present)
+    model = build_model(args)
+    weights = model.sanitize(read_tensors(path, headers))
     _add_mtp_copies(model, weights)
     quantization = config.get("quantization")
     if quantization is None and any(k.endswith(".scales") for k in weights):
@@ -346,13 +470,20 @@ def eos_token_ids(path: Path) -> list[int]:
     """The EOS ids config.json and generation_config.json name (DeepSeek lists them there)."""
     ids: list[int] = []
     for name in ("config.json", "generation_config.json"):
-        try:
-            value = json.loads((path / name).read_text()).get("eos_token_id")
-        except (OSError, json.JSONDecodeError):
+        if not (path / name).is_file():
             continue
-        for i in [value] if isinstance(value, int) else value or []:
-            if int(i) not in ids:
-                ids.append(int(i))
+        value = checkpoint_files.read_json_object(path / name, ConfigError).get("eos_token_id")
+        values = [value] if not isinstance(value, list) else value
+        for i in values:
+            if i is None and value is None:
+                continue
+            if type(i) is not int or i < 0:
+                raise ConfigError(
+                    f"{path / name}: eos_token_id={value!r:.60} is not a token id (an integer "
+                    ">= 0) or a list of them"
+                )
+            if i not in ids:
+                ids.append(i)
     return ids
 
 

@@ -27,9 +27,31 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .decoding import Step, StepOptions, decode_steps, trim_cache
-from .errors import DeepSeekError
+from .errors import ArgumentTypeError, ArgumentValueError, DeepSeekError
 from .models.cache import ModelCache
 from .sampling import SamplingSettings, filter_logprobs
+
+
+@dataclass(frozen=True)
+class Drafting:
+    """Self-speculative decoding with the checkpoint's MTP head: `mtp` on, off, or None (on
+    where `mtp_by_default` says it pays), `draft_tokens` drafts per step (1 to 8)."""
+
+    mtp: bool | None = None
+    draft_tokens: int = 1
+
+    def validated(self) -> Drafting:
+        """Self, or an ArgumentTypeError / ArgumentValueError naming the bad field."""
+        if not (self.mtp is None or isinstance(self.mtp, bool)):
+            raise ArgumentTypeError(
+                f"mtp={self.mtp!r}: must be True or False, or None for the default"
+            )
+        n = self.draft_tokens
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ArgumentTypeError(f"draft_tokens={n!r}: must be an integer from 1 to 8")
+        if not 1 <= n <= 8:
+            raise ArgumentValueError(f"draft_tokens={n!r}: must be an integer from 1 to 8")
+        return self
 
 
 def mtp_by_default(model: nn.Module) -> bool:

@@ -28,9 +28,13 @@ def hf_config(family: str, **overrides):
 
 def build_hf_model(family: str, seed: int = 0, **overrides):
     """A random transformers DeepSeek model with weights large enough to route decisively."""
+    return build_from_config(hf_config(family, **overrides), seed)
+
+
+def build_from_config(config, seed: int = 0):
+    """build_hf_model for any transformers DeepseekV2Config / DeepseekV3Config."""
     from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 
-    config = hf_config(family, **overrides)
     torch.manual_seed(seed)
     cls = DeepseekV2ForCausalLM if config.model_type == "deepseek_v2" else DeepseekV3ForCausalLM
     model = cls(config).eval()

@@ -216,15 +216,34 @@ def test_missing_source(tmp_path):
     )
 
 
+KILLED_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from mlx_deepseek.convert.destination import Staging
+stage = Staging(Path(sys.argv[1])).__enter__()
+(stage.path / "model.safetensors").write_bytes(b"half")
+print(stage.path, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
 def test_stale_staging_folder_of_a_killed_run_is_removed(src, tmp_path):
     dst = tmp_path / "out"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".out.partial-{dead.pid}-abcdef"
-    stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"half")
-    assert run(src, "-o", dst).exit_code == 0
-    assert not stale.exists() and not leftovers(dst)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_WRITE, str(dst)], capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    stale = Path(killed.stdout.strip())
+    assert stale.is_dir() and stale.name.startswith(".out.partial-")
+    # named like ours, but made by the user (no marker): never removed, only reported
+    theirs = tmp_path / ".out.partial-1-abcdef"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    result = run(src, "-o", dst)
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and (theirs / "notes.txt").read_text() == "mine"
+    assert f"removed {stale.name}" in result.output
+    assert f"left {theirs} alone" in result.output.replace("\n", "")
 
 
 def test_upload_goes_through_huggingface_hub(src, tmp_path, monkeypatch):

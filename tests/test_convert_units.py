@@ -5,10 +5,11 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_deepseek.convert.destination import Staging
 from mlx_deepseek.convert.layout import expected_entries
 from mlx_deepseek.convert.recipe import QuantSpec, Recipe, high_bits, quantization_section
 from mlx_deepseek.convert.synthetic import tiny_config
-from mlx_deepseek.convert.writer import OutTensor, ShardWriter, Staging, plan_shards
+from mlx_deepseek.convert.writer import OutTensor, ShardWriter, plan_shards
 from safetensors import safe_open
 
 from mlx_deepseek.cli.convert import parse_size

@@ -9,6 +9,8 @@ import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_deepseek.decoding import Step, cache_length, make_cache
 from mlx_deepseek.errors import DeepSeekError
 from mlx_deepseek.generation import generate, stream_generate
+from mlx_deepseek.sampling import SamplingSettings
+from mlx_deepseek.speculative import Drafting
 
 PROMPT = "Tell me a story about a dragon."
 
@@ -97,6 +99,43 @@ def test_bad_arguments(tiny):
         generate(model, tok, PROMPT, top_p=0)
     with pytest.raises(DeepSeekError, match="chat messages"):
         generate(model, tok, [{"text": "no role"}])
+
+
+def test_settings_objects_and_their_keyword_shorthand_are_the_same(tiny):
+    model, tok = tiny
+    settings = SamplingSettings(temperature=1.0, top_p=0.9, top_k=7, seed=5)
+    by_object = generate(model, tok, PROMPT, max_tokens=8, sampling=settings)
+    by_keywords = generate(
+        model, tok, PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, top_k=7, seed=5
+    )
+    assert by_object == by_keywords
+    # a keyword replaces that one field of the object; the others stay
+    changed = generate(model, tok, PROMPT, max_tokens=8, sampling=settings, seed=6)
+    assert changed == generate(model, tok, PROMPT, max_tokens=8, sampling=settings.with_(seed=6))
+    greedy = generate(model, tok, PROMPT, max_tokens=8, sampling=settings, temperature=0.0)
+    assert greedy == generate(model, tok, PROMPT, max_tokens=8)
+    # drafting off by object or by keyword: the tiny model has no MTP layer, both plain
+    plain = generate(model, tok, PROMPT, max_tokens=8, drafting=Drafting(mtp=False))
+    assert plain == generate(model, tok, PROMPT, max_tokens=8, mtp=False) == greedy
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"temprature": 0.5}, TypeError, "unexpected keyword argument 'temprature'"),
+        ({"sampling": {"temperature": 0.5}}, TypeError, "must be a SamplingSettings"),
+        ({"drafting": 2}, TypeError, "must be a Drafting"),
+        ({"sampling": SamplingSettings(top_p=0.0)}, ValueError, "top_p=0.0"),
+        ({"drafting": Drafting(draft_tokens=9)}, ValueError, "draft_tokens=9"),
+        ({"draft_tokens": "2"}, TypeError, "draft_tokens='2'"),
+        ({"mtp": "yes"}, TypeError, "mtp='yes'"),
+        ({"thinking": 1}, TypeError, "thinking=1"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(tiny, kwargs, error, match):
+    model, tok = tiny
+    with pytest.raises(error, match=match):
+        generate(model, tok, PROMPT, max_tokens=2, **kwargs)
 
 
 # ---- scripted model: exact control of what is generated ------------------------------------

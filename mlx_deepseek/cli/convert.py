@@ -82,6 +82,7 @@ def convert_command(
         TransferSpeedColumn,
     )
 
+    from ..convert.destination import Interrupted
     from ..convert.pipeline import convert, upload
     from ..convert.plan import Options
 
@@ -121,6 +122,9 @@ def convert_command(
             on_plan=on_plan,
             on_progress=lambda n: bar.advance(task, n),
         )
+    except Interrupted as e:  # SIGTERM / SIGHUP: cleaned up; exit as the signal asks
+        console.print(f"interrupted by {e}: nothing was written")
+        raise typer.Exit(128 + e.signum) from None
     finally:
         if started:
             bar.stop()

@@ -166,6 +166,8 @@ def generate(
     from ..decoding import context_length
     from ..formats import starts_in_reasoning
     from ..generation import stream_generate
+    from ..sampling import SamplingSettings
+    from ..speculative import Drafting
 
     m, tokenizer, fmt, _ = load_checkpoint(model, quiet)
     if think and not fmt.has_thinking_switch:
@@ -190,15 +192,16 @@ def generate(
         tokenizer,
         tokens,
         max_tokens,
-        temperature=fmt.temperature if temp is None else temp,
-        top_p=fmt.top_p if top_p is None else top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
+        sampling=SamplingSettings(
+            temperature=fmt.temperature if temp is None else temp,
+            top_p=fmt.top_p if top_p is None else top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        ),
+        drafting=Drafting(mtp, draft_tokens),
         stop=stop or None,
-        mtp=mtp,
-        draft_tokens=draft_tokens,
     ):
         chunks = splitter.feed(last.text) + (splitter.flush() if last.finish_reason else [])
         for chunk in chunks:

@@ -22,17 +22,17 @@ def info_command(
     from ..loading import (
         available_memory,
         estimate_memory,
-        load_config,
-        read_tensors,
+        format_bytes,
+        mtp_layers_present,
+        read_checkpoint,
         resolve_model_path,
+        tensor_entries,
     )
-    from ..models import model_args, sanitize_weights
 
     path = resolve_model_path(model)
-    config = load_config(path)
-    args = model_args(config, source=str(path / "config.json"))
-    weights = sanitize_weights(args, read_tensors(path))
-    weight_bytes, cache_bytes = estimate_memory(args, weights, dtype=_dtype_of(weights))
+    args, config, headers = read_checkpoint(path)  # headers only: no tensor is read
+    tensors = {name: entry for name, (_, entry) in tensor_entries(path, headers).items()}
+    weight_bytes, cache_bytes = estimate_memory(args, tensors, dtype=_dtype_of(tensors))
     quant = config.get("quantization")
 
     table = Table(show_header=False, box=None)
@@ -50,16 +50,16 @@ def info_command(
         ("routing", _routing(args)),
         (
             "MTP layers in checkpoint",
-            str(len({k.split(".")[1] for k in weights if k.startswith("mtp.")})),
+            str(mtp_layers_present(args, tensors)),
         ),
-        ("quantization", f"{quant['bits']}-bit, group {quant['group_size']}" if quant else "none"),
-        ("weights", f"{weight_bytes / 1e9:.2f} GB"),
-        ("cache, 4096 tokens", f"{cache_bytes / 1e6:.1f} MB"),
+        ("quantization", describe_quantization(quant, tensors) if quant else "none"),
+        ("weights", format_bytes(weight_bytes)),
+        ("cache, 4096 tokens", format_bytes(cache_bytes)),
         *_cache_rows(args),
     ]
     have = available_memory()
     if have:
-        rows.append(("memory available", f"{have / 1e9:.1f} GB"))
+        rows.append(("memory available", format_bytes(have)))
     for key, value in rows:
         table.add_row(f"[bold]{key}[/bold]", value)
     Console().print(table)
@@ -104,10 +104,59 @@ def _cache_rows(args) -> list[tuple[str, str]]:
     ]
 
 
-def _dtype_of(weights):
+def _dtype_of(tensors):
+    """The checkpoint's float dtype (what it would run in), as an MLX dtype."""
     import mlx.core as mx
 
-    for v in weights.values():
-        if mx.issubdtype(v.dtype, mx.floating):
-            return v.dtype
+    names = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
+    for entry in tensors.values():
+        if entry.dtype in names:
+            return names[entry.dtype]
     return mx.float16
+
+
+# module path (layer numbers dropped) -> what it is, for the quantization line
+_KINDS = (
+    ("switch_mlp", "routed experts"),
+    ("shared_experts", "shared experts"),
+    ("self_attn", "attention"),
+    ("eh_proj", "MTP projection"),
+    ("embed_tokens", "embedding"),
+    ("shared_head.head", "lm_head"),
+    ("lm_head", "lm_head"),
+    (".mlp.", "dense MLP"),
+)
+
+
+def module_kind(module: str) -> str:
+    for key, kind in _KINDS:
+        if key in module:
+            return kind
+    return module.rsplit(".", 1)[-1]
+
+
+def describe_quantization(quant: dict, tensors) -> str:
+    """Bits per kind of module, e.g. "group 64: routed experts 4-bit; attention, embedding,
+    lm_head 6-bit" (a mixed recipe), from the section's default and per-module overrides."""
+    bits_of: dict[str, set[int]] = {}
+    groups = set()
+    for name in tensors:
+        if not name.endswith(".scales"):
+            continue
+        module = name[: -len(".scales")]
+        spec = quant.get(module, True)
+        if spec is False:
+            continue
+        spec = spec if isinstance(spec, dict) else quant
+        bits_of.setdefault(module_kind(module), set()).add(spec["bits"])
+        groups.add(spec["group_size"])
+    order = [kind for _, kind in _KINDS]
+    by_bits: dict[int, list[str]] = {}
+    for kind in sorted(bits_of, key=lambda k: (order.index(k) if k in order else len(order), k)):
+        for b in sorted(bits_of[kind]):
+            by_bits.setdefault(b, []).append(kind)
+    group = "/".join(str(g) for g in sorted(groups)) or str(quant["group_size"])
+    if len(by_bits) <= 1:
+        return f"{next(iter(by_bits), quant['bits'])}-bit, group {group}"
+    parts = [f"{', '.join(kinds)} {b}-bit" for b, kinds in sorted(by_bits.items())]
+    return f"{'; '.join(parts)} (group {group})"

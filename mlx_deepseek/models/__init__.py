@@ -53,7 +53,7 @@ def sanitize_weights(args: Any, weights: dict[str, Any]) -> dict[str, Any]:
     V2/V3 one), without building a model."""
     fn = getattr(family(args.model_type), "sanitize", None)
     if fn is None:
-        from ..weights import sanitize as fn
+        from .weights import sanitize as fn
     return fn(args, weights)
 
 

@@ -8,10 +8,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..safetensors_check import json_type
+from .config_fields import check_fields, show
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
+# What a config that leaves a field out (or null) means, per model_type: DeepSeek's and
+# transformers' V2 classes route by softmax + greedy (V3's: the dataclass defaults below).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": {"topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False},
+}
+# DeepSeek's own V2 configuration class spells its default "gready"
+TOPK_ALIASES = {"gready": "greedy"}
 
 
 @dataclass
@@ -49,6 +58,7 @@ class ModelArgs:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
+    rope_interleave: bool = True
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 0
@@ -59,13 +69,22 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelArgs:
         """Build from a config dict (`rope_scaling`, or transformers 5's `rope_parameters`)."""
+        if not isinstance(config, dict):
+            raise ConfigError(f"{source}: holds a JSON {json_type(config)}, not an object")
         config = dict(config)
         model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             from . import family
 
             family(model_type, source)  # raises, naming what is supported
-            raise ConfigError(f"{source}: model_type={model_type!r} is not a DeepSeek V2/V3 model")
+            raise ConfigError(
+                f"{source}: model_type={show(model_type)} is not a DeepSeek V2/V3 model"
+            )
+        for key, value in FAMILY_DEFAULTS.get(model_type, {}).items():
+            if config.get(key) is None:
+                config[key] = value
+        if isinstance(config.get("topk_method"), str):
+            config["topk_method"] = TOPK_ALIASES.get(config["topk_method"], config["topk_method"])
         required = (
             "hidden_size",
             "num_hidden_layers",
@@ -80,6 +99,8 @@ class ModelArgs:
 
         # transformers 5 stores rope settings as `rope_parameters` (with rope_theta inside)
         params = config.pop("rope_parameters", None)
+        if params is not None and not isinstance(params, dict):
+            raise ConfigError(f"{source}: rope_parameters={show(params)} is not an object or null")
         if params and not config.get("rope_scaling"):
             params = dict(params)
             if "rope_theta" in params:
@@ -90,7 +111,9 @@ class ModelArgs:
             config["torch_dtype"] = config["dtype"]
 
         names = {f.name for f in dataclasses.fields(cls)}
-        args = cls(**{k: v for k, v in config.items() if k in names})
+        values = {k: v for k, v in config.items() if k in names}
+        check_fields(values, source)  # types first: the dataclass takes anything
+        args = cls(**values)
         args.validate(source)
         return args
 
@@ -128,48 +151,31 @@ class ModelArgs:
     # ---- validation ----------------------------------------------------------------------
 
     def validate(self, source: str = "config.json") -> None:
-        def bad(field_name: str, why: str) -> ConfigError:
-            value = getattr(self, field_name)
-            return ConfigError(f"{source}: {field_name}={value!r} {why}")
+        """Each field's type and range (config_fields), then how the fields fit together."""
 
-        for name in (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "vocab_size",
-            "kv_lora_rank",
-            "qk_rope_head_dim",
-            "qk_nope_head_dim",
-            "v_head_dim",
-            "intermediate_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise bad(name, "must be a positive integer")
+        def bad(field_name: str, why: str) -> ConfigError:
+            return ConfigError(f"{source}: {field_name}={show(getattr(self, field_name))} {why}")
+
+        check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, source)
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise bad("q_lora_rank", "must be a positive integer or null")
-        if self.hidden_act != "silu":
-            raise bad("hidden_act", "is not supported; DeepSeek models use silu")
-        if self.num_nextn_predict_layers < 0:
-            raise bad("num_nextn_predict_layers", "must be >= 0")
+        if not self.rope_interleave:
+            raise bad("rope_interleave", "is not supported: DeepSeek's RoPE is interleaved")
         if self.rope_type not in ("default", "yarn"):
             raise ConfigError(
-                f"{source}: rope_scaling type {self.rope_type!r} is not supported (default or yarn)"
+                f"{source}: rope_scaling type {show(self.rope_type)} is not supported "
+                "(default or yarn)"
             )
         if self.rope_type == "yarn":
             for key in ("factor", "original_max_position_embeddings"):
-                if key not in self.rope_scaling:
+                if self.rope_scaling.get(key) is None:
                     raise ConfigError(f"{source}: rope_scaling is missing {key!r} (needed by yarn)")
         if self.n_routed_experts is None:
             return
-        if self.n_routed_experts <= 0:
-            raise bad("n_routed_experts", "must be a positive integer or null")
-        if not self.moe_intermediate_size or self.moe_intermediate_size <= 0:
-            raise bad("moe_intermediate_size", "must be a positive integer")
+        if self.moe_intermediate_size is None:
+            raise bad("moe_intermediate_size", "must be a positive integer (the experts' size)")
         k = self.num_experts_per_tok
-        if not k or not (0 < k <= self.n_routed_experts):
+        if k is None or not (0 < k <= self.n_routed_experts):
             raise bad(
                 "num_experts_per_tok", f"must be in 1..n_routed_experts={self.n_routed_experts}"
             )

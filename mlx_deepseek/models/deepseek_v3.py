@@ -210,7 +210,7 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map raw Hugging Face / mlx-lm tensor names onto this model's parameters."""
-        from ..weights import sanitize
+        from .weights import sanitize
 
         return sanitize(self.args, weights)
 

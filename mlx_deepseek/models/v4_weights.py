@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from ..errors import CheckpointError
 from .v4_config import ModelArgs
+from .weights import stack_experts
 
 FP8_BLOCK = 128
 FP4_GROUP = 32
@@ -129,28 +130,6 @@ def _decode(weights: dict[str, mx.array], block: int) -> dict[str, mx.array]:
     return out
 
 
-def _stack_experts(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    groups: dict[tuple[str, str, str], dict[int, mx.array]] = {}
-    out = {}
-    for name, value in weights.items():
-        m = _EXPERT.match(name)
-        if m:
-            groups.setdefault((m.group(1), m.group(3), m.group(4)), {})[int(m.group(2))] = value
-        else:
-            out[name] = value
-    E = args.n_routed_experts
-    for (prefix, w, kind), experts in groups.items():
-        missing = [e for e in range(E) if e not in experts]
-        if missing or len(experts) != E:
-            raise CheckpointError(
-                f"tensor {prefix}.experts.{missing[0] if missing else E}.{w}.{kind} is missing "
-                f"(config.json says n_routed_experts={E}; the checkpoint has {len(experts)}): "
-                "re-download the checkpoint or fix n_routed_experts"
-            )
-        out[f"{prefix}.switch_mlp.{_PROJ[w]}.{kind}"] = mx.stack([experts[e] for e in range(E)])
-    return out
-
-
 def sanitize(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Map either layout onto the model's parameters (see the module docstring)."""
     renamed: dict[str, mx.array] = {}
@@ -163,7 +142,7 @@ def sanitize(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.arra
     block = FP8_BLOCK
     if isinstance(quant.get("weight_block_size"), list):
         block = int(quant["weight_block_size"][0])
-    out = _stack_experts(args, _decode(renamed, block))
+    out = stack_experts(_decode(renamed, block), args.n_routed_experts, _EXPERT, _PROJ.get)
     for name in [k for k in out if k.endswith(".tid2eid")]:
         out[name] = out[name].astype(mx.int32)
     return out

@@ -1,4 +1,5 @@
-"""Checkpoint tensor mapping: raw Hugging Face DeepSeek names -> this model's parameters.
+"""Checkpoint tensor mapping for the MLA families (V2, V2.5, V3, R1, V3.1): raw Hugging Face
+DeepSeek names -> this model's parameters (V4's own layouts: v4_weights.py).
 
 - per-expert `mlp.experts.{e}.{gate,up,down}_proj.*` are stacked into `mlp.switch_mlp.*`
   ([E, out, in]); all experts must be present;
@@ -13,11 +14,12 @@ Already-mapped names (mlx-lm or converted checkpoints) pass through unchanged.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import mlx.core as mx
 
-from .errors import CheckpointError
-from .models.config import ModelArgs
+from ..errors import CheckpointError
+from .config import ModelArgs
 
 _EXPERT = re.compile(
     r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$"
@@ -37,16 +39,24 @@ def _rename_mtp(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.a
     return out
 
 
-def _stack_experts(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+def stack_experts(
+    weights: dict[str, mx.array],
+    n_experts: int,
+    pattern: re.Pattern = _EXPERT,
+    proj_name: Callable[[str], str] = str,
+) -> dict[str, mx.array]:
+    """Per-expert tensors (`pattern` groups: prefix, expert, projection, kind) stacked as
+    `{prefix}.switch_mlp.{proj_name(projection)}.{kind}` [E, ...]; every expert 0..E-1 must
+    be there (CheckpointError naming the first missing one otherwise)."""
     groups: dict[tuple[str, str, str], dict[int, mx.array]] = {}
     out = {}
     for name, value in weights.items():
-        m = _EXPERT.match(name)
+        m = pattern.match(name)
         if m:
             groups.setdefault((m.group(1), m.group(3), m.group(4)), {})[int(m.group(2))] = value
         else:
             out[name] = value
-    E = args.n_routed_experts or 0
+    E = n_experts
     for (prefix, proj, kind), experts in groups.items():
         missing = [e for e in range(E) if e not in experts]
         if missing or len(experts) != E:
@@ -55,7 +65,8 @@ def _stack_experts(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, m
                 f"(config.json says n_routed_experts={E}; the checkpoint has {len(experts)}): "
                 "re-download the checkpoint or fix n_routed_experts"
             )
-        out[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([experts[e] for e in range(E)])
+        stacked = mx.stack([experts[e] for e in range(E)])
+        out[f"{prefix}.switch_mlp.{proj_name(proj)}.{kind}"] = stacked
     return out
 
 
@@ -129,10 +140,22 @@ def sanitize(args: ModelArgs, weights: dict[str, mx.array]) -> dict[str, mx.arra
             "`mlx-deepseek convert SRC -o DST`, then load DST"
         )
     weights = _rename_mtp(args, weights)
-    weights = _stack_experts(args, weights)
+    weights = stack_experts(weights, args.n_routed_experts or 0)
     weights = _split_kv_b(args, weights)
     _drop_duplicate_mtp_copies(args, weights)
     if args.tie_word_embeddings:
         for kind in ("weight", "scales", "biases"):
-            weights.pop(f"lm_head.{kind}", None)
+            head, embed = (
+                weights.pop(f"lm_head.{kind}", None),
+                weights.get(f"model.embed_tokens.{kind}"),
+            )
+            if head is not None and not (
+                embed is not None
+                and head.shape == embed.shape
+                and mx.array_equal(head, embed).item()
+            ):
+                raise CheckpointError(
+                    f"config.json says tie_word_embeddings=true, but tensor lm_head.{kind} "
+                    f"differs from model.embed_tokens.{kind}: set tie_word_embeddings to false"
+                )
     return weights
