@@ -194,7 +194,7 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
         if key in out_config:
             out_config[key] = dtype_name
     # what will be written must load back: the loader's own field checks on it
-    ModelArgs.from_dict(out_config, source=f"{cfg_path} (as converted)")
+    type(args).from_dict(out_config, source=f"{cfg_path} (as converted)")
     return Plan(args, options, dtype, block, jobs, tensors, out_config, params, notes)
 
 
