@@ -240,7 +240,7 @@ class Repl:
         reasoning_end = ""  # whitespace at the end of the reasoning so far, held back
         answer = LeadingBlankLines()
         try:
-            for chunk in self.session.respond(text, stop=lambda: self._stop, progress=progress):
+            for chunk in self.session.respond(text, stop=self.stop_requested, progress=progress):
                 if shown:
                     self.console.file.write("\r\x1b[2K")
                     shown = False
@@ -272,6 +272,10 @@ class Repl:
             )
             self.say(f"[interrupted: {kept}]", style="yellow")
         self.say(stats_line(stats), style="dim")
+
+    def stop_requested(self) -> bool:
+        """Polled after every token and prefill chunk: whether Ctrl-C asked to stop."""
+        return self._stop
 
     # ---- slash commands --------------------------------------------------------------------
 

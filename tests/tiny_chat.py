@@ -279,3 +279,21 @@ def build_deepseek_tokenizer(out_dir: Path, chat_template: str | None = None) ->
     if chat_template is not None:
         config["chat_template"] = chat_template
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+
+
+@functools.cache
+def tiny_hf_checkpoint(family: str = "v3_noaux", **overrides) -> Path:
+    """A raw Hugging Face checkpoint (per-expert tensors, kv_b_proj; transformers' own
+    classes) with this module's tokenizer, so the CLI can run it; EOS is never the greedy
+    choice (its lm_head row is zero), so answers run to max tokens."""
+    import torch
+    from checkpoints import build_hf_model, save_hf_checkpoint
+
+    key = "-".join([family, *(f"{k}{v}" for k, v in sorted(overrides.items()))])
+    path = _ROOT / f"hf-{key}"
+    build_tokenizer(path)
+    model = build_hf_model(family, seed=3, vocab_size=vocab_size(path), **overrides)
+    with torch.no_grad():
+        model.lm_head.weight[CONFIG["eos_token_id"]] = 0.0
+    save_hf_checkpoint(model, path)
+    return path

@@ -12,6 +12,7 @@ from .options import (
     MaxTokens,
     MinP,
     Mtp,
+    Parallel,
     PrefillStepSize,
     RepetitionPenalty,
     Seed,
@@ -40,12 +41,13 @@ def chat(
     prefill_step_size: PrefillStepSize = 2048,
     mtp: Mtp = None,
     draft_tokens: DraftTokens = 1,
+    parallel: Parallel = None,
 ) -> None:
     """Chat with a model in the terminal (streams answers; /help lists the commands)."""
     from ..chat.repl import Repl
     from ..chat.session import ChatSession, no_thinking_switch
     from ..sampling import SamplingSettings
-    from .generate import argv_text, load_checkpoint
+    from .generate import argv_text, join_ranks, load_checkpoint
 
     check_options(
         max_tokens=max_tokens,
@@ -59,7 +61,8 @@ def chat(
         prefill_step_size=prefill_step_size,
     )
     system = argv_text(system, "--system") if system is not None else None
-    m, tokenizer, fmt, name = load_checkpoint(model)
+    world = join_ranks(parallel)
+    m, tokenizer, fmt, name = load_checkpoint(model, parallel=parallel)
     if think and not fmt.has_thinking_switch:
         raise no_thinking_switch(fmt, "--think")
     settings = SamplingSettings(
@@ -84,6 +87,10 @@ def chat(
     )
     if think:
         session.set_thinking(True)
+    if world is not None and not world.leader:  # a follower: rank 0 reads the keyboard
+        from ..chat.distributed import RankRepl
+
+        raise typer.Exit(RankRepl(session, world, debug=State.debug).run())
     if hasattr(sys.stdin, "reconfigure"):  # a bad byte costs one message, not the session
         sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
@@ -91,5 +98,9 @@ def chat(
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+    if world is not None:
+        from ..chat.distributed import RankRepl
+
+        raise typer.Exit(RankRepl(session, world, debug=State.debug).run())
     code = Repl(session, debug=State.debug).run()
     raise typer.Exit(code)

@@ -20,8 +20,10 @@ from .options import (
     MaxTokens,
     MinP,
     Mtp,
+    Parallel,
     RepetitionPenalty,
     Seed,
+    State,
     System,
     Temp,
     TopK,
@@ -37,23 +39,73 @@ def mtp_stats(acceptance_rate: float | None, tokens_per_step: float | None) -> s
     return f" · MTP {acceptance_rate:.0%} accepted, {tokens_per_step:.2f} tok/step"
 
 
-def load_checkpoint(model: str, quiet: bool = False) -> tuple[Any, Any, Any, str]:
-    """(model, tokenizer, chat format, display name) for a folder, repo id or `demo`."""
+def join_ranks(parallel: str | None) -> Any:
+    """The ranks of a --parallel run (distributed.World), or None without --parallel (and
+    for `auto` in a process that mlx.launch did not start: one process runs alone)."""
+    parallel = getattr(parallel, "value", parallel)
+    if parallel is None:
+        return None
+    from ..distributed import launched, start
+
+    if parallel == "auto" and not launched():
+        return None
+    return start(debug=State.debug)
+
+
+def load_checkpoint(
+    model: str, quiet: bool = False, parallel: str | None = None
+) -> tuple[Any, Any, Any, str]:
+    """(model, tokenizer, chat format, display name) for a folder, repo id or `demo`; with
+    --parallel (after join_ranks), this rank's part of the model."""
     from rich.console import Console
 
     from ..formats import chat_format, read_model_config
-    from ..loading import load, resolve_model_path
+    from ..loading import load, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(model)
     name = model if not Path(model).expanduser().exists() else path.resolve().name
     console = Console(stderr=True)
-    if quiet or not console.is_terminal:
+    world = _world() if parallel else None
+    if world is not None:
+        m = _load_part(path, getattr(parallel, "value", parallel), world, console, quiet)
+        tokenizer = load_tokenizer(path)
+    elif quiet or not console.is_terminal:
         m, tokenizer = load(path)
     else:
         with console.status(f"loading {name} ...", spinner="dots"):
             m, tokenizer = load(path)
     config = read_model_config(path)
     return m, tokenizer, chat_format(tokenizer, config, name), name
+
+
+def _world() -> Any:
+    from ..distributed import current
+
+    return current()
+
+
+def _load_part(path: Path, parallel: str, world: Any, console: Any, quiet: bool) -> Any:
+    """This rank's part; rank 0 says how the model is split (unless quiet)."""
+    from ..distributed import load_part
+
+    loaded = load_part(path, parallel, world)
+    world.seed()  # unseeded sampling draws the same tokens on every rank
+    held = world.gather(loaded.weight_bytes)
+    if world.leader and not quiet:
+        plan = loaded.plan
+        parts = [f"rank {r}: {plan.describe(r)} ({_size(held[r])})" for r in range(plan.size)]
+        console.print(
+            f"{plan.kind} parallel over {plan.size} ranks: " + "; ".join(parts),
+            style="dim",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    return loaded.model
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _not_utf8(where: str, data: bytes, e: UnicodeDecodeError) -> DeepSeekError:
@@ -143,12 +195,15 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No stats line, no spinner."),
     mtp: Mtp = None,
     draft_tokens: DraftTokens = 1,
+    parallel: Parallel = None,
 ) -> None:
     """Generate an answer to one prompt (stdout: the answer; stderr: reasoning and stats)."""
-    # text first (no MLX import needed), then the options; all before loading the model
+    # text first (no MLX import needed), then the options; all before loading the model (with
+    # --parallel the ranks join first, and only rank 0 reads the prompt)
     stop = [argv_text(s, "--stop") for s in stop or ()]
     system = argv_text(system, "--system") if system is not None else None
-    text = read_prompt(prompt)
+    world = join_ranks(parallel)
+    text = read_prompt(prompt) if world is None or world.leader else None
     check_options(
         max_tokens=max_tokens,
         temp=temp,
@@ -169,7 +224,9 @@ def generate(
     from ..sampling import SamplingSettings
     from ..speculative import Drafting
 
-    m, tokenizer, fmt, _ = load_checkpoint(model, quiet)
+    if world is not None:
+        text = world.share(text)  # only rank 0 reads stdin
+    m, tokenizer, fmt, _ = load_checkpoint(model, quiet, parallel)
     if think and not fmt.has_thinking_switch:
         raise no_thinking_switch(fmt, "--think")
     if max_tokens is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -59,6 +60,23 @@ DraftTokens = Annotated[
     typer.Option(
         "--draft-tokens",
         help="Tokens the MTP head drafts per step (1 is DeepSeek's; more apply it recursively).",
+    ),
+]
+
+
+class ParallelKind(str, Enum):
+    pipeline = "pipeline"
+    tensor = "tensor"
+    auto = "auto"
+
+
+Parallel = Annotated[
+    ParallelKind | None,
+    typer.Option(
+        "--parallel",
+        help="Split the model over the ranks that mlx.launch started (e.g. several Macs): "
+        "pipeline (contiguous layer ranges sized by each rank's memory), tensor (attention heads "
+        "and experts split, two reductions per layer) or auto (the cost model's choice).",
     ),
 ]
 

@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from .options import MODEL_HELP, DraftTokens, MaxTokens, Mtp
+from .options import MODEL_HELP, DraftTokens, MaxTokens, Mtp, Parallel
 
 
 def serve(
@@ -37,13 +37,14 @@ def serve(
         None, "--model-id", help="The model's name in the API (default: the checkpoint's)."
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level."),
+    parallel: Parallel = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI (/v1/...) and Ollama (/api/...) APIs and a chat page."""
     from ..errors import DeepSeekError
     from ..formats import read_model_config
     from ..loading import resolve_model_path
     from ..serve.server import bind, is_loopback, make_state, uvicorn_server
-    from .generate import load_checkpoint
+    from .generate import join_ranks, load_checkpoint
 
     for name, value, low in (
         ("--port", port, 0),
@@ -59,6 +60,21 @@ def serve(
         raise DeepSeekError(f"--port {port}: must be at most 65535")
     if max_body_mb <= 0:
         raise DeepSeekError(f"--max-body-mb {max_body_mb}: must be > 0")
+    world = join_ranks(parallel)
+    engine_options = dict(
+        max_batch=max_batch,
+        max_queue=max_queue,
+        prefix_cache_bytes=prefix_cache_mb << 20,
+        prefill_step_size=prefill_step_size,
+        mtp=mtp,
+        draft_tokens=draft_tokens,
+    )
+    if world is not None and not world.leader:  # rank 0 serves; this rank runs its steps
+        from ..serve.distributed import FollowerEngine
+
+        m, _, _, _ = load_checkpoint(model, parallel=parallel)
+        FollowerEngine(m, world=world, **engine_options).run()
+        return
     try:
         sock = bind(host, port)
     except OSError as e:
@@ -72,8 +88,14 @@ def serve(
             err=True,
             fg=typer.colors.YELLOW,
         )
-    m, tokenizer, fmt, name = load_checkpoint(model)
+    m, tokenizer, fmt, name = load_checkpoint(model, parallel=parallel)
     config = read_model_config(resolve_model_path(model))
+    if world is not None:
+        from functools import partial
+
+        from ..serve.distributed import LeaderEngine
+
+        engine_options["engine_class"] = partial(LeaderEngine, world=world)
     state = make_state(
         m,
         tokenizer,
@@ -83,12 +105,7 @@ def serve(
         api_key=api_key or None,
         max_body=int(max_body_mb * (1 << 20)),
         default_max_tokens=max_tokens,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        prefix_cache_bytes=prefix_cache_mb << 20,
-        prefill_step_size=prefill_step_size,
-        mtp=mtp,
-        draft_tokens=draft_tokens,
+        **engine_options,
     )
     shown = f"[{host}]" if ":" in host else host
     typer.secho(

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-# Positions seen in training; YaRN (factor 4) stretches the rope to 4x this at inference.
-TRAIN_CONTEXT = 128
-VOCAB_SIZE = 512
+# The first phase trains on rows of SHORT_CONTEXT tokens with plain rope; the second, as
+# DeepSeek extends its context, switches YaRN on (factor 4 over SHORT_CONTEXT) and trains on
+# rows of LONG_CONTEXT tokens. MAX_CONTEXT: what YaRN's factor reaches (max_position_embeddings).
+SHORT_CONTEXT = 512
+LONG_CONTEXT = 1024
+YARN_FACTOR = 4
+MAX_CONTEXT = YARN_FACTOR * SHORT_CONTEXT
+VOCAB_SIZE = 768
 
 CONFIG: dict = {
     "architectures": ["DeepseekV3ForCausalLM"],
@@ -33,12 +38,12 @@ CONFIG: dict = {
     "qk_rope_head_dim": 16,
     "v_head_dim": 32,
     "num_nextn_predict_layers": 1,
-    "max_position_embeddings": 4 * TRAIN_CONTEXT,
+    "max_position_embeddings": MAX_CONTEXT,
     "rope_theta": 10000.0,
     "rope_scaling": {
         "type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": TRAIN_CONTEXT,
+        "factor": float(YARN_FACTOR),
+        "original_max_position_embeddings": SHORT_CONTEXT,
         "beta_fast": 32,
         "beta_slow": 1,
         "mscale": 1.0,

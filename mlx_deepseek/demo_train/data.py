@@ -1,32 +1,59 @@
-"""Chat dialogues the demo model can truly learn, with a held-out arithmetic split.
+"""The demo's skills, one exchange at a time, and the held-out split.
 
-Every dialogue is a list of ``{"role": ..., "content": ...}`` messages (user, assistant, ...).
-Tasks: addition and subtraction (single-digit ones answered directly, 2- and 3-digit ones
-after a short ``<think>`` column-arithmetic trace), counting, spelling a word backwards,
-facts about the model itself, greetings, and a polite refusal for anything else.
+A `Turn` is one user message and everything the assistant does about it: its reasoning
+(what it writes after `<think>` in thinking mode), its tool calls with their results, and
+its answer. Skills: addition and subtraction (up to three digits), counting, spelling a
+word backwards, facts about itself, greetings, polite refusals (facts.py), and tool use:
+the weather, exact sums of big numbers, word meanings (tools.py).
 
-The held-out split: 10% of the 2-digit addition pairs (as unordered pairs, so neither
-``a + b`` nor ``b + a`` is ever trained) and 10% of the 2-digit subtraction pairs never
-appear in any training dialogue. "23 + 45" and "71 - 38" are forced into it, so the
-README's example questions show generalisation, not recall.
+The held-out split: 10% of the 2-digit addition pairs (unordered, so neither `a + b` nor
+`b + a` is trained), 10% of the 2-digit subtraction pairs, and (tools.py) 15% of the
+cities and of the looked-up words never appear in a training conversation. "23 + 45" and
+"71 - 38" are forced into it, so the README's questions show generalisation, not recall.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from .config import CONFIG, count_parameters
-
-REAL_MODEL = "deepseek-ai/DeepSeek-V2-Lite-Chat"
 HELD_OUT_FRACTION = 0.1
 SPLIT_SEED = 1234
 FORCED_HELD_OUT_ADD = [(23, 45)]
 FORCED_HELD_OUT_SUB = [(71, 38)]
 
-Message = dict[str, str]
-Dialogue = list[Message]
+
+@dataclass
+class Turn:
+    """One exchange. `calls` are (tool name, arguments) made before answering; `results`
+    the tools' outputs (text, one per call); `answer` what the user reads at the end."""
+
+    user: str
+    answer: str
+    reasoning: str
+    task: str
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    results: list[str] = field(default_factory=list)
+    expect: list[str] = field(default_factory=list)  # strings a correct answer contains
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The exchange as OpenAI-style messages (what chat_format(...).render takes)."""
+        out: list[dict[str, Any]] = [{"role": "user", "content": self.user}]
+        if self.calls:
+            out.append(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": name, "arguments": args}}
+                        for name, args in self.calls
+                    ],
+                }
+            )
+            out += [{"role": "tool", "content": r} for r in self.results]
+        out.append({"role": "assistant", "content": self.answer})
+        return out
 
 
 # ---------------------------------------------------------------- held-out split
@@ -85,6 +112,7 @@ ADD_PHRASES = [
     "Add {a} and {b}.",
     "What is the sum of {a} and {b}?",
     "Can you add {a} and {b}?",
+    "And {a} + {b}?",
 ]
 SUB_PHRASES = [
     "What is {a} - {b}?",
@@ -100,12 +128,7 @@ SUB_PHRASES = [
     "Subtract {b} from {a}.",
     "What is {a} take away {b}?",
     "What is the difference between {a} and {b}?",
-]
-STEP_PREFIXES = [
-    "Think step by step: ",
-    "Show your work: ",
-    "Work it out step by step: ",
-    "Quick question: ",
+    "And {a} - {b}?",
 ]
 
 
@@ -150,13 +173,8 @@ def sub_trace(a: int, b: int) -> str:
     return "\n".join(lines)
 
 
-def think(trace: str, answer: str) -> str:
-    # R1's layout: the trace, then a blank line, then the answer.
-    return f"<think>\n{trace}\n</think>\n\n{answer}"
-
-
-def _case(rng: random.Random, text: str) -> str:
-    # Users type sloppily: lower-case first letter or a dropped final punctuation, now and then.
+def case(rng: random.Random, text: str) -> str:
+    """Users type sloppily: a lower-case first letter or a dropped final mark, now and then."""
     if rng.random() < 0.15 and text[:1].isalpha():
         text = text[0].lower() + text[1:]
     if rng.random() < 0.1 and text[-1:] in "?.":
@@ -164,18 +182,17 @@ def _case(rng: random.Random, text: str) -> str:
     return text
 
 
-def arith_turn(rng: random.Random, op: str, a: int, b: int) -> tuple[str, str]:
-    """Single-digit sums are answered directly; larger ones after a column-arithmetic trace."""
+def arith_turn(rng: random.Random, op: str, a: int, b: int) -> Turn:
+    """Answered directly when thinking is off; in thinking mode after a column trace that
+    restates the problem first (its digits then sit at fixed distances from the operands,
+    whatever the question's wording)."""
     question = rng.choice(ADD_PHRASES if op == "+" else SUB_PHRASES).format(a=a, b=b)
-    if rng.random() < 0.05:
-        question = rng.choice(STEP_PREFIXES) + question[0].lower() + question[1:]
     answer = add_answer(a, b) if op == "+" else sub_answer(a, b)
-    if max(a, b) < 10:
-        return _case(rng, question), answer
-    # The trace restates the problem first: its column digits then sit at fixed distances
-    # from the restated operands, whatever the question's wording.
     trace = add_trace(a, b) if op == "+" else sub_trace(a, b)
-    return _case(rng, question), think(f"{a} {op} {b}\n{trace}", answer)
+    digits = len(str(max(a, b)))
+    task = f"{'add' if op == '+' else 'sub'}{digits}"
+    result = str(a + b if op == "+" else a - b)
+    return Turn(case(rng, question), answer, f"{a} {op} {b}\n{trace}\n", task, expect=[result])
 
 
 def sample_pair(rng: random.Random, op: str, digits: int, split: Split, held: bool):
@@ -205,7 +222,7 @@ def sample_pair(rng: random.Random, op: str, digits: int, split: Split, held: bo
     return a, b
 
 
-# ---------------------------------------------------------------- other tasks
+# ---------------------------------------------------------------- counting, spelling
 
 WORDS = (
     "cat dog sun moon star tree book fish bird frog milk rain snow wind fire ship boat "
@@ -214,7 +231,7 @@ WORDS = (
     "river ocean lake hill stone sand cloud storm light night day week year time "
     "green blue red pink black white gold silver paper pencil chair table clock phone "
     "music song dance smile happy quick slow brave calm quiet loud small large sweet "
-    "water earth robot model token layer expert cache latent deep seek metal apple "
+    "water earth robot model token layer expert cache latent deep seek metal "
     "hello world python magic piano guitar violin drum bell candy honey pizza pasta "
     "train plane rocket planet comet orbit laser pixel"
 ).split()
@@ -230,17 +247,19 @@ BACKWARD_PHRASES = [
 ]
 
 
-def backwards_turn(rng: random.Random) -> tuple[str, str]:
+def backwards_turn(rng: random.Random) -> Turn:
     w = rng.choice(WORDS)
-    return _case(rng, rng.choice(BACKWARD_PHRASES).format(w=w)), f"{w} backwards is {w[::-1]}."
+    q = case(rng, rng.choice(BACKWARD_PHRASES).format(w=w))
+    reasoning = f"{w}: {' '.join(w)}\nreversed: {' '.join(w[::-1])}\n"
+    return Turn(q, f"{w} backwards is {w[::-1]}.", reasoning, "backwards", expect=[w[::-1]])
 
 
-def count_turn(rng: random.Random) -> tuple[str, str]:
+def count_turn(rng: random.Random) -> Turn:
     r = rng.random()
     if r < 0.35:
         n = rng.randint(2, 15)
         q = rng.choice(["Count to {n}.", "Count from 1 to {n}.", "Can you count to {n}?"])
-        seq = list(range(1, n + 1))
+        a, b, seq = 1, n, list(range(1, n + 1))
         q = q.format(n=n)
     elif r < 0.8:
         a = rng.randint(0, 90)
@@ -253,248 +272,6 @@ def count_turn(rng: random.Random) -> tuple[str, str]:
         a = b + rng.randint(1, 12)
         q = f"Count down from {a} to {b}."
         seq = list(range(a, b - 1, -1))
-    return _case(rng, q), ", ".join(map(str, seq)) + "."
-
-
-def _facts() -> list[tuple[list[str], list[str]]]:
-    c = CONFIG
-    total, mtp, active = count_parameters(c)
-    layers, experts = c["num_hidden_layers"], c["n_routed_experts"]
-    k, rank = c["num_experts_per_tok"], c["kv_lora_rank"]
-    millions = f"{(total + mtp) / 1e6:.1f} million"
-    intro = (
-        "I am a tiny demo model with the DeepSeek-V3 architecture, trained from scratch "
-        "on two CPU cores for the mlx-deepseek project. I can add and subtract numbers, "
-        "count, and spell short words backwards. To chat with a real DeepSeek model, run: "
-        f"mlx-deepseek chat {REAL_MODEL}"
-    )
-    arch = (
-        f"I follow DeepSeek-V3: {layers} layers (the first dense, the others "
-        f"mixture-of-experts), multi-head latent attention with a {rank}-wide latent cache, "
-        f"{experts} routed experts with {k} active per token plus 1 shared expert, "
-        "and a multi-token prediction module."
-    )
-    return [
-        (
-            [
-                "What are you?",
-                "Who are you?",
-                "Tell me about yourself.",
-                "What is your name?",
-                "Introduce yourself.",
-                "Are you DeepSeek?",
-                "Are you a real DeepSeek model?",
-                "What kind of model are you?",
-            ],
-            [intro],
-        ),
-        (
-            [
-                "What architecture do you use?",
-                "Describe your architecture.",
-                "How are you built?",
-                "What is your architecture?",
-                "How many layers do you have?",
-            ],
-            [arch],
-        ),
-        (
-            [
-                "How many experts do you have?",
-                "Are you a mixture of experts?",
-                "How does your routing work?",
-                "What is noaux_tc?",
-            ],
-            [
-                f"Each of my MoE layers has {experts} routed experts and 1 shared expert. "
-                f"Every token picks {k} routed experts by sigmoid score, from the best "
-                f"{c['topk_group']} of {c['n_group']} expert groups, and a bias balances "
-                "the load without an auxiliary loss."
-            ],
-        ),
-        (
-            [
-                "How many parameters do you have?",
-                "How big are you?",
-                "What is your size?",
-            ],
-            [
-                f"About {millions} parameters, of which about {active / 1e6:.1f} million are "
-                "active for each token. Real DeepSeek-V3 has 671 billion."
-            ],
-        ),
-        (
-            [
-                "What is MLA?",
-                "What attention do you use?",
-                "What is multi-head latent attention?",
-            ],
-            [
-                "Multi-head latent attention compresses keys and values into one small latent "
-                f"vector per token ({rank} numbers for me), so the cache stays small."
-            ],
-        ),
-        (
-            [
-                "What is MTP?",
-                "What is multi-token prediction?",
-                "Can you predict two tokens at once?",
-            ],
-            [
-                "My multi-token prediction module guesses the token after the next one. "
-                "mlx-deepseek can use it to draft tokens for speculative decoding."
-            ],
-        ),
-        (
-            [
-                "How do I run a real model?",
-                "How do I run a real DeepSeek model?",
-                "Can I use a bigger model?",
-                "How do I chat with DeepSeek?",
-            ],
-            [
-                f"Run: mlx-deepseek chat {REAL_MODEL} (or any DeepSeek repo id or local "
-                "folder). Convert a checkpoint first with mlx-deepseek convert."
-            ],
-        ),
-        (
-            ["What can you do?", "Help", "help", "What do you know?", "What should I ask?"],
-            [
-                "I can add and subtract numbers, count, and spell short words backwards. "
-                "Try: What is 23 + 45?"
-            ],
-        ),
-        (
-            ["Who made you?", "Who trained you?", "Where do you come from?"],
-            [
-                "The mlx-deepseek project trained me with its demo script on two CPU cores. "
-                "I am not made by DeepSeek; I only share the DeepSeek-V3 architecture."
-            ],
-        ),
-    ]
-
-
-FACTS = _facts()
-
-GREETINGS = [
-    (
-        ["Hello", "Hello!", "Hi", "Hi!", "Hey", "Hey there!", "Good morning!", "Good evening!"],
-        [
-            "Hello! I am the mlx-deepseek demo model. Ask me to add, subtract, count or "
-            "spell a word backwards.",
-            "Hi! I am a tiny DeepSeek-V3-style demo model. Try: What is 23 + 45?",
-        ],
-    ),
-    (
-        ["How are you?", "How are you doing?"],
-        ["I am fine, thank you! Ask me an arithmetic question."],
-    ),
-    (
-        ["Thanks!", "Thank you", "Thank you!", "Thanks a lot.", "Great, thanks."],
-        ["You are welcome!", "Happy to help!"],
-    ),
-    (["Bye", "Goodbye!", "See you later."], ["Goodbye!"]),
-]
-
-OFF_TOPIC = [
-    "What is the capital of France?",
-    "Write a poem about the sea.",
-    "What is the weather today?",
-    "Who won the world cup?",
-    "Tell me a joke.",
-    "Translate hello into French.",
-    "What is the meaning of life?",
-    "Write a Python function to sort a list.",
-    "What is 7 times 8?",
-    "What is 12 * 3?",
-    "Divide 100 by 4.",
-    "What is the square root of 81?",
-    "Who is the president?",
-    "Explain quantum physics.",
-    "What time is it?",
-    "Recommend a good book.",
-    "What is your favourite colour?",
-    "Do you like music?",
-    "How tall is Mount Everest?",
-    "What day is it today?",
-]
-REFUSAL = (
-    "Sorry, I am a tiny demo model: I only know addition and subtraction, counting, "
-    f"spelling words backwards and facts about myself. For real answers run: "
-    f"mlx-deepseek chat {REAL_MODEL}"
-)
-
-
-def _pick(rng: random.Random, table: list[tuple[list[str], list[str]]]) -> tuple[str, str]:
-    questions, answers = rng.choice(table)
-    return _case(rng, rng.choice(questions)), rng.choice(answers)
-
-
-# ---------------------------------------------------------------- dialogues
-
-# (task, weight): 2-digit arithmetic dominates because it is the measured target.
-TASKS = [
-    ("add2", 0.22),
-    ("sub2", 0.22),
-    ("add1", 0.06),
-    ("sub1", 0.06),
-    ("arith3", 0.16),
-    ("count", 0.10),
-    ("backwards", 0.06),
-    ("facts", 0.05),
-    ("greet", 0.04),
-    ("other", 0.03),
-]
-
-
-def sample_turn(rng: random.Random, split: Split, held: bool = False) -> tuple[str, str]:
-    """One (user, assistant) exchange; held=True draws 2-digit pairs from the held-out side."""
-    task = rng.choices([t for t, _ in TASKS], weights=[w for _, w in TASKS])[0]
-    if task in ("add2", "sub2", "add1", "sub1", "arith3"):
-        op = "+" if task.startswith("add") or (task == "arith3" and rng.random() < 0.5) else "-"
-        digits = {"add2": 2, "sub2": 2, "add1": 1, "sub1": 1, "arith3": 3}[task]
-        a, b = sample_pair(rng, op, digits, split, held)
-        return arith_turn(rng, op, a, b)
-    if task == "count":
-        return count_turn(rng)
-    if task == "backwards":
-        return backwards_turn(rng)
-    if task == "facts":
-        return _pick(rng, FACTS)
-    if task == "greet":
-        return _pick(rng, GREETINGS)
-    return _case(rng, rng.choice(OFF_TOPIC)), REFUSAL
-
-
-def sample_dialogue(rng: random.Random, split: Split, held: bool = False) -> Dialogue:
-    """1-4 user/assistant exchanges (mostly 1-2)."""
-    turns = rng.choices([1, 2, 3, 4], weights=[0.45, 0.3, 0.15, 0.1])[0]
-    msgs: Dialogue = []
-    for _ in range(turns):
-        user, assistant = sample_turn(rng, split, held)
-        msgs.append({"role": "user", "content": user})
-        msgs.append({"role": "assistant", "content": assistant})
-    return msgs
-
-
-def dialogues(seed: int, split: Split, held: bool = False) -> Iterator[Dialogue]:
-    """An endless, reproducible stream of dialogues."""
-    rng = random.Random(seed)
-    while True:
-        yield sample_dialogue(rng, split, held)
-
-
-def corpus_for_tokenizer(n: int = 20000, seed: int = 7) -> Iterator[str]:
-    """Plain texts (questions and answers) to train the BPE merges on."""
-    split = make_split()
-    rng = random.Random(seed)
-    for _ in range(n):
-        user, assistant = sample_turn(rng, split)
-        yield user
-        yield assistant
-    for table in (FACTS, GREETINGS):
-        for questions, answers in table:
-            yield from questions
-            yield from answers
-    yield from OFF_TOPIC
-    yield REFUSAL
+    step = "up" if a <= b else "down"
+    text = ", ".join(map(str, seq)) + "."
+    return Turn(case(rng, q), text, f"From {a} {step} to {b}.\n", "count", expect=[text])

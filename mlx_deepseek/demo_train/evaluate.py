@@ -1,165 +1,92 @@
 """Evaluate demo checkpoints: ``python -m mlx_deepseek.demo_train.evaluate [MODEL ...]``.
 
-For each model (a folder, or ``demo`` for the bundled 4-bit one):
-- exact-match accuracy on every held-out 2-digit addition and subtraction question, asked
-  as "What is a + b?" / "What is a - b?" through the chat template, answered greedily; the
-  reply must be exactly "a + b = c." (after any <think> block);
-- the MTP module's next-next-token accuracy on held-out dialogues (assistant tokens).
+For each model (a folder, or ``demo`` for the bundled 4-bit one), on held-out data through
+the checkpoint's own chat format (metrics.py):
+
+- arithmetic: exact match on the held-out 2-digit sums and differences, thinking off and
+  on, at turn 1 and turn 10 of a conversation, after ~1,000 tokens of history, and with the
+  tools declared (no call allowed);
+- tools: well-formed calls with JSON arguments, the right call, the result used;
+- self-description ("Who are you?"), thinking off and on;
+- MTP: the acceptance of its greedy drafts over the model's own answers.
+
+``--limit N`` samples N questions per arithmetic row (the full split has 1,215).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-from collections import defaultdict
+import time
 from pathlib import Path
+from typing import Any
 
-# (mlx_deepseek/__init__ has already preloaded OpenBLAS: this module lives inside it)
-import mlx.core as mx
-import numpy as np
-
-from .config import TRAIN_CONTEXT
-from .data import Split, add_answer, make_split, sub_answer
-
-EVAL_SEED = 4242
+from . import metrics
 
 
-def chat_prompt(tokenizer, question: str) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    return tokenizer.encode(text, add_special_tokens=False)
+def arithmetic_accuracy(model: Any, tokenizer: Any, limit: int | None = None) -> dict:
+    """Held-out 2-digit exact match at turn 1, thinking off (the training log's probe)."""
+    return metrics.arithmetic(metrics.Evaluator(model, tokenizer), limit)
 
 
-def greedy_generate(
-    model, prompts: list[list[int]], eos_id: int, max_tokens: int = 64, batch: int = 512
-) -> list[list[int]]:
-    """Greedy continuations (without the eos) of each prompt, batched by prompt length."""
-    by_len = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_len[len(p)].append(i)
-    out: list[list[int]] = [[] for _ in prompts]
-    for idx_all in by_len.values():
-        for s in range(0, len(idx_all), batch):
-            idx = idx_all[s : s + batch]
-            cache = model.make_cache()
-            logits = model(mx.array([prompts[i] for i in idx]), cache=cache)
-            done = np.zeros(len(idx), dtype=bool)
-            for _ in range(max_tokens):
-                nxt = logits[:, -1].argmax(-1)
-                toks = np.array(nxt)
-                for j, t in enumerate(toks):
-                    if not done[j]:
-                        if t == eos_id:
-                            done[j] = True
-                        else:
-                            out[idx[j]].append(int(t))
-                if done.all():
-                    break
-                logits = model(nxt[:, None], cache=cache)
-    return out
+def evaluate(model: Any, tokenizer: Any, limit: int | None = None, tool_cases: int = 150) -> dict:
+    ev = metrics.Evaluator(model, tokenizer)
+    rows: dict[str, Any] = {}
+    short = limit or 300
+    for thinking in (False, True):
+        mode = "on" if thinking else "off"
+        rows[f"arith_turn1_think_{mode}"] = metrics.arithmetic(ev, limit, 1, thinking)
+        rows[f"arith_turn10_think_{mode}"] = metrics.arithmetic(ev, limit, 10, thinking)
+        rows[f"tools_think_{mode}"] = metrics.tool_use(ev, tool_cases, thinking)
+        rows[f"who_think_{mode}"] = metrics.self_description(ev, thinking)
+    rows["arith_after_1000_tokens"] = metrics.arithmetic(ev, min(short, 200), 1, context=1000)
+    rows["arith_with_tools_declared"] = metrics.arithmetic(ev, short, 3, tools=True)
+    rows["mtp"] = metrics.mtp_acceptance(ev)
+    return rows
 
 
-def answer_text(tokenizer, ids: list[int]) -> str:
-    """The reply as the chat shows it: the text after any </think>, stripped."""
-    return tokenizer.decode(ids).split("</think>")[-1].strip()
-
-
-def arithmetic_questions(split: Split, limit: int | None = None) -> list[tuple[str, str, str]]:
-    """(op, question, expected reply) for the held-out 2-digit pairs."""
-    qs = [("+", f"What is {a} + {b}?", add_answer(a, b)) for a, b in split.held_add_questions()]
-    qs += [("-", f"What is {a} - {b}?", sub_answer(a, b)) for a, b in split.held_sub_questions()]
-    if limit is not None:
-        qs = random.Random(EVAL_SEED).sample(qs, limit)
-    return qs
-
-
-def arithmetic_accuracy(model, tokenizer, split: Split, limit: int | None = None) -> dict:
-    qs = arithmetic_questions(split, limit)
-    prompts = [chat_prompt(tokenizer, q) for _, q, _ in qs]
-    outs = greedy_generate(model, prompts, tokenizer.eos_token_id)
-    right = defaultdict(int)
-    count = defaultdict(int)
-    failures = []
-    for (op, q, expected), ids in zip(qs, outs, strict=True):
-        got = answer_text(tokenizer, ids)
-        count[op] += 1
-        if got == expected:
-            right[op] += 1
-        elif len(failures) < 5:
-            failures.append(f"{q} -> {got!r}")
-    result = {
-        "add": right["+"] / max(count["+"], 1),
-        "sub": right["-"] / max(count["-"], 1),
-        "all": (right["+"] + right["-"]) / max(1, count["+"] + count["-"]),
-        "n": count["+"] + count["-"],
-        "failures": failures,
-    }
-    return result
-
-
-def mtp_accuracy(model, tokenizer_json: Path, split: Split, rows: int = 256) -> dict:
-    """Next-token and MTP next-next-token accuracy on held-out dialogues' assistant tokens."""
-    from tokenizers import Tokenizer
-
-    from .packing import Packer
-
-    packer = Packer(Tokenizer.from_file(str(tokenizer_json)), TRAIN_CONTEXT + 1)
-    ids_np, mask_np = packer.batch(random.Random(EVAL_SEED), split, rows, held=True)
-    ids, mask = mx.array(ids_np), mx.array(mask_np)
-    right_main = right_mtp = 0.0
-    for s in range(0, rows, 64):
-        x = ids[s : s + 64, :-1]
-        logits, h = model.forward_with_hidden(x)
-        mtp_logits, _ = model.mtp_forward(h[:, :-1], x[:, 1:])
-        m1, m2 = mask[s : s + 64, 1:], mask[s : s + 64, 2:]
-        right_main += ((logits.argmax(-1) == ids[s : s + 64, 1:]) * m1).sum().item()
-        right_mtp += ((mtp_logits.argmax(-1) == ids[s : s + 64, 2:]) * m2).sum().item()
-    return {
-        "next_token": right_main / float(mask_np[:, 1:].sum()),
-        "mtp_next_next_token": right_mtp / float(mask_np[:, 2:].sum()),
-        "tokens": int(mask_np[:, 2:].sum()),
-    }
-
-
-def evaluate(name: str, limit: int | None = None) -> dict:
-    from mlx_deepseek import load
-    from mlx_deepseek.loading import resolve_model_path
-
-    model, tokenizer = load(name)
-    split = make_split()
-    result = {"model": name, "arithmetic": arithmetic_accuracy(model, tokenizer, split, limit)}
-    result["mtp"] = mtp_accuracy(model, resolve_model_path(name) / "tokenizer.json", split)
-    return result
+def _line(name: str, row: dict) -> str:
+    if "acceptance" in row:
+        return f"{name:28s} {row['acceptance']:6.1%}  (drafts {row['drafted']})"
+    if "well_formed" in row:
+        return (
+            f"{name:28s} well-formed {row['well_formed']:6.1%}  right call {row['right_call']:6.1%}"
+            f"  result used {row['result_used']:6.1%}  (n={row['n']})"
+        )
+    extra = f", prompts {row['prompt_tokens']} tokens" if "prompt_tokens" in row else ""
+    return f"{name:28s} {row['accuracy']:6.1%}  (n={row['n']}{extra})"
 
 
 def main(argv: list[str] | None = None) -> None:
+    from mlx_deepseek import load
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("models", nargs="*", default=["demo"], help="folders, or `demo`")
-    p.add_argument("--limit", type=int, default=None, help="evaluate a random sample only")
+    p.add_argument("--limit", type=int, default=None, help="questions per arithmetic row")
+    p.add_argument("--tool-cases", type=int, default=150)
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args(argv)
-    results = []
+    results = {}
     for name in a.models:
-        r = evaluate(name, a.limit)
-        ar, mt = r["arithmetic"], r["mtp"]
-        print(
-            f"{name}: held-out 2-digit exact match {ar['all']:.1%} (add {ar['add']:.1%}, "
-            f"sub {ar['sub']:.1%}, n={ar['n']}); MTP next-next-token "
-            f"{mt['mtp_next_next_token']:.1%} (next-token {mt['next_token']:.1%}, "
-            f"{mt['tokens']} tokens)"
-        )
-        for f in ar["failures"]:
-            print(f"  miss: {f}")
-        results.append(r)
+        t0 = time.time()
+        model, tokenizer = load(name)
+        rows = evaluate(model, tokenizer, a.limit, a.tool_cases)
+        print(f"== {name} ({time.time() - t0:.0f} s)")
+        for key, row in rows.items():
+            print("  " + _line(key, row))
+            for miss in row.get("misses", [])[:2]:
+                print(f"      miss: {miss!r}")
+        results[name] = rows
+        sys.stdout.flush()
     if a.json:
-        a.json.write_text(json.dumps(results, indent=1))
+        a.json.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     if len(results) == 2:
-        gap = results[0]["arithmetic"]["all"] - results[1]["arithmetic"]["all"]
-        print(f"accuracy gap ({results[0]['model']} - {results[1]['model']}): {gap:+.1%}")
-    sys.stdout.flush()
+        (n1, r1), (n2, r2) = results.items()
+        for key in r1:
+            v1 = r1[key].get("accuracy", r1[key].get("right_call", r1[key].get("acceptance")))
+            v2 = r2[key].get("accuracy", r2[key].get("right_call", r2[key].get("acceptance")))
+            print(f"gap {key:28s} {n1} - {n2}: {100 * (v1 - v2):+.1f} points")
 
 
 if __name__ == "__main__":

@@ -1,72 +1,144 @@
-"""Dialogues -> fixed-length training rows (token ids + a mask of the tokens to learn).
+"""Conversations -> the text chat_format renders -> training rows (token ids + loss mask).
 
-A row is one conversation rendered exactly as the chat template renders it:
-``<bos><｜User｜>u1<｜Assistant｜>a1<eos><｜User｜>u2<｜Assistant｜>a2<eos>...``, with exchanges
-added until the next one would not fit, then padded. As in the template, an answer with a
-``<think>`` trace keeps its trace only as the LAST turn of a row; in earlier turns it shows
-just the text after ``</think>`` and is not learnt there (the model must not learn to skip
-the trace). The loss mask marks every learnt assistant token and its closing ``<eos>``.
+A row is one conversation rendered by mlx_deepseek.formats' V3.1 format, exactly as the
+chat and the server render it (`chat_format(...).render(messages, tools=...)`): the system
+prompt with the tools block, then `<｜User｜>u<｜Assistant｜></think>a<eos>` per turn, tool
+calls and `<｜tool▁output▁begin｜>result<｜tool▁output▁end｜>` in between. What is learnt is
+what the model writes at each point where it is asked to generate:
+
+- after `<｜Assistant｜></think>` (the thinking-off prompt, which is also how every past
+  answer is written): the answer or the tool-call block, through `<eos>`;
+- after the last `<｜tool▁output▁end｜>` of a tool round (the template opens no new turn
+  there): the answer from the results, through `<eos>`;
+- for a conversation whose last turn is in thinking mode: that turn's prompt is rendered
+  with thinking on (it ends `<｜Assistant｜><think>`) and the model writes its reasoning,
+  `</think>`, then the answer or the tool-call block (a tool round in thinking mode ends the
+  row: the next prompt is rendered with the reasoning dropped).
+
+tests/test_demo_data.py checks these spans against rendering every prefix of the
+conversation with add_generation_prompt, as the server does at each step.
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .data import Split, sample_turn
-from .tokenizer import ASSISTANT, BOS, EOS, PAD, USER
+from mlx_deepseek.formats import chat_format
+
+from .config import CONFIG
+from .data import make_split
+from .dialogues import Conversation, TurnSampler, sample_conversation
+from .tokenizer import ASSISTANT, END_THINK, EOS, PAD, THINK, USER, TemplateTokenizer
+from .tools import make_tool_split
+
+OFF_PROMPT = ASSISTANT + END_THINK
+ON_PROMPT = ASSISTANT + THINK
+_OUTPUT_END = "<｜tool▁output▁end｜>"
+_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
+# learnt: after an answer's prompt, or after a tool round's last output, through <eos>
+_LEARNT = re.compile(
+    f"(?:{re.escape(OFF_PROMPT)}|{re.escape(_OUTPUT_END)}(?!{re.escape(_OUTPUT_BEGIN)}))"
+    f"(.*?{re.escape(EOS)})",
+    re.S,
+)
+
+Segments = list[tuple[str, bool]]  # (text, learnt)
+
+
+def learnt_spans(text: str) -> Segments:
+    """A rendered conversation cut into (text, learnt) pieces."""
+    out: Segments = []
+    pos = 0
+    for m in _LEARNT.finditer(text):
+        out.append((text[pos : m.start(1)], False))
+        out.append((m.group(1), True))
+        pos = m.end(1)
+    if pos < len(text):
+        out.append((text[pos:], False))
+    return [(t, learn) for t, learn in out if t]
+
+
+class Renderer:
+    """Samples conversations and renders them with the demo's own chat format."""
+
+    def __init__(self, held: bool = False):
+        self.tokenizer = TemplateTokenizer()
+        self.fmt = chat_format(self.tokenizer, CONFIG, "demo")
+        if self.fmt.family != "v3.1" or not self.fmt.has_thinking_switch:
+            raise RuntimeError(f"the demo template reads as {self.fmt.family}, not v3.1")
+        self.sampler = TurnSampler(make_split(), make_tool_split(), held)
+
+    def sample(self, rng: random.Random, max_chars: int, **kw) -> Conversation:
+        return sample_conversation(rng, self.sampler, max_chars, **kw)
+
+    def render(self, conv: Conversation, messages: list, generation: bool, thinking: bool) -> str:
+        return self.fmt.render(self.tokenizer, messages, generation, thinking, conv.tools)
+
+    def segments(self, conv: Conversation) -> Segments:
+        messages = conv.messages()
+        if not conv.thinking:
+            return learnt_spans(self.render(conv, messages, False, False))
+        last = conv.turns[-1].messages()
+        head = messages[: len(messages) - len(last) + 1]  # through the last user message
+        prompt = self.render(conv, head, True, True)
+        # the last turn's first answer (or call block) as the template writes it
+        written = self.render(conv, head + [last[1]], False, False)
+        cut = written.rindex(OFF_PROMPT)
+        if prompt != written[:cut] + ON_PROMPT:
+            raise RuntimeError("the thinking prompt does not extend the rendered history")
+        body = written[cut + len(OFF_PROMPT) :]
+        return [*learnt_spans(prompt), (conv.turns[-1].reasoning + END_THINK + body, True)]
 
 
 class Packer:
-    def __init__(self, tok: Tokenizer, length: int):
+    """Rendered conversations -> padded rows of token ids and a mask of the learnt tokens."""
+
+    def __init__(self, tok: Tokenizer, renderer: Renderer | None = None):
         self.tok = tok
-        self.length = length  # tokens per row, including the one extra target position
-        self.bos, self.eos, self.pad = (tok.token_to_id(t) for t in (BOS, EOS, PAD))
-        self.user, self.assistant = tok.token_to_id(USER), tok.token_to_id(ASSISTANT)
+        self.renderer = renderer or Renderer()
+        self.pad, self.user = tok.token_to_id(PAD), tok.token_to_id(USER)
+        self.chars_per_token = 2.6
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def turn(self, user: str, answer: str, last: bool) -> tuple[list[int], list[int]]:
-        """(ids, loss mask) of one exchange as it appears in a conversation."""
-        learn = 1
-        if not last and "</think>" in answer:
-            answer, learn = answer.split("</think>")[-1].lstrip(), 0
-        head = [self.user, *self.encode(user), self.assistant]
-        body = [*self.encode(answer), self.eos]
-        return head + body, [0] * len(head) + [learn] * len(body)
-
-    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
-        ids, mask = [self.bos], [0]
-        for i, (user, answer) in enumerate(turns):
-            t_ids, t_mask = self.turn(user, answer, last=i == len(turns) - 1)
-            ids += t_ids
-            mask += t_mask
+    def encode(self, segments: Segments) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        mask: list[int] = []
+        for text, learn in segments:
+            piece = self.tok.encode(text, add_special_tokens=False).ids
+            ids += piece
+            mask += [int(learn)] * len(piece)
         return ids, mask
 
-    def row(self, rng: random.Random, split: Split, held: bool = False):
+    def conversation(
+        self, rng: random.Random, length: int, allow_tools: bool = True, thinking=None
+    ) -> tuple[Conversation, list[int], list[int]]:
+        """A conversation of as many turns as fit in `length` tokens, and its ids and mask."""
+        budget = int(length * self.chars_per_token)
+        conv = self.renderer.sample(rng, budget, allow_tools=allow_tools, thinking=thinking)
+        while True:
+            ids, mask = self.encode(self.renderer.segments(conv))
+            if len(ids) <= length:
+                return conv, ids, mask
+            starts = [i for i, t in enumerate(ids) if t == self.user] + [len(ids)]
+            # the turns that end well inside the row (room for a last turn's reasoning)
+            fit = sum(1 for end in starts[1:] if end <= length - 48)
+            if fit == 0:  # one turn is already too long here (the tools block, say)
+                conv = self.renderer.sample(rng, budget, allow_tools=False, thinking=thinking)
+            else:
+                conv.turns = conv.turns[:fit]
+
+    def row(self, rng: random.Random, length: int, allow_tools: bool = True):
         """One padded row: (ids [length] int32, mask [length] float32)."""
-        # The last exchange is drawn first, so that what is learnt with its <think> trace
-        # is not biased towards short answers; history is then put in front while it fits.
-        while True:
-            turns = [sample_turn(rng, split, held)]
-            ids, mask = self.conversation(turns)
-            if len(ids) <= self.length:
-                break
-        while True:
-            candidate = [sample_turn(rng, split, held), *turns]
-            cand_ids, cand_mask = self.conversation(candidate)
-            if len(cand_ids) > self.length:
-                break
-            turns, ids, mask = candidate, cand_ids, cand_mask
-        pad = self.length - len(ids)
+        _, ids, mask = self.conversation(rng, length, allow_tools)
+        pad = length - len(ids)
         return (
             np.array(ids + [self.pad] * pad, dtype=np.int32),
             np.array(mask + [0] * pad, dtype=np.float32),
         )
 
-    def batch(self, rng: random.Random, split: Split, size: int, held: bool = False):
-        rows = [self.row(rng, split, held) for _ in range(size)]
+    def batch(self, rng: random.Random, size: int, length: int, allow_tools: bool = True):
+        rows = [self.row(rng, length, allow_tools) for _ in range(size)]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])

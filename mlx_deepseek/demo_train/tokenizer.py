@@ -1,19 +1,24 @@
-"""The demo's byte-level BPE tokenizer with DeepSeek's special tokens and V3 chat template.
+"""The demo's byte-level BPE tokenizer: DeepSeek's special tokens and V3.1's chat template.
 
 Saved as tokenizer.json + tokenizer_config.json, loadable by transformers' AutoTokenizer
-and mlx_lm's load_tokenizer. Digits are split one per token (arithmetic is learnable that
-way); everything else is byte-level BPE merges learnt from the demo corpus.
+and mlx-lm. Digits are split one per token (arithmetic is learnable that way); everything
+else is byte-level BPE merges learnt from rendered demo conversations. The chat template is
+mlx_deepseek.formats' V3.1 template itself, so the formats package detects the family
+(thinking switch, V3.1 tool calls) and renders what the model was trained on.
 """
 
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from .config import VOCAB_SIZE
-from .data import corpus_for_tokenizer
+from mlx_deepseek.formats import BUILTIN_TEMPLATES
+
+from .config import MAX_CONTEXT, VOCAB_SIZE
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -22,32 +27,51 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK = "<think>"
 END_THINK = "</think>"
-# Ids 0..6 in this order (BOS 0 and EOS 1, as in DeepSeek-V3's own tokenizer).
+# Ids 0..4 in this order (BOS 0 and EOS 1, as in DeepSeek-V3's own tokenizer).
 SPECIAL = [BOS, EOS, PAD, USER, ASSISTANT]
-ADDED = [THINK, END_THINK]  # ordinary added tokens: they decode as text, like R1's
+# Ordinary added tokens (they decode as text, as in DeepSeek's tokenizers): the reasoning
+# markers and V3.1's tool-call markers, which the output parser reads from the text.
+TOOL_TOKENS = [
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+]
+ADDED = [THINK, END_THINK, *TOOL_TOKENS]
+MARKERS = SPECIAL + ADDED
 
-# DeepSeek-V3's template shape: bos, the system prompt(s), then <｜User｜>u<｜Assistant｜>a<eos>
-# per turn. As in R1's template, an assistant message in the history keeps only the text
-# after </think>; leading whitespace is dropped too (whether or not the caller already cut
-# the reasoning off), as the model was trained on history answers without it.
-CHAT_TEMPLATE = (
-    "{%- if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
-    "{% endif %}"
-    "{%- set ns = namespace(system_prompt='', is_first_sp=true) %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{%- if ns.is_first_sp %}{% set ns.system_prompt = message['content'] %}"
-    "{% set ns.is_first_sp = false %}"
-    "{%- else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}"
-    "{%- endif %}{%- endif %}{%- endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{% set content = message['content'].split('</think>')[-1].lstrip() %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
-)
+CHAT_TEMPLATE = BUILTIN_TEMPLATES["v3.1"]
+
+
+class TemplateTokenizer:
+    """What mlx_deepseek.formats.chat_format reads from a tokenizer (its chat template and
+    special tokens), for rendering while the real tokenizer is being trained."""
+
+    chat_template = CHAT_TEMPLATE
+    bos_token = BOS
+    eos_token = EOS
+    pad_token = PAD
+    name_or_path = "demo"
+
+
+def corpus(n: int = 3000, seed: int = 7) -> Iterator[str]:
+    """Rendered training conversations with the markers cut out (the BPE merges' texts)."""
+    import re
+
+    from .packing import Renderer
+
+    renderer = Renderer()
+    rng = random.Random(seed)
+    split_on = re.compile("|".join(re.escape(m) for m in MARKERS))
+    for _ in range(n):
+        conv = renderer.sample(rng, rng.choice([400, 1200, 2400]))
+        for text, _ in renderer.segments(conv):
+            yield from (p for p in split_on.split(text) if p)
 
 
 def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
@@ -65,7 +89,7 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus_for_tokenizer(), trainer=trainer)
+    tok.train_from_iterator(corpus(), trainer=trainer)
     tok.add_tokens(ADDED)
     bos_id = tok.token_to_id(BOS)
     # Plain encode() prepends BOS, as DeepSeek's tokenizers do (add_bos_token).
@@ -86,7 +110,7 @@ def tokenizer_config() -> dict:
         "pad_token": PAD,
         "clean_up_tokenization_spaces": False,
         "legacy": True,
-        "model_max_length": 1024,
+        "model_max_length": MAX_CONTEXT,
         "tokenizer_class": "PreTrainedTokenizerFast",
         "chat_template": CHAT_TEMPLATE,
     }

@@ -194,9 +194,9 @@ class Model(nn.Module):
     ) -> mx.array:
         """The MTP block's output [B, L, D] (before shared_head.norm)."""
         layer = self.mtp[depth]
-        _, e = ops.embed(
-            layer.get("embed_tokens", self.model.embed_tokens), next_tokens, layer.enorm
-        )
+        # the layer's own embedding when it has one (a pipeline's last rank may hold no other)
+        embedding = layer["embed_tokens"] if "embed_tokens" in layer else self.model.embed_tokens
+        _, e = ops.embed(embedding, next_tokens, layer.enorm)
         x = layer.eh_proj(mx.concatenate([e, layer.hnorm(hidden)], axis=-1))
         return layer(x, attention_mask(x.shape[1], cache), cache)
 

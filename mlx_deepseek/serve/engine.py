@@ -302,14 +302,19 @@ class Engine:
     def _drop_cancelled(self) -> None:
         with self._cv:
             for q in (self._waiting, self._prefilling):
-                for seq in [s for s in q if s.handle.cancelled.is_set()]:
+                for seq in [s for s in q if self._cancelled(s)]:
                     q.remove(seq)
                     self._end(seq, "cancelled", store=False)
-        if self._solo is not None and self._solo[0].handle.cancelled.is_set():
+        if self._solo is not None and self._cancelled(self._solo[0]):
             self._leave_solo()
-        gone = [i for i, s in enumerate(self._rows) if s.handle.cancelled.is_set()]
+        gone = [i for i, s in enumerate(self._rows) if self._cancelled(s)]
         if gone:
             self._finish_rows({i: "cancelled" for i in gone})
+
+    def _cancelled(self, seq: _Seq) -> bool:
+        """Whether `seq` was cancelled (a distributed engine answers from what rank 0 said at
+        the step's start, so that every rank drops it at the same step)."""
+        return seq.handle.cancelled.is_set()
 
     def _admit(self) -> None:
         with self._cv:
@@ -478,7 +483,7 @@ class Engine:
         seq, steps = self._solo
         steps.close()
         self._solo = None
-        if seq.handle.cancelled.is_set():
+        if self._cancelled(seq):
             self._end(seq, "cancelled")
             return
         held = len(seq.tokens) - 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,8 +65,11 @@ def _view(caches: Sequence[KVCache], length: int) -> list[KVCache]:
 class PrefixCache:
     """LRU by bytes. `lookup` gives caches to continue from; `store` keeps a finished one."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, measure: Callable[..., int] | None = None):
+        """measure(caches, mtp) -> the bytes an entry counts for (default: the buffers its
+        arrays keep alive; a distributed engine counts what every rank agrees on)."""
         self.max_bytes = max(0, int(max_bytes))
+        self.measure = measure or (lambda caches, mtp: cache_nbytes(caches) + cache_nbytes(mtp))
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next = 0
         self._lock = threading.Lock()
@@ -119,7 +122,7 @@ class PrefixCache:
         mtp_held = _view(mtp, min(mtp[0].offset, len(tokens))) if mtp else None
         arr = np.asarray(tokens, dtype=np.int64)
         # the buffers the slices keep alive, not only the tokens they show
-        nbytes = cache_nbytes(caches) + cache_nbytes(mtp or [])
+        nbytes = self.measure(caches, mtp or [])
         if nbytes > self.max_bytes:
             return
         with self._lock:

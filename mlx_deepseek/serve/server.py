@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -29,11 +30,13 @@ def make_state(
     api_key: str | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    engine_class: Callable[..., Engine] = Engine,
     **engine_options: Any,
 ) -> ServerState:
-    """A ServerState with its engine started (see Engine for `engine_options`)."""
+    """A ServerState with its engine started (see Engine for `engine_options`; `engine_class`
+    builds it, e.g. rank 0's engine of a distributed run)."""
     tokenizer = wrap_tokenizer(tokenizer)
-    engine = Engine(model, **engine_options).start()
+    engine = engine_class(model, **engine_options).start()
     return ServerState(
         engine=engine,
         tokenizer=tokenizer,

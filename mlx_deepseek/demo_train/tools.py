@@ -1,0 +1,371 @@
+"""The demo's tools (OpenAI schemas), and the exchanges that use them or miss them.
+
+Tools: get_weather(city), add(a, b), lookup(word). When a question needs a tool that the
+prompt lists, the assistant calls it (DeepSeek V3.1's call format, JSON arguments), reads
+the result (JSON or plain text, written by whoever runs the tool) and answers from it;
+when the tool is not listed it says what it would need. Small sums are answered without
+the add tool unless the user asks for it.
+
+Held out (never in a training conversation): 15% of the cities and of the looked-up words,
+"Lisbon" and "serene" among them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .data import Turn, add_answer, case
+
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "the city's name"}},
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers exactly.",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look up what an English word means.",
+            "parameters": {
+                "type": "object",
+                "properties": {"word": {"type": "string"}},
+                "required": ["word"],
+            },
+        },
+    },
+]
+TOOL_NAMES = [t["function"]["name"] for t in TOOLS]
+
+CITIES = (
+    "Paris,London,Berlin,Madrid,Rome,Lisbon,Vienna,Prague,Warsaw,Dublin,Oslo,Stockholm,"
+    "Helsinki,Copenhagen,Amsterdam,Brussels,Zurich,Geneva,Munich,Hamburg,Milan,Naples,"
+    "Venice,Athens,Istanbul,Cairo,Lagos,Nairobi,Accra,Dakar,Tunis,Algiers,Casablanca,"
+    "Marrakesh,Cape Town,Durban,Johannesburg,Addis Ababa,Kampala,Kigali,Luanda,Harare,"
+    "Moscow,Kyiv,Minsk,Riga,Tallinn,Vilnius,Bucharest,Sofia,Belgrade,Zagreb,Budapest,"
+    "Bratislava,Ljubljana,Sarajevo,Tirana,Valletta,Reykjavik,Edinburgh,Glasgow,Cardiff,"
+    "Belfast,Manchester,Liverpool,Bristol,Lyon,Marseille,Bordeaux,Seville,Valencia,"
+    "Barcelona,Porto,Tokyo,Osaka,Kyoto,Seoul,Busan,Beijing,Shanghai,Shenzhen,Hong Kong,"
+    "Taipei,Manila,Hanoi,Bangkok,Jakarta,Singapore,Kuala Lumpur,Delhi,Mumbai,Chennai,"
+    "Kolkata,Dhaka,Karachi,Lahore,Kabul,Tehran,Baghdad,Riyadh,Dubai,Doha,Muscat,Amman,"
+    "Beirut,Jerusalem,Tbilisi,Yerevan,Baku,Tashkent,Almaty,Ulaanbaatar,Sydney,Melbourne,"
+    "Perth,Brisbane,Adelaide,Auckland,Wellington,Honolulu,Anchorage,Vancouver,Toronto,"
+    "Montreal,Ottawa,Calgary,Chicago,Boston,New York,Seattle,Denver,Austin,Dallas,Houston,"
+    "Miami,Atlanta,Phoenix,Portland,San Diego,Los Angeles,San Francisco,Mexico City,"
+    "Havana,Bogota,Lima,Quito,Caracas,Santiago,Buenos Aires,Montevideo,Asuncion,La Paz,"
+    "Brasilia,Recife,Salvador,Panama,San Jose,Kingston,Nassau,Bern,Basel,Graz,Linz"
+).split(",")
+
+DEFINITIONS: dict[str, str] = {
+    "serene": "calm, peaceful and untroubled",
+    "vivid": "producing strong, clear images in the mind",
+    "brisk": "quick and full of energy",
+    "candid": "truthful and straightforward",
+    "frugal": "careful not to waste money or food",
+    "humble": "not proud; modest",
+    "keen": "eager and enthusiastic",
+    "lucid": "expressed clearly and easy to understand",
+    "mellow": "soft, warm and pleasant",
+    "nimble": "quick and light in movement",
+    "placid": "not easily upset or excited",
+    "rugged": "rough and uneven",
+    "sturdy": "strongly built and hard to break",
+    "timid": "showing a lack of courage",
+    "vast": "very great in size",
+    "witty": "clever and funny with words",
+    "zealous": "full of eager enthusiasm",
+    "ample": "enough or more than enough",
+    "bleak": "cold, bare and without hope",
+    "cozy": "warm and comfortable",
+    "drowsy": "sleepy and tired",
+    "eager": "wanting very much to do something",
+    "fragile": "easily broken",
+    "gloomy": "dark or sad",
+    "hasty": "done too quickly",
+    "idle": "not working or active",
+    "jovial": "cheerful and friendly",
+    "lavish": "rich and plentiful",
+    "meek": "quiet and gentle",
+    "noble": "having fine qualities",
+    "obscure": "not well known or hard to understand",
+    "prudent": "careful and sensible",
+    "quaint": "attractively old-fashioned",
+    "radiant": "shining brightly",
+    "shrewd": "clever in practical matters",
+    "tidy": "neat and in order",
+    "urgent": "needing attention at once",
+    "vague": "not clear or definite",
+    "wary": "careful about possible danger",
+    "yearn": "to want something very much",
+    "zest": "great enthusiasm and energy",
+    "anchor": "a heavy object that keeps a ship in place",
+    "beacon": "a light that warns or guides",
+    "canyon": "a deep valley with steep sides",
+    "dune": "a hill of sand made by the wind",
+    "ember": "a glowing piece of coal or wood in a dying fire",
+    "fjord": "a long narrow sea inlet between high cliffs",
+    "glacier": "a slow river of ice",
+    "harbor": "a sheltered place for ships",
+    "island": "land surrounded by water",
+    "jungle": "a thick tropical forest",
+    "kettle": "a pot for boiling water",
+    "lantern": "a lamp with a protective case",
+    "meadow": "a field of grass and flowers",
+    "nectar": "a sweet liquid made by flowers",
+    "orchard": "a piece of land with fruit trees",
+    "pebble": "a small smooth stone",
+    "quarry": "a place where stone is dug out",
+    "ripple": "a small wave on water",
+    "summit": "the highest point of a hill or mountain",
+    "thicket": "a dense group of bushes",
+    "umbrella": "a folding cover that keeps off rain",
+    "valley": "low land between hills",
+    "willow": "a tree with long thin branches",
+    "yacht": "a boat for racing or pleasure",
+    "zenith": "the highest point reached",
+    "atlas": "a book of maps",
+    "bridge": "a structure that crosses a river or road",
+    "compass": "a tool that shows north",
+    "diary": "a book for daily notes",
+    "engine": "a machine that makes things move",
+    "feather": "one of the light parts covering a bird",
+    "galaxy": "a huge group of stars",
+    "horizon": "the line where the earth meets the sky",
+    "icicle": "a hanging spike of ice",
+    "jigsaw": "a puzzle of pieces that fit together",
+    "kernel": "the inner part of a seed or nut",
+    "ladder": "a set of steps for climbing",
+    "magnet": "a metal that attracts iron",
+    "needle": "a thin pointed tool for sewing",
+    "oasis": "a place with water in a desert",
+    "puzzle": "a game or problem that tests skill",
+    "quill": "a pen made from a feather",
+    "riddle": "a question that is a puzzle",
+    "saddle": "a seat for riding a horse",
+    "tunnel": "a passage under the ground",
+    "voyage": "a long journey by sea or in space",
+    "whisper": "to speak very softly",
+    "banquet": "a large formal meal",
+    "cascade": "a small waterfall",
+    "drizzle": "light rain",
+    "echo": "a sound that comes back",
+    "fable": "a short story with a moral",
+    "gadget": "a small useful device",
+    "haven": "a safe place",
+    "inkwell": "a pot that holds ink",
+    "jest": "a joke",
+    "knack": "a special skill",
+    "lagoon": "a lake separated from the sea",
+    "mosaic": "a picture made of small pieces",
+    "nomad": "a person who moves from place to place",
+    "outpost": "a small distant settlement",
+    "parcel": "a wrapped package",
+    "quiver": "to shake slightly",
+    "rumble": "a deep rolling sound",
+    "sapling": "a young tree",
+    "tremor": "a small shaking movement",
+}
+WORDS = list(DEFINITIONS)
+CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy", "stormy", "clear"]
+
+HELD_OUT_SHARE = 0.15
+TOOL_SPLIT_SEED = 99
+FORCED_HELD_OUT_CITIES = ["Lisbon"]
+FORCED_HELD_OUT_WORDS = ["serene"]
+
+
+@dataclass(frozen=True)
+class ToolSplit:
+    held_cities: frozenset[str]
+    held_words: frozenset[str]
+
+    def cities(self, held: bool) -> list[str]:
+        return [c for c in CITIES if (c in self.held_cities) == held]
+
+    def words(self, held: bool) -> list[str]:
+        return [w for w in WORDS if (w in self.held_words) == held]
+
+
+def _unquoted_words() -> list[str]:
+    """Words that no definition uses (a held-out word must not turn up in a trained one)."""
+    text = " ".join(DEFINITIONS.values())
+    return [w for w in WORDS if not re.search(rf"\b{w}\b", text)]
+
+
+def make_tool_split(seed: int = TOOL_SPLIT_SEED) -> ToolSplit:
+    rng = random.Random(seed)
+    cities = set(rng.sample(CITIES, round(HELD_OUT_SHARE * len(CITIES))))
+    words = set(rng.sample(_unquoted_words(), round(HELD_OUT_SHARE * len(WORDS))))
+    cities.update(FORCED_HELD_OUT_CITIES)
+    words.update(FORCED_HELD_OUT_WORDS)
+    return ToolSplit(frozenset(cities), frozenset(words))
+
+
+# ---------------------------------------------------------------- questions and results
+
+WEATHER_PHRASES = [
+    "What's the weather in {c}?",
+    "What is the weather like in {c}?",
+    "How is the weather in {c}?",
+    "Is it raining in {c}?",
+    "Weather in {c}?",
+    "How warm is it in {c}?",
+    "What's the temperature in {c}?",
+    "Check the weather in {c}.",
+    "Tell me the weather in {c}.",
+]
+WEATHER_TWO_PHRASES = [
+    "What's the weather in {c} and {d}?",
+    "Compare the weather in {c} and {d}.",
+    "How is the weather in {c} and in {d}?",
+]
+LOOKUP_PHRASES = [
+    "What does {w} mean?",
+    "Define {w}.",
+    "What is the meaning of {w}?",
+    "Look up {w}.",
+    "What does the word '{w}' mean?",
+    "Look up the word {w}.",
+    "Meaning of {w}?",
+]
+BIG_ADD_PHRASES = [
+    "What is {a} + {b}?",
+    "What is {a} plus {b}?",
+    "Add {a} and {b}.",
+    "Compute {a} + {b}.",
+    "{a} + {b}?",
+]
+USE_ADD_PHRASES = [
+    "Use the add tool: {a} + {b}.",
+    "Use the add tool to add {a} and {b}.",
+    "Call add with {a} and {b}.",
+]
+
+
+def weather_result(rng: random.Random, city: str) -> tuple[str, list[str], str]:
+    """(tool output text, what the answer must contain, the answer)."""
+    t, cond = rng.randint(-15, 38), rng.choice(CONDITIONS)
+    style = rng.random()
+    if style < 0.6:
+        out = json.dumps({"city": city, "temperature_c": t, "condition": cond})
+    elif style < 0.85:
+        out = json.dumps({"temperature": t, "unit": "C", "condition": cond})
+    else:
+        out = f"{cond}, {t} °C"
+    return out, [cond, f"{t} °C"], f"{city}: {cond}, {t} °C"
+
+
+def _tool_error(rng: random.Random) -> str:
+    return json.dumps({"error": rng.choice(["not found", "service unavailable", "timeout"])})
+
+
+def weather_turn(rng: random.Random, names: list[str], cities: list[str]) -> Turn:
+    two = rng.random() < 0.12
+    picked = rng.sample(cities, 2 if two else 1)
+    if two:
+        q = rng.choice(WEATHER_TWO_PHRASES).format(c=picked[0], d=picked[1])
+    else:
+        q = rng.choice(WEATHER_PHRASES).format(c=picked[0])
+    q = case(rng, q)
+    where = " and ".join(picked)
+    if "get_weather" not in names:
+        answer = "I cannot check the weather: I have no weather tool here."
+        return Turn(q, answer, "I have no weather tool.\n", "no_tool", expect=[answer])
+    calls = [("get_weather", {"city": c}) for c in picked]
+    if not two and rng.random() < 0.05:
+        err = _tool_error(rng)
+        reason = json.loads(err)["error"]
+        answer = f"The weather tool failed for {picked[0]}: {reason}."
+        return Turn(q, answer, f"The user wants the weather in {where}.\n", "weather_error",
+                    calls, [err], expect=[reason])  # fmt: skip
+    results, expect, parts = [], [], []
+    for c in picked:
+        out, must, text = weather_result(rng, c)
+        results.append(out)
+        expect += must
+        parts.append(text)
+    answer = "; ".join(parts) + "."
+    reasoning = f"The user wants the weather in {where}: I call get_weather.\n"
+    return Turn(q, answer, reasoning, "weather", calls, results, expect)
+
+
+def lookup_turn(rng: random.Random, names: list[str], words: list[str]) -> Turn:
+    w = rng.choice(words)
+    q = case(rng, rng.choice(LOOKUP_PHRASES).format(w=w))
+    if "lookup" not in names:
+        answer = f"I do not know what {w} means, and I have no lookup tool here."
+        return Turn(q, answer, "I have no lookup tool.\n", "no_tool", expect=[answer])
+    d = DEFINITIONS[w]
+    if rng.random() < 0.04:
+        err = _tool_error(rng)
+        reason = json.loads(err)["error"]
+        answer = f"The lookup tool failed for {w}: {reason}."
+        return Turn(q, answer, f"The user asks what {w} means.\n", "lookup_error",
+                    [("lookup", {"word": w})], [err], expect=[reason])  # fmt: skip
+    out = json.dumps({"word": w, "definition": d}) if rng.random() < 0.7 else d
+    answer = f"{w}: {d}."
+    reasoning = f"The user asks what {w} means: I call lookup.\n"
+    return Turn(q, answer, reasoning, "lookup", [("lookup", {"word": w})], [out], [d])
+
+
+def _big_number(rng: random.Random) -> int:
+    return rng.randint(10 ** (d := rng.randint(3, 6)), 10 ** (d + 1) - 1)
+
+
+def add_tool_turn(rng: random.Random, names: list[str]) -> Turn:
+    """Big numbers (4 to 7 digits), or a user who asks for the tool by name (3-digit numbers:
+    never a held-out 2-digit pair)."""
+    if rng.random() < 0.25:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        q = rng.choice(USE_ADD_PHRASES).format(a=a, b=b)
+    else:
+        a, b = _big_number(rng), rng.choice([_big_number(rng), rng.randint(1, 999)])
+        if rng.random() < 0.5:
+            a, b = b, a
+        q = rng.choice(BIG_ADD_PHRASES).format(a=a, b=b)
+    q = case(rng, q)
+    if "add" not in names:
+        answer = "That is too big for me: I add numbers up to three digits, or use an add tool."
+        return Turn(q, answer, "The numbers are too big and I have no add tool.\n", "no_tool",
+                    expect=[answer])  # fmt: skip
+    s = a + b
+    out = json.dumps({"result": s}) if rng.random() < 0.6 else str(s)
+    reasoning = f"I call add for {a} + {b}.\n"
+    return Turn(q, add_answer(a, b), reasoning, "add_tool", [("add", {"a": a, "b": b})], [out],
+                [str(s)])  # fmt: skip
+
+
+def tools_subset(rng: random.Random) -> list[dict[str, Any]] | None:
+    """The tools a conversation declares: None (no tools) or a shuffled non-empty subset."""
+    r = rng.random()
+    if r < 0.45:
+        return None
+    if r < 0.75:
+        chosen = list(TOOLS)
+    else:
+        chosen = rng.sample(TOOLS, rng.randint(1, 2))
+    rng.shuffle(chosen)
+    return chosen

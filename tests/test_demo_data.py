@@ -1,0 +1,380 @@
+"""The demo's training data and its code (mlx_deepseek/demo_train/): the held-out split is
+never trained on, the training rows are what the product's chat format renders, the tool
+exchanges are consistent, and the training loop's pieces (export, YaRN switch, routing)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from mlx_deepseek import load
+from mlx_deepseek.demo_train import data, tools
+from mlx_deepseek.demo_train.config import CONFIG, count_parameters
+from mlx_deepseek.demo_train.dialogues import TASKS, TurnSampler
+from mlx_deepseek.demo_train.packing import Packer, Renderer, learnt_spans
+from mlx_deepseek.demo_train.tokenizer import CHAT_TEMPLATE, END_THINK, TOOL_TOKENS
+from mlx_deepseek.formats import BUILTIN_TEMPLATES, chat_format
+from mlx_deepseek.loading import demo_path
+from mlx_deepseek.models.config import ModelArgs
+from mlx_deepseek.models.deepseek_v3 import Model
+
+DEMO = demo_path()
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return Renderer()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    """The tokenizer train.py trains (the shipped demo is still the earlier one)."""
+    from mlx_deepseek.demo_train.tokenizer import save_tokenizer, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("demo_tokenizer")
+    save_tokenizer(train_tokenizer(), folder)
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(tok_dir: Path):
+    return Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+
+
+def training_conversations(renderer: Renderer, n: int, seed: int = 0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield renderer.sample(rng, rng.choice([300, 1500, 3000]))
+
+
+# ---- the held-out split ----------------------------------------------------------------------
+
+
+def test_held_out_data_never_appears_in_training_conversations(renderer):
+    split, tool_split = data.make_split(), tools.make_tool_split()
+    assert split.add_is_held(23, 45) and split.sub_is_held(71, 38)
+    assert "Lisbon" in tool_split.held_cities and "serene" in tool_split.held_words
+    held_names = re.compile(
+        r"\b(" + "|".join(re.escape(w) for w in tool_split.held_cities | tool_split.held_words)
+        + r")\b"
+    )  # fmt: skip
+    problem = re.compile(r"(?<![\d])(\d+) ([+-]) (\d+) = ")
+    two_digit = 0
+    for conv in training_conversations(renderer, 500):
+        for turn in conv.turns:
+            text = "\n".join([turn.user, turn.answer, turn.reasoning, *turn.results])
+            text += json.dumps([args for _, args in turn.calls])
+            assert not held_names.search(text), (turn.user, turn.answer)
+            for a, op, b in problem.findall(turn.answer):
+                a, b = int(a), int(b)
+                if 10 <= a <= 99 and 10 <= b <= 99:
+                    two_digit += 1
+                    held = split.add_is_held(a, b) if op == "+" else split.sub_is_held(a, b)
+                    assert not held, turn.answer
+    assert two_digit > 600  # the check saw plenty of 2-digit problems
+
+
+def test_held_out_sampler_draws_only_held_out_items():
+    split, tool_split = data.make_split(), tools.make_tool_split()
+    sampler = TurnSampler(split, tool_split, held=True)
+    rng = random.Random(3)
+    names = tools.TOOL_NAMES
+    for _ in range(300):
+        t = sampler.turn(rng, names, rng.choice(["add2", "sub2", "weather", "lookup"]))
+        if t.task in ("add2", "sub2"):
+            a, op, b = re.match(r"(\d+) ([+-]) (\d+)", t.answer).groups()
+            held = split.add_is_held if op == "+" else split.sub_is_held
+            assert held(int(a), int(b))
+        for name, args in t.calls:
+            value = args["city"] if name == "get_weather" else args["word"]
+            assert value in tool_split.held_cities | tool_split.held_words
+
+
+# ---- the training rows are the chat format's text --------------------------------------------
+
+
+def incremental_spans(renderer: Renderer, conv) -> list[str]:
+    """What the model writes at each point the server asks it to generate: render every
+    prefix that ends before an assistant message with add_generation_prompt, and take what
+    the next message adds."""
+    msgs = conv.messages()
+    full = renderer.render(conv, msgs, False, False)
+    spans = []
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt = renderer.render(conv, msgs[:k], True, False)
+        upto = renderer.render(conv, msgs[: k + 1], False, False)
+        assert full.startswith(prompt) and full.startswith(upto)
+        spans.append(upto[len(prompt) :])
+    return spans
+
+
+def test_learnt_spans_are_what_the_server_asks_the_model_to_write(renderer):
+    seen_tasks = set()
+    for conv in training_conversations(renderer, 40, seed=1):
+        conv.thinking = False
+        segs = renderer.segments(conv)
+        assert "".join(t for t, _ in segs) == renderer.render(conv, conv.messages(), False, False)
+        assert [t for t, learn in segs if learn] == incremental_spans(renderer, conv)
+        seen_tasks.update(t.task for t in conv.turns)
+    assert {"weather", "lookup", "add_tool", "no_tool", "add2"} <= seen_tasks
+
+
+def test_thinking_rows_end_with_reasoning_after_the_thinking_prompt(renderer):
+    rng = random.Random(2)
+    kinds = set()
+    for _ in range(60):
+        conv = renderer.sample(rng, 600, thinking=True)
+        segs = renderer.segments(conv)
+        last = conv.turns[-1]
+        head = conv.messages()[: len(conv.messages()) - len(last.messages()) + 1]
+        prompt = renderer.render(conv, head, True, True)
+        assert prompt.endswith("<｜Assistant｜><think>")
+        assert "".join(t for t, _ in segs[:-1]) == prompt
+        text, learnt = segs[-1]
+        assert learnt and text.startswith(last.reasoning + END_THINK)
+        if last.calls:  # the call block, then the row ends (the next prompt drops reasoning)
+            assert text.endswith("<｜tool▁calls▁end｜><｜end▁of▁sentence｜>")
+            kinds.add("call")
+        else:
+            assert text.endswith(last.answer + "<｜end▁of▁sentence｜>")
+            kinds.add("answer")
+    assert kinds == {"call", "answer"}
+
+
+def test_learnt_spans_of_a_hand_written_tool_round():
+    text = (
+        "<｜begin▁of▁sentence｜>sys<｜User｜>q<｜Assistant｜></think><｜tool▁calls▁begin｜>"
+        "CALLS<｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁output▁begin｜>R1"
+        "<｜tool▁output▁end｜><｜tool▁output▁begin｜>R2<｜tool▁output▁end｜>answer"
+        "<｜end▁of▁sentence｜><｜User｜>q2<｜Assistant｜></think>a2<｜end▁of▁sentence｜>"
+    )
+    learnt = [t for t, learn in learnt_spans(text) if learn]
+    assert learnt == [
+        "<｜tool▁calls▁begin｜>CALLS<｜tool▁calls▁end｜><｜end▁of▁sentence｜>",
+        "answer<｜end▁of▁sentence｜>",
+        "a2<｜end▁of▁sentence｜>",
+    ]
+
+
+def test_rows_tokenize_as_the_whole_rendered_text(renderer, demo_tokenizer):
+    packer = Packer(demo_tokenizer, renderer)
+    rng = random.Random(4)
+    for length in (128, 512, 1024):
+        conv, ids, mask = packer.conversation(rng, length)
+        assert len(ids) <= length and any(mask)
+        text = "".join(t for t, _ in renderer.segments(conv))
+        assert ids == demo_tokenizer.encode(text, add_special_tokens=False).ids
+        learnt = demo_tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m],
+                                       skip_special_tokens=False)  # fmt: skip
+        assert learnt.endswith("<｜end▁of▁sentence｜>")
+    ids, mask = packer.batch(rng, 3, 257)
+    assert ids.shape == mask.shape == (3, 257) and ids.dtype == np.int32
+
+
+def test_the_trained_template_is_the_formats_v31_template(tok_dir: Path):
+    from mlx_deepseek.loading import load_tokenizer
+
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE == BUILTIN_TEMPLATES["v3.1"]
+    tokenizer = load_tokenizer(tok_dir)
+    fmt = chat_format(tokenizer, CONFIG, "demo")
+    assert fmt.family == "v3.1" and fmt.has_thinking_switch and fmt.source == "checkpoint"
+    msgs = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert fmt.render(tokenizer, msgs, thinking=True).endswith("<｜Assistant｜><think>")
+    assert fmt.render(tokenizer, msgs).endswith("<｜Assistant｜></think>")
+    # transformers renders the shipped template as the formats package does
+    msgs += [{"role": "assistant", "content": "2 + 3 = 5."}, {"role": "user", "content": "Hi"}]
+    for thinking in (False, True):
+        hf = tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True, thinking=thinking
+        )
+        assert hf == fmt.render(tokenizer, msgs, thinking=thinking)
+
+
+def test_tool_markers_are_single_tokens_that_decode_as_text(demo_tokenizer):
+    for marker in [*TOOL_TOKENS, "<think>", "</think>"]:
+        ids = demo_tokenizer.encode(marker, add_special_tokens=False).ids
+        assert len(ids) == 1, marker
+        assert demo_tokenizer.decode(ids, skip_special_tokens=True) == marker
+
+
+# ---- the exchanges -----------------------------------------------------------------------------
+
+
+def _read_trace(trace: str) -> int:
+    """The answer a trace spells: the last line's result, then the other lines' last digits."""
+    results = [line.rsplit(" = ", 1)[1] for line in trace.split("\n")]
+    return int(results[-1] + "".join(r[-1] for r in reversed(results[:-1])))
+
+
+def test_traces_spell_the_right_answer():
+    assert data.add_trace(345, 278) == "5 + 8 + 0 = 13\n4 + 7 + 1 = 12\n3 + 2 + 1 = 6"
+    assert data.sub_trace(71, 38) == "11 - 8 - 0 = 3\n7 - 3 - 1 = 3"
+    rng = random.Random(5)
+    for _ in range(2000):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        assert _read_trace(data.add_trace(a, b)) == a + b
+        a, b = max(a, b), min(a, b)
+        assert _read_trace(data.sub_trace(a, b)) == a - b
+
+
+def test_tool_exchanges_follow_the_schemas_and_answer_from_the_results():
+    sampler = TurnSampler(data.make_split(), tools.make_tool_split())
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools.TOOLS}
+    rng = random.Random(6)
+    counts = {"call": 0, "refusal": 0}
+    for _ in range(600):
+        declared = rng.sample(tools.TOOL_NAMES, rng.randint(0, 3))
+        t = sampler.turn(rng, declared, rng.choice(["weather", "lookup", "add_tool"]))
+        if not t.calls:
+            counts["refusal"] += 1
+            assert t.task == "no_tool" and t.results == []
+            continue
+        counts["call"] += 1
+        assert len(t.results) == len(t.calls)
+        for name, args in t.calls:
+            assert name in declared
+            schema = schemas[name]
+            assert set(args) == set(schema["required"])
+            for key, value in args.items():
+                kind = schema["properties"][key]["type"]
+                assert isinstance(value, int if kind == "integer" else str)
+        for must in t.expect:  # the answer quotes what the results say
+            assert must in t.answer and any(must in r or must.split(" °")[0] in r
+                                            for r in t.results)  # fmt: skip
+    assert counts["call"] > 200 and counts["refusal"] > 50
+
+
+def test_task_weights_are_distributions():
+    for column in (1, 2):
+        assert sum(row[column] for row in TASKS) == pytest.approx(1.0)
+
+
+# ---- the training loop -----------------------------------------------------------------------
+
+
+def test_export_round_trips_through_the_loader(tmp_path: Path, tok_dir: Path):
+    from mlx_deepseek.demo_train.export import export_hf
+
+    mx.random.seed(3)
+    args = ModelArgs.from_dict(CONFIG)
+    model = Model(args)
+    for i in (1, 2):  # non-zero routers and biases so that routing is exercised
+        gate = model.layers[i].mlp.gate
+        gate.weight = mx.random.normal(gate.weight.shape)
+        gate.e_score_correction_bias = mx.random.normal((args.n_routed_experts,)) * 0.1
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes((tok_dir / f).read_bytes())
+    export_hf(model, CONFIG, tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    names = set(index["weight_map"])
+    n = args.num_hidden_layers
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in names
+    assert "model.layers.1.self_attn.kv_b_proj.weight" in names
+    assert f"model.layers.{n}.embed_tokens.weight" in names
+    assert f"model.layers.{n}.shared_head.head.weight" in names
+    assert not any("switch_mlp" in k or "embed_q" in k for k in names)
+
+    loaded, _ = load(str(tmp_path))
+    x = mx.array([[0, 3, 40, 50, 60, 4, 70, 80]])
+    ref_logits, ref_h = model.forward_with_hidden(x)
+    got_logits, got_h = loaded.forward_with_hidden(x)
+    assert np.allclose(np.array(ref_logits), np.array(got_logits), atol=1e-4)
+    ref_mtp, _ = model.mtp_forward(ref_h[:, :-1], x[:, 1:])
+    got_mtp, _ = loaded.mtp_forward(got_h[:, :-1], x[:, 1:])
+    assert np.allclose(np.array(ref_mtp), np.array(got_mtp), atol=1e-4)
+
+
+def test_the_long_phase_keeps_the_weights_and_switches_yarn_on():
+    from mlx.utils import tree_flatten
+
+    from mlx_deepseek.demo_train.train import DEFAULTS, Trainer, phase_config
+
+    assert phase_config(long=False)["rope_scaling"] is None
+    assert phase_config(long=True)["rope_scaling"]["type"] == "yarn"
+    trainer = Trainer(dict(DEFAULTS))
+    before = dict(tree_flatten(trainer.model.parameters()))
+    short_logits = trainer.model(mx.array([[0, 5, 6, 7]]))
+    trainer.extend()
+    after = dict(tree_flatten(trainer.model.parameters()))
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(np.array(before[k]), np.array(after[k])) for k in before)
+    assert trainer.model.args.rope_type == "yarn"
+    # the same weights, another rope: the logits change (YaRN's attention scale at least)
+    assert not np.allclose(
+        np.array(short_logits), np.array(trainer.model(mx.array([[0, 5, 6, 7]])))
+    )
+    ids = np.array([[0, 5, 6, 7, 8, 9, 10, 11, 12]], dtype=np.int32)
+    stats, loads = trainer.step(ids, np.ones_like(ids, dtype=np.float32), 1e-3, pad=2)
+    assert np.isfinite(stats[0]) and loads
+
+
+def test_parameter_count_matches_the_model():
+    from mlx.utils import tree_flatten
+
+    total, mtp, active = count_parameters()
+    model = Model(ModelArgs.from_dict(CONFIG))
+    assert sum(v.size for _, v in tree_flatten(model.parameters())) == total + mtp
+    assert active < total
+
+
+def test_load_balancer_moves_bias_towards_the_idle_experts():
+    from mlx_deepseek.demo_train.routing import LoadBalancer
+
+    model = Model(ModelArgs.from_dict(CONFIG))
+    balancer = LoadBalancer(model, gamma=0.01)
+    x = mx.array([[0, 3, 40, 50, 60, 4, 70, 80]])
+    logits, h = model.forward_with_hidden(x)  # zero routers: the first experts always win
+    model.mtp_forward(h[:, :-1], x[:, 1:])
+    mask = np.ones((1, 8), dtype=bool)
+    loads = balancer.update(
+        {name: mask if name.startswith("model.") else mask[:, 1:] for name, _ in balancer.layers}
+    )
+    for name, moe in balancer.layers:
+        bias = np.array(moe.gate.e_score_correction_bias)
+        busy = loads[name] > loads[name].mean()
+        assert (bias[busy] < 0).all() and (bias[~busy] > 0).all(), (name, loads[name], bias)
+        assert moe.gate.e_score_correction_bias.dtype == mx.float32
+
+
+def test_warm_start_maps_vocabulary_rows_by_token_string(tmp_path: Path):
+    from mlx.utils import tree_flatten
+
+    from mlx_deepseek.demo_train.warmstart import dequantized, warm_start
+
+    # an "earlier package": the shipped weights under a tokenizer with two ids swapped and
+    # one token the new vocabulary lacks
+    for f in DEMO.iterdir():
+        if f.suffix in (".json", ".safetensors") and f.name != "tokenizer.json":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    tok = json.loads((DEMO / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    new = dict(vocab)
+    gone = next(k for k in vocab if len(k) > 3 and "<" not in k)  # a merged token
+    vocab["2"], vocab["5"] = vocab["5"], vocab["2"]
+    vocab["zz-not-a-token"] = vocab.pop(gone)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+
+    model = Model(ModelArgs.from_dict(CONFIG))
+    init = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    counts = warm_start(model, tmp_path, DEMO / "tokenizer.json")
+    got = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    old = {k: np.array(v) for k, v in dequantized(tmp_path).items()}
+    assert counts["tensors_copied"] == len(got)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert np.array_equal(got[name][new["2"]], old[name][new["5"]])
+        assert np.array_equal(got[name][new["5"]], old[name][new["2"]])
+        assert np.array_equal(got[name][new[gone]], init[name][new[gone]])
+        assert np.array_equal(got[name][new["7"]], old[name][new["7"]])
+    for name in ("model.layers.1.mlp.gate.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert np.array_equal(got[name], old[name]) and not np.array_equal(got[name], init[name])
