@@ -236,3 +236,27 @@ def test_a_width_mlx_cannot_group_is_refused_in_one_line(tmp_path):
         mlx_deepseek.load_model(tmp_path, kv_bits=8)
     assert "head_dim - qk_rope_head_dim=24" in str(e.value) and "\n" not in str(e.value)
     assert mlx_deepseek.load_model(tmp_path).kv_bits is None  # without kv_bits it loads
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_server_serves_v4_with_kv_bits_without_keeping_its_caches(bits, caplog, tmp_path):
+    """The server's prefix cache slices caches by position; V4's (bounded windows, compressor
+    state) cannot be cut back to any prefix, so they are not kept (storing one used to fail
+    the engine step that finished a request)."""
+    from mlx_deepseek.serve.engine import Engine
+    from mlx_deepseek.serve.sampler import GenParams
+
+    save_v4(build_v4("mixed", seed=2, **SHAPES["mixed"]), tmp_path)
+    model = mlx_deepseek.load_model(tmp_path, kv_bits=bits)
+    first = [5, 9, 33, 60, 7, 8, 11, 40, 41, 42, 3, 17, 19, 23, 4, 6, 8, 10, 12]
+    second = first + [50, 51, 52, 53, 54]
+    with Engine(model, max_batch=2) as engine:
+        list(engine.submit(first, GenParams(max_tokens=4)))
+        events = list(engine.submit(second, GenParams(max_tokens=6)))
+        stats = engine.stats()
+    assert "engine step failed" not in caplog.text
+    assert stats["kv_bits"] == bits and stats["prefix_cache"]["entries"] == 0
+    assert events[-1].finish is not None and events[-1].error is None
+    with Engine(model, max_batch=2, prefix_cache_bytes=0) as fresh:
+        again = list(fresh.submit(second, GenParams(max_tokens=6)))
+    assert [e.token for e in events] == [e.token for e in again]
