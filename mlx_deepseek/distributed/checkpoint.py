@@ -34,6 +34,10 @@ DTYPES: dict[str, tuple[np.dtype, mx.Dtype | None]] = {
     "I64": (np.dtype(np.int64), None),
     "U64": (np.dtype(np.uint64), None),
     "BOOL": (np.dtype(np.bool_), None),
+    # DeepSeek V4's own layout: FP8 e4m3 weights and E8M0 scales, bytes as mx.load gives them
+    # (models/v4_weights.py decodes them); V3's FP8 checkpoints are refused in `scan`
+    "F8_E4M3": (np.dtype(np.uint8), None),
+    "F8_E8M0": (np.dtype(np.uint8), None),
 }
 
 

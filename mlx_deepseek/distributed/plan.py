@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import DeepSeekError
 from ..models.config import ModelArgs
+from ..models.deepseek_v4 import FLOAT32_PARAMS as V4_FLOAT32
 from .checkpoint import TensorInfo
 from .costs import LINKS, predict_split
 
@@ -74,10 +75,13 @@ _RANGE_FIELDS = ("layers", "heads", "experts", "vocab", "shared", "dense")
 
 
 def weight_bytes(info: TensorInfo, compute_itemsize: int) -> int:
-    """Bytes a tensor takes once loaded: floats in the compute dtype (the router's in float32)."""
-    if info.dtype not in ("F32", "F16", "BF16"):
+    """Bytes a tensor takes once loaded: floats (and V4's FP8 weights, decoded) in the compute
+    dtype; the router's and V4's mixing parameters in float32."""
+    if info.dtype not in ("F32", "F16", "BF16", "F8_E4M3"):
         return info.nbytes
-    if info.name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
+    if info.name.endswith(("mlp.gate.weight", "e_score_correction_bias")) or any(
+        key in info.name for key in V4_FLOAT32
+    ):
         return info.nbytes // info.itemsize * 4
     return info.nbytes // info.itemsize * compute_itemsize
 
