@@ -211,18 +211,39 @@ def test_step_bytes_follow_the_collectives():
     assert costs.step_bytes(shape, 2, "tensor") == [(2 * L + 1) * D * 2 + V // 2 * 2] * 2
 
 
-def test_a_v4_checkpoint_is_refused_in_one_line(tmp_path):
-    """V4 is not split yet (its hyper-connected residual, hash-routed first layers and
-    compressed caches have no stage model): one line before any rank reads a tensor."""
+def test_a_v4_checkpoint_refuses_the_tensor_split_in_one_line(tmp_path):
+    """V4 splits into pipeline stages only (its grouped output projection, compressors and
+    indexer have no sharded modules yet): --parallel tensor is one line before any rank reads
+    a tensor or is asked anything."""
     from v4_checkpoints import build_v4, save_v4
 
     from mlx_deepseek.distributed import load_part
 
     path = save_v4(build_v4(), tmp_path / "v4")
+    with pytest.raises(PlanError) as e:
+        load_part(path, "tensor", world=None)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message == (
+        "--parallel tensor: model_type deepseek_v4 is split by pipeline only so far: use "
+        "--parallel pipeline"
+    )
+
+
+def test_families_without_a_split_are_refused_in_one_line(tmp_path):
+    """DeepSeekMoE 16B (multi-head attention) has no stage or shard model: every kind is one
+    line, before any rank reads a tensor (no weights are even written here)."""
+    import json
+
+    from checkpoints import v1_config
+
+    from mlx_deepseek.distributed import load_part
+
+    (tmp_path / "config.json").write_text(json.dumps(v1_config()))
     for kind in ("pipeline", "tensor", "auto"):
         with pytest.raises(PlanError) as e:
-            load_part(path, kind, world=None)  # refused before the ranks are asked anything
+            load_part(tmp_path, kind, world=None)
         message = str(e.value)
         assert "\n" not in message
-        assert message.startswith("--parallel: model_type deepseek_v4 cannot be split yet")
+        assert message.startswith("--parallel: model_type deepseek cannot be split yet")
         assert "run it in one process" in message

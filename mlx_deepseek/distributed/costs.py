@@ -121,7 +121,6 @@ class Shape:
             cache_width=args.kv_lora_rank + args.qk_rope_head_dim,
         )
 
-
     @classmethod
     def from_v4_args(cls, args: Any, name: str = "") -> Shape:
         """DeepSeek V4: attention per layer averaged over the layer kinds (window only,

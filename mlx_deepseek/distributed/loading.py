@@ -96,7 +96,7 @@ def load_part(
     if v4 and kind == "auto" and "tensor" not in SPLITS[family]:
         kind = "pipeline"
     compute = _parse_dtype(dtype)
-    tensors = checkpoint.scan(path)
+    tensors = checkpoint.scan(path, fp8=v4)
     if v4:  # either published layout's names -> the model's (FP8 `.scale`s beside weights)
         tensors = {canonical_name(k): v for k, v in tensors.items()}
     quantization = config.get("quantization")

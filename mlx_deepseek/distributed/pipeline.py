@@ -309,9 +309,7 @@ class V4PipelineModel(PipelineStage, deepseek_v4.Model):
         cache.advance(L)
 
     def make_cache(self) -> V4Cache:
-        mtp = [
-            layer.attn.make_cache() if self.last else RemoteMTPCache() for layer in self.mtp
-        ]
+        mtp = [layer.attn.make_cache() if self.last else RemoteMTPCache() for layer in self.mtp]
         return V4Cache(self._fresh_cache(), mtp)
 
     def make_mtp_cache(self) -> list:
