@@ -97,8 +97,7 @@ Parallel = Annotated[
         "--parallel",
         help="Split the model over the ranks that mlx.launch started (e.g. several Macs): "
         "pipeline (contiguous layer ranges sized by each rank's memory), tensor (attention heads "
-        "and experts split, two reductions per layer; not for DeepSeek V4 yet) or auto (the "
-        "cost model's choice).",
+        "and experts split, two reductions per layer) or auto (the cost model's choice).",
     ),
 ]
 

@@ -11,7 +11,7 @@ is checked for presence and shape.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import os
 import re
 from collections.abc import Callable
@@ -32,7 +32,7 @@ from ..loading import (
     mtp_layers_present,
     resolve_model_path,
 )
-from ..models import MODEL_TYPES, model_args, sanitize_weights
+from ..models import MODEL_TYPES, build_model, model_args, sanitize_weights
 from ..models.config import ModelArgs
 from ..models.deepseek_v3 import Model
 from ..models.v4_weights import canonical_name
@@ -41,6 +41,7 @@ from .checkpoint import TensorInfo
 from .pipeline import PipelineModel, V4PipelineModel
 from .plan import Plan, PlanError, Range, make_plan, sizes
 from .tensor import shard_model
+from .v4_selector import v4_tensor_selector
 from .world import World
 
 ENV_MEMORY = "MLX_DEEPSEEK_RANK_MEMORY"  # override a rank's memory for planning, e.g. "64G"
@@ -51,7 +52,7 @@ _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(.*)$")
 # which splits each family's models take (models.MODEL_TYPES' values)
 SPLITS: dict[str, tuple[str, ...]] = {
     "deepseek_v3": ("pipeline", "tensor"),
-    "deepseek_v4": ("pipeline",),
+    "deepseek_v4": ("pipeline", "tensor"),
 }
 
 
@@ -124,15 +125,18 @@ def load_part(
         model.dtype = compute
         local_args = args
     else:
-        model = Model(args)
+        model = build_model(args)
         model.mtp = model.mtp[:n_mtp]
         a, b = plan.heads[rank]
         e = plan.experts[rank] if plan.experts else (0, 0)
-        local_args = dataclasses.replace(
-            args, num_attention_heads=b - a, n_routed_experts=e[1] - e[0] or args.n_routed_experts
-        )
+        local_args = copy.copy(args)  # what sanitize reads: this rank's head / expert counts
+        local_args.num_attention_heads = b - a
+        local_args.n_routed_experts = e[1] - e[0] or args.n_routed_experts
+    post: dict[str, tuple[int, int, int]] = {}  # V4's FP8 tensors cut once decoded
     if plan.kind == "pipeline":
         select = _pipeline_selector(args, plan, rank, n_mtp, mtp_embed)
+    elif v4:
+        select = v4_tensor_selector(args, plan, rank, tensors, post)
     else:
         select = _tensor_selector(args, plan, rank)
     raw: dict[str, mx.array] = {}
@@ -143,6 +147,8 @@ def load_part(
             raw[local_name] = checkpoint.read(info, rows, cols)
     weights = sanitize_weights(local_args, raw)
     del raw
+    for name, (axis, lo, hi) in post.items():
+        weights[name] = weights[name][lo:hi] if axis == 0 else weights[name][:, lo:hi]
     has_mtp = plan.kind == "tensor" or rank == plan.size - 1
     if has_mtp and not v4:  # V4's MTP layer reads the main embedding and head
         _add_mtp_copies(model, weights)

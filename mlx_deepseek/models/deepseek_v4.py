@@ -126,6 +126,10 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array, ids: mx.array) -> mx.array:
         inds, weights = self.gate(x, ids)
+        return self.routed(x, inds, weights) + self.shared_experts(x)
+
+    def routed(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
+        """The chosen experts' outputs [B, L, D], weighted by `weights` [B, L, k] and summed."""
         mlp = self.switch_mlp
         if (
             "scales" not in mlp.gate_proj
@@ -135,8 +139,7 @@ class MoE(nn.Module):
             y = _experts_float32(mlp, x, inds)  # MLX's CPU gather_mm takes float32 only
         else:
             y = mlp(x, inds)  # [B, L, k, D]
-        y = (y.astype(mx.float32) * weights[..., None]).sum(axis=-2).astype(x.dtype)
-        return y + self.shared_experts(x)
+        return (y.astype(mx.float32) * weights[..., None]).sum(axis=-2).astype(x.dtype)
 
 
 def _experts_float32(mlp: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
