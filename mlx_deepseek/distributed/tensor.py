@@ -28,7 +28,6 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from .. import ops
 from ..models.config import ModelArgs
 from ..models.deepseek_v3 import Model
-from ..models.deepseek_v4 import ClampedSwiGLU
 from ..models.deepseek_v4 import MoE as V4MoE
 from ..models.mla import MLAttention
 from ..models.moe import MLP, MoE, MoEGate
@@ -171,12 +170,7 @@ class ExpertParallelV4MoE(V4MoE):
     def __init__(self, args: Any, index: int, experts: Range, shared: bool):
         super().__init__(args, index)
         self.first_expert, self.num_local = experts[0], experts[1] - experts[0]
-        self.switch_mlp = SwitchGLU(
-            args.hidden_size,
-            args.moe_intermediate_size,
-            self.num_local,
-            activation=ClampedSwiGLU(args.swiglu_limit),
-        )
+        self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, self.num_local)
         if not shared:
             self.pop("shared_experts")
 
@@ -185,10 +179,9 @@ class ExpertParallelV4MoE(V4MoE):
         local = inds.astype(mx.int32) - self.first_expert
         mine = (local >= 0) & (local < self.num_local)
         local = mx.where(mine, local, 0).astype(mx.uint32)
-        y = self.routed(x, local, mx.where(mine, weights, mx.zeros_like(weights)))
-        if "shared_experts" in self:
-            y = y + self.shared_experts(x)
-        return comm.all_sum(y)
+        weights = mx.where(mine, weights, mx.zeros_like(weights))  # another rank's slot: 0
+        shared = self.get("shared_experts")
+        return comm.all_sum(ops.moe(x, local, weights, self.switch_mlp, shared, self.limit))
 
 
 def shard_model(model: Model, plan: Plan, rank: int) -> None:
