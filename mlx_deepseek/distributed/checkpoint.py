@@ -35,6 +35,10 @@ DTYPES: dict[str, tuple[np.dtype, mx.Dtype | None]] = {
     "U64": (np.dtype(np.uint64), None),
     "BOOL": (np.dtype(np.bool_), None),
 }
+# DeepSeek V4's own layout: FP8 e4m3 weights and E8M0 scales, read as the bytes mx.load gives
+# (models/v4_weights.py decodes them); other families' FP8 checkpoints are converted first
+FP8_DTYPES = {"F8_E4M3": DTYPES["U8"], "F8_E8M0": DTYPES["U8"]}
+DTYPES.update(FP8_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -53,13 +57,14 @@ class TensorInfo:
         return DTYPES[self.dtype][0].itemsize
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
+def read_header(path: Path, fp8: bool = False) -> dict[str, TensorInfo]:
     """One safetensors file's tensors, its header validated as every reader's is
-    (safetensors_check: entries, sizes and offsets against the file; no data read)."""
+    (safetensors_check: entries, sizes and offsets against the file; no data read). fp8:
+    the family reads FP8 tensors itself (V4)."""
     header = read_safetensors_header(path)
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.tensors.items():
-        if entry.dtype not in DTYPES:
+        if entry.dtype not in DTYPES or (entry.dtype in FP8_DTYPES and not fp8):
             if entry.dtype.startswith("F8"):
                 raise CheckpointError(
                     f"{path}: tensor {name} is {entry.dtype}: convert the checkpoint first with "
@@ -73,11 +78,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def scan(path: Path) -> dict[str, TensorInfo]:
-    """Every tensor of a checkpoint folder by name (the index's shards, or *.safetensors)."""
+def scan(path: Path, fp8: bool = False) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint folder by name (the index's shards, or *.safetensors);
+    fp8: as read_header."""
     tensors: dict[str, TensorInfo] = {}
     for file in weight_files(path):
-        tensors.update(read_header(file))
+        tensors.update(read_header(file, fp8))
     fp8 = next((n for n in tensors if n.endswith("weight_scale_inv")), None)
     if fp8 is not None:
         raise CheckpointError(
