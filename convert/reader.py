@@ -30,13 +30,18 @@ RAW_DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(np.uint16),
     "F16": np.dtype(np.float16),
     "F32": np.dtype(np.float32),
-    # compressed-tensors' packed integer weights and their shapes
+    "I8": np.dtype(np.int8),  # DeepSeek V4's FP4 e2m1 weights, two per byte
+    "F8_E8M0": np.dtype(np.uint8),  # power-of-two scales (V4's ue8m0)
+    "U8": np.dtype(np.uint8),
+    # V4's token -> experts table; compressed-tensors' packed integer weights and their shapes
     "I32": np.dtype(np.int32),
     "I64": np.dtype(np.int64),
 }
-FLOAT_DTYPES = ("F8_E4M3", "BF16", "F16", "F32")
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+INT_DTYPES = ("I32", "I64")
 SUPPORTED = (
-    "BF16, F16, F32, F8_E4M3 with a weight_scale_inv, and compressed-tensors' packed integers"
+    "BF16, F16, F32, F8_E4M3 with its scales, V4's FP4 (I8) with E8M0 scales, integer tables, "
+    "compressed-tensors' packed integers"
 )
 
 

@@ -27,7 +27,15 @@ from mlx_deepseek.errors import DeepSeekError
 
 INDEX_NAME = "model.safetensors.index.json"
 MTP_FILE = "mtp.safetensors"
-_ST_DTYPES = {mx.uint32: "U32", mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32"}
+_ST_DTYPES = {
+    mx.uint32: "U32",
+    mx.bfloat16: "BF16",
+    mx.float16: "F16",
+    mx.float32: "F32",
+    mx.uint8: "U8",
+    mx.int8: "I8",
+    mx.int32: "I32",
+}
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,27 @@ def dequantize(wq: mx.array, scales: mx.array, biases: mx.array, bits: int, gs: 
     return (grouped * f64(scales)[..., None] + f64(biases)[..., None]).reshape(q.shape)
 
 
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+
+
+def dequantize_mxfp4(wq: mx.array, scales: mx.array) -> np.ndarray:
+    """MLX's mxfp4 by the format: FP4 e2m1 codes (4 bits each, low nibble first) times
+    2^(s - 127) for the E8M0 scale byte s of each group of 32."""
+    q = E2M1[unpack(wq, 4)]
+    grouped = q.reshape(*q.shape[:-1], -1, 32)
+    scale = np.ldexp(1.0, np.array(scales).astype(np.int64) - 127)
+    return (grouped * scale[..., None]).reshape(q.shape)
+
+
 def silu(z: np.ndarray) -> np.ndarray:
     return z / (1.0 + np.exp(-z))
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray, limit: float = 0.0) -> np.ndarray:
+    """silu(gate) * up, clamped as DeepSeek V4 does for a limit > 0."""
+    if limit > 0:
+        gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
+    return silu(gate) * up
 
 
 def ulps(got: mx.array, ref: np.ndarray, dtype) -> float:

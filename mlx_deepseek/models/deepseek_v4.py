@@ -29,31 +29,23 @@ __all__ = ["Model", "ModelArgs", "sanitize"]
 FLOAT32_PARAMS = ("hc_", "attn_sink", ".ape", "ffn.gate.weight", "ffn.gate.bias")
 
 
-class ClampedSwiGLU(nn.Module):
-    """silu(min(gate, limit)) * clip(up, -limit, limit); limit 0 = no clamp."""
-
-    def __init__(self, limit: float):
-        super().__init__()
-        self.limit = float(limit)
-
-    def __call__(self, up: mx.array, gate: mx.array) -> mx.array:
-        if self.limit > 0:
-            gate = mx.minimum(gate, self.limit)
-            up = mx.clip(up, -self.limit, self.limit)
-        return nn.silu(gate) * up
-
-
 class SharedExpert(nn.Module):
+    """The shared expert: a SwiGLU MLP clamped at swiglu_limit (ops.moe computes it with the
+    routed experts; DeepSeek's w1 / w3 / w2 are gate_proj / up_proj / down_proj here)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, inter = args.hidden_size, args.moe_intermediate_size
-        self.w1 = nn.Linear(D, inter, bias=False)  # gate
-        self.w2 = nn.Linear(inter, D, bias=False)  # down
-        self.w3 = nn.Linear(D, inter, bias=False)  # up
-        self.act = ClampedSwiGLU(args.swiglu_limit)
+        self.gate_proj = nn.Linear(D, inter, bias=False)
+        self.up_proj = nn.Linear(D, inter, bias=False)
+        self.down_proj = nn.Linear(inter, D, bias=False)
+        self.limit = float(args.swiglu_limit)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(self.act(self.w3(x), self.w1(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.limit > 0:
+            gate, up = mx.minimum(gate, self.limit), mx.clip(up, -self.limit, self.limit)
+        return self.down_proj(nn.silu(gate) * up)
 
 
 def route(
@@ -113,39 +105,21 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
+    """Routed experts (stacked, mlx-lm's SwitchGLU) and the shared expert, all with the clamped
+    SwiGLU, computed by ops.moe (the back-end's CPU split or fused Metal kernels)."""
+
     def __init__(self, args: ModelArgs, index: int):
         super().__init__()
         self.gate = Gate(args, index)
         self.switch_mlp = SwitchGLU(
-            args.hidden_size,
-            args.moe_intermediate_size,
-            args.n_routed_experts,
-            activation=ClampedSwiGLU(args.swiglu_limit),
+            args.hidden_size, args.moe_intermediate_size, args.n_routed_experts
         )
         self.shared_experts = SharedExpert(args)
+        self.limit = float(args.swiglu_limit)
 
     def __call__(self, x: mx.array, ids: mx.array) -> mx.array:
         inds, weights = self.gate(x, ids)
-        mlp = self.switch_mlp
-        if (
-            "scales" not in mlp.gate_proj
-            and x.dtype != mx.float32
-            and mx.default_device() == mx.cpu
-        ):
-            y = _experts_float32(mlp, x, inds)  # MLX's CPU gather_mm takes float32 only
-        else:
-            y = mlp(x, inds)  # [B, L, k, D]
-        y = (y.astype(mx.float32) * weights[..., None]).sum(axis=-2).astype(x.dtype)
-        return y + self.shared_experts(x)
-
-
-def _experts_float32(mlp: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
-    def project(layer: nn.Module, h: mx.array) -> mx.array:
-        return mx.gather_mm(h, layer.weight.astype(mx.float32).swapaxes(-1, -2), rhs_indices=inds)
-
-    h = mx.expand_dims(x.astype(mx.float32), (-2, -3))
-    h = mlp.activation(project(mlp.up_proj, h), project(mlp.gate_proj, h))
-    return project(mlp.down_proj, h).squeeze(-2)
+        return ops.moe(x, inds, weights, self.switch_mlp, self.shared_experts, self.limit)
 
 
 class Block(nn.Module):

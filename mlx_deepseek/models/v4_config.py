@@ -97,6 +97,11 @@ class ModelArgs:
 
     # ---- derived values ------------------------------------------------------------------
 
+    @property
+    def label(self) -> str:
+        """The model_type the checkpoint's config.json gives (as V2/V3's ModelArgs.label)."""
+        return self.model_type
+
     def layer_type(self, index: int) -> str:
         """The attention kind of layer `index` (main layers, then the MTP layers)."""
         return self.layer_types[index] if index < len(self.layer_types) else SLIDING

@@ -22,6 +22,8 @@ attention over the selected latent rows) as plain MLX functions the V3.2 model c
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -121,17 +123,25 @@ def mlp(x: mx.array, layer: nn.Module) -> mx.array:
 
 
 def moe(
-    x: mx.array, inds: mx.array, weights: mx.array, experts: nn.Module, shared: nn.Module | None
+    x: mx.array,
+    inds: mx.array,
+    weights: mx.array,
+    experts: nn.Module,
+    shared: nn.Module | None,
+    swiglu_limit: float = 0.0,
 ) -> mx.array:
     """A MoE layer's experts: sum_j weights[..., j] * expert_{inds[..., j]}(x) + shared(x).
 
-    experts: mlx-lm's SwitchGLU with stacked [E, out, in] weights, or the experts streamed
-    from the checkpoint (offload.StreamedExperts: it makes the chosen experts resident in its
-    bank of slots and runs the back-end's moe there); shared: the shared experts' MLP or
-    None; weights already carry the routed scaling factor."""
+    experts: mlx-lm's SwitchGLU with stacked [E, out, in] weights (its own activation the
+    plain SwiGLU), or the experts streamed from the checkpoint (offload.StreamedExperts: it
+    makes the chosen experts resident in its bank of slots and runs the back-end's moe there);
+    shared: the shared experts' MLP (gate_proj, up_proj, down_proj) or None; weights already
+    carry the routed scaling factor; swiglu_limit > 0: every expert's SwiGLU, the shared one's
+    too, is silu(min(gate, limit)) * clip(up, -limit, limit) (DeepSeek V4)."""
     if isinstance(experts, StreamedExperts):
-        return experts.moe(x, inds, weights, shared, active().moe)
-    return active().moe(x, inds, weights, experts, shared)
+        run = partial(active().moe, swiglu_limit=swiglu_limit)
+        return experts.moe(x, inds, weights, shared, run)
+    return active().moe(x, inds, weights, experts, shared, swiglu_limit)
 
 
 def prepare(model: nn.Module) -> int:
