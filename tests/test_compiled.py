@@ -36,7 +36,7 @@ def run(model, step_fn, compile_, monkeypatch, n=20, prompt=PROMPT, sampler=gree
     return [s.token for s in steps], np.stack([np.array(s.logprobs) for s in steps]), cache
 
 
-@pytest.mark.parametrize("kv_bits", [None, 8, 4])
+@pytest.mark.parametrize("kv_bits", [None, 4])
 def test_plain_and_mtp_decoding_compiled_equal_uncompiled(path, monkeypatch, kv_bits):
     model = mlx_deepseek.load_model(path, kv_bits=kv_bits)
     ref, ref_lp, ref_cache = run(model, decode_steps, False, monkeypatch)
@@ -51,7 +51,7 @@ def test_plain_and_mtp_decoding_compiled_equal_uncompiled(path, monkeypatch, kv_
     for a, b in zip(ref_cache, cache, strict=True):
         for x, y in zip(compiled._arrays(a), compiled._arrays(b), strict=True):
             np.testing.assert_allclose(np.array(x[..., :n, :]), np.array(y[..., :n, :]), atol=1e-5)
-    for k in (1, 2, 3):
+    for k in (1, 3):
         decoder = MTPDecoder(k)
         spec, _, _ = run(model, decoder, True, monkeypatch)
         assert spec == ref
