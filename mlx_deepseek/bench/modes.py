@@ -25,6 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .. import compiled
 from . import metrics
 from .runtimes import OURS, Runtime, decode_step, rewind
 
@@ -221,33 +222,35 @@ class _nothing:
 
 class _perfect_drafts:
     """model.mtp_logits plus a bonus on the main model's greedy token at each position (the
-    real head still runs: its cost is measured, its acceptance is a perfect head's)."""
+    real head still runs: its cost is measured, its acceptance is a perfect head's). In array
+    operations on the MTP cache's offset, so that it also works inside a compiled round
+    (compiled.py: there the offset is an array)."""
 
     def __init__(self, model, sequence: list[int]):
         self.model, self.sequence = model, sequence
 
     def __enter__(self):
         model, seq = self.model, self.sequence
-        real = type(model).mtp_logits
+        real_logits, real_hidden = type(model).mtp_logits, type(model).mtp_hidden
         vocab = model.args.vocab_size
+        targets = mx.array(list(seq) + [0] * 64)
         state = {"cache": None}
 
+        def mtp_hidden(hidden, next_tokens, depth=0, cache=None):
+            state["cache"] = cache
+            return real_hidden(model, hidden, next_tokens, depth, cache)
+
         def mtp_logits(h, depth=0):
-            logits = real(model, h, depth)
-            pos = state["cache"].offset + 1  # the MTP entry i pairs h_i with token i + 1
-            target = seq[pos] if pos < len(seq) else 0
-            return logits + mx.where(mx.arange(vocab) == target, PERFECT_BONUS, 0.0)
+            logits = real_logits(model, h, depth)
+            pos = mx.array(state["cache"].offset + 1)  # MTP entry i pairs h_i with token i + 1
+            pos = mx.minimum(pos, targets.size - 1)
+            return logits + mx.where(mx.arange(vocab) == targets[pos], PERFECT_BONUS, 0.0)
 
-        real_make = type(model).make_cache
-
-        def make_cache():
-            cache = real_make(model)
-            state["cache"] = cache.mtp[0]
-            return cache
-
-        model.mtp_logits, model.make_cache = mtp_logits, make_cache
+        model.mtp_logits, model.mtp_hidden = mtp_logits, mtp_hidden
+        compiled.forget(model)  # traces made with the real head
         return self
 
     def __exit__(self, *exc):
-        del self.model.mtp_logits, self.model.make_cache
+        compiled.forget(self.model)
+        del self.model.mtp_logits, self.model.mtp_hidden
         return False
