@@ -15,7 +15,11 @@ buffers in and out of the real caches and advances their offsets on the host, so
 (cutting rejected drafts) stays a host-side change of `offset`. A trace is kept per model,
 function and shape (buffer capacity grows by `KVCache.step`, so a few per generation).
 
-`MLX_DEEPSEEK_COMPILE=0` turns it off, `=1` compiles whatever model can be compiled.
+Opt-in: `MLX_DEEPSEEK_COMPILE=1` compiles whatever model can be compiled, `=auto` the small
+ones on the CPU (`pays`), unset or `0` none. Not on by default because MLX builds the
+compiled CPU code with the system compiler the first time a machine runs it: the bundled
+demo's first 60-token answer took 24.8 s instead of 3.8 s (2.8 s once the build is cached),
+a bad trade for a first run and for every fresh CI machine.
 """
 
 from __future__ import annotations
@@ -31,20 +35,23 @@ from .models.cache import KVCache, QuantizedKVCache
 from .models.deepseek_v3 import Model as DeepseekV3Model
 
 ENV = "MLX_DEEPSEEK_COMPILE"
-MAX_BYTES = 64 * 1024 * 1024  # compiled by default up to this many bytes of weights
+MAX_BYTES = 64 * 1024 * 1024  # "auto" compiles up to this many bytes of weights
 _ATTR = "_mlx_deepseek_compiled"  # the per-model store of compiled functions
 _UNCOMPILABLE = ("mlx_deepseek.distributed", "mlx_deepseek.offload")  # host work per layer
 
 
 def _setting() -> bool | None:
+    """True (1), False (unset or 0) or None ("auto": when `pays`)."""
     value = os.environ.get(ENV, "").strip().lower()
-    if value in ("", "auto"):
+    if value == "auto":
         return None
-    if value in ("0", "false", "no", "off"):
+    if value in ("", "0", "false", "no", "off"):
         return False
     if value in ("1", "true", "yes", "on"):
         return True
-    raise ValueError(f"{ENV}={value!r}: give 0 (never compile), 1 (always) or leave it unset")
+    raise ValueError(
+        f"{ENV}={value!r}: give 1 (compile), auto (small models on the CPU) or 0 (never)"
+    )
 
 
 def can_compile(model: nn.Module, caches: Sequence[Any]) -> bool:
@@ -67,7 +74,7 @@ def _caches_ok(caches: Sequence[Any]) -> bool:
 
 
 def pays(model: nn.Module) -> bool:
-    """Whether compiling pays by default: on the CPU, for a model small enough that op
+    """Whether compiling pays ("auto"): on the CPU, for a model small enough that op
     dispatch, not reading weights, bounds a step (MAX_BYTES)."""
     if mx.default_device() != mx.cpu:
         return False  # a GPU's evaluation overlaps the host's graph building already

@@ -98,13 +98,15 @@ def test_when_compiled_forwards_are_used(model, monkeypatch):
     assert not compiled.enabled(model, model.make_cache())  # empty: the prefill comes first
     assert not compiled.enabled(model, list(cache) + [object()])  # another cache type
     monkeypatch.delenv(compiled.ENV)
+    assert not compiled.enabled(model, cache)  # opt-in: the first build costs seconds
+    monkeypatch.setenv(compiled.ENV, "auto")
     assert compiled.enabled(model, cache) == (mx.default_device() == mx.cpu)  # a tiny model
     monkeypatch.setattr(compiled, "MAX_BYTES", 1024)
     compiled.forget(model)
-    assert not compiled.enabled(model, cache)  # too big to pay by default
+    assert not compiled.enabled(model, cache)  # too big to pay
     compiled.forget(model)
     monkeypatch.setenv(compiled.ENV, "sometimes")
-    with pytest.raises(ValueError, match="MLX_DEEPSEEK_COMPILE='sometimes': give 0"):
+    with pytest.raises(ValueError, match="MLX_DEEPSEEK_COMPILE='sometimes': give 1"):
         compiled.enabled(model, cache)
 
 
