@@ -30,11 +30,9 @@ def attention_mask(L: int, cache: Any = None) -> Any:
 
 
 class DecoderLayer(nn.Module):
-    attention_class: type[nn.Module] = MLAttention  # other families swap the attention
-
-    def __init__(self, args: ModelArgs, index: int):
+    def __init__(self, args: ModelArgs, index: int, attention: type[nn.Module] = MLAttention):
         super().__init__()
-        self.self_attn = self.attention_class(args)
+        self.self_attn = attention(args)
         self.mlp = (
             MoE(args) if args.is_moe_layer(index) else MLP(args.hidden_size, args.intermediate_size)
         )
@@ -93,12 +91,11 @@ class MTPLayer(DecoderLayer):
 
 
 class DeepseekModel(nn.Module):
-    layer_class: type[DecoderLayer] = DecoderLayer
-
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, attention: type[nn.Module] = MLAttention):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [self.layer_class(args, i) for i in range(args.num_hidden_layers)]
+        n = args.num_hidden_layers
+        self.layers = [DecoderLayer(args, i, attention) for i in range(n)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def _layers(self, inputs: mx.array, cache: list | None) -> tuple[mx.array, mx.array | None]:
@@ -129,13 +126,13 @@ class DeepseekModel(nn.Module):
 
 
 class Model(CausalLM):
-    model_class: type[DeepseekModel] = DeepseekModel
+    attention_class: type[nn.Module] = MLAttention  # other families swap the attention
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = self.model_class(args)
+        self.model = DeepseekModel(args, self.attention_class)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         n_mtp = args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0
