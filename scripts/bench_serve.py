@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,11 +52,15 @@ def word_tokenizer(folder: Path, vocab: int) -> None:
 
 
 def serving_folder(checkpoint: Path, vocab: int) -> Path:
-    """The checkpoint's files linked into a temporary folder, plus the tokenizer."""
+    """The checkpoint's files hard-linked (or copied) into a temporary folder, plus the
+    tokenizer: not symlinked, as the loader refuses shards that lead out of their folder."""
     folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     for f in checkpoint.iterdir():
         if not f.name.startswith("tokenizer"):
-            (folder / f.name).symlink_to(f)
+            try:
+                os.link(f, folder / f.name)
+            except OSError:  # another file system
+                shutil.copy2(f, folder / f.name)
     word_tokenizer(folder, vocab)
     return folder
 

@@ -124,9 +124,10 @@ def test_decode_reads_the_window_and_the_selected_rows_only(fixture, monkeypatch
     seen = []
     real = v4_attention.ops.shared_kv_attention
 
-    def spy(q, kv, sinks, scale, mask=None):
+    def spy(q, kv, sinks, scale, mask=None, rows=None):  # rows: quantized ones (kv_bits)
+        assert rows is None
         seen.append((q.shape[2], kv.shape[1], mask is None))
-        return real(q, kv, sinks, scale, mask)
+        return real(q, kv, sinks, scale, mask, rows)
 
     monkeypatch.setattr(v4_attention.ops, "shared_kv_attention", spy)
     tokens = np.random.RandomState(2).randint(0, 96, size=(1, 200))

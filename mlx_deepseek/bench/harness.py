@@ -262,23 +262,29 @@ def _peak(fn: Callable[[], Any], resident: int) -> tuple[Any, int]:
     return out, resident + max(0, mx.get_peak_memory() - base)
 
 
+def new_result(rt: Runtime, weights: bool = True) -> dict[str, Any]:
+    """One runtime's result before measuring (weights=False: no weight sizes, for the
+    mlx-first child, which only decodes)."""
+    return {
+        "checkpoint": str(rt.checkpoint),
+        "notes": rt.notes,
+        "weights_bytes": metrics.parameter_bytes(rt.model) if weights else 0,
+        "weight_bytes_per_token": metrics.weight_bytes_per_token(rt.model, rt.config)
+        if weights
+        else 0,
+        "decode_tok_s": {},
+        "peak_memory_bytes": {"decode": {}},
+        "cache_bytes": {},
+        "cache_read_bytes": {},  # what one decode step reads of it
+    }
+
+
 def measure_model(
     settings: Settings, runtimes: list[Runtime], log: Log, wanted: list[str] | None = None
 ) -> dict[str, Any]:
     """Every measurement of one model, for each runtime (keyed by runtime name); `wanted`:
     the modes measured in this process ("cache" always)."""
-    res: dict[str, dict[str, Any]] = {}
-    for rt in runtimes:
-        res[rt.name] = {
-            "checkpoint": str(rt.checkpoint),
-            "notes": rt.notes,
-            "weights_bytes": metrics.parameter_bytes(rt.model),
-            "weight_bytes_per_token": metrics.weight_bytes_per_token(rt.model, rt.config),
-            "decode_tok_s": {},
-            "peak_memory_bytes": {"decode": {}},
-            "cache_bytes": {},
-            "cache_read_bytes": {},  # what one decode step reads of it
-        }
+    res = {rt.name: new_result(rt) for rt in runtimes}
     agreement = None
     if settings.prompt_tokens > 0:
         agreement = _measure_prefill(settings, runtimes, res, log)

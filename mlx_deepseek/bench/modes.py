@@ -112,7 +112,7 @@ def child_main() -> None:
     from mlx_deepseek import _blas
 
     from .harness import Settings as HarnessSettings
-    from .harness import _measure_decode, compute_dtype, resolve_defaults
+    from .harness import _measure_decode, compute_dtype, new_result, resolve_defaults
     from .runtimes import load_mlx_lm, load_ours
 
     settings = resolve_defaults(
@@ -129,11 +129,7 @@ def child_main() -> None:
     lm = job["checkpoints"].get("mlx-lm")
     if lm:
         runtimes.append(load_mlx_lm(Path(lm), dtype))
-    res: dict[str, dict[str, Any]] = {
-        rt.name: {"decode_tok_s": {}, "peak_memory_bytes": {"decode": {}}, "cache_bytes": {},
-                  "weights_bytes": 0}
-        for rt in runtimes
-    }  # fmt: skip
+    res = {rt.name: new_result(rt, weights=False) for rt in runtimes}
 
     def log(msg: str) -> None:
         print(f"  [mlx-first] {msg.strip()}", file=sys.stderr, flush=True)

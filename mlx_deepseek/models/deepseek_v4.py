@@ -226,23 +226,32 @@ class Model(CausalLM):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         n = args.num_hidden_layers
         self.mtp = [MTPLayer(args, n + j) for j in range(args.num_nextn_predict_layers)]
+        # the compressed rows quantized in the caches (load(kv_bits=...)); group size along
+        # their non-RoPE channels
+        self.kv_bits: int | None = None
+        self.kv_group_size = 64
+
+    @property
+    def kv_quant(self) -> tuple[int, int] | None:
+        """(group size, bits) of the caches' compressed rows, or None: full precision."""
+        return None if self.kv_bits is None else (self.kv_group_size, self.kv_bits)
 
     def head(self, h: mx.array) -> mx.array:
         """Final-normed hidden states [B, L, D] -> logits [B, L, vocab]."""
         return self.lm_head(h)
 
     def make_cache(self) -> V4Cache:
-        """Per layer its window, compressed rows, indexer rows and compressor state; the MTP
-        layers' caches on `.mtp`."""
+        """Per layer its window, compressed rows (quantized with kv_bits), indexer rows and
+        compressor state; the MTP layers' caches on `.mtp`."""
         return V4Cache(
-            [layer.attn.make_cache() for layer in self.layers],
-            [layer.attn.make_cache() for layer in self.mtp],
+            [layer.attn.make_cache(self.kv_quant) for layer in self.layers],
+            self.make_mtp_cache(),
         )
 
     # ---- multi-token prediction ------------------------------------------------------------
 
     def make_mtp_cache(self) -> list[V4LayerCache]:
-        return [layer.attn.make_cache() for layer in self.mtp]
+        return [layer.attn.make_cache(self.kv_quant) for layer in self.mtp]
 
     def mtp_hidden(
         self,

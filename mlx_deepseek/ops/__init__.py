@@ -13,7 +13,7 @@ Back-ends (a module each, with every op below):
 Every op returns its result: choosing a path is the back-end's business, never the model's.
 
 DeepSeek V4's own ops (hc_mixes, hc_pre, hc_post, hc_head, sinkhorn, compress_pool,
-index_scores, select_topk, gather_rows, shared_kv_attention) have their MLX reference in
+index_scores, select_topk, gather_rows, dense_rows, shared_kv_attention) have their MLX reference in
 v4.py; a back-end module overrides one by defining a function of the same name.
 
 sparse.py holds DeepSeek V3.2's own operations (the lightning indexer's scores and top-k,
@@ -30,17 +30,19 @@ import mlx.nn as nn
 from ..offload.experts import StreamedExperts
 from . import v4
 from .backend import active, current, resolve, use
-from .types import CAUSAL, LatentEntry, MLAHeads, Routing
+from .types import CAUSAL, LatentEntry, MLAHeads, Routing, SplitRows
 
 __all__ = [
     "CAUSAL",
     "MLAHeads",
     "Routing",
+    "SplitRows",
     "absorbed_attention",
     "active",
     "add_rms_norm",
     "compress_pool",
     "current",
+    "dense_rows",
     "embed",
     "expanded_attention",
     "gather_rows",
@@ -210,13 +212,24 @@ def select_topk(scores: mx.array, k: int) -> mx.array:
     return _v4("select_topk")(scores, k)
 
 
-def gather_rows(rows: mx.array, idx: mx.array) -> mx.array:
-    """rows [B, N, d] at idx [B, k] -> [B, k, d]."""
+def gather_rows(rows: mx.array | SplitRows, idx: mx.array) -> mx.array | SplitRows:
+    """rows [B, N, d] at idx [B, k] -> [B, k, d] (quantized rows stay quantized)."""
     return _v4("gather_rows")(rows, idx)
 
 
+def dense_rows(rows: mx.array | SplitRows, dim: int) -> mx.array:
+    """V4's rows [B, n, dim] as an array (quantized ones dequantized)."""
+    return _v4("dense_rows")(rows, dim)
+
+
 def shared_kv_attention(
-    q: mx.array, kv: mx.array, sinks: mx.array, scale: float, mask: mx.array | None = None
+    q: mx.array,
+    kv: mx.array,
+    sinks: mx.array,
+    scale: float,
+    mask: mx.array | None = None,
+    rows: SplitRows | None = None,
 ) -> mx.array:
-    """Attention of q [B, H, L, d] over one K=V head [B, S, d] with per-head sinks [H]."""
-    return _v4("shared_kv_attention")(q, kv, sinks, scale, mask)
+    """Attention of q [B, H, L, d] over one K=V head [B, S, d] (then `rows`, n quantized
+    K=V rows read in place, when given) with per-head sinks [H]; mask [B, L, S + n]."""
+    return _v4("shared_kv_attention")(q, kv, sinks, scale, mask, rows)
