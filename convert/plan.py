@@ -24,7 +24,7 @@ from . import layout_v4
 from .fp8 import DEFAULT_BLOCK, scale_shape
 from .layout import Entry, expected_entries, is_ignorable, kv_b_outputs, mtp_layers
 from .packed import check_scale_dtype, find_packed, is_packed_part
-from .reader import FLOAT_DTYPES, INT_DTYPES, SourceCheckpoint, TensorInfo
+from .reader import FLOAT_DTYPES, INT_DTYPES, SourceCheckpoint, TensorInfo, check_dtype
 from .recipe import QuantSpec, Recipe, quantization_section
 from .writer import OutTensor
 
@@ -282,7 +282,7 @@ def _check_tensors(
                 f"config.json implies {list(want)}: the weights do not match their config "
                 f"(model_type {args.model_type}, {args.num_hidden_layers} layers)"
             )
-        info.check_dtype()
+        check_dtype(info)
         allowed = _ALLOWED[
             "table" if e.kind == "table" else "linear" if e.kind != "vector" else "vector"
         ]

@@ -23,7 +23,7 @@ from mlx_deepseek.models.v4_config import ModelArgs
 
 from .layout_v4 import expected_entries
 from .synthetic import write_tokenizer
-from .writer import OutTensor, Shard, ShardWriter
+from .writer import OutTensor, ShardWriter, numbered_shards
 
 FP8_BLOCK = 128
 FP8_ROLES = ("attention", "shared_expert", "mtp_proj")  # the rest of the linears: bf16
@@ -134,13 +134,7 @@ def write_release(
         groups[min(shards - 1, done * shards // max(total, 1))].append(t)
         done += t.nbytes
     groups = [g for g in groups if g]
-    n = len(groups)
-    files = [
-        Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors", g)
-        for i, g in enumerate(groups)
-    ]
-    for s in files:
-        s.layout()
+    files = numbered_shards(groups)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer:
         write_tokenizer(folder, config)
@@ -165,6 +159,6 @@ def write_release(
         index = writer.finish()
     finally:
         writer.close()
-    if n == 1:
+    if len(files) == 1:
         (folder / "model.safetensors.index.json").unlink()
     return int(index["metadata"]["total_size"])

@@ -176,24 +176,12 @@ def main() -> None:
             f"({2 * layer_experts / 1e9:.2f} GB as float32); largest tensor {biggest / 1e9:.2f} GB"
         )
 
-        base = run_child(src, root / "unused", None)
-        print(f"baseline (imports only): peak RSS {base['maxrss'] / 1e9:.2f} GB")
         runs = {
             "4-bit uniform": dict(bits=4),
             "4-bit mixed": dict(bits=4, recipe="mixed"),
             "bf16 --no-quantize": dict(quantize=False),
         }
-        for label, opts in runs.items():
-            dst = root / "out"
-            r = run_child(src, dst, opts)
-            shutil.rmtree(dst)
-            print(
-                f"{label:>20}: peak RSS {r['maxrss'] / 1e9:.2f} GB "
-                f"(+{(r['maxrss'] - base['maxrss']) / 1e9:.2f} GB over baseline) for a "
-                f"{size / 1e9:.2f} GB checkpoint; {r['seconds']:.1f} s, "
-                f"{r['read'] / r['seconds'] / 1e9:.2f} GB/s read, {r['written'] / 1e9:.2f} GB "
-                f"written, {r['bpw']:.2f} bits/weight"
-            )
+        measure(src, root, runs, size)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -214,23 +202,30 @@ def v4(src: Path, root: Path, args: argparse.Namespace) -> None:
         f"{time.perf_counter() - t:.0f} s; one layer's routed experts {experts * 17 / 32 / 1e9:.2f}"
         f" GB FP4 ({experts * 4 / 1e9:.2f} GB as float32)"
     )
-    base = run_child(src, root / "unused", None)
-    print(f"baseline (imports only): peak RSS {base['maxrss'] / 1e9:.2f} GB")
     runs = {
         "native (mxfp8/mxfp4)": dict(recipe="native"),
         "4-bit uniform": dict(bits=4),
         "4-bit mixed": dict(bits=4, recipe="mixed"),
         "bf16 --no-quantize": dict(quantize=False),
     }
+    measure(src, root, runs, size)
+
+
+def measure(src: Path, root: Path, runs: dict[str, dict], size: int) -> None:
+    """Convert src once per run (label -> convert Options) in a child process; print each
+    one's peak RSS over the imports-only baseline, its speed and its output."""
+    base = run_child(src, root / "unused", None)
+    print(f"baseline (imports only): peak RSS {base['maxrss'] / 1e9:.2f} GB")
     for label, opts in runs.items():
         dst = root / "out"
         r = run_child(src, dst, opts)
         shutil.rmtree(dst)
         print(
             f"{label:>20}: peak RSS {r['maxrss'] / 1e9:.2f} GB "
-            f"(+{(r['maxrss'] - base['maxrss']) / 1e9:.2f} GB over baseline); "
-            f"{r['seconds']:.1f} s, {r['read'] / r['seconds'] / 1e9:.2f} GB/s read, "
-            f"{r['written'] / 1e9:.2f} GB written, {r['bpw']:.2f} bits/weight"
+            f"(+{(r['maxrss'] - base['maxrss']) / 1e9:.2f} GB over baseline) for a "
+            f"{size / 1e9:.2f} GB checkpoint; {r['seconds']:.1f} s, "
+            f"{r['read'] / r['seconds'] / 1e9:.2f} GB/s read, {r['written'] / 1e9:.2f} GB "
+            f"written, {r['bpw']:.2f} bits/weight"
         )
 
 

@@ -2,11 +2,10 @@
 source, converted by mlx-deepseek, measured alone), its cache filled to a context without a
 prefill, the bytes a decode step reads, the KV comparison with V3, the options it refuses."""
 
-import json
-
 import mlx.core as mx
 import numpy as np
 import pytest
+from bench_support import quick, run_bench
 from typer.testing import CliRunner
 
 from mlx_deepseek.bench import v4
@@ -24,15 +23,10 @@ BUFFERS = ("window", "compressed", "comp_state", "indexer", "index_state")
 @pytest.fixture(scope="module")
 def bench_v4(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench-v4")
-    out = tmp / "result.json"
-    args = ["bench", "--shape", "tiny-v4", "--prompt-tokens", "4", "--decode-tokens", "2"]
-    args += ["--repeats", "2", "--contexts", ",".join(map(str, CONTEXTS))]
-    args += ["--cache-dir", str(tmp / "cache"), "--bandwidth-gb", "0.05", "--json", str(out)]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
-    assert result.exit_code == 0, result.output
-    assert "mlx-lm has no deepseek_v4 model" in result.output
-    assert "V4-Flash 6,880 B (3,440 values" in result.output
-    return json.loads(out.read_text()), tmp / "cache", result.output
+    run, result = run_bench(quick("tiny-v4", CONTEXTS, 4), tmp / "result.json", tmp / "cache")
+    assert "mlx-lm has no deepseek_v4 model" in run.output
+    assert "V4-Flash 6,880 B (3,440 values" in run.output
+    return result, tmp / "cache", run.output
 
 
 def test_v4_entry_is_measured_alone_with_its_targets(bench_v4):

@@ -14,6 +14,7 @@ import mlx_deepseek.convert.pipeline as pipeline
 import numpy as np
 import pytest
 import torch
+from checkpoints import rel_err
 from mlx.utils import tree_flatten
 from mlx_deepseek.convert.layout_v4 import expected_entries
 from mlx_deepseek.convert.plan import Options, make_plan
@@ -30,11 +31,6 @@ from mlx_deepseek.models.v4_config import ModelArgs
 
 TOKENS = np.random.RandomState(3).randint(0, 96, size=(2, 40))
 NATIVE = Options(recipe="native", dtype="float32")
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def as_bytes(a: mx.array) -> bytes:

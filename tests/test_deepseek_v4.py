@@ -4,6 +4,7 @@ full forward's logits whatever the chunking, batching, or rollback."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from checkpoints import rel_err
 from v4_checkpoints import SHAPES, boundary_ties, build_v4, save_v4, v4_logits
 
 import mlx_deepseek
@@ -13,11 +14,6 @@ from mlx_deepseek.models.v4_config import CSA, HCA, SLIDING
 
 SEQ = 40  # longer than every fixture's window; several compressed rows in every kind
 TOKENS = np.random.RandomState(0).randint(0, 96, size=(2, SEQ))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))

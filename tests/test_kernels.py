@@ -20,6 +20,7 @@ from kernel_support import (
     dequantize,
     dequantize_mxfp4,
     f64,
+    moe_reference,
     silu,
     swiglu,
     ulps,
@@ -286,25 +287,6 @@ def _modules(dtype, q=(4, 64), shared_q=(4, 64), D=256, I=512, E=8, n_shared=2, 
     return switch, shared
 
 
-def _module_reference(x, inds, scores, switch, shared) -> np.ndarray:
-    def w(layer):
-        if "scales" not in layer:
-            return f64(layer.weight)
-        return dequantize(layer.weight, layer.scales, layer.biases, layer.bits, layer.group_size)
-
-    xs = f64(x).reshape(-1, x.shape[-1])
-    ii = np.array(inds).reshape(len(xs), -1)
-    ss = f64(scores).reshape(ii.shape)
-    wg, wu, wd = (w(getattr(switch, p)) for p in ("gate_proj", "up_proj", "down_proj"))
-    y = np.zeros_like(xs)
-    for t, j in itertools.product(range(len(xs)), range(ii.shape[1])):
-        e = ii[t, j]
-        y[t] += ss[t, j] * (wd[e] @ (silu(wg[e] @ xs[t]) * (wu[e] @ xs[t])))
-    sg, su, sd = (w(getattr(shared, p)) for p in ("gate_proj", "up_proj", "down_proj"))
-    y += (silu(xs @ sg.T) * (xs @ su.T)) @ sd.T
-    return y.reshape(x.shape)
-
-
 def _route(rng, shape, E, k):
     inds = np.stack([rng.permutation(E)[:k] for _ in range(int(np.prod(shape)))])
     inds = mx.array(inds.reshape(*shape, k).astype(np.uint32))
@@ -322,7 +304,7 @@ def test_run_plan_with_mlx_lm_modules_matches_reference():
     assert (plan.variant.n_tokens, plan.variant.n_shared, plan.variant.top_k) == (6, 2, 4)
     y = kernels.run_plan(plan, MAKE_KERNEL)
     assert y.shape == x.shape and y.dtype == mx.float16
-    ref = _module_reference(x, inds, scores, switch, shared)
+    ref = moe_reference(x, inds, scores, switch, shared)
     assert ulps(y, ref, mx.float16) <= Y_TOLERANCE[mx.float16]
     # MLX's own path rounds its intermediates to float16: the runtime self-check must accept
     # this agreement (it only has to catch gross errors)
@@ -340,7 +322,7 @@ def test_an_unquantized_shared_mlp_is_added_by_mlx():
     plan = kernels.plan_moe(x, inds, scores, switch, shared)
     assert plan.unfused_shared is shared and plan.variant.n_shared == 0
     y = kernels.run_plan(plan, MAKE_KERNEL)
-    ref = _module_reference(x, inds, scores, switch, shared)
+    ref = moe_reference(x, inds, scores, switch, shared)
     assert ulps(y, ref, mx.float32) <= Y_TOLERANCE[mx.float32]
 
 
@@ -414,7 +396,7 @@ def test_fused_moe_self_checks_once_then_falls_back_with_one_warning(monkeypatch
             warnings.simplefilter("error")
             y = ops.moe(x, inds, scores, switch, shared)
         assert [f for f, _ in metal_ops._State.checked] == ["moe"]
-        ref = _module_reference(x, inds, scores, switch, shared)
+        ref = moe_reference(x, inds, scores, switch, shared)
         assert ulps(y, ref, mx.float16) <= Y_TOLERANCE[mx.float16]
 
         # a wrong kernel (routing weights doubled) is caught by the check of a new variant
@@ -425,7 +407,7 @@ def test_fused_moe_self_checks_once_then_falls_back_with_one_warning(monkeypatch
         inds2, scores2 = _route(rng, (1, 2), 4, 2)
         with pytest.warns(RuntimeWarning, match="disagree with MLX's reference"):
             y2 = ops.moe(x2, inds2, scores2, switch, shared)
-        ref2 = _module_reference(x2, inds2, scores2, switch, shared)
+        ref2 = moe_reference(x2, inds2, scores2, switch, shared)
         assert ulps(y2, ref2, mx.float16) <= 4 * Y_TOLERANCE[mx.float16]  # MLX's result
         assert metal_ops._State.disabled == {"moe"}
         with warnings.catch_warnings():

@@ -2,13 +2,11 @@
 clamped SwiGLU as a parameter, on every back-end ("mlx", the CPU's split and grouped paths,
 the fused Metal kernels in the emulator) against a float64 NumPy reference."""
 
-import itertools
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from kernel_support import dequantize, dequantize_mxfp4, f64, metal, swiglu
+from kernel_support import f64, layer_weight, metal, moe_reference, swiglu
 from mlx_lm.models.switch_layers import SwitchGLU
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
@@ -38,29 +36,6 @@ def shared_mlp(D, I, quantize=True, seed=1):
     return mlp
 
 
-def weight(layer) -> np.ndarray:
-    if "scales" not in layer:
-        return f64(layer.weight)
-    if layer.mode == "mxfp4":
-        return dequantize_mxfp4(layer.weight, layer.scales)
-    return dequantize(layer.weight, layer.scales, layer.biases, layer.bits, layer.group_size)
-
-
-def reference(x, inds, scores, switch, shared, limit) -> np.ndarray:
-    xs = f64(x).reshape(-1, x.shape[-1])
-    ii = np.array(inds).reshape(len(xs), -1)
-    ss = f64(scores).reshape(ii.shape)
-    wg, wu, wd = (weight(getattr(switch, p)) for p in ("gate_proj", "up_proj", "down_proj"))
-    y = np.zeros_like(xs)
-    for t, j in itertools.product(range(len(xs)), range(ii.shape[1])):
-        e = ii[t, j]
-        y[t] += ss[t, j] * (wd[e] @ swiglu(wg[e] @ xs[t], wu[e] @ xs[t], limit))
-    if shared is not None:
-        sg, su, sd = (weight(getattr(shared, p)) for p in ("gate_proj", "up_proj", "down_proj"))
-        y += swiglu(xs @ sg.T, xs @ su.T, limit) @ sd.T
-    return y.reshape(x.shape)
-
-
 def routed(rng, tokens, E, k):
     inds = np.stack([rng.permutation(E)[:k] for _ in range(tokens)])
     scores = rng.uniform(0.1, 2.0, (tokens, k)).astype(np.float32)
@@ -79,8 +54,8 @@ def test_the_clamp_changes_the_result():
     with ops.use("mlx"):
         free = ops.moe(x, inds, scores, switch, shared)
         clamped = ops.moe(x, inds, scores, switch, shared, swiglu_limit=0.5)
-    assert rel(free, reference(x, inds, scores, switch, shared, 0.0)) < 1e-5
-    assert rel(clamped, reference(x, inds, scores, switch, shared, 0.5)) < 1e-5
+    assert rel(free, moe_reference(x, inds, scores, switch, shared, 0.0)) < 1e-5
+    assert rel(clamped, moe_reference(x, inds, scores, switch, shared, 0.5)) < 1e-5
     assert rel(clamped, f64(free)) > 1e-2  # the clamp is really applied
 
 
@@ -94,7 +69,7 @@ def test_mlx_reference_equals_float64(mode, tokens):
     with ops.use("mlx"):
         y = ops.moe(x, inds, scores, switch, shared, swiglu_limit=0.7)
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert rel(y, reference(x, inds, scores, switch, shared, 0.7)) < 1e-5
+    assert rel(y, moe_reference(x, inds, scores, switch, shared, 0.7)) < 1e-5
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 20])  # decode split across streams; prefill grouped
@@ -110,7 +85,7 @@ def test_cpu_back_end_splits_clamped_mxfp4_experts(monkeypatch, tokens):
         if tokens < cpu_ops.DEQUANT_MIN_TOKENS:
             assert cpu_ops._split_experts(*args) is not None  # really the split path
         y = ops.moe(*args)
-    ref = reference(x, inds, scores, switch, shared, 0.6)
+    ref = moe_reference(x, inds, scores, switch, shared, 0.6)
     assert rel(y, ref) < 1e-5
 
 
@@ -132,7 +107,9 @@ def test_metal_kernels_take_mxfp4_experts_and_the_clamp(monkeypatch, dtype):
     with metal(monkeypatch, "moe"):  # the self-check against MLX's path passes
         y = ops.moe(x, inds, scores, switch, shared, swiglu_limit=0.6)
     tolerance = {mx.float32: 1e-5, mx.bfloat16: 1e-2}[dtype]
-    assert y.dtype == dtype and rel(y, reference(x, inds, scores, switch, shared, 0.6)) < tolerance
+    assert (
+        y.dtype == dtype and rel(y, moe_reference(x, inds, scores, switch, shared, 0.6)) < tolerance
+    )
 
 
 def test_v4_moe_module_runs_through_ops_moe(monkeypatch):
@@ -155,10 +132,10 @@ def test_v4_moe_module_runs_through_ops_moe(monkeypatch):
     y = moe(x, mx.array([[1, 2, 3]]))
     assert seen["limit"] == 0.4 and y.shape == x.shape
     inds, scores = moe.gate(x, mx.array([[1, 2, 3]]))
-    ref = reference(x, inds, scores, moe.switch_mlp, moe.shared_experts, 0.4)
+    ref = moe_reference(x, inds, scores, moe.switch_mlp, moe.shared_experts, 0.4)
     assert rel(y, ref) < 1e-5
     # the shared expert alone clamps the same way
     sh = moe.shared_experts
     xs = f64(x).reshape(-1, 64)
-    ref_shared = swiglu(xs @ weight(sh.gate_proj).T, xs @ weight(sh.up_proj).T, 0.4)
-    assert rel(sh(x), (ref_shared @ weight(sh.down_proj).T).reshape(x.shape)) < 1e-5
+    ref_shared = swiglu(xs @ layer_weight(sh.gate_proj).T, xs @ layer_weight(sh.up_proj).T, 0.4)
+    assert rel(sh(x), (ref_shared @ layer_weight(sh.down_proj).T).reshape(x.shape)) < 1e-5

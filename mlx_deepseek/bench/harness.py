@@ -7,6 +7,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .runtimes import (
     cache_bytes_per_token,
     cache_read_bytes,
     decode_step,
+    decode_tok_s,
     filled_cache,
     held_bytes,
     load_mlx_lm,
@@ -429,22 +431,13 @@ def _measure_decode(
         res[rt.name]["cache_read_bytes"][str(ctx)] = cache_read_bytes(rt, c)
         mx.eval(decode_step(rt, mx.array([[1]]), c))  # warm up: compiles, first touch
 
-    def steps(rt: Runtime, cache: list[Any]) -> float:
-        rewind(cache, ctx)
-        tok = mx.array([[1]])
-        t = time.perf_counter()
-        for _ in range(N):
-            tok = decode_step(rt, tok, cache)
-            mx.eval(tok)
-        return N / (time.perf_counter() - t)
-
     samples: dict[str, list[float]] = {rt.name: [] for rt in runtimes}
     for rep in range(R):
         for rt in _order(runtimes, rep):
             cache = caches[rt.name]
             resident = res[rt.name]["weights_bytes"]
             resident += held_bytes(cache)
-            tok_s, peak = _peak(lambda rt=rt, cache=cache: steps(rt, cache), resident)
+            tok_s, peak = _peak(partial(decode_tok_s, rt, cache, ctx, N), resident)
             samples[rt.name].append(tok_s)
             _keep_max(res[rt.name]["peak_memory_bytes"]["decode"], str(ctx), peak)
         log(

@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from .. import compiled
 from . import metrics
-from .runtimes import OURS, Runtime, decode_step, rewind
+from .runtimes import OURS, Runtime, decode_step, decode_tok_s
 
 MODES = ("cache", "prefill", "mlx-first")
 PREFILL_CHUNK = 512
@@ -67,14 +67,7 @@ def decode_after_prefill(
     samples: dict[str, list[float]] = {rt.name: [] for rt in runtimes}
     for rep in range(repeats):
         for rt in _order(runtimes, rep):
-            cache = caches[rt.name]
-            rewind(cache, ctx)
-            tok = mx.array([[1]])
-            t = time.perf_counter()
-            for _ in range(tokens):
-                tok = decode_step(rt, tok, cache)
-                mx.eval(tok)
-            samples[rt.name].append(tokens / (time.perf_counter() - t))
+            samples[rt.name].append(decode_tok_s(rt, caches[rt.name], ctx, tokens))
         log(
             f"  decode at {ctx} after prefill ({rep + 1}/{repeats}): "
             + ", ".join(f"{n} {s[-1]:.2f} tok/s" for n, s in samples.items())

@@ -220,6 +220,17 @@ def decode_step(rt: Runtime, token: mx.array, cache: list[Any]) -> mx.array:
     return mx.argmax(logits[:, -1, :], axis=-1, keepdims=True)
 
 
+def decode_tok_s(rt: Runtime, cache: list[Any], ctx: int, tokens: int) -> float:
+    """Greedy decode tok/s over `tokens` steps (each evaluated) from `cache` rewound to ctx."""
+    rewind(cache, ctx)
+    tok = mx.array([[1]])
+    t = time.perf_counter()
+    for _ in range(tokens):
+        tok = decode_step(rt, tok, cache)
+        mx.eval(tok)
+    return tokens / (time.perf_counter() - t)
+
+
 def prefill(rt: Runtime, tokens: mx.array) -> tuple[mx.array, list[Any]]:
     cache = rt.make_cache()
     logits = rt.model(tokens, cache=cache)

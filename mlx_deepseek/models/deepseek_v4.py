@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from .. import ops
+from .causal_lm import CausalLM
 from .v4_attention import V4Attention
 from .v4_cache import V4Cache, V4LayerCache
 from .v4_config import ModelArgs
@@ -205,11 +206,18 @@ class DeepseekV4Model(nn.Module):
             x = layer(x, inputs, c)
         return x
 
+    def hidden_and_normed(
+        self, inputs: mx.array, cache: list | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """(the last layer's copies [B, L, hc, D], them collapsed and normed [B, L, D])."""
+        h = self.hidden(inputs, cache)
+        return h, self.norm(h)
+
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         return self.norm(self.hidden(inputs, cache))
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -228,32 +236,9 @@ class Model(nn.Module):
         """(group size, bits) of the caches' compressed rows, or None: full precision."""
         return None if self.kv_bits is None else (self.kv_group_size, self.kv_bits)
 
-    @property
-    def layers(self) -> list[Block]:
-        return self.model.layers
-
     def head(self, h: mx.array) -> mx.array:
         """Final-normed hidden states [B, L, D] -> logits [B, L, vocab]."""
         return self.lm_head(h)
-
-    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
-        return self.head(self.model(inputs, cache))
-
-    def hidden(self, inputs: mx.array, cache: list | None = None) -> mx.array:
-        """The last layer's copies [B, L, hc, D] (before the head's collapse): what MTP
-        drafts from."""
-        return self.model.hidden(inputs, cache)
-
-    def logits(self, hidden: mx.array) -> mx.array:
-        """The copies [B, L, hc, D] (from `hidden`) -> logits [B, L, vocab]."""
-        return self.head(self.model.norm(hidden))
-
-    def forward_with_hidden(
-        self, inputs: mx.array, cache: list | None = None
-    ) -> tuple[mx.array, mx.array]:
-        """(logits, the last layer's copies [B, L, hc, D]): what MTP drafting needs."""
-        h = self.model.hidden(inputs, cache)
-        return self.head(self.model.norm(h)), h
 
     def make_cache(self) -> V4Cache:
         """Per layer its window, compressed rows (quantized with kv_bits), indexer rows and
@@ -284,17 +269,6 @@ class Model(nn.Module):
 
     def mtp_logits(self, h: mx.array, depth: int = 0) -> mx.array:
         return self.head(self.mtp[depth].norm(h))
-
-    def mtp_forward(
-        self,
-        hidden: mx.array,
-        next_tokens: mx.array,
-        depth: int = 0,
-        cache: V4LayerCache | None = None,
-    ) -> tuple[mx.array, mx.array]:
-        """(logits for t_{i+2} [B, L, vocab], the module's copies [B, L, hc, D])."""
-        h = self.mtp_hidden(hidden, next_tokens, depth, cache)
-        return self.mtp_logits(h, depth), h
 
     # ---- checkpoint mapping -----------------------------------------------------------------
 

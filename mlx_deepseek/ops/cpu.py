@@ -238,24 +238,23 @@ def row_split(layer: nn.Module, x: mx.array) -> mx.array | None:
     return mx.concatenate(parallel(parts, streams), axis=-1)
 
 
-class RowSplitLinear(nn.Linear):
+class _RowSplit:
+    """A linear layer's __call__ that splits the matmul by output rows across the CPU
+    streams (where row_split applies; else the layer's own)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = row_split(self, x)
+        if y is None:
+            return super().__call__(x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class RowSplitLinear(_RowSplit, nn.Linear):
     """nn.Linear whose matmul splits by output rows across the CPU streams."""
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = row_split(self, x)
-        if y is None:
-            return super().__call__(x)
-        return y + self["bias"] if "bias" in self else y
 
-
-class RowSplitQuantizedLinear(nn.QuantizedLinear):
+class RowSplitQuantizedLinear(_RowSplit, nn.QuantizedLinear):
     """nn.QuantizedLinear whose matmul splits by output rows across the CPU streams."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = row_split(self, x)
-        if y is None:
-            return super().__call__(x)
-        return y + self["bias"] if "bias" in self else y
 
 
 class RowSplitEmbedding(nn.Embedding):
