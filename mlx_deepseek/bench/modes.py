@@ -20,14 +20,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
 from .. import compiled
 from . import metrics
-from .runtimes import OURS, Runtime, decode_step, decode_tok_s
+from .runtimes import Runtime, decode_step, decode_tok_s
 
 MODES = ("cache", "prefill", "mlx-first")
 PREFILL_CHUNK = 512
@@ -79,7 +78,7 @@ def decode_after_prefill(
 
 # ---- a process that imported mlx first ---------------------------------------------------------
 
-CHILD = "import mlx.core\nfrom mlx_deepseek.bench.modes import child_main\nchild_main()\n"
+CHILD = "import mlx.core\nfrom mlx_deepseek.bench.child import child_main\nchild_main()\n"
 
 
 def decode_in_mlx_first_process(
@@ -104,41 +103,6 @@ def decode_in_mlx_first_process(
         tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"the mlx-first child process failed: {tail[0]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def child_main() -> None:
-    """The child's side (its first line imported mlx.core): the job on stdin, JSON out."""
-    job = json.loads(sys.stdin.read())
-    import mlx_deepseek  # noqa: F401  (what a user's script does next)
-    from mlx_deepseek import _blas
-
-    from .harness import Settings as HarnessSettings
-    from .harness import _measure_decode, compute_dtype, new_result, resolve_defaults
-    from .runtimes import load_mlx_lm, load_ours
-
-    settings = resolve_defaults(
-        HarnessSettings(
-            dtype=job["dtype"],
-            contexts=job["contexts"],
-            decode_tokens=job["tokens"],
-            repeats=job["repeats"],
-            prompt_tokens=0,
-        )
-    )
-    dtype = compute_dtype(settings)
-    runtimes = [load_ours(Path(job["checkpoints"][OURS]), dtype)]
-    lm = job["checkpoints"].get("mlx-lm")
-    if lm:
-        runtimes.append(load_mlx_lm(Path(lm), dtype))
-    res = {rt.name: new_result(rt, weights=False) for rt in runtimes}
-
-    def log(msg: str) -> None:
-        print(f"  [mlx-first] {msg.strip()}", file=sys.stderr, flush=True)
-
-    for ctx in settings.contexts:
-        _measure_decode(settings, runtimes, res, ctx, log)
-    decode = {n: r["decode_tok_s"] for n, r in res.items()}
-    print(json.dumps({"blas": _blas.mlx_blas(), "decode_tok_s": decode}))
 
 
 # ---- MTP ---------------------------------------------------------------------------------------
