@@ -24,8 +24,9 @@ QUANTIZABLE_ROLES = (
     "routed_expert",
     "mtp_proj",
 )
-# kept in the output dtype: V3.2's indexer head weights (small, and they decide the selection)
-PLAIN_ROLES = ("norm", "router", "router_bias", "index_weights")
+# kept in the output dtype: V3.2's indexer head weights (small, and they decide the selection),
+# V4's hyper-connection mixing and hash-routing tables
+PLAIN_ROLES = ("norm", "router", "router_bias", "index_weights", "mixing", "table")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class Entry:
     `out` is the output parameter name (e.g. `model.layers.3.mlp.switch_mlp.up_proj.weight`);
     for a routed expert, `expert` is its slot in the stacked output of `n_experts`.
     `kind` is "linear" (a [out, in] weight, maybe quantized), "vector" (norms, biases, the
-    router) or "kv_b" (split into embed_q / unembed_out).
+    router), "kv_b" (split into embed_q / unembed_out) or "table" (V4's token -> experts
+    table, integers).
     """
 
     src: str
@@ -46,6 +48,7 @@ class Entry:
     expert: int | None = None
     n_experts: int = 0
     optional: bool = False
+    keep_float32: bool = False  # a parameter the model keeps in float32 (V4's mixing weights)
 
     @property
     def module(self) -> str:
@@ -53,8 +56,9 @@ class Entry:
         return self.out.rsplit(".", 1)[0]
 
 
-def mtp_layers(args: ModelArgs) -> int:
-    return args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0
+def mtp_layers(args) -> int:
+    """MTP layers a checkpoint of this family carries (V3's and V4's; V2 has none)."""
+    return args.num_nextn_predict_layers if args.model_type in ("deepseek_v3", "deepseek_v4") else 0
 
 
 def expected_entries(args: ModelArgs, keep_mtp: bool = True) -> list[Entry]:

@@ -1,12 +1,14 @@
 """A conversion from start to finish: resolve SRC, plan, stream every tensor into DST.
 
 Tensors are processed in source order (shard by shard, by offset: sequential reads), each
-in row chunks of at most CHUNK_ELEMENTS source elements: read -> FP8 dequantize (float32)
--> cast to the output dtype -> quantize -> written at its final offset. A routed expert is
-written into its slice of the stacked [E, out, in] tensor, so no layer is ever held whole;
-memory stays at a few chunks whatever the model's size. Quantizing per expert or per row
-chunk gives the same bytes as quantizing the stacked tensor (groups run along rows). One
-reader thread fetches the next chunk while the current one is converted and written.
+in row chunks of at most CHUNK_ELEMENTS source elements: read -> FP8 / FP4 dequantize
+(float32) -> cast to the output dtype -> quantize -> written at its final offset. FP4
+weights kept as MLX mxfp4 (V4's routed experts) skip all of it: their bytes are written as
+read. A routed expert is written into its slice of the stacked [E, out, in] tensor, so no
+layer is ever held whole; memory stays at a few chunks whatever the model's size.
+Quantizing per expert or per row chunk gives the same bytes as quantizing the stacked tensor
+(groups run along rows). One reader thread fetches the next chunk while the current one is
+converted and written.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_deepseek.errors import DeepSeekError
+from mlx_deepseek.errors import CheckpointError, DeepSeekError
 from mlx_deepseek.models.compressed_tensors import dequantize as dequantize_packed
 from mlx_deepseek.models.compressed_tensors import to_affine
+from mlx_deepseek.models.v4_weights import e8m0_to_float
 
 from .destination import (
     Staging,
@@ -33,7 +36,7 @@ from .destination import (
     signals_interrupt,
 )
 from .fp8 import dequantize_fp8
-from .plan import Job, Options, Plan, make_plan
+from .plan import E8M0, FP4_GROUP, Job, Options, Plan, make_plan
 from .reader import SourceCheckpoint, to_mlx
 from .writer import ShardWriter, plan_shards
 
@@ -165,7 +168,7 @@ def chunks(plan: Plan) -> Iterator[Chunk]:
             yield Chunk(job, 0, info.rows)
             continue
         step = max(1, CHUNK_ELEMENTS // info.shape[-1])
-        if job.scale is not None and job.packed is None:
+        if job.fmt == "fp8" and job.packed is None:
             br = plan.block[0]
             step = max(br, step // br * br)  # FP8 chunks start on block rows
         for r0 in range(0, info.rows, step):
@@ -200,7 +203,7 @@ def _read(
     w = source.read_raw(job.src, chunk.r0, chunk.r1)
     if job.scale is None:
         return w, None
-    if job.packed is not None:  # one scale row per weight row
+    if job.packed is not None or job.fmt == "fp4":  # one row of scales per weight row
         return w, source.read_raw(job.scale, chunk.r0, chunk.r1)
     br = plan.block[0]
     return w, source.read_raw(job.scale, chunk.r0 // br, -(-chunk.r1 // br))
@@ -215,20 +218,64 @@ def _convert_rows(
     if job.packed is not None and spec is not None:  # the packed words as they are
         s = to_mlx(scale, job.scale.dtype).astype(job.dtype)  # exact (plan.check_scale_dtype)
         q, s, b = to_affine(to_mlx(raw, job.src.dtype), s, job.packed)
-        mx.eval(q, s, b)
-        for kind, t in (("weight", q), ("scales", s), ("biases", b)):
-            writer.write(f"{module}.{kind}", t, row)
+        _write_quantized(writer, module, (q, s, b), row)
         return
-    w = _source_weight(plan, job, raw, scale)
+    if e.kind == "table":
+        writer.write(e.out, _table(plan, job, raw), chunk.r0)
+        return
+    if job.fmt == "fp4" and spec is not None and spec.mode == "mxfp4":
+        # FP4 e2m1 two per byte, low nibble first, + E8M0 per 32 IS MLX's mxfp4: as read
+        writer.write(f"{module}.weight", mx.array(raw.view(np.uint8)).view(mx.uint32), row)
+        writer.write(f"{module}.scales", mx.array(scale), row)
+        return
+    w = _decoded(plan, job, raw, scale)
+    if spec is None or spec.mode == "affine":
+        w = w.astype(job.dtype)  # mxfp8 / mxfp4 quantize the exact float32 values
     if spec is None:
         mx.eval(w)
         writer.write(e.out if module is None else f"{module}.weight", w, row)
         return
-    q, s, b = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-    mx.eval(q, s, b)
-    writer.write(f"{module}.weight", q, row)
-    writer.write(f"{module}.scales", s, row)
-    writer.write(f"{module}.biases", b, row)
+    _write_quantized(
+        writer, module, mx.quantize(w, spec.group_size, spec.bits, mode=spec.mode), row
+    )
+
+
+def _decoded(plan: Plan, job: Job, raw: np.ndarray, scale: np.ndarray | None) -> mx.array:
+    """A chunk's values: FP8 / FP4 / packed integers decoded to float32, floating point as
+    stored."""
+    w = to_mlx(raw, job.src.dtype)
+    if scale is None:
+        return w
+    s = to_mlx(scale, job.scale.dtype)
+    if job.packed is not None:
+        return dequantize_packed(w, s, job.packed)
+    if job.fmt == "fp4":
+        packed = mx.array(raw.view(np.uint8)).view(mx.uint32)
+        return mx.dequantize(packed, s, group_size=FP4_GROUP, bits=4, mode="mxfp4",
+                             dtype=mx.float32)  # fmt: skip
+    if job.scale.dtype in E8M0:
+        s = e8m0_to_float(s)
+    return dequantize_fp8(w, s, plan.block)
+
+
+def _write_quantized(writer: ShardWriter, module: str, parts, row: int) -> None:
+    """mx.quantize's (weight, scales[, biases]) evaluated and written at `row`."""
+    mx.eval(*parts)
+    for name, part in zip(("weight", "scales", "biases"), parts, strict=False):
+        writer.write(f"{module}.{name}", part, row)
+
+
+def _table(plan: Plan, job: Job, raw: np.ndarray) -> mx.array:
+    """V4's token -> experts table as int32, every entry an expert of the layer."""
+    E = plan.args.n_routed_experts
+    bad = (raw < 0) | (raw >= E)
+    if bad.any():
+        value = int(raw[bad].flat[0])
+        raise CheckpointError(
+            f"{job.src.file.name}: tensor {job.src.name} routes to expert {value}, but "
+            f"config.json says n_routed_experts={E}: the checkpoint and config do not match"
+        )
+    return mx.array(raw.astype(np.int32))
 
 
 def _split_kv_b(
@@ -236,7 +283,7 @@ def _split_kv_b(
 ) -> None:
     """V3's kv_b_proj [H*(nope+v), rank] -> embed_q [H, rank, nope] and unembed_out [H, v, rank]."""
     args = plan.args
-    w = _source_weight(plan, job, raw, scale)
+    w = _decoded(plan, job, raw, scale)
     nope = args.qk_nope_head_dim
     w = w.astype(job.dtype).reshape(args.num_attention_heads, nope + args.v_head_dim, -1)
     parts = (mx.contiguous(w[:, :nope, :].swapaxes(-1, -2)), mx.contiguous(w[:, nope:, :]))
@@ -245,22 +292,8 @@ def _split_kv_b(
             mx.eval(t)
             writer.write(f"{module}.weight", t)
         else:
-            q, s, b = mx.quantize(t, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-            mx.eval(q, s, b)
-            writer.write(f"{module}.weight", q)
-            writer.write(f"{module}.scales", s)
-            writer.write(f"{module}.biases", b)
-
-
-def _source_weight(plan: Plan, job: Job, raw: np.ndarray, scale: np.ndarray | None) -> mx.array:
-    """A chunk of the source weight in the job's output dtype (FP8 and packed integer
-    weights dequantized in float32 first)."""
-    w = to_mlx(raw, job.src.dtype)
-    if job.packed is not None:
-        w = dequantize_packed(w, to_mlx(scale, job.scale.dtype), job.packed)
-    elif scale is not None:
-        w = dequantize_fp8(w, to_mlx(scale, job.scale.dtype), plan.block)
-    return w.astype(job.dtype)
+            parts = mx.quantize(t, spec.group_size, spec.bits, mode=spec.mode)
+            _write_quantized(writer, module, parts, 0)
 
 
 def _check_space(dst: Path, need: int) -> None:
@@ -305,6 +338,9 @@ def write_metadata(folder: Path, src: Path, config: dict, src_name: str, title: 
         shutil.copy2(f, folder / f.name)
     q = config.get("quantization")
     how = f"{q['bits']}-bit affine, group size {q['group_size']}" if q else "unquantized"
+    modes = {v["mode"] for v in (q or {}).values() if isinstance(v, dict) and "mode" in v}
+    if modes - {"affine"}:
+        how += "; " + " and ".join(sorted(modes - {"affine"})) + " where the source was FP4/FP8"
     (folder / "README.md").write_text(
         "---\nlibrary_name: mlx\ntags:\n- mlx\n- deepseek\npipeline_tag: text-generation\n---\n\n"
         f"# {title}\n\n"

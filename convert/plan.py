@@ -20,14 +20,28 @@ from mlx_deepseek.models.compressed_tensors import PackedFormat, packed_format
 from mlx_deepseek.models.config import ModelArgs
 from mlx_deepseek.models.weights import K25_PREFIX, VISION_PREFIXES
 
+from . import layout_v4
 from .fp8 import DEFAULT_BLOCK, scale_shape
 from .layout import Entry, expected_entries, is_ignorable, kv_b_outputs, mtp_layers
 from .packed import check_scale_dtype, find_packed, is_packed_part
-from .reader import FLOAT_DTYPES, SourceCheckpoint, TensorInfo
+from .reader import FLOAT_DTYPES, INT_DTYPES, SourceCheckpoint, TensorInfo, check_dtype
 from .recipe import QuantSpec, Recipe, quantization_section
 from .writer import OutTensor
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+FP4_GROUP = 32  # values per E8M0 scale of an FP4 weight (MXFP4)
+E8M0 = ("F8_E8M0", "U8")  # power-of-two scale bytes, 2^(b - 127)
+_ALLOWED = {
+    "linear": (*FLOAT_DTYPES, "F8_E4M3", "I8"),  # I8: FP4 e2m1, two values a byte
+    "vector": FLOAT_DTYPES,
+    "table": INT_DTYPES,
+}
+
+
+def source_format(info: TensorInfo) -> str:
+    """How a tensor is stored: "fp8" (e4m3 + block scales), "fp4" (e2m1 packed two per int8
+    byte + E8M0 scales per 32) or "float"."""
+    return {"F8_E4M3": "fp8", "I8": "fp4"}.get(info.dtype, "float")
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,10 @@ class Job:
     @property
     def read_bytes(self) -> int:
         return self.src.nbytes + (self.scale.nbytes if self.scale else 0)
+
+    @property
+    def fmt(self) -> str:
+        return source_format(self.src)
 
 
 @dataclass
@@ -97,16 +115,28 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
         )
     packed = packed_format(config, cfg_path)  # compressed-tensors INT4 (Kimi K2-Thinking)
     block = DEFAULT_BLOCK if packed else _fp8_block(config, cfg_path)
+    v4 = config.get("model_type") == "deepseek_v4"
     args = model_args(config, source=cfg_path)
     check_layers(args, source.tensors, source.folder)  # before listing every expected tensor
     dtype_name = out_dtype_name(config, options.dtype)
     dtype = DTYPES[dtype_name]
     recipe = Recipe(options.recipe, options.bits, options.group_size)
+    if recipe.name == "native" and not v4:
+        raise DeepSeekError(
+            f"--recipe native keeps DeepSeek V4's released FP8 / FP4 weights; {cfg_path} is "
+            f"model_type {config.get('model_type')!r}: use --recipe uniform or mixed"
+        )
     notes: list[str] = []
     if args.label == "kimi_k25":
         notes.append(_k25_text_tensors(source))
-    if args.model_type != "deepseek_v3" and args.num_nextn_predict_layers:
+    if args.model_type not in ("deepseek_v3", "deepseek_v4") and args.num_nextn_predict_layers:
         notes.append(f"{args.label} runs without its MTP layer: not converted")
+
+    def entries_for(keep_mtp: bool) -> list[Entry]:
+        if not v4:
+            return expected_entries(args, keep_mtp)
+        layout = layout_v4.source_layout(source.tensors)
+        return layout_v4.expected_entries(args, keep_mtp, layout)
 
     keep_mtp = options.mtp and mtp_layers(args) > 0
     present = mtp_layers_present(args, source.tensors)
@@ -118,12 +148,12 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
             f"{cfg_path}: num_nextn_predict_layers={args.num_nextn_predict_layers}, but the "
             f"weights hold {present} MTP layer(s): fix the config, or convert with --no-mtp"
         )
-    entries = expected_entries(args, keep_mtp)
+    entries = entries_for(keep_mtp)
 
     found, packed_entries = _check_tensors(source, entries, block, args, packed)
-    if keep_mtp:
+    if keep_mtp and not v4:
         notes.extend(_drop_mtp_copies(source, args, found))
-    _check_extras(source, entries, args)
+    _check_extras(source, entries, args, keep_mtp)
 
     jobs: list[Job] = []
     tensors: list[OutTensor] = []
@@ -134,11 +164,13 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
         found.items(), key=lambda kv: (source.file_order[kv[1][0].file], kv[1][0].offset)
     ):
         params += math.prod(e.shape)
-        if e.kind == "vector":
-            out_dt = mx.float32 if e.role == "router_bias" else dtype
+        if e.kind in ("vector", "table"):
+            out_dt = mx.float32 if e.role == "router_bias" or e.keep_float32 else dtype
+            out_dt = mx.int32 if e.kind == "table" else out_dt
             jobs.append(Job(e, info, scale, {}, out_dt))
             tensors.append(OutTensor(e.out, out_dt, e.shape))
             continue
+        fmt = source_format(info)
         parts = kv_b_outputs(args, e.out) if e.kind == "kv_b" else ((e.out, e.shape),)
         specs: dict[str, QuantSpec | None] = {}
         # a packed weight stays as it is (a kv_b_proj, split per head, cannot)
@@ -147,7 +179,7 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
             check_scale_dtype(scale, dtype)
         for out, shape in parts:
             module = out.rsplit(".", 1)[0]
-            spec = recipe.spec(e.role, shape[-1]) if options.quantize else None
+            spec = recipe.spec(e.role, shape[-1], fmt) if options.quantize else None
             if keep:
                 spec = QuantSpec(packed.bits, packed.group_size)
             specs[module] = spec
@@ -163,8 +195,14 @@ def make_plan(source: SourceCheckpoint, options: Options) -> Plan:
     if packed_entries:
         notes.append(_packed_note(packed, options, recipe, len(packed_entries)))
 
+    fp4 = {j.entry.module for j in jobs if j.fmt == "fp4"}
+    if fp4 and options.quantize and recipe.name != "native" and options.bits != 4:
+        notes.append(
+            f"{len(fp4)} FP4 weight stacks (routed experts) kept as released: MLX mxfp4, bit "
+            f"for bit (4.25 bits per weight); --bits {options.bits} applies to the others"
+        )
     out_config = _text_config(config) if args.label == "kimi_k25" else dict(config)
-    out_config.pop("quantization_config", None)  # the source's FP8 / INT4 description
+    out_config.pop("quantization_config", None)  # the source's FP8 / FP4 / INT4 description
     if options.quantize:
         out_config["quantization"] = quantization_section(recipe, decisions)
     if args.num_nextn_predict_layers and not keep_mtp:
@@ -183,11 +221,12 @@ def _outputs(
     if spec is None:
         return [OutTensor(f"{module}.weight", dtype, shape)]
     *lead, cols = shape
-    return [
+    groups = (*lead, cols // spec.group_size)
+    out = [
         OutTensor(f"{module}.weight", mx.uint32, (*lead, cols * spec.bits // 32)),
-        OutTensor(f"{module}.scales", dtype, (*lead, cols // spec.group_size)),
-        OutTensor(f"{module}.biases", dtype, (*lead, cols // spec.group_size)),
+        OutTensor(f"{module}.scales", dtype if spec.biases else mx.uint8, groups),
     ]
+    return out + [OutTensor(f"{module}.biases", dtype, groups)] if spec.biases else out
 
 
 def _fp8_block(config: dict[str, Any], cfg_path: str) -> tuple[int, int]:
@@ -234,21 +273,30 @@ def _check_tensors(
             elif not e.optional:
                 missing.append(e.src)
             continue
-        if info.shape != e.shape:
+        fmt = source_format(info)
+        want = e.shape if fmt != "fp4" else (*e.shape[:-1], e.shape[-1] // 2)
+        if info.shape != want or (fmt == "fp4" and e.shape[-1] % FP4_GROUP):
+            note = " (FP4: two values a byte)" if fmt == "fp4" else ""
             raise CheckpointError(
-                f"{info.file.name}: tensor {e.src} has shape {list(info.shape)}, but config.json "
-                f"implies {list(e.shape)}: the weights do not match their config "
+                f"{info.file.name}: tensor {e.src} has shape {list(info.shape)}{note}, but "
+                f"config.json implies {list(want)}: the weights do not match their config "
                 f"(model_type {args.model_type}, {args.num_hidden_layers} layers)"
             )
-        info.check_dtype()
-        if info.dtype not in FLOAT_DTYPES:
+        check_dtype(info)
+        allowed = _ALLOWED[
+            "table" if e.kind == "table" else "linear" if e.kind != "vector" else "vector"
+        ]
+        if info.dtype not in allowed:
             raise CheckpointError(
-                f"{info.file.name}: tensor {info.name} has dtype {info.dtype}; a float (or FP8 "
-                "with a weight_scale_inv) was expected"
+                f"{info.file.name}: tensor {e.src} has dtype {info.dtype}, but this {e.kind} "
+                f"must be one of {', '.join(allowed)}: the checkpoint is corrupt or its "
+                "config.json does not match it"
             )
         scale = None
-        if info.dtype == "F8_E4M3":
-            scale = _fp8_scale(source, e.src, info, block)
+        if fmt == "fp8":
+            scale = _fp8_scale(source, info, block, args.model_type == "deepseek_v4")
+        elif fmt == "fp4":
+            scale = _fp4_scale(source, info)
         found[e] = (info, scale)
     if missing:
         raise CheckpointError(
@@ -296,10 +344,18 @@ def _packed_note(fmt: PackedFormat, options: Options, recipe: Recipe, n: int) ->
     )
 
 
+def scale_name(name: str, v4: bool) -> str:
+    """The scale tensor of a quantized weight: V4's `X.scale` for `X.weight`, V3's
+    `W_scale_inv`."""
+    if v4 and name.endswith(".weight"):
+        return f"{name[: -len('.weight')]}.scale"
+    return f"{name}_scale_inv"
+
+
 def _fp8_scale(
-    source: SourceCheckpoint, key: str, info: TensorInfo, block: tuple[int, int]
+    source: SourceCheckpoint, info: TensorInfo, block: tuple[int, int], v4: bool
 ) -> TensorInfo:
-    name = f"{key}_scale_inv"
+    name = scale_name(info.name, v4)
     scale = source.tensors.get(name)
     if len(info.shape) != 2:
         raise CheckpointError(f"{info.file.name}: tensor {info.name} is FP8 but not a matrix")
@@ -309,11 +365,31 @@ def _fp8_scale(
             "dequantized without it (a shard or index entry lost?)"
         )
     want = scale_shape(info.shape, block)
-    if scale.shape != want or scale.dtype not in ("F32", "BF16", "F16"):
+    if scale.shape != want or scale.dtype not in (*FLOAT_DTYPES, *E8M0):
         raise CheckpointError(
             f"{scale.file.name}: tensor {name} is {scale.dtype} {list(scale.shape)}, but a "
-            f"{list(info.shape)} weight with {block[0]}x{block[1]} blocks needs a float "
-            f"{list(want)}: the checkpoint is corrupt or weight_block_size is wrong"
+            f"{list(info.shape)} weight with {block[0]}x{block[1]} blocks needs a float or "
+            f"ue8m0 {list(want)}: the checkpoint is corrupt or weight_block_size is wrong"
+        )
+    return scale
+
+
+def _fp4_scale(source: SourceCheckpoint, info: TensorInfo) -> TensorInfo:
+    """The E8M0 scales [out, in / 32] of an FP4 weight [out, in / 2]."""
+    name = scale_name(info.name, v4=True)
+    scale = source.tensors.get(name)
+    if scale is None:
+        raise CheckpointError(
+            f"{source.folder}: tensor {name} is missing: the FP4 weight {info.name} means "
+            "nothing without its E8M0 scales (a shard or index entry lost?)"
+        )
+    rows, half = info.shape
+    want = (rows, 2 * half // FP4_GROUP)
+    if scale.shape != want or scale.dtype not in E8M0:
+        raise CheckpointError(
+            f"{scale.file.name}: tensor {name} is {scale.dtype} {list(scale.shape)}, but the "
+            f"FP4 weight {info.name} ({rows} x {2 * half} values) needs E8M0 (F8_E8M0) scales "
+            f"{list(want)}, one per {FP4_GROUP}: the checkpoint is corrupt"
         )
     return scale
 
@@ -348,7 +424,9 @@ def _drop_mtp_copies(source: SourceCheckpoint, args: ModelArgs, found: Found) ->
     return notes
 
 
-def _check_extras(source: SourceCheckpoint, entries: list[Entry], args: ModelArgs) -> None:
+def _check_extras(
+    source: SourceCheckpoint, entries: list[Entry], args, keep_mtp: bool = True
+) -> None:
     known = {e.src for e in entries}
     n_main = args.num_hidden_layers
     extra = []
@@ -368,6 +446,10 @@ def _check_extras(source: SourceCheckpoint, entries: list[Entry], args: ModelArg
             continue
         if is_packed_part(name, known):
             continue
+        if name.endswith(".scale") and f"{name[: -len('.scale')]}.weight" in known:
+            continue  # V4's FP8 / FP4 scales
+        if name.startswith("mtp.") and not keep_mtp and args.model_type == "deepseek_v4":
+            continue  # V4's MTP modules left out on request (--no-mtp)
         parts = name.split(".")
         if (
             len(parts) > 2

@@ -12,7 +12,6 @@ so two threads, or two tensors of one file, never read at each other's position.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from mlx_deepseek import checkpoint_files
 from mlx_deepseek.errors import CheckpointError, ConfigError
-from mlx_deepseek.safetensors_check import read_safetensors_header
+from mlx_deepseek.safetensors_check import TensorInfo, read_safetensors_header
 
 INDEX_NAME = checkpoint_files.INDEX_NAME
 # safetensors dtype -> numpy dtype of the raw bytes (bf16 and fp8 keep their bit patterns)
@@ -30,41 +29,28 @@ RAW_DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(np.uint16),
     "F16": np.dtype(np.float16),
     "F32": np.dtype(np.float32),
-    # compressed-tensors' packed integer weights and their shapes
+    "I8": np.dtype(np.int8),  # DeepSeek V4's FP4 e2m1 weights, two per byte
+    "F8_E8M0": np.dtype(np.uint8),  # power-of-two scales (V4's ue8m0)
+    "U8": np.dtype(np.uint8),
+    # V4's token -> experts table; compressed-tensors' packed integer weights and their shapes
     "I32": np.dtype(np.int32),
     "I64": np.dtype(np.int64),
 }
-FLOAT_DTYPES = ("F8_E4M3", "BF16", "F16", "F32")
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+INT_DTYPES = ("I32", "I64")
 SUPPORTED = (
-    "BF16, F16, F32, F8_E4M3 with a weight_scale_inv, and compressed-tensors' packed integers"
+    "BF16, F16, F32, F8_E4M3 with its scales, V4's FP4 (I8) with E8M0 scales, integer tables, "
+    "compressed-tensors' packed integers"
 )
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes are: `offset` is absolute in `file`."""
-
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_bytes(self) -> int:
-        return self.nbytes // self.rows if self.rows else 0
-
-    def check_dtype(self) -> None:
-        if self.dtype not in RAW_DTYPES:
-            raise CheckpointError(
-                f"{self.file.name}: tensor {self.name} has dtype {self.dtype}, which convert "
-                f"cannot read ({SUPPORTED}); dequantize it with its own tool first"
-            )
+def check_dtype(info: TensorInfo) -> None:
+    """CheckpointError unless convert can read the tensor's dtype."""
+    if info.dtype not in RAW_DTYPES:
+        raise CheckpointError(
+            f"{info.file.name}: tensor {info.name} has dtype {info.dtype}, which convert "
+            f"cannot read ({SUPPORTED}); dequantize it with its own tool first"
+        )
 
 
 class SourceCheckpoint:
@@ -76,9 +62,10 @@ class SourceCheckpoint:
         weight_map = checkpoint_files.read_index(self.folder)
         self.files = checkpoint_files.weight_files(self.folder)
         headers = {f: read_safetensors_header(f) for f in self.files}
+        located = {f: header.located() for f, header in headers.items()}
         self.tensors: dict[str, TensorInfo] = {
-            name: TensorInfo(name, f, t.dtype, t.shape, headers[f].data_start + t.begin, t.nbytes)
-            for name, (f, t) in checkpoint_files.tensor_map(
+            name: located[f][name]
+            for name, (f, _) in checkpoint_files.tensor_map(
                 self.folder, headers, weight_map
             ).items()
         }
@@ -91,11 +78,11 @@ class SourceCheckpoint:
         self, info: TensorInfo, row_start: int = 0, row_end: int | None = None
     ) -> np.ndarray:
         """Rows [row_start, row_end) of a tensor as its raw numpy dtype, shape [rows, *rest]."""
-        info.check_dtype()
+        check_dtype(info)
         row_end = info.rows if row_end is None else row_end
         nbytes = (row_end - row_start) * info.row_bytes
         buf = np.empty(nbytes, dtype=np.uint8)
-        self._pread_into(info, memoryview(buf), info.offset + row_start * info.row_bytes)
+        self._pread_into(info, memoryview(buf), row_start * info.row_bytes)
         shape = (row_end - row_start, *info.shape[1:]) if info.shape else ()
         return buf.view(RAW_DTYPES[info.dtype]).reshape(shape)
 
@@ -111,29 +98,17 @@ class SourceCheckpoint:
         for pos in range(0, a.nbytes, chunk):
             n = min(chunk, a.nbytes - pos)
             buf_a, buf_b = bytearray(n), bytearray(n)
-            self._pread_into(a, memoryview(buf_a), a.offset + pos)
-            self._pread_into(b, memoryview(buf_b), b.offset + pos)
+            self._pread_into(a, memoryview(buf_a), pos)
+            self._pread_into(b, memoryview(buf_b), pos)
             if buf_a != buf_b:
                 return False
         return True
 
-    def _pread_into(self, info: TensorInfo, view: memoryview, offset: int) -> None:
-        """Fill `view` from `offset` of the tensor's file (one seek + reads under a lock)."""
+    def _pread_into(self, info: TensorInfo, view: memoryview, start: int) -> None:
+        """Fill `view` from byte `start` of the tensor (under its file's lock)."""
         f, lock = self._handle(info.file)
-        done = 0
-        try:
-            with lock:
-                f.seek(offset)
-                while done < len(view):
-                    n = f.readinto(view[done:])
-                    if not n:
-                        raise CheckpointError(
-                            f"{info.file} is truncated: tensor {info.name} ends past the end of "
-                            "the file; re-download it"
-                        )
-                    done += n
-        except OSError as e:
-            raise CheckpointError(f"{info.file}: read failed ({e.strerror})") from None
+        with lock:
+            info.read_into(f, view, start)
 
     def _handle(self, path: Path) -> tuple[Any, threading.Lock]:
         handle = self._handles.get(path)

@@ -4,8 +4,13 @@
 - `mixed`: routed experts (~95% of a DeepSeek MoE's weights) at `--bits`; everything every
   token reads (attention incl. embed_q / unembed_out, shared experts, dense layers,
   embeddings, lm_head, MTP's eh_proj) at `high_bits(bits)`.
-Both keep norms, the router weight and `e_score_correction_bias` (float32) unquantized,
-as does any module whose input dimension the group size does not divide.
+- `native` (FP8 / FP4 checkpoints, DeepSeek V4's release): every weight as it was released,
+  without rounding: FP8 e4m3 weights with power-of-two block scales become MLX's `mxfp8`
+  (the same e4m3 values, an E8M0 scale per 32), FP4 ones `mxfp4`, floating-point ones stay.
+All keep norms, the router weight and `e_score_correction_bias` (float32) unquantized,
+as does any module whose input dimension the group size does not divide. Whatever the
+recipe, FP4 weights (V4's routed experts: E2M1 values, an E8M0 scale per 32) ARE MLX's
+`mxfp4`: they are copied bit for bit, never requantized.
 
 The result is written the way mlx-lm writes it (`mlx_lm.utils.quantize_model`): a default
 {"group_size", "bits", "mode"} plus one entry per module that differs, holding its own
@@ -23,7 +28,8 @@ from .layout import QUANTIZABLE_ROLES
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
-RECIPES = ("uniform", "mixed")
+RECIPES = ("uniform", "mixed", "native")
+SOURCE_FORMATS = ("float", "fp8", "fp4")  # how a weight is stored in the checkpoint
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,15 @@ class QuantSpec:
 
     def as_config(self) -> dict[str, Any]:
         return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+
+    @property
+    def biases(self) -> bool:
+        """Whether the format has biases (affine); MLX's mxfp4 / mxfp8 have none."""
+        return self.mode == "affine"
+
+
+MXFP4 = QuantSpec(4, 32, "mxfp4")
+MXFP8 = QuantSpec(8, 32, "mxfp8")
 
 
 def high_bits(bits: int) -> int:
@@ -65,9 +80,16 @@ class Recipe:
     def default(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size)
 
-    def spec(self, role: str, in_dim: int) -> QuantSpec | None:
-        """The quantization of a module with this role and input size, or None to keep it."""
-        if role not in QUANTIZABLE_ROLES or in_dim % self.group_size:
+    def spec(self, role: str, in_dim: int, source: str = "float") -> QuantSpec | None:
+        """The quantization of a module with this role and input size, stored in the
+        checkpoint as `source` (one of SOURCE_FORMATS), or None to keep it unquantized."""
+        if role not in QUANTIZABLE_ROLES:
+            return None
+        if source == "fp4":
+            return MXFP4
+        if self.name == "native":
+            return MXFP8 if source == "fp8" and in_dim % MXFP8.group_size == 0 else None
+        if in_dim % self.group_size:
             return None
         if self.name == "mixed" and role != "routed_expert":
             return QuantSpec(high_bits(self.bits), self.group_size)

@@ -22,7 +22,7 @@ from mlx_deepseek.models import model_args
 from mlx_deepseek.models.tiny import tiny_config as models_tiny_config
 
 from .layout import expected_entries
-from .writer import OutTensor, Shard, ShardWriter
+from .writer import OutTensor, ShardWriter, numbered_shards
 
 FP8_MAX = 448.0
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -153,13 +153,7 @@ def write_checkpoint(
 
     tensors = [t for name, shape in shapes.items() for t in planned(name, shape)]
     groups = _split(tensors, shards, scales_elsewhere)
-    n = len(groups)
-    files = [
-        Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors", g)
-        for i, g in enumerate(groups)
-    ]
-    for s in files:
-        s.layout()
+    files = numbered_shards(groups)
     writer = ShardWriter(folder, files)
     effective: dict[str, np.ndarray] = {}
     n_main = config["num_hidden_layers"]
@@ -193,7 +187,7 @@ def write_checkpoint(
         writer.finish()
     finally:
         writer.close()
-    if n == 1:
+    if len(files) == 1:
         (folder / "model.safetensors.index.json").unlink()  # single-file checkpoints have none
     return None if make else effective
 

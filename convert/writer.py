@@ -27,7 +27,15 @@ from mlx_deepseek.errors import DeepSeekError
 
 INDEX_NAME = "model.safetensors.index.json"
 MTP_FILE = "mtp.safetensors"
-_ST_DTYPES = {mx.uint32: "U32", mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32"}
+_ST_DTYPES = {
+    mx.uint32: "U32",
+    mx.bfloat16: "BF16",
+    mx.float16: "F16",
+    mx.float32: "F32",
+    mx.uint8: "U8",
+    mx.int8: "I8",
+    mx.int32: "I32",
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,19 @@ class Shard:
             pos += t.nbytes
 
 
+def numbered_shards(groups: list[list[OutTensor]]) -> list[Shard]:
+    """One laid-out Shard per group, named as Hugging Face names them: model.safetensors
+    alone, else model-00001-of-0000N.safetensors and on."""
+    n = len(groups)
+    shards = [
+        Shard("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors", g)
+        for i, g in enumerate(groups)
+    ]
+    for s in shards:
+        s.layout()
+    return shards
+
+
 def plan_shards(tensors: list[OutTensor], shard_size: int) -> list[Shard]:
     """Main tensors into model*.safetensors of <= shard_size bytes (in order), MTP into its own.
 
@@ -91,16 +112,11 @@ def plan_shards(tensors: list[OutTensor], shard_size: int) -> list[Shard]:
             size = 0
         groups[-1].append(t)
         size += t.nbytes
-    n = len(groups)
-    shards = [
-        Shard("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors", g)
-        for i, g in enumerate(groups)
-    ]
+    shards = numbered_shards(groups)
     mtp = [t for t in tensors if t.name.startswith("mtp.")]
     if mtp:
         shards.append(Shard(MTP_FILE, mtp))
-    for s in shards:
-        s.layout()
+        shards[-1].layout()
     return shards
 
 

@@ -2,9 +2,12 @@
 // mx.fast.metal_kernel as `header`. On a Mac MLX prepends its own utils.h, so every name here
 // starts with mdsk_ to stay clear of it. Nothing here relies on MLX's headers.
 //
-// Weights are MLX's affine quantized format: a row of K values is K * BITS / 32 uint32 words,
-// value i of the row in bits [BITS * i, BITS * (i + 1)) of the row's little-endian bit stream
-// (4-bit: low nibble first), with scales and biases per group of GS values: w = scale * q + bias.
+// Weights are MLX's quantized formats: a row of K values is K * BITS / 32 uint32 words, value
+// i of the row in bits [BITS * i, BITS * (i + 1)) of the row's little-endian bit stream (4-bit:
+// low nibble first). MODE 0 (MLX's "affine"): scales and biases per group of GS values,
+// w = scale * q + bias. MODE 1 (MLX's "mxfp4", DeepSeek V4's routed experts): BITS 4, GS 32,
+// q an FP4 e2m1 code (sign, 2 exponent bits, 1 mantissa bit) and one E8M0 scale byte
+// 2^(s - 127) per group, no bias: w = e2m1(q) * 2^(s - 127).
 #include <metal_simdgroup>
 #include <metal_stdlib>
 
@@ -34,17 +37,40 @@ struct mdsk_qmat {
 };
 
 // Loads a lane's VALUES inputs as float into xt and returns their sum (for the bias term).
-// On the masked path value i is divided by 2^(BITS * (i % PER_HALF)), exact in fp32.
-template <int BITS, typename X>
+// On the affine masked path value i is divided by 2^(BITS * (i % PER_HALF)), exact in fp32.
+template <int BITS, int MODE, typename X>
 inline float mdsk_load_x(const device X* x, thread float* xt) {
   typedef mdsk_pack<BITS> P;
   float sum = 0.0f;
   for (int i = 0; i < P::VALUES; i++) {
     float v = float(x[i]);
     sum += v;
-    xt[i] = P::MASKED ? v / float(1u << (BITS * (i % P::PER_HALF))) : v;
+    xt[i] = (MODE == 0 && P::MASKED) ? v / float(1u << (BITS * (i % P::PER_HALF))) : v;
   }
   return sum;
+}
+
+// An FP4 e2m1 code -> its value: magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 the sign.
+inline float mdsk_e2m1(uint c) {
+  const uint m = c & 7u;
+  const float v = m < 2u ? 0.5f * float(m) : 0.5f * float((2u | (m & 1u)) << ((m >> 1) - 1u));
+  return (c & 8u) ? -v : v;
+}
+
+// An E8M0 scale byte -> 2^(s - 127) (s = 0: 2^-127, a float32 subnormal).
+inline float mdsk_e8m0(uint s) {
+  return s == 0u ? 5.877471754111438e-39f : as_type<float>(s << 23);
+}
+
+// sum_i xt[i] * e2m1(q_i) over one lane's packed 4-bit words.
+template <int BITS>
+inline float mdsk_fp4dot(const thread uint32_t* w, const thread float* xt) {
+  typedef mdsk_pack<BITS> P;
+  float acc = 0.0f;
+  for (int i = 0; i < P::VALUES; i++) {
+    acc += xt[i] * mdsk_e2m1((w[i / 8] >> (4 * (i % 8))) & 0xfu);
+  }
+  return acc;
 }
 
 // sum_i xt[i] * q_i over one lane's packed words (xt as mdsk_load_x leaves it).
@@ -78,7 +104,7 @@ inline float mdsk_qdot(const thread uint32_t* w, const thread float* xt) {
 // Rows past nrows - 1 repeat the last row (results to be dropped), so nothing reads out of
 // bounds. Lanes stride over K in steps of 32 * VALUES, so any K that is a multiple of GS works;
 // a lane whose last step falls past K simply stops early.
-template <typename X, typename S, int BITS, int GS, int K, int NM, int NR, int NV>
+template <typename X, typename S, int BITS, int GS, int MODE, int K, int NM, int NR, int NV>
 inline void mdsk_qmv_accumulate(const thread mdsk_qmat<S>* mats, int row0, int nrows,
                                 const device X* x, ulong x_stride, float weight, uint lane,
                                 thread float* acc) {
@@ -95,15 +121,17 @@ inline void mdsk_qmv_accumulate(const thread mdsk_qmat<S>* mats, int row0, int n
           wq[m * NR + r][i] = wp[i];
         }
         const ulong g = row * mats[m].g_row + k / GS;
-        scale[m * NR + r] = float(mats[m].scales[g]);
-        bias[m * NR + r] = float(mats[m].biases[g]);
+        const float s = float(mats[m].scales[g]);
+        scale[m * NR + r] = MODE == 1 ? mdsk_e8m0(uint(s)) : s;
+        bias[m * NR + r] = MODE == 1 ? 0.0f : float(mats[m].biases[g]);
       }
     }
     for (int v = 0; v < NV; v++) {
       float xt[P::VALUES];
-      const float xsum = mdsk_load_x<BITS>(x + v * x_stride + k, xt);
+      const float xsum = mdsk_load_x<BITS, MODE>(x + v * x_stride + k, xt);
       for (int q = 0; q < NM * NR; q++) {
-        acc[v * NM * NR + q] += weight * (scale[q] * mdsk_qdot<BITS>(wq[q], xt) + bias[q] * xsum);
+        const float dot = MODE == 1 ? mdsk_fp4dot<BITS>(wq[q], xt) : mdsk_qdot<BITS>(wq[q], xt);
+        acc[v * NM * NR + q] += weight * (scale[q] * dot + bias[q] * xsum);
       }
     }
   }
@@ -118,4 +146,14 @@ inline void mdsk_simd_sum_all(thread float* acc) {
 
 inline float mdsk_silu(float g) {
   return g / (1.0f + metal::exp(-g));
+}
+
+// silu(gate) * up; with limit > 0 (DeepSeek V4's clamped SwiGLU) silu(min(gate, limit)) *
+// clamp(up, -limit, limit).
+inline float mdsk_swiglu(float gate, float up, float limit) {
+  if (limit > 0.0f) {
+    gate = metal::min(gate, limit);
+    up = metal::clamp(up, -limit, limit);
+  }
+  return mdsk_silu(gate) * up;
 }

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from numbers import Integral
 from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import compiled
 from .errors import ArgumentTypeError, ArgumentValueError
 from .sampling import LogitsProcessor, Sampler
 
@@ -129,6 +131,11 @@ def check_token_ids(
 # ---- the plain step function ---------------------------------------------------------------
 
 
+def _last_logits(model: nn.Module, caches: list) -> Callable[[mx.array], mx.array]:
+    """The compiled step's body: tokens [1, L] -> logits at the last position [1, V]."""
+    return lambda tokens: model(tokens, cache=caches)[:, -1, :]
+
+
 def decode_steps(
     model: nn.Module, prompt: mx.array, cache: list, opts: StepOptions
 ) -> Iterator[Step]:
@@ -139,10 +146,18 @@ def decode_steps(
     """
     processors = opts.logits_processors
     history = mx.array(list(opts.prior_tokens) + prompt.tolist()) if processors else None
+    use_compiled = False  # decided once the prefill has filled the cache
 
     def step(inputs: mx.array) -> tuple[mx.array, mx.array]:
-        nonlocal history
-        logits = model(inputs[None], cache=cache)[:, -1, :]
+        nonlocal history, use_compiled
+        use_compiled = use_compiled or compiled.enabled(model, cache)
+        if use_compiled:
+            L = inputs.size
+            group = compiled.Group(cache, L, L)
+            logits = compiled.run(model, "step", partial(_last_logits, model), [inputs[None]],
+                                  [group])  # fmt: skip
+        else:
+            logits = model(inputs[None], cache=cache)[:, -1, :]
         if processors:
             for p in processors:
                 logits = p(history, logits)

@@ -312,7 +312,7 @@ def estimate_memory(
         else:
             total += nbytes
     if hasattr(args, "cache_bytes"):  # a family whose cache is not one row per token (V4)
-        return total, args.cache_bytes(context, dtype.size)
+        return total, args.cache_bytes(context, dtype.size, kv_bits)
     if kv_bits is not None:  # MLA's latent, c_kv quantized (V2/V3 only: load_model checks)
         per_layer = latent_bytes_per_token(args.kv_lora_rank, args.qk_rope_head_dim, dtype, kv_bits)
         return total, cache_layers(args) * per_layer * context
@@ -507,7 +507,8 @@ def load_model(
 
     expert_cache: stream the routed experts from the checkpoint files, keeping at most this
     much of them in memory (bytes, "40GB", "25%" of the routed experts, or "auto"); kv_bits:
-    quantize the latent KV cache's c_kv to 8 or 4 bits."""
+    quantize the KV cache to 8 or 4 bits (V2/V3: the latent c_kv; V4: its compressed
+    rows)."""
     path = resolve_model_path(path_or_repo)
     compute = _parse_dtype(dtype)
     kv_bits = check_kv_bits(kv_bits)
@@ -516,17 +517,16 @@ def load_model(
     packed_format(config, str(path / "config.json"))  # an unsupported INT scheme: one line
     tensors = {name: entry for name, (_, entry) in tensor_entries(path, headers).items()}
     if kv_bits is not None:
-        if hasattr(args, "cache_bytes"):  # V4: window, compressed and indexer rows
+        if hasattr(args, "kv_group_size"):  # V4: its compressed rows
+            args.kv_group_size()  # a width MLX cannot group is refused now
+        elif args.model_type not in ("deepseek_v2", "deepseek_v3"):  # V3.2, DeepSeekMoE 16B
             raise ConfigError(
-                f"kv_bits={kv_bits}: DeepSeek V4's compressed cache is not quantized yet (it "
-                "already holds ~10x fewer values per token than V3's): drop --kv-bits"
+                f"kv_bits={kv_bits}: only MLA's latent cache (V2, V2.5, V3, R1, V3.1, Kimi) and "
+                f"V4's compressed rows are quantized; model_type {args.model_type}'s cache is "
+                "not yet: drop --kv-bits"
             )
-        if args.model_type not in ("deepseek_v2", "deepseek_v3"):  # V3.2, DeepSeekMoE 16B
-            raise ConfigError(
-                f"kv_bits={kv_bits}: only MLA's latent cache (V2, V2.5, V3, R1, V3.1, Kimi) is "
-                f"quantized; model_type {args.model_type}'s cache is not yet: drop --kv-bits"
-            )
-        latent_group_size(args.kv_lora_rank)  # a rank MLX cannot group is refused now
+        else:
+            latent_group_size(args.kv_lora_rank)  # a rank MLX cannot group is refused now
     refused = None  # refused before anything is built; the refusal raised below names the
     if budget is None:  # --expert-cache that fits, once the experts' shapes are known
         try:
@@ -589,7 +589,9 @@ def load_model(
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     if kv_bits is not None:
-        model.kv_bits, model.kv_group_size = kv_bits, latent_group_size(args.kv_lora_rank)
+        group = args.kv_group_size() if hasattr(args, "kv_group_size") else None
+        model.kv_bits = kv_bits
+        model.kv_group_size = group or latent_group_size(args.kv_lora_rank)
     ops.resolve()  # the back-end for this device: MLX, the CPU strategies or Metal kernels
     ops.prepare(model)  # its one-time changes (the CPU's row-split layers)
     _raise_wired_limit()

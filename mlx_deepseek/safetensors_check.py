@@ -22,7 +22,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import CheckpointError
 
@@ -78,6 +78,49 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are, for positioned reads: `offset` is absolute in `file`."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def rows(self) -> int:
+        """The length of the first axis (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+    def read_into(self, f: BinaryIO, view: memoryview, start: int = 0) -> None:
+        """Fill `view` with this tensor's bytes from byte `start` on, read from `f` (its
+        file, opened unbuffered): one seek, then reads until full (the caller holds any lock
+        the file needs)."""
+        done = 0
+        try:
+            f.seek(self.offset + start)
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(
+                        f"{self.file} is truncated: tensor {self.name} ends past the end of "
+                        "the file; re-download it"
+                    )
+                done += n
+        except OSError as e:
+            raise CheckpointError(f"{self.file}: read failed ({e.strerror})") from None
+
+
+@dataclass(frozen=True)
 class SafetensorsHeader:
     """A validated header: tensors in file order, the data section's start, the file size."""
 
@@ -87,6 +130,13 @@ class SafetensorsHeader:
     data_start: int
     file_size: int
     raw: dict[str, Any]
+
+    def located(self) -> dict[str, TensorInfo]:
+        """Every tensor by name, with its absolute place in the file."""
+        return {
+            name: TensorInfo(name, self.path, t.dtype, t.shape, self.data_start + t.begin, t.nbytes)
+            for name, t in self.tensors.items()
+        }
 
 
 def validate_safetensors(path: str | os.PathLike) -> dict[str, Any]:

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import compiled
 from .decoding import Step, StepOptions, decode_steps, trim_cache
 from .errors import ArgumentTypeError, ArgumentValueError, DeepSeekError
 from .models.cache import ModelCache
@@ -58,10 +60,11 @@ class Drafting:
 def mtp_by_default(model: nn.Module) -> bool:
     """Whether drafting with the MTP head is on when the user does not say: whenever the
     checkpoint has an MTP layer. Verifying 2 tokens costs about what decoding 1 does where
-    decode is bound by memory traffic (a GPU); on this project's CPU the bundled demo spends
-    1.08x less CPU time per token with 1 draft (100% accepted) and 1.17x less with 2 (85%):
-    there a round costs the verify forward (1.15x a plain step) plus the MTP layer and head
-    (0.5x). `--no-mtp` / mtp=False turns it off."""
+    decode is bound by memory traffic (a GPU); on this project's CPU the bundled demo, both
+    compiled (compiled.py), spends about as much CPU time per token with MTP as without:
+    a round costs the verify forward (1.3x a step: the CPU's quantized matmul decodes the
+    weights per input row) plus the MTP layer and head (0.5x), for 2.08 tokens (1 draft,
+    100% accepted). `--no-mtp` / mtp=False turns it off."""
     return bool(getattr(model, "mtp", None))
 
 
@@ -165,11 +168,6 @@ class MTPDecoder:
 
     # ---- distributions ---------------------------------------------------------------------
 
-    def _probs(self, logprobs: mx.array) -> mx.array:
-        """The distribution plain sampling draws from: filtered, tempered, normalised."""
-        filtered = filter_logprobs(logprobs, self.settings)
-        return mx.softmax(filtered / self.settings.temperature, axis=-1)
-
     def _process(self, logits: mx.array, history: list[int], opts: StepOptions) -> mx.array:
         """Logits [1, V] -> log-probabilities after the logits processors (repetition penalty)."""
         if opts.logits_processors:
@@ -180,15 +178,8 @@ class MTPDecoder:
 
     def _draw(self, logprobs: mx.array) -> tuple[int, mx.array | None]:
         """A token from log-probabilities [1, V], and the distribution it came from."""
-        token, probs = self._draw_lazy(logprobs)
+        token, probs = _draw_lazy(logprobs, None if self.greedy else self.settings)
         return int(token.item()), probs
-
-    def _draw_lazy(self, logprobs: mx.array) -> tuple[mx.array, mx.array | None]:
-        """The same, unevaluated: (token [1], distribution [1, V] or None when greedy)."""
-        if self.greedy:
-            return mx.argmax(logprobs, axis=-1), None
-        probs = self._probs(logprobs)
-        return mx.random.categorical(mx.log(probs)), probs
 
     # ---- the step function -----------------------------------------------------------------
 
@@ -301,60 +292,34 @@ class MTPDecoder:
 
         pend_h [1, n, D], pend_t [n]: the hidden states and next tokens the MTP cache has yet
         to pair (device arrays); history: the tokens so far (host), followed by `guessed`
-        (device, or None) for the logits processors; known: tokens before this round."""
+        (device, or None) for the logits processors; known: tokens before this round.
+        Without logits processors the round is one compiled function where that pays
+        (compiled.py); the processors see a history that grows, so theirs is built here."""
         k = min(self.draft_tokens, opts.max_tokens - known - 1)
         processors = opts.logits_processors
-        hist = None
-        if processors:
-            hist = mx.array(history)
-            hist = hist if guessed is None else mx.concatenate([hist, guessed])
-        # 1. enter the pending pairs into the MTP cache; the last one's output drafts
-        mtp_start = mtp_cache.offset
-        h_d = model.mtp_hidden(pend_h, pend_t[None], 0, mtp_cache)[:, -1:]
-        drafts: list[mx.array] = []  # each [1]
-        qs: list[mx.array] = []
-        for j in range(k):
-            logits_d = model.mtp_logits(h_d)[:, -1]
-            if self.greedy and not processors:  # the argmax of the logits: no softmax needed
-                d, q = mx.argmax(logits_d, axis=-1), None
-            else:
-                d, q = self._draw_lazy(self._process_lazy(logits_d, hist, drafts, processors))
-            drafts.append(d)
-            qs.append(q)
-            if j + 1 < k:  # recursive draft: the module applied to its own output
-                h_d = model.mtp_hidden(h_d, d[None], 0, mtp_cache)
-        cache.trim_mtp(mtp_start + pend_t.size)
-
-        # 2. verify all drafts with one forward of the main model
-        inputs = mx.concatenate([pend_t[-1:], *drafts])[None]  # [1, k+1]
-        h_v = model.hidden(inputs, cache)  # [1, k+1, D]
-        logits_v = model.logits(h_v)[0]  # [k+1, V]
-        if processors:  # position j sees the drafts before it: used only when all accepted
-            lps = [
-                self._process_lazy(logits_v[j : j + 1], hist, drafts[:j], processors)
-                for j in range(k + 1)
+        mtp_start, n = mtp_cache.offset, pend_t.size
+        settings = None if self.greedy else self.settings
+        if not processors and compiled.enabled(model, [*cache, mtp_cache]):
+            groups = [
+                compiled.Group(cache, k + 1, k + 1),  # the verified inputs
+                compiled.Group([mtp_cache], n + max(k - 1, 0), n),  # drop the recursive ones
             ]
-            lp_v = mx.concatenate(lps)  # [k+1, V]
-        else:  # every position at once (fewer operations per round: they cost on the CPU)
-            lp_v = _log_softmax(logits_v)
-        draft_arr = mx.concatenate(drafts) if k else mx.zeros((0,), mx.uint32)
-        if self.greedy:
-            picks = mx.argmax(lp_v, axis=-1)  # [k+1]: the main model's tokens
-            accepted = picks[:k] == draft_arr
+            packed, lp_v, h_v = compiled.run(
+                model, ("mtp_round", k, settings), partial(_compiled_round, model, k, settings),
+                [pend_h, pend_t], groups, random=settings is not None,
+            )  # fmt: skip
         else:
-            p = self._probs(lp_v)
-            bonus = mx.random.categorical(mx.log(p[k:]))  # after every draft accepted
-            if k:
-                accepted, other = _accept_rule(p[:k], mx.concatenate(qs), draft_arr)
-                picks = mx.concatenate([other, bonus])
-            else:
-                accepted, picks = mx.zeros((0,), mx.bool_), bonus
-        picks = picks.astype(mx.uint32)
-        draft_arr = draft_arr.astype(mx.uint32)
-        # what the host reads back, in one array: drafts, accepted, the main model's picks
-        packed = mx.concatenate([draft_arr, accepted.astype(mx.uint32), picks])
+            hist = None
+            if processors:
+                hist = mx.array(history)
+                hist = hist if guessed is None else mx.concatenate([hist, guessed])
+            packed, lp_v, h_v = round_graph(
+                model, cache, mtp_cache, pend_h, pend_t, k, settings, processors, hist
+            )
+            cache.trim_mtp(mtp_start + n)
         mx.async_eval(packed, lp_v, h_v)
-        tokens = mx.concatenate([draft_arr, picks[k:]])  # the round's tokens if all accepted
+        # the round's tokens if every draft is accepted: the drafts, the bonus pick
+        tokens = mx.concatenate([packed[:k], packed[3 * k :]])
         return Round(k, known, packed, lp_v, h_v, tokens, cache.length, mtp_start)
 
     def _settle(self, round_: Round) -> tuple[list[Step], int]:
@@ -373,15 +338,6 @@ class MTPDecoder:
         self._full_rate += (full - self._full_rate) / 4  # recent rounds weigh most
         return steps, n_acc
 
-    def _process_lazy(self, logits, hist, drafts, processors) -> mx.array:
-        """Logits [1, V] -> log-probabilities after the logits processors, which see the
-        history and then `drafts` ([1] arrays)."""
-        if processors:
-            seen = mx.concatenate([hist, *drafts]) if drafts else hist
-            for p in processors:
-                logits = p(seen, logits)
-        return _log_softmax(logits)
-
 
 class Round(NamedTuple):
     """One draft + verify round in flight."""
@@ -399,3 +355,99 @@ class Round(NamedTuple):
     def known_after(self) -> int:
         """Tokens known after this round if every draft is accepted."""
         return self.known + self.k + 1
+
+
+# ---- one round's graph -----------------------------------------------------------------------
+
+
+def round_graph(
+    model: nn.Module,
+    cache: list,
+    mtp_cache,
+    pend_h: mx.array,
+    pend_t: mx.array,
+    k: int,
+    settings: SamplingSettings | None,
+    processors: list | None = None,
+    hist: mx.array | None = None,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Draft k tokens and verify them, lazily: the caches (real, or compiled.TracedCache)
+    take the pending MTP pairs, the recursive drafts' MTP entries and the k + 1 verified
+    inputs. settings None: greedy. Returns (packed [3k + 1]: drafts, accepted 0/1, the main
+    model's picks; log-probabilities [k + 1, V] at the verified positions; their pre-norm
+    hidden states [1, k + 1, D])."""
+    # 1. enter the pending pairs into the MTP cache; the last one's output drafts
+    h_d = model.mtp_hidden(pend_h, pend_t[None], 0, mtp_cache)[:, -1:]
+    drafts: list[mx.array] = []  # each [1]
+    qs: list[mx.array] = []
+    for j in range(k):
+        logits_d = model.mtp_logits(h_d)[:, -1]
+        if settings is None and not processors:  # the argmax of the logits: no softmax needed
+            d, q = mx.argmax(logits_d, axis=-1), None
+        else:
+            d, q = _draw_lazy(_process_lazy(logits_d, hist, drafts, processors), settings)
+        drafts.append(d)
+        qs.append(q)
+        if j + 1 < k:  # recursive draft: the module applied to its own output
+            h_d = model.mtp_hidden(h_d, d[None], 0, mtp_cache)
+
+    # 2. verify all drafts with one forward of the main model
+    inputs = mx.concatenate([pend_t[-1:], *drafts])[None]  # [1, k+1]
+    h_v = model.hidden(inputs, cache)  # [1, k+1, D]
+    logits_v = model.logits(h_v)[0]  # [k+1, V]
+    if processors:  # position j sees the drafts before it: used only when all accepted
+        lps = [
+            _process_lazy(logits_v[j : j + 1], hist, drafts[:j], processors) for j in range(k + 1)
+        ]
+        lp_v = mx.concatenate(lps)  # [k+1, V]
+    else:  # every position at once (fewer operations per round: they cost on the CPU)
+        lp_v = _log_softmax(logits_v)
+    draft_arr = mx.concatenate(drafts) if k else mx.zeros((0,), mx.uint32)
+    if settings is None:
+        picks = mx.argmax(lp_v, axis=-1)  # [k+1]: the main model's tokens
+        accepted = picks[:k] == draft_arr
+    else:
+        p = _probs(lp_v, settings)
+        bonus = mx.random.categorical(mx.log(p[k:]))  # after every draft accepted
+        if k:
+            accepted, other = _accept_rule(p[:k], mx.concatenate(qs), draft_arr)
+            picks = mx.concatenate([other, bonus])
+        else:
+            accepted, picks = mx.zeros((0,), mx.bool_), bonus
+    picks = picks.astype(mx.uint32)
+    draft_arr = draft_arr.astype(mx.uint32)
+    # what the host reads back, in one array: drafts, accepted, the main model's picks
+    packed = mx.concatenate([draft_arr, accepted.astype(mx.uint32), picks])
+    return packed, lp_v, h_v
+
+
+def _compiled_round(model: nn.Module, k: int, settings: SamplingSettings | None, main, mtp):
+    """The compiled round's body over traced caches (compiled.run's `build`)."""
+    return lambda pend_h, pend_t: round_graph(model, main, mtp[0], pend_h, pend_t, k, settings)
+
+
+def _probs(logprobs: mx.array, settings: SamplingSettings) -> mx.array:
+    """The distribution plain sampling draws from: filtered, tempered, normalised."""
+    filtered = filter_logprobs(logprobs, settings)
+    return mx.softmax(filtered / settings.temperature, axis=-1)
+
+
+def _draw_lazy(
+    logprobs: mx.array, settings: SamplingSettings | None
+) -> tuple[mx.array, mx.array | None]:
+    """A token from log-probabilities [1, V], unevaluated: (token [1], the distribution
+    [1, V] it came from, or None when greedy)."""
+    if settings is None:
+        return mx.argmax(logprobs, axis=-1), None
+    probs = _probs(logprobs, settings)
+    return mx.random.categorical(mx.log(probs)), probs
+
+
+def _process_lazy(logits, hist, drafts, processors) -> mx.array:
+    """Logits [1, V] -> log-probabilities after the logits processors, which see the
+    history and then `drafts` ([1] arrays)."""
+    if processors:
+        seen = mx.concatenate([hist, *drafts]) if drafts else hist
+        for p in processors:
+            logits = p(seen, logits)
+    return _log_softmax(logits)

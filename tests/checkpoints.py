@@ -9,12 +9,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mlx_deepseek.models.tiny import ROUTINGS, tiny_config
 
 # one tiny config per routing method (mlx_deepseek.models.tiny: the project's one factory)
 FAMILIES = ROUTINGS
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, in float64 (b: the reference)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def hf_config(family: str, **overrides):
@@ -94,7 +101,6 @@ def add_mtp_layer(path: Path, seed: int = 1, same_copies: bool = True) -> dict:
     embed_tokens / shared_head.head equal the main model's (as DeepSeek ships them) unless
     same_copies is False. Returns the MTP tensors (numpy) by their checkpoint names.
     """
-    import numpy as np
     from safetensors.numpy import load_file, save_file
 
     path = Path(path)
@@ -210,7 +216,6 @@ def build_kimi_model(name: str, seed: int = 0):
 
 def int4_quantize(w, group: int = 32, bits: int = 4):
     """Symmetric group quantization as compressed-tensors does: (q int8, bf16 scales)."""
-    import numpy as np
 
     top = 2 ** (bits - 1)
     out, cols = w.shape
@@ -223,7 +228,6 @@ def int4_quantize(w, group: int = 32, bits: int = 4):
 
 def pack_int32(q, bits: int = 4):
     """compressed-tensors' pack_to_int32: u = q + 2^(b-1), 32/b per word, low bits first."""
-    import numpy as np
 
     per = 32 // bits
     u = (q.astype(np.int64) + 2 ** (bits - 1)).astype(np.uint32)
@@ -237,7 +241,6 @@ def write_int4_kimi(model, path: Path, ref_path: Path, bits: int = 4, group: int
     """K2-Thinking's layout: routed experts packed (compressed-tensors), the rest float32.
     Also writes `ref_path`: the same model with the experts' dequantized values (for
     transformers). Returns {expert weight name: (q, scale)}."""
-    import numpy as np
     from safetensors.torch import load_file, save_file
 
     save_hf_checkpoint(model, ref_path)  # rope_scaling as Moonshot's configs write it

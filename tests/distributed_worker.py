@@ -2,9 +2,10 @@
 
 argv[1]: a JSON spec {"runs": [{"checkpoint", "kind", "prompt": [ids], "max_tokens", "mtp",
 "temperature", "seed"}], "out": path, "sleep_after_tokens": n (optional)}. For each run every
-rank loads its part and decodes; rank 0 writes, per run: the tokens, every rank's loaded
-weight bytes, and the bytes this rank sent for one more decode step: as comm.py counts them,
-and as the kernel counts them on the ring's TCP sockets (Linux's TCP_INFO; -1 elsewhere).
+rank loads its part and decodes; rank 0 writes, per run: the tokens (and MTP's drafted /
+accepted counts), every rank's loaded weight bytes, and the bytes this rank sent for one
+more decode step: as comm.py counts them, and as the kernel counts them on the ring's TCP
+sockets (Linux's TCP_INFO; -1 elsewhere).
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ def run_one(world, run: dict, slow_after: int | None) -> dict:
     before, w0 = distributed.TRAFFIC.snapshot()[0], settled_tcp_bytes_sent()
     mx.eval(model(last, cache=cache))
     sent, wire = distributed.TRAFFIC.snapshot()[0] - before, settled_tcp_bytes_sent() - w0
+    stats = getattr(steps, "stats", None)
     return {
+        "drafted": stats.drafted if stats else 0,  # MTP drafts, and how many were accepted
+        "accepted": stats.accepted if stats else 0,
         "kind": loaded.plan.kind,
         "plan": [loaded.plan.describe(r) for r in range(world.size)],
         "tokens": tokens,

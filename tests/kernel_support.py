@@ -4,6 +4,7 @@ switched on for a block."""
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -46,8 +47,54 @@ def dequantize(wq: mx.array, scales: mx.array, biases: mx.array, bits: int, gs: 
     return (grouped * f64(scales)[..., None] + f64(biases)[..., None]).reshape(q.shape)
 
 
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+
+
+def dequantize_mxfp4(wq: mx.array, scales: mx.array) -> np.ndarray:
+    """MLX's mxfp4 by the format: FP4 e2m1 codes (4 bits each, low nibble first) times
+    2^(s - 127) for the E8M0 scale byte s of each group of 32."""
+    q = E2M1[unpack(wq, 4)]
+    grouped = q.reshape(*q.shape[:-1], -1, 32)
+    scale = np.ldexp(1.0, np.array(scales).astype(np.int64) - 127)
+    return (grouped * scale[..., None]).reshape(q.shape)
+
+
 def silu(z: np.ndarray) -> np.ndarray:
     return z / (1.0 + np.exp(-z))
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray, limit: float = 0.0) -> np.ndarray:
+    """silu(gate) * up, clamped as DeepSeek V4 does for a limit > 0."""
+    if limit > 0:
+        gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
+    return silu(gate) * up
+
+
+def layer_weight(layer) -> np.ndarray:
+    """A Linear / SwitchLinear's weight in float64: as is, or dequantized (affine or mxfp4)."""
+    if "scales" not in layer:
+        return f64(layer.weight)
+    if getattr(layer, "mode", "affine") == "mxfp4":
+        return dequantize_mxfp4(layer.weight, layer.scales)
+    return dequantize(layer.weight, layer.scales, layer.biases, layer.bits, layer.group_size)
+
+
+def moe_reference(x, inds, scores, switch, shared, limit: float = 0.0) -> np.ndarray:
+    """ops.moe in float64, token by token: sum_j scores[t, j] * expert_{inds[t, j]}(x[t]) +
+    shared(x[t]) (shared may be None), every SwiGLU clamped at `limit` when it is > 0."""
+    xs = f64(x).reshape(-1, x.shape[-1])
+    ii = np.array(inds).reshape(len(xs), -1)
+    ss = f64(scores).reshape(ii.shape)
+    projections = ("gate_proj", "up_proj", "down_proj")
+    wg, wu, wd = (layer_weight(getattr(switch, p)) for p in projections)
+    y = np.zeros_like(xs)
+    for t, j in itertools.product(range(len(xs)), range(ii.shape[1])):
+        e = ii[t, j]
+        y[t] += ss[t, j] * (wd[e] @ swiglu(wg[e] @ xs[t], wu[e] @ xs[t], limit))
+    if shared is not None:
+        sg, su, sd = (layer_weight(getattr(shared, p)) for p in projections)
+        y += swiglu(xs @ sg.T, xs @ su.T, limit) @ sd.T
+    return y.reshape(x.shape)
 
 
 def ulps(got: mx.array, ref: np.ndarray, dtype) -> float:

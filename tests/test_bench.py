@@ -6,6 +6,7 @@ import statistics
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from bench_support import quick, run_bench
 from typer.testing import CliRunner
 
 from mlx_deepseek.bench import counting
@@ -26,15 +27,10 @@ CONTEXTS = [16, 300]  # 300 crosses mlx-lm's 256-token cache step
 def bench_json(tmp_path_factory):
     """One CLI run on the tiny V2 model (its expanded mlx-lm cache differs from our latent)."""
     tmp = tmp_path_factory.mktemp("bench")
-    out = tmp / "result.json"
-    args = ["bench", "--shape", "tiny-v2", "--prompt-tokens", "8", "--decode-tokens", "2"]
-    args += ["--repeats", "2", "--contexts", ",".join(map(str, CONTEXTS))]
-    args += ["--cache-dir", str(tmp / "cache"), "--bandwidth-gb", "0.05"]
-    args += ["--json", str(out), "--note", "test run"]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
-    assert result.exit_code == 0, result.output
-    assert "decode tok/s at 300" in result.output
-    return json.loads(out.read_text()), tmp / "cache"
+    args = [*quick("tiny-v2", CONTEXTS, 8), "--note", "test run"]
+    run, result = run_bench(args, tmp / "result.json", tmp / "cache")
+    assert "decode tok/s at 300" in run.output
+    return result, tmp / "cache"
 
 
 RUNTIMES = ("mlx-deepseek", "mlx-lm")
@@ -111,15 +107,9 @@ def test_every_mode_is_measured_for_both_runtimes(tmp_path):
     imported mlx.core first; a ratio and a target for each mode and context."""
     import sys
 
-    out = tmp_path / "result.json"
-    args = ["bench", "--shape", "tiny-v2", "--prompt-tokens", "0", "--decode-tokens", "2"]
-    args += ["--repeats", "2", "--contexts", ",".join(map(str, CONTEXTS))]
-    args += ["--cache-dir", str(tmp_path / "cache"), "--bandwidth-gb", "0.05"]
-    args += ["--json", str(out), "--modes", "cache,prefill,mlx-first"]
-    run = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
-    assert run.exit_code == 0, run.output
+    args = [*quick("tiny-v2", CONTEXTS, 0), "--modes", "cache,prefill,mlx-first"]
+    run, result = run_bench(args, tmp_path / "result.json", tmp_path / "cache")
     assert "decode tok/s at 300 (mlx-first)" in run.output
-    result = json.loads(out.read_text())
     (entry,) = result["models"]
     for r in entry["runtimes"].values():
         by_mode = r["decode_tok_s_by_mode"]
@@ -336,13 +326,9 @@ def test_bad_options_give_one_line_errors(tmp_path):
 
 
 def _kernel_bench(cache_dir, tmp_path) -> tuple[object, dict]:
-    out = tmp_path / "kernels.json"
-    args = ["bench", "--kernels", "--shape", "tiny-v3", "--contexts", "16", "--group-size", "32"]
-    args += ["--decode-tokens", "1", "--repeats", "1", "--cache-dir", str(cache_dir)]
-    args += ["--json", str(out)]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
-    assert result.exit_code == 0, result.output
-    return result, json.loads(out.read_text())
+    args = ["--kernels", "--shape", "tiny-v3", "--contexts", "16", "--group-size", "32"]
+    args += ["--decode-tokens", "1", "--repeats", "1"]
+    return run_bench(args, tmp_path / "kernels.json", cache_dir)
 
 
 def _check_kernel_result(data: dict, modes: list[str]) -> None:

@@ -6,7 +6,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import build_from_config, hf_logits, read_config
+from checkpoints import build_from_config, hf_logits, read_config, rel_err
 
 import mlx_deepseek
 from mlx_deepseek.models.config import ModelArgs
@@ -25,11 +25,6 @@ SIZES = dict(
     qk_nope_head_dim=16,
     v_head_dim=24,
 )
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def v2_config():

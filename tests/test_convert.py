@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from checkpoints import rel_err
 from mlx_deepseek.convert.pipeline import convert
 from mlx_deepseek.convert.plan import Options
 from mlx_deepseek.convert.synthetic import tiny_config, write_checkpoint
@@ -42,10 +43,6 @@ def transformers_logits(path: Path) -> np.ndarray:
     model = cls.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor(TOKENS)).logits.numpy()
-
-
-def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
 def kl(ref: np.ndarray, q: np.ndarray) -> float:

@@ -6,7 +6,7 @@ checkpoint, is a second one (and reads what `convert` writes)."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import v1_config
+from checkpoints import rel_err, v1_config
 from mlx_deepseek.convert import Options, convert
 from mlx_deepseek.convert.synthetic import write_checkpoint
 from moe16b_oracle import logits as oracle_logits
@@ -35,11 +35,6 @@ CONFIGS = {
         rope_theta=50000.0,
     ),
 }
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

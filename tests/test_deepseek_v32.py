@@ -7,7 +7,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import build_hf_model, hf_logits, save_hf_checkpoint
+from checkpoints import build_hf_model, hf_logits, rel_err, save_hf_checkpoint
 from dsa_oracle import attention as oracle_attention
 
 import mlx_deepseek
@@ -45,11 +45,6 @@ CONFIGS = {
         rope_theta=50000.0,
     ),
 }
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

@@ -4,6 +4,7 @@ full forward's logits whatever the chunking, batching, or rollback."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from checkpoints import rel_err
 from v4_checkpoints import SHAPES, boundary_ties, build_v4, save_v4, v4_logits
 
 import mlx_deepseek
@@ -13,11 +14,6 @@ from mlx_deepseek.models.v4_config import CSA, HCA, SLIDING
 
 SEQ = 40  # longer than every fixture's window; several compressed rows in every kind
 TOKENS = np.random.RandomState(0).randint(0, 96, size=(2, SEQ))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
@@ -128,9 +124,10 @@ def test_decode_reads_the_window_and_the_selected_rows_only(fixture, monkeypatch
     seen = []
     real = v4_attention.ops.shared_kv_attention
 
-    def spy(q, kv, sinks, scale, mask=None):
+    def spy(q, kv, sinks, scale, mask=None, rows=None):  # rows: quantized ones (kv_bits)
+        assert rows is None
         seen.append((q.shape[2], kv.shape[1], mask is None))
-        return real(q, kv, sinks, scale, mask)
+        return real(q, kv, sinks, scale, mask, rows)
 
     monkeypatch.setattr(v4_attention.ops, "shared_kv_attention", spy)
     tokens = np.random.RandomState(2).randint(0, 96, size=(1, 200))

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from checkpoints import rel_err
 from tiny_chat import build_tokenizer, vocab_size
 from typer.testing import CliRunner
 from v4_checkpoints import (
@@ -32,11 +33,6 @@ from mlx_deepseek.speculative import MTPDecoder
 
 TOKENS = np.random.RandomState(3).randint(0, 96, size=(2, 40))
 NEXT = np.random.RandomState(4).randint(0, 96, size=(2, 40))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # ---- the number formats ---------------------------------------------------------------------

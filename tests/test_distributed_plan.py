@@ -211,18 +211,40 @@ def test_step_bytes_follow_the_collectives():
     assert costs.step_bytes(shape, 2, "tensor") == [(2 * L + 1) * D * 2 + V // 2 * 2] * 2
 
 
-def test_a_v4_checkpoint_is_refused_in_one_line(tmp_path):
-    """V4 is not split yet (its hyper-connected residual, hash-routed first layers and
-    compressed caches have no stage model): one line before any rank reads a tensor."""
-    from v4_checkpoints import build_v4, save_v4
+def test_v4_tensor_plan_cuts_heads_in_whole_output_groups():
+    """wo_a projects each output group's heads on its own: a rank holds whole groups (64
+    heads in 8 groups on 3 ranks: 3 + 3 + 2 groups); fewer groups than ranks is one line."""
+    from mlx_deepseek.distributed.plan import v4_tensor_plan
+    from mlx_deepseek.models.v4_config import ModelArgs as V4Args
+
+    flash = V4Args(num_attention_heads=64, o_groups=8, n_routed_experts=256)
+    plan = v4_tensor_plan(flash, 3)
+    assert plan.heads == ((0, 24), (24, 48), (48, 64))
+    assert plan.experts == ((0, 86), (86, 171), (171, 256))
+    tiny = V4Args(num_attention_heads=4, o_groups=2, n_routed_experts=6)
+    assert v4_tensor_plan(tiny, 2).heads == ((0, 2), (2, 4))
+    with pytest.raises(PlanError) as e:
+        v4_tensor_plan(tiny, 3)
+    assert str(e.value) == (
+        "num_attention_heads of 4 cannot be split over 3 ranks in blocks of 2: use fewer "
+        "ranks or --parallel pipeline"
+    )
+
+
+def test_families_without_a_split_are_refused_in_one_line(tmp_path):
+    """DeepSeekMoE 16B (multi-head attention) has no stage or shard model: every kind is one
+    line, before any rank reads a tensor (no weights are even written here)."""
+    import json
+
+    from checkpoints import v1_config
 
     from mlx_deepseek.distributed import load_part
 
-    path = save_v4(build_v4(), tmp_path / "v4")
+    (tmp_path / "config.json").write_text(json.dumps(v1_config()))
     for kind in ("pipeline", "tensor", "auto"):
         with pytest.raises(PlanError) as e:
-            load_part(path, kind, world=None)  # refused before the ranks are asked anything
+            load_part(tmp_path, kind, world=None)
         message = str(e.value)
         assert "\n" not in message
-        assert message.startswith("--parallel: model_type deepseek_v4 cannot be split yet")
+        assert message.startswith("--parallel: model_type deepseek cannot be split yet")
         assert "run it in one process" in message

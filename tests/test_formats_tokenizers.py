@@ -165,7 +165,7 @@ def test_kimi_pattern_comes_from_the_file_else_the_published_one(tmp_path, caplo
         (lambda p: (p / "tiktoken.model").write_text("not base64 at all\n"), "line 1"),
         (lambda p: (p / "tiktoken.model").write_text("aGk= 0\n"), "has no rank"),
         (lambda p: (p / "tokenizer_config.json").write_text("{oops"), "not valid JSON"),
-        (lambda p: (p / "tokenizer_config.json").write_text("[1, 2]"), "expected a JSON object"),
+        (lambda p: (p / "tokenizer_config.json").write_text("[1, 2]"), "JSON array, not an object"),
     ],
 )
 def test_broken_kimi_files_are_one_line(tmp_path, damage, message):

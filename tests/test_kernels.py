@@ -18,8 +18,11 @@ from kernel_support import (
     ON_METAL,
     Y_TOLERANCE,
     dequantize,
+    dequantize_mxfp4,
     f64,
+    moe_reference,
     silu,
+    swiglu,
     ulps,
 )
 from mlx_lm.models.switch_layers import SwitchGLU
@@ -51,29 +54,49 @@ class Case:
     n_tokens: int = 1
     rows: int = kernels.ROWS
     scale_dtype: mx.Dtype | None = None  # None: the activation dtype
+    mode: str = "affine"  # the routed experts' format: "affine" or "mxfp4" (gate_up = (4, 32))
+    shared_mode: str = "affine"
+    limit: float = 0.0  # V4's clamped SwiGLU
 
     def variant(self) -> Variant:
         sgu = self.shared_gate_up or self.gate_up
         sd = self.shared_down or self.down
+        scale = self.scale_dtype or self.dtype
+
+        def fmt(q, mode):
+            return (4, 32) if mode == "mxfp4" else q
+
         return Variant(
             self.dtype,
-            self.scale_dtype or self.dtype,
-            self.gate_up,
-            self.down,
-            sgu,
-            sd,
+            mx.uint8 if self.mode == "mxfp4" else scale,
+            fmt(self.gate_up, self.mode),
+            fmt(self.down, self.mode),
+            fmt(sgu, self.shared_mode),
+            fmt(sd, self.shared_mode),
             self.D,
             self.I,
             self.top_k,
             self.n_shared,
             self.n_tokens,
             self.rows,
+            (self.mode, self.mode, self.shared_mode, self.shared_mode),
+            mx.uint8 if self.shared_mode == "mxfp4" else scale,
+            self.limit,
         )
 
 
-def quantized(rng, shape, q, dtype):
+def quantized(rng, shape, q, dtype, mode="affine"):
     w = rng.normal(0.0, 1.0 / math.sqrt(shape[-1]), shape).astype(np.float32)
+    if mode == "mxfp4":  # no biases: the scales stand in (as the planner passes them)
+        wq, scales = mx.quantize(mx.array(w), 32, 4, mode="mxfp4")
+        return [wq, scales, scales]
     return list(mx.quantize(mx.array(w).astype(dtype), q[1], q[0]))
+
+
+def dequantized(parts: list[mx.array], q: tuple[int, int], mode: str) -> np.ndarray:
+    if mode == "mxfp4":
+        return dequantize_mxfp4(parts[0], parts[1])
+    return dequantize(*parts, *q)
 
 
 def make_data(case: Case, seed: int = 0, parts=("gate_up", "down")) -> dict:
@@ -88,19 +111,21 @@ def make_data(case: Case, seed: int = 0, parts=("gate_up", "down")) -> dict:
         "scores": mx.array(rng.uniform(0.1, 2.5, (nt, case.top_k)).astype(np.float32)),
     }
     width = max(case.n_shared, 1) * I
+    SS, m, sm = v.shared_scale_dtype, case.mode, case.shared_mode
     if "gate_up" in parts:
-        d["g"], d["u"] = (quantized(rng, (E, I, D), v.gate_up, S) for _ in range(2))
-        d["sg"], d["su"] = (quantized(rng, (width, D), v.shared_gate_up, S) for _ in range(2))
+        d["g"], d["u"] = (quantized(rng, (E, I, D), v.gate_up, S, m) for _ in range(2))
+        d["sg"], d["su"] = (quantized(rng, (width, D), v.shared_gate_up, SS, sm) for _ in range(2))
     if "down" in parts:
-        d["d"] = quantized(rng, (E, D, I), v.down, S)
-        d["sd"] = quantized(rng, (D, width), v.shared_down, S)
+        d["d"] = quantized(rng, (E, D, I), v.down, S, m)
+        d["sd"] = quantized(rng, (D, width), v.shared_down, SS, sm)
     return d
 
 
 def run_gate_up(case: Case, d: dict) -> mx.array:
     spec, _ = kernel_specs(case.variant())
     shared = d["sg"] + d["su"] if case.n_shared else d["g"] + d["u"]
-    inputs = [d["x"], d["inds"], *d["g"], *d["u"], *shared]
+    lim = mx.array([case.limit], mx.float32)
+    inputs = [d["x"], d["inds"], *d["g"], *d["u"], *shared, lim]
     return MAKE_KERNEL(**spec.definition())(inputs=inputs, **spec.launch())[0]
 
 
@@ -114,14 +139,14 @@ def run_down(case: Case, d: dict, h: mx.array) -> mx.array:
 def ref_gate_up(case: Case, d: dict) -> np.ndarray:
     v = case.variant()
     x, inds = f64(d["x"]), np.array(d["inds"])
-    wg, wu = (dequantize(*d[k], *v.gate_up) for k in ("g", "u"))
+    wg, wu = (dequantized(d[k], v.gate_up, case.mode) for k in ("g", "u"))
     h = np.zeros((case.n_tokens, case.top_k + case.n_shared, case.I))
     for t, j in itertools.product(range(case.n_tokens), range(case.top_k)):
         e = inds[t, j]
-        h[t, j] = silu(wg[e] @ x[t]) * (wu[e] @ x[t])
+        h[t, j] = swiglu(wg[e] @ x[t], wu[e] @ x[t], case.limit)
     if case.n_shared:
-        sg, su = (dequantize(*d[k], *v.shared_gate_up) for k in ("sg", "su"))
-        hs = silu(x @ sg.T) * (x @ su.T)  # the shared MLP at full width n * I
+        sg, su = (dequantized(d[k], v.shared_gate_up, case.shared_mode) for k in ("sg", "su"))
+        hs = swiglu(x @ sg.T, x @ su.T, case.limit)  # the shared MLP at full width n * I
         h[:, case.top_k :] = hs.reshape(case.n_tokens, case.n_shared, case.I)
     return h
 
@@ -129,12 +154,12 @@ def ref_gate_up(case: Case, d: dict) -> np.ndarray:
 def ref_down(case: Case, d: dict, h: np.ndarray) -> np.ndarray:
     v = case.variant()
     inds, scores = np.array(d["inds"]), f64(d["scores"])
-    wd = dequantize(*d["d"], *v.down)
+    wd = dequantized(d["d"], v.down, case.mode)
     y = np.zeros((case.n_tokens, case.D))
     for t, j in itertools.product(range(case.n_tokens), range(case.top_k)):
         y[t] += scores[t, j] * (wd[inds[t, j]] @ h[t, j])
     if case.n_shared:
-        sd = dequantize(*d["sd"], *v.shared_down)
+        sd = dequantized(d["sd"], v.shared_down, case.shared_mode)
         y += h[:, case.top_k :].reshape(case.n_tokens, -1) @ sd.T
     return y
 
@@ -171,6 +196,42 @@ CASES = {
         top_k=2,
         n_tokens=8,
         scale_dtype=mx.bfloat16,
+    ),
+    # DeepSeek V4: mxfp4 routed experts (uint8 scales), an 8-bit affine shared expert (bf16
+    # scales), the clamped SwiGLU; 6 of 8 experts
+    "v4-bf16-mxfp4-shared-q8g64-clamp": Case(
+        mx.bfloat16,
+        shared_gate_up=(8, 64),
+        shared_down=(8, 64),
+        D=256,
+        I=256,
+        top_k=6,
+        mode="mxfp4",
+        limit=0.6,
+    ),
+    # mxfp4 everywhere (the shared expert too), 3 tokens, float32, clamped
+    "v4-verify3-f32-all-mxfp4-clamp": Case(
+        mx.float32,
+        D=192,
+        I=320,
+        E=6,
+        top_k=2,
+        n_tokens=3,
+        mode="mxfp4",
+        shared_mode="mxfp4",
+        limit=0.8,
+    ),
+    # affine routed experts, mxfp4 shared expert, float16, no clamp
+    "f16-q4g32-shared-mxfp4": Case(
+        mx.float16,
+        (4, 32),
+        (6, 64),
+        D=128,
+        I=192,
+        E=4,
+        top_k=2,
+        n_tokens=2,
+        shared_mode="mxfp4",
     ),
     # 2-bit and 5-bit, no shared experts, 2 tokens
     "f16-q2g32-down-q5g128-noshared": Case(
@@ -226,25 +287,6 @@ def _modules(dtype, q=(4, 64), shared_q=(4, 64), D=256, I=512, E=8, n_shared=2, 
     return switch, shared
 
 
-def _module_reference(x, inds, scores, switch, shared) -> np.ndarray:
-    def w(layer):
-        if "scales" not in layer:
-            return f64(layer.weight)
-        return dequantize(layer.weight, layer.scales, layer.biases, layer.bits, layer.group_size)
-
-    xs = f64(x).reshape(-1, x.shape[-1])
-    ii = np.array(inds).reshape(len(xs), -1)
-    ss = f64(scores).reshape(ii.shape)
-    wg, wu, wd = (w(getattr(switch, p)) for p in ("gate_proj", "up_proj", "down_proj"))
-    y = np.zeros_like(xs)
-    for t, j in itertools.product(range(len(xs)), range(ii.shape[1])):
-        e = ii[t, j]
-        y[t] += ss[t, j] * (wd[e] @ (silu(wg[e] @ xs[t]) * (wu[e] @ xs[t])))
-    sg, su, sd = (w(getattr(shared, p)) for p in ("gate_proj", "up_proj", "down_proj"))
-    y += (silu(xs @ sg.T) * (xs @ su.T)) @ sd.T
-    return y.reshape(x.shape)
-
-
 def _route(rng, shape, E, k):
     inds = np.stack([rng.permutation(E)[:k] for _ in range(int(np.prod(shape)))])
     inds = mx.array(inds.reshape(*shape, k).astype(np.uint32))
@@ -262,7 +304,7 @@ def test_run_plan_with_mlx_lm_modules_matches_reference():
     assert (plan.variant.n_tokens, plan.variant.n_shared, plan.variant.top_k) == (6, 2, 4)
     y = kernels.run_plan(plan, MAKE_KERNEL)
     assert y.shape == x.shape and y.dtype == mx.float16
-    ref = _module_reference(x, inds, scores, switch, shared)
+    ref = moe_reference(x, inds, scores, switch, shared)
     assert ulps(y, ref, mx.float16) <= Y_TOLERANCE[mx.float16]
     # MLX's own path rounds its intermediates to float16: the runtime self-check must accept
     # this agreement (it only has to catch gross errors)
@@ -280,7 +322,7 @@ def test_an_unquantized_shared_mlp_is_added_by_mlx():
     plan = kernels.plan_moe(x, inds, scores, switch, shared)
     assert plan.unfused_shared is shared and plan.variant.n_shared == 0
     y = kernels.run_plan(plan, MAKE_KERNEL)
-    ref = _module_reference(x, inds, scores, switch, shared)
+    ref = moe_reference(x, inds, scores, switch, shared)
     assert ulps(y, ref, mx.float32) <= Y_TOLERANCE[mx.float32]
 
 
@@ -294,13 +336,13 @@ def _decline_cases():
     plain = SwitchGLU(64, 64, 4)
     mixed, _ = _modules(mx.float16, D=64, I=64, E=4, n_shared=1)
     mixed.up_proj = plain.up_proj.to_quantized(64, 8)
-    fp4 = SwitchGLU(64, 64, 4)
-    nn.quantize(fp4, 32, 4, mode="mxfp4")
+    fp8 = SwitchGLU(64, 64, 4)
+    nn.quantize(fp8, 32, 8, mode="mxfp8")
     return {
         "9 tokens": (x9, i9, s9, switch, shared),
         "not quantized": (x.astype(mx.float32), inds, scores, plain, None),
         "gate_proj and up_proj are quantized differently": (x, inds, scores, mixed, shared),
-        "not affine": (x, inds, scores, fp4, None),
+        "not affine": (x, inds, scores, fp8, None),
         "activation dtype": (x.astype(mx.int32), inds, scores, switch, shared),
     }
 
@@ -354,7 +396,7 @@ def test_fused_moe_self_checks_once_then_falls_back_with_one_warning(monkeypatch
             warnings.simplefilter("error")
             y = ops.moe(x, inds, scores, switch, shared)
         assert [f for f, _ in metal_ops._State.checked] == ["moe"]
-        ref = _module_reference(x, inds, scores, switch, shared)
+        ref = moe_reference(x, inds, scores, switch, shared)
         assert ulps(y, ref, mx.float16) <= Y_TOLERANCE[mx.float16]
 
         # a wrong kernel (routing weights doubled) is caught by the check of a new variant
@@ -365,7 +407,7 @@ def test_fused_moe_self_checks_once_then_falls_back_with_one_warning(monkeypatch
         inds2, scores2 = _route(rng, (1, 2), 4, 2)
         with pytest.warns(RuntimeWarning, match="disagree with MLX's reference"):
             y2 = ops.moe(x2, inds2, scores2, switch, shared)
-        ref2 = _module_reference(x2, inds2, scores2, switch, shared)
+        ref2 = moe_reference(x2, inds2, scores2, switch, shared)
         assert ulps(y2, ref2, mx.float16) <= 4 * Y_TOLERANCE[mx.float16]  # MLX's result
         assert metal_ops._State.disabled == {"moe"}
         with warnings.catch_warnings():

@@ -13,6 +13,7 @@ from checkpoints import (
     build_kimi_model,
     hf_logits,
     read_config,
+    rel_err,
     save_hf_checkpoint,
     write_int4_kimi,
 )
@@ -25,11 +26,6 @@ from mlx_deepseek.errors import CheckpointError, ConfigError, DeepSeekError
 from mlx_deepseek.models.compressed_tensors import packed_format
 
 TOKENS = np.random.RandomState(4).randint(2, 320, size=(2, 14))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def relabel(path, **fields):

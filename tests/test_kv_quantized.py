@@ -215,13 +215,23 @@ def test_mlx_lm_kv_bits_and_its_quantized_cache_class(demo, tmp_path):
     assert np.abs(both - want).max() <= 2e-5 * np.abs(want).max()
 
 
-def test_chat_save_and_load_with_a_quantized_cache(demo, tmp_path):
+def answered_chat(demo, kv_bits: int):
+    """A demo chat session (no MTP) with a kv_bits cache, after one answer."""
     from mlx_deepseek.chat.session import ChatSession
 
     _, tokenizer = demo
-    model, _ = mlx_deepseek.load("demo", kv_bits=8)
-    a = ChatSession(model, tokenizer, name="demo", mtp=False)
-    "".join(c.text for c in a.respond("What is 12 + 30?"))
+    model, _ = mlx_deepseek.load("demo", kv_bits=kv_bits)
+    chat = ChatSession(model, tokenizer, name="demo", mtp=False)
+    "".join(c.text for c in chat.respond("What is 12 + 30?"))
+    return chat
+
+
+def test_chat_save_and_load_with_a_quantized_cache(demo, tmp_path):
+    from mlx_deepseek.chat.session import ChatSession
+
+    a = answered_chat(demo, kv_bits=8)
+    _, tokenizer = demo
+    model = a.model
     path = a.save(tmp_path / "chat")
     b = ChatSession(model, tokenizer, name="demo", mtp=False)
     b.load(path)
@@ -271,10 +281,9 @@ def test_bad_kv_bits_are_one_line(bits):
 def test_a_damaged_quantized_session_file_is_refused_in_one_line(demo, tmp_path):
     from mlx_deepseek.chat.session import ChatSession
 
+    a = answered_chat(demo, kv_bits=4)
     _, tokenizer = demo
-    model, _ = mlx_deepseek.load("demo", kv_bits=4)
-    a = ChatSession(model, tokenizer, name="demo", mtp=False)
-    "".join(c.text for c in a.respond("What is 12 + 30?"))
+    model = a.model
     path = a.save(tmp_path / "chat")
     arrays, meta = mx.load(str(path), return_metadata=True)
     assert meta["1.0"] == "QuantizedKVCache" and arrays["0.0.0"].dtype == mx.uint32

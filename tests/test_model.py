@@ -3,17 +3,12 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import FAMILIES, build_hf_model, hf_logits, save_hf_checkpoint
+from checkpoints import FAMILIES, build_hf_model, hf_logits, rel_err, save_hf_checkpoint
 
 import mlx_deepseek
 from mlx_deepseek.models.mla import MLAttention
 
 TOKENS = np.random.RandomState(0).randint(2, 320, size=(2, 16))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -7,6 +7,7 @@ import pytest
 from checkpoints import add_mtp_layer, build_hf_model, save_hf_checkpoint
 
 import mlx_deepseek
+from mlx_deepseek import compiled
 from mlx_deepseek.decoding import StepOptions, decode_steps
 from mlx_deepseek.sampling import SamplingSettings, greedy, make_sampler
 from mlx_deepseek.speculative import MTPDecoder
@@ -29,28 +30,49 @@ def run(model, step_fn, n=24, prompt=PROMPT, sampler=greedy, cache=None, prior=(
     return [s.token for s in step_fn(model, mx.array(prompt), cache, opts)], cache
 
 
-def oracle_drafts(model, sequence, wrong=()):
-    """Make the MTP head propose the true greedy continuation (wrong at positions `wrong`)."""
+def use_oracle(model, monkeypatch, sequence, wrong=()):
+    """Make the MTP head propose the true greedy continuation (wrong at positions `wrong`).
+
+    Written in array operations on the MTP cache's offset, so that it works inside a
+    compiled round too (there the offset is an array: compiled.TracedCache)."""
     vocab = model.args.vocab_size
+    n = len(sequence) + 64
+    truth = mx.array(list(sequence) + [0] * (n - len(sequence)))
+    miss = mx.array([i in wrong for i in range(n)])
+    real_hidden = model.mtp_hidden
+    seen = {}
+
+    def mtp_hidden(hidden, next_tokens, depth=0, cache=None):
+        seen["cache"] = cache
+        return real_hidden(hidden, next_tokens, depth, cache)
 
     def mtp_logits(h, depth=0):
         # the draft predicts the token after the one the MTP cache position pairs with
-        pos = model._oracle_cache.offset + 1
-        token = sequence[pos] if pos < len(sequence) else 0
-        if pos in wrong:
-            token = (token + 1) % vocab
+        pos = mx.array(seen["cache"].offset + 1)
+        token = mx.where(miss[pos], (truth[pos] + 1) % vocab, truth[pos])
         return mx.where(mx.arange(vocab) == token, 10.0, -10.0)[None, None]
 
-    return mtp_logits
+    monkeypatch.setattr(model, "mtp_hidden", mtp_hidden)
+    monkeypatch.setattr(model, "mtp_logits", mtp_logits)
+    compiled.forget(model)  # traces made with the real head
+
+
+@pytest.fixture(params=["compiled", "uncompiled"])
+def compiling(request, monkeypatch, model):
+    """Each test once with the MTP rounds (and plain steps) compiled, once without."""
+    monkeypatch.setenv(compiled.ENV, "1" if request.param == "compiled" else "0")
+    yield request.param == "compiled"
+    compiled.forget(model)  # a test may have traced a patched head
 
 
 @pytest.mark.parametrize("draft_tokens,speculate", [(1, False), (2, False), (3, False), (2, True)])
-def test_greedy_output_identical_with_random_drafts(model, draft_tokens, speculate):
+def test_greedy_output_identical_with_random_drafts(model, compiling, draft_tokens, speculate):
     plain, plain_cache = run(model, decode_steps)
     decoder = MTPDecoder(draft_tokens, speculate=speculate)
     spec, spec_cache = run(model, decoder)
     assert spec == plain
     assert decoder.stats.drafted > 0
+    assert ("mtp_round" in compiled.functions(model)) == compiling
     # rolled back exactly: same cache length and contents as plain decoding
     assert spec_cache.length == plain_cache.length
     n = plain_cache.length
@@ -68,17 +90,19 @@ WRONG = {9, 10, 14, 15, 16, 21, 27, 28, 30}
     [(1, (), False), (3, (), False), (1, WRONG, False), (2, WRONG, False), (3, WRONG, False)]
     + [(1, (), True), (2, WRONG, True), (3, WRONG, True)],
 )
-def test_accepted_drafts_keep_greedy_output(model, monkeypatch, draft_tokens, wrong, speculate):
+def test_accepted_drafts_keep_greedy_output(
+    model, monkeypatch, compiling, draft_tokens, wrong, speculate
+):
     """Also with each round built before the previous one is read (speculate), where a
     rejected draft throws the next round away."""
     plain, plain_cache = run(model, decode_steps, n=30)
     sequence = PROMPT + plain
     cache = model.make_cache()
-    model._oracle_cache = cache.mtp[0]
-    monkeypatch.setattr(model, "mtp_logits", oracle_drafts(model, sequence, wrong))
+    use_oracle(model, monkeypatch, sequence, wrong)
     decoder = MTPDecoder(draft_tokens, speculate=speculate)
     spec, _ = run(model, decoder, n=30, cache=cache)
     assert spec == plain
+    assert ("mtp_round" in compiled.functions(model)) == compiling
     stats = decoder.stats
     if not wrong:
         assert stats.accepted == stats.drafted  # a perfect draft is always accepted
@@ -95,7 +119,9 @@ def test_accepted_drafts_keep_greedy_output(model, monkeypatch, draft_tokens, wr
 
 
 @pytest.mark.parametrize("draft_tokens,speculate", [(1, False), (3, False), (2, True)])
-def test_logits_processors_see_the_drafts_before_each_position(model, draft_tokens, speculate):
+def test_logits_processors_see_the_drafts_before_each_position(
+    model, compiling, draft_tokens, speculate
+):
     """A repetition penalty over drafted tokens (applied on the device, within the round)
     keeps greedy output identical to plain decoding with the same penalty."""
     from mlx_deepseek.sampling import make_logits_processors
@@ -110,7 +136,7 @@ def test_logits_processors_see_the_drafts_before_each_position(model, draft_toke
     assert spec == plain
 
 
-def test_continuing_a_cache_resyncs_the_mtp_state(model, monkeypatch):
+def test_continuing_a_cache_resyncs_the_mtp_state(model, compiling):
     """A second call on the same cache (the chat's next turn) keeps greedy output identical."""
     first, cache = run(model, decode_steps, n=10)
     full = PROMPT + first

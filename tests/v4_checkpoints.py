@@ -232,6 +232,8 @@ def mtp_tensors(config: dict, seed: int) -> dict[str, np.ndarray]:
         else:
             value = rng.standard_normal(shape) / shape[-1] ** 0.5
         name = name.replace("norm.hc_", "hc_head_")
+        for proj, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            name = name.replace(f"shared_experts.{proj}.", f"shared_experts.{w}.")
         out[f"mtp.0.{name}"] = value.astype(np.float32)
     return out
 

@@ -151,11 +151,15 @@ def metal_sdpa_fused(q: mx.array, k: mx.array, v: mx.array, mask) -> bool:
 
 
 @contextmanager
-def counting(metal_equivalent: bool = True) -> Iterator[dict[str, mx.array]]:
+def counting(
+    metal_equivalent: bool = True, backend: str = "metal"
+) -> Iterator[dict[str, mx.array]]:
     """Build graphs for counting: yields the placeholder table to pass as `named`.
 
-    With metal_equivalent, mx.fast ops that Metal fuses become one placeholder each.
-    Graphs built inside must never be evaluated (placeholders hold zeros).
+    With metal_equivalent, mx.fast ops that Metal fuses become one placeholder each, and the
+    model's ops run on `backend`: "metal" (mlx-deepseek's custom kernels as on a Mac) or
+    "mlx" (the reference path: MLX ops only). Graphs built inside must never be evaluated
+    (placeholders hold zeros).
     """
     global _placeholders
     if _placeholders is not None:
@@ -165,7 +169,7 @@ def counting(metal_equivalent: bool = True) -> Iterator[dict[str, mx.array]]:
     pretend = ExitStack()
     if metal_equivalent:
         pretend.enter_context(kernels.pretend_metal(_kernel_placeholders))
-        pretend.enter_context(ops.use("metal"))
+        pretend.enter_context(ops.use(backend))
         saved = {n: getattr(mx.fast, n) for n in ("rms_norm", "layer_norm", "rope")}
         saved["scaled_dot_product_attention"] = mx.fast.scaled_dot_product_attention
         sdpa = saved["scaled_dot_product_attention"]
@@ -210,8 +214,10 @@ def counting(metal_equivalent: bool = True) -> Iterator[dict[str, mx.array]]:
         _placeholders = None
 
 
-def count_step(step: Callable[[], Sequence[mx.array]], metal_equivalent: bool = True):
+def count_step(
+    step: Callable[[], Sequence[mx.array]], metal_equivalent: bool = True, backend: str = "metal"
+):
     """Count the primitives of the graph `step()` builds (it must not evaluate anything)."""
-    with counting(metal_equivalent) as named:
+    with counting(metal_equivalent, backend) as named:
         outputs = step()
         return count_primitives(outputs, named)

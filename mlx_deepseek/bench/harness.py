@@ -7,12 +7,13 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from . import metrics, modes
+from . import metrics, modes, v4
 from .counting import count_step
 from .models import DEFAULT_CACHE, SHAPES, prepare
 from .profile import profile
@@ -21,15 +22,15 @@ from .runtimes import (
     OURS,
     Runtime,
     cache_bytes_per_token,
-    cache_nbytes,
+    cache_read_bytes,
     decode_step,
+    decode_tok_s,
     filled_cache,
+    held_bytes,
     load_mlx_lm,
     load_ours,
     prefill,
-    restore,
     rewind,
-    snapshot,
 )
 
 SCHEMA_VERSION = 1
@@ -39,7 +40,7 @@ COUNTING_RULE = (
     "mx.compile fusion counts once; Metal-equivalent: mx.fast rms_norm/rope/SDPA calls that "
     "MLX's Metal back-end runs fused, and mx.dequantize, count as one node (the CPU expands "
     "them); mlx-deepseek's custom Metal kernels are on as on a Mac, each launch counted as one "
-    "node"
+    "node ('metal_equivalent'), or off: MLX ops only ('metal_equivalent_reference')"
 )
 KERNEL_COUNTING = {
     True: "custom Metal kernels: this machine runs them; each launch counted as one node",
@@ -65,6 +66,26 @@ CONFIG_FIELDS = (
     "topk_method",
     "n_group",
     "topk_group",
+)
+V4_CONFIG_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "compress_ratios",
+    "num_attention_heads",
+    "head_dim",
+    "qk_rope_head_dim",
+    "q_lora_rank",
+    "o_groups",
+    "o_lora_rank",
+    "n_routed_experts",
+    "moe_intermediate_size",
+    "num_experts_per_tok",
+    "index_n_heads",
+    "index_head_dim",
+    "index_topk",
+    "sliding_window",
+    "hc_mult",
 )
 CACHE_FILL = (
     "random: each runtime's own KV cache filled with random values of its real shape and "
@@ -145,12 +166,13 @@ def run(settings: Settings, log: Log = print) -> dict[str, Any]:
         ckpts = prepare(
             shape, settings.cache_dir, bits=settings.bits, group_size=settings.group_size, log=log
         )
-        log(f"{shape.name}: loading both runtimes")
-        ours = load_ours(ckpts.ours, dtype)
-        lm = load_mlx_lm(ckpts.mlx_lm, dtype)
+        log(f"{shape.name}: loading " + ("both runtimes" if ckpts.mlx_lm else OURS))
+        runtimes = [load_ours(ckpts.ours, dtype)]
+        if ckpts.mlx_lm:
+            runtimes.append(load_mlx_lm(ckpts.mlx_lm, dtype))
         wanted = shape_modes(settings, name)
-        entry = measure_model(settings, [ours, lm], log, wanted)
-        if "mlx-first" in wanted:
+        entry = measure_model(settings, runtimes, log, wanted)
+        if "mlx-first" in wanted and ckpts.mlx_lm:
             _measure_mlx_first(settings, entry, {OURS: str(ckpts.ours), MLX_LM: str(ckpts.mlx_lm)},
                                log)  # fmt: skip
         entry.update(
@@ -161,13 +183,14 @@ def run(settings: Settings, log: Log = print) -> dict[str, Any]:
             checkpoints={
                 "source_bf16": str(ckpts.source),
                 OURS: str(ckpts.ours),
-                MLX_LM: str(ckpts.mlx_lm),
-                "quantized_by": {OURS: ckpts.ours_quantized_by, MLX_LM: "mlx-lm"},
+                MLX_LM: str(ckpts.mlx_lm) if ckpts.mlx_lm else None,
+                "quantized_by": {OURS: ckpts.ours_quantized_by}
+                | ({MLX_LM: "mlx-lm"} if ckpts.mlx_lm else {}),
             },
         )
         entry["notes"] = ckpts.notes + entry["notes"]
         results.append(entry)
-        del ours, lm
+        del runtimes
         mx.clear_cache()
     for path in settings.models:
         results.append(measure_user_model(settings, Path(path), dtype, log))
@@ -239,22 +262,29 @@ def _peak(fn: Callable[[], Any], resident: int) -> tuple[Any, int]:
     return out, resident + max(0, mx.get_peak_memory() - base)
 
 
+def new_result(rt: Runtime, weights: bool = True) -> dict[str, Any]:
+    """One runtime's result before measuring (weights=False: no weight sizes, for the
+    mlx-first child, which only decodes)."""
+    return {
+        "checkpoint": str(rt.checkpoint),
+        "notes": rt.notes,
+        "weights_bytes": metrics.parameter_bytes(rt.model) if weights else 0,
+        "weight_bytes_per_token": metrics.weight_bytes_per_token(rt.model, rt.config)
+        if weights
+        else 0,
+        "decode_tok_s": {},
+        "peak_memory_bytes": {"decode": {}},
+        "cache_bytes": {},
+        "cache_read_bytes": {},  # what one decode step reads of it
+    }
+
+
 def measure_model(
     settings: Settings, runtimes: list[Runtime], log: Log, wanted: list[str] | None = None
 ) -> dict[str, Any]:
     """Every measurement of one model, for each runtime (keyed by runtime name); `wanted`:
     the modes measured in this process ("cache" always)."""
-    res: dict[str, dict[str, Any]] = {}
-    for rt in runtimes:
-        res[rt.name] = {
-            "checkpoint": str(rt.checkpoint),
-            "notes": rt.notes,
-            "weights_bytes": metrics.parameter_bytes(rt.model),
-            "weight_bytes_per_token": metrics.weight_bytes_per_token(rt.model, rt.config),
-            "decode_tok_s": {},
-            "peak_memory_bytes": {"decode": {}},
-            "cache_bytes": {},
-        }
+    res = {rt.name: new_result(rt) for rt in runtimes}
     agreement = None
     if settings.prompt_tokens > 0:
         agreement = _measure_prefill(settings, runtimes, res, log)
@@ -279,13 +309,17 @@ def measure_model(
     # last: counting patches mx.fast while it traces
     _count(runtimes, res, min(settings.contexts) if settings.contexts else 16)
     config = runtimes[0].config
-    return {
+    entry = {
         "model_type": config.get("model_type"),
         "config": {k: config.get(k) for k in CONFIG_FIELDS},
         "runtimes": res,
         "agreement": agreement,
         "notes": [],
     }
+    if config.get("model_type") == "deepseek_v4":
+        entry["config"] = {k: config.get(k) for k in V4_CONFIG_FIELDS}
+        entry["kv_comparison"] = v4.kv_comparison(config)
+    return entry
 
 
 def _measure_mlx_first(
@@ -364,7 +398,7 @@ def _measure_prefill_at(
                 mx.eval(rt.model(tokens, cache=cache))
                 return P / (time.perf_counter() - t)
 
-            resident = res[rt.name]["weights_bytes"] + cache_nbytes(cache)
+            resident = res[rt.name]["weights_bytes"] + held_bytes(cache)
             try:
                 tok_s, peak = _peak(chunk, resident)
             except (RuntimeError, MemoryError) as e:  # MLX's allocation failures
@@ -394,24 +428,16 @@ def _measure_decode(
         c = caches[rt.name]
         res[rt.name]["kv_bytes_per_token"] = cache_bytes_per_token(c)
         res[rt.name]["cache_bytes"][str(ctx)] = int(cache_bytes_per_token(c) * ctx)
+        res[rt.name]["cache_read_bytes"][str(ctx)] = cache_read_bytes(rt, c)
         mx.eval(decode_step(rt, mx.array([[1]]), c))  # warm up: compiles, first touch
-
-    def steps(rt: Runtime, cache: list[Any]) -> float:
-        rewind(cache, ctx)
-        tok = mx.array([[1]])
-        t = time.perf_counter()
-        for _ in range(N):
-            tok = decode_step(rt, tok, cache)
-            mx.eval(tok)
-        return N / (time.perf_counter() - t)
 
     samples: dict[str, list[float]] = {rt.name: [] for rt in runtimes}
     for rep in range(R):
         for rt in _order(runtimes, rep):
             cache = caches[rt.name]
             resident = res[rt.name]["weights_bytes"]
-            resident += cache_nbytes(cache)
-            tok_s, peak = _peak(lambda rt=rt, cache=cache: steps(rt, cache), resident)
+            resident += held_bytes(cache)
+            tok_s, peak = _peak(partial(decode_tok_s, rt, cache, ctx, N), resident)
             samples[rt.name].append(tok_s)
             _keep_max(res[rt.name]["peak_memory_bytes"]["decode"], str(ctx), peak)
         log(
@@ -429,15 +455,18 @@ def _measure_decode(
 
 
 def _count(runtimes: list[Runtime], res: dict[str, Any], ctx: int) -> None:
-    """Primitives of one decode step, on a throwaway cache (the traced step is never run)."""
+    """Primitives of one decode step, on throwaway caches (the traced step is never run)."""
+    modes = [("metal_equivalent", True, "metal"), ("this_backend", False, "metal")]
     for rt in runtimes:
-        cache = filled_cache(rt, ctx, room=2)
-        saved = snapshot(cache)
         counts = {}
-        for mode, metal in (("metal_equivalent", True), ("this_backend", False)):
-            restore(cache, saved)
+        # ours also without its custom kernels: MLX ops only, fast ops fused as on Metal
+        extra = [("metal_equivalent_reference", True, "mlx")] if rt.name == OURS else []
+        for mode, metal, backend in modes + extra:
+            cache = filled_cache(rt, ctx, room=2)
             counts[mode] = count_step(
-                lambda rt=rt, cache=cache: [decode_step(rt, mx.array([[1]]), cache)], metal
+                lambda rt=rt, cache=cache: [decode_step(rt, mx.array([[1]]), cache)],
+                metal,
+                backend,
             ).as_dict()
         res[rt.name]["primitives_per_token"] = counts
 
@@ -451,11 +480,24 @@ def derive(entry: dict[str, Any], read_gbps: float, prompt_tokens: int = 0) -> N
         w = r["weight_bytes_per_token"]["total"]
         r["effective_gbps"], r["bandwidth_fraction"], r["bytes_read_per_token"] = {}, {}, {}
         for ctx, s in r["decode_tok_s"].items():
-            r["bytes_read_per_token"][ctx] = w + r["cache_bytes"][ctx]
-            gbps = (w + r["cache_bytes"][ctx]) * s["median"] / 1e9
+            cache = r.get("cache_read_bytes", r["cache_bytes"])[ctx]
+            r["bytes_read_per_token"][ctx] = w + cache
+            gbps = (w + cache) * s["median"] / 1e9
             r["effective_gbps"][ctx] = gbps
             r["bandwidth_fraction"][ctx] = gbps / read_gbps
     rts = entry["runtimes"]
+    if entry.get("model_type") == "deepseek_v4" and OURS in rts:
+        entry["ratios"], entry["targets"] = {}, []
+        tok_s = rts[OURS]["decode_tok_s"]
+        contexts = sorted(tok_s, key=int)
+        if len(contexts) > 1:  # V4's decode reads the window and top-k rows: nearly flat
+            lo, hi = contexts[0], contexts[-1]
+            flat = tok_s[hi]["median"] / tok_s[lo]["median"]
+            entry["ratios"]["decode_vs_shortest"] = {
+                c: tok_s[c]["median"] / tok_s[lo]["median"] for c in contexts
+            }
+            entry["targets"] = [_target(f"decode at {hi} vs {lo}", flat, ">=", 0.8)]
+        return
     if OURS not in rts or MLX_LM not in rts:
         entry["ratios"], entry["targets"] = {}, []
         return

@@ -29,8 +29,9 @@ def weight_bytes_per_token(model: nn.Module, config: dict[str, Any]) -> dict[str
     """Bytes of weights one decoded token reads, by part, from the model's actual arrays.
 
     Routed experts (`switch_mlp`, stacked [E, ...]): top-k of E experts' bytes per layer;
-    the embedding: one row; everything else (attention, dense MLPs, shared experts, router,
-    norms, the LM head): all of it. MTP modules are not read when decoding.
+    the embedding and V4's hash table (`tid2eid`): one row; everything else (attention,
+    dense MLPs, shared experts, router, norms, the LM head): all of it. MTP modules are not
+    read when decoding.
     """
     top_k = config.get("num_experts_per_tok") or 1
     parts = {"attention": 0, "dense_mlp": 0, "shared_experts": 0, "routed_experts": 0}
@@ -41,13 +42,13 @@ def weight_bytes_per_token(model: nn.Module, config: dict[str, Any]) -> dict[str
         n = v.nbytes
         if ".switch_mlp." in name:
             parts["routed_experts"] += n * top_k // v.shape[0]
-        elif "embed_tokens" in name:
-            parts["embedding"] += n // v.shape[0]
-        elif ".self_attn." in name:
+        elif "embed_tokens" in name or name.endswith(".tid2eid"):  # one row per token
+            parts["embedding" if "embed_tokens" in name else "router"] += n // v.shape[0]
+        elif ".self_attn." in name or ".attn." in name:  # V4: attn
             parts["attention"] += n
         elif ".shared_experts." in name:
             parts["shared_experts"] += n
-        elif ".mlp.gate." in name:
+        elif ".mlp.gate." in name or ".ffn.gate." in name:
             parts["router"] += n
         elif ".mlp." in name:
             parts["dense_mlp"] += n

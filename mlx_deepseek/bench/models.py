@@ -42,6 +42,9 @@ class Shape:
     title: str
     config: dict[str, Any]
     scaled: list[str] = field(default_factory=list)  # "field: bench (real)" lines
+    # "mla": a bf16 source quantized by both tools; "v4": DeepSeek's FP8/FP4 release layout
+    # converted by mlx-deepseek alone (mlx-lm has no V4 model)
+    family: str = "mla"
 
     @property
     def key(self) -> str:
@@ -187,14 +190,46 @@ def tiny_shape(model_type: str = "deepseek_v2") -> Shape:
     return Shape(name[model_type], f"tiny {model_type}", config, ["everything (a test model)"])
 
 
+def v4_flash_shape(ratios: tuple[int, ...] = (0, 4, 128), experts: int = 16,
+                   vocab: int = 16384) -> Shape:  # fmt: skip
+    """DeepSeek-V4-Flash's per-layer shapes (512-d shared K=V over 64 heads, q / o LoRA 1024 in
+    8 groups, 2048-wide FP4 experts, 6 active, the indexer's 64 x 128 heads and top-512,
+    window 128, 4 hyper-connection copies); few layers of each attention kind, fewer routed
+    experts and a smaller vocabulary."""
+    from .v4 import flash_config
+
+    config = flash_config(list(ratios), experts, vocab)
+    kinds = {0: "sliding", 4: "compressed sparse"}
+    scaled = [
+        f"layers: {len(ratios)} = "
+        + " + ".join(kinds.get(r, f"heavily compressed (ratio {r})") for r in ratios)
+        + " (real 43 = 2 sliding + 21 compressed sparse + 20 heavily compressed)",
+        f"n_routed_experts: {experts} (real 256)",
+        f"vocab_size: {vocab} (real 129280)",
+        "hash-routed layers: 1 (real 3); MTP layer: none (real 1; decode does not read it)",
+    ]
+    return Shape("v4-flash", "V4-Flash-shaped", config, scaled, family="v4")
+
+
+def tiny_v4_shape() -> Shape:
+    """A V4 model of a few MB with a sliding, a compressed sparse and a heavily compressed
+    layer (tests, a harness smoke run)."""
+    from .v4 import tiny_config as v4_tiny
+
+    config = v4_tiny([0, 4, 16])
+    return Shape("tiny-v4", "tiny deepseek_v4", config, ["everything (a test model)"], "v4")
+
+
 SHAPES: dict[str, Callable[[], Shape]] = {
     "v2-lite": v2_lite_shape,
     "v3": v3_shape,
     "attn": attention_shape,
+    "v3.2": v32_shape,
+    "v4-flash": v4_flash_shape,
     "tiny-v2": lambda: tiny_shape("deepseek_v2"),
     "tiny-v3": lambda: tiny_shape("deepseek_v3"),
-    "v3.2": v32_shape,
     "tiny-v32": lambda: tiny_shape("deepseek_v32"),
+    "tiny-v4": tiny_v4_shape,
 }
 
 
@@ -219,8 +254,10 @@ def prepare(
 ) -> Checkpoints:
     """Write (once) the bf16 source and both quantized checkpoints of `shape` under cache_dir."""
     root = Path(cache_dir).expanduser() / shape.key
-    source = _once(root / "bf16", lambda p: _write_source(shape, p), log, "bf16 source")
     q = f"q{bits}g{group_size}"
+    if shape.family == "v4":
+        return _prepare_v4(shape, root, q, bits, group_size, log)
+    source = _once(root / "bf16", lambda p: _write_source(shape, p), log, "bf16 source")
     lm = _once(
         root / f"mlx-lm-{q}",
         lambda p: quantize_with_mlx_lm(source, p, bits, group_size),
@@ -243,6 +280,26 @@ def prepare(
         )
         ours, by = lm, "mlx-lm (mlx-deepseek convert unavailable)"
     return Checkpoints(source, ours, lm, notes, by)
+
+
+def _prepare_v4(
+    shape: Shape, root: Path, q: str, bits: int, group_size: int, log: Callable[[str], None]
+) -> Checkpoints:
+    """DeepSeek's release layout (FP8 / FP4), converted by mlx-deepseek: the FP4 experts
+    stay mxfp4 bit for bit, the FP8 linears become `bits`-bit affine."""
+    from .v4 import write_source
+
+    source = _once(
+        root / "release", lambda p: write_source(shape.config, p), log, "FP8/FP4 release source"
+    )
+    ours = _once(
+        root / f"mlx-deepseek-{q}",
+        lambda p: quantize_with_ours(source, p, bits, group_size),
+        log,
+        f"mlx-deepseek {bits}-bit (experts mxfp4)",
+    )
+    note = "mlx-lm has no deepseek_v4 model: mlx-deepseek is measured alone"
+    return Checkpoints(source, ours, None, [note], "mlx-deepseek convert (FP8/FP4 release)")
 
 
 def _once(folder: Path, make: Callable[[Path], None], log: Callable[[str], None], what: str):

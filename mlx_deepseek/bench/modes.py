@@ -20,13 +20,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
+from .. import compiled
 from . import metrics
-from .runtimes import OURS, Runtime, decode_step, rewind
+from .runtimes import Runtime, decode_step, decode_tok_s
 
 MODES = ("cache", "prefill", "mlx-first")
 PREFILL_CHUNK = 512
@@ -66,14 +66,7 @@ def decode_after_prefill(
     samples: dict[str, list[float]] = {rt.name: [] for rt in runtimes}
     for rep in range(repeats):
         for rt in _order(runtimes, rep):
-            cache = caches[rt.name]
-            rewind(cache, ctx)
-            tok = mx.array([[1]])
-            t = time.perf_counter()
-            for _ in range(tokens):
-                tok = decode_step(rt, tok, cache)
-                mx.eval(tok)
-            samples[rt.name].append(tokens / (time.perf_counter() - t))
+            samples[rt.name].append(decode_tok_s(rt, caches[rt.name], ctx, tokens))
         log(
             f"  decode at {ctx} after prefill ({rep + 1}/{repeats}): "
             + ", ".join(f"{n} {s[-1]:.2f} tok/s" for n, s in samples.items())
@@ -85,7 +78,7 @@ def decode_after_prefill(
 
 # ---- a process that imported mlx first ---------------------------------------------------------
 
-CHILD = "import mlx.core\nfrom mlx_deepseek.bench.modes import child_main\nchild_main()\n"
+CHILD = "import mlx.core\nfrom mlx_deepseek.bench.child import child_main\nchild_main()\n"
 
 
 def decode_in_mlx_first_process(
@@ -110,45 +103,6 @@ def decode_in_mlx_first_process(
         tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"the mlx-first child process failed: {tail[0]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def child_main() -> None:
-    """The child's side (its first line imported mlx.core): the job on stdin, JSON out."""
-    job = json.loads(sys.stdin.read())
-    import mlx_deepseek  # noqa: F401  (what a user's script does next)
-    from mlx_deepseek import _blas
-
-    from .harness import Settings as HarnessSettings
-    from .harness import _measure_decode, compute_dtype, resolve_defaults
-    from .runtimes import load_mlx_lm, load_ours
-
-    settings = resolve_defaults(
-        HarnessSettings(
-            dtype=job["dtype"],
-            contexts=job["contexts"],
-            decode_tokens=job["tokens"],
-            repeats=job["repeats"],
-            prompt_tokens=0,
-        )
-    )
-    dtype = compute_dtype(settings)
-    runtimes = [load_ours(Path(job["checkpoints"][OURS]), dtype)]
-    lm = job["checkpoints"].get("mlx-lm")
-    if lm:
-        runtimes.append(load_mlx_lm(Path(lm), dtype))
-    res: dict[str, dict[str, Any]] = {
-        rt.name: {"decode_tok_s": {}, "peak_memory_bytes": {"decode": {}}, "cache_bytes": {},
-                  "weights_bytes": 0}
-        for rt in runtimes
-    }  # fmt: skip
-
-    def log(msg: str) -> None:
-        print(f"  [mlx-first] {msg.strip()}", file=sys.stderr, flush=True)
-
-    for ctx in settings.contexts:
-        _measure_decode(settings, runtimes, res, ctx, log)
-    decode = {n: r["decode_tok_s"] for n, r in res.items()}
-    print(json.dumps({"blas": _blas.mlx_blas(), "decode_tok_s": decode}))
 
 
 # ---- MTP ---------------------------------------------------------------------------------------
@@ -225,33 +179,35 @@ class _nothing:
 
 class _perfect_drafts:
     """model.mtp_logits plus a bonus on the main model's greedy token at each position (the
-    real head still runs: its cost is measured, its acceptance is a perfect head's)."""
+    real head still runs: its cost is measured, its acceptance is a perfect head's). In array
+    operations on the MTP cache's offset, so that it also works inside a compiled round
+    (compiled.py: there the offset is an array)."""
 
     def __init__(self, model, sequence: list[int]):
         self.model, self.sequence = model, sequence
 
     def __enter__(self):
         model, seq = self.model, self.sequence
-        real = type(model).mtp_logits
+        real_logits, real_hidden = type(model).mtp_logits, type(model).mtp_hidden
         vocab = model.args.vocab_size
+        targets = mx.array(list(seq) + [0] * 64)
         state = {"cache": None}
 
+        def mtp_hidden(hidden, next_tokens, depth=0, cache=None):
+            state["cache"] = cache
+            return real_hidden(model, hidden, next_tokens, depth, cache)
+
         def mtp_logits(h, depth=0):
-            logits = real(model, h, depth)
-            pos = state["cache"].offset + 1  # the MTP entry i pairs h_i with token i + 1
-            target = seq[pos] if pos < len(seq) else 0
-            return logits + mx.where(mx.arange(vocab) == target, PERFECT_BONUS, 0.0)
+            logits = real_logits(model, h, depth)
+            pos = mx.array(state["cache"].offset + 1)  # MTP entry i pairs h_i with token i + 1
+            pos = mx.minimum(pos, targets.size - 1)
+            return logits + mx.where(mx.arange(vocab) == targets[pos], PERFECT_BONUS, 0.0)
 
-        real_make = type(model).make_cache
-
-        def make_cache():
-            cache = real_make(model)
-            state["cache"] = cache.mtp[0]
-            return cache
-
-        model.mtp_logits, model.make_cache = mtp_logits, make_cache
+        model.mtp_logits, model.mtp_hidden = mtp_logits, mtp_hidden
+        compiled.forget(model)  # traces made with the real head
         return self
 
     def __exit__(self, *exc):
-        del self.model.mtp_logits, self.model.make_cache
+        compiled.forget(self.model)
+        del self.model.mtp_logits, self.model.mtp_hidden
         return False

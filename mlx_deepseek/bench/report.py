@@ -127,6 +127,12 @@ def model_table(entry: dict[str, Any], result: dict[str, Any]) -> Table:
             ratios.get("primitives_per_token"),
             _target_cell(entry, "primitives per token (after the kernel issue)"),
         )
+        ref = [rts[n]["primitives_per_token"].get("metal_equivalent_reference") for n in names]
+        if any(ref):
+            row(
+                "primitives per token (Metal-equivalent, no custom kernels)",
+                [str(r["total"]) if r else "-" for r in ref],
+            )
         row(
             "primitives per token (as run here)",
             [str(rts[n]["primitives_per_token"]["this_backend"]["total"]) for n in names],
@@ -185,6 +191,29 @@ def profile_table(entry: dict[str, Any]) -> Table | None:
     return table
 
 
+def v4_lines(entry: dict[str, Any]) -> list[str]:
+    """A V4 entry's decode speed relative to its shortest context (its target) and its KV
+    cache bytes per token next to V3's."""
+    lines = []
+    for ctx, r in entry.get("ratios", {}).get("decode_vs_shortest", {}).items():
+        target = _target_cell(
+            entry, f"decode at {ctx} vs {min(entry['ratios']['decode_vs_shortest'], key=int)}"
+        )
+        lines.append(f"  decode at {ctx} / at the shortest context: {r:.2f}x {target}".rstrip())
+    kv = entry.get("kv_comparison")
+    if kv:
+        lines.append(
+            f"  KV cache per token ({kv['dtype']}), whole models: V4-Flash "
+            f"{kv['v4_flash_bytes_per_token']:,} B ({kv['v4_flash_values_per_token']:,} values, "
+            f"+ {kv['v4_flash_window_bytes'] / 1e6:.1f} MB of bounded windows) vs V3 "
+            f"{kv['v3_bytes_per_token']:,} B ({kv['v3_values_per_token']:,} values): "
+            f"{kv['v3_over_v4']:.1f}x less; this synthetic model's layers: "
+            f"{kv['synthetic_values_per_token']:,} values per token (as V3 layers: "
+            f"{kv['synthetic_v3_values_per_token']:,})"
+        )
+    return lines
+
+
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     m, s = result["machine"], result["settings"]
@@ -202,7 +231,9 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     console.print(f"long contexts: {s['cache_fill']}")
     if s.get("kernel_counting"):
         console.print(f"primitives per token (Metal-equivalent): {s['kernel_counting']}")
-    ratio_note = next((e["ratios"]["method"] for e in result["models"] if e.get("ratios")), None)
+    ratio_note = next(
+        (e["ratios"]["method"] for e in result["models"] if "method" in e.get("ratios", {})), None
+    )
     if ratio_note:
         console.print(ratio_note)
     bw = result["bandwidth"]
@@ -220,11 +251,13 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
             console.print("  scaled from the real model: " + "; ".join(entry["scaled"]))
         by = entry.get("checkpoints", {}).get("quantized_by")
         if by:
-            console.print(f"  quantized by: {OURS}: {by[OURS]}; {MLX_LM}: {by[MLX_LM]}")
+            console.print("  quantized by: " + "; ".join(f"{k}: {v}" for k, v in by.items()))
         if entry.get("mlx_first_blas"):
             blas = {"openblas": "OpenBLAS", "other": "the reference BLAS"}
             name = blas.get(entry["mlx_first_blas"], "an unknown BLAS")
             console.print(f"  mlx-first mode: MLX's matmuls called {name} there")
+        for line in v4_lines(entry):
+            console.print(line)
         if entry.get("agreement"):
             console.print(
                 "  last-token logits, ours vs mlx-lm: max relative difference "

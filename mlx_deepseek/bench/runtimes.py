@@ -20,6 +20,8 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlx_deepseek import _blas
 
+from . import v4
+
 OURS = "mlx-deepseek"
 MLX_LM = "mlx-lm"
 CACHE_STEP = 256
@@ -131,9 +133,13 @@ def cache_layout(rt: Runtime) -> Layout:
 
 def filled_cache(rt: Runtime, context: int, room: int, seed: int = 0) -> list[Any]:
     """A cache at offset `context` holding random values, with space for `room` more tokens
-    (so timed steps never reallocate)."""
+    (so timed decode steps never reallocate). A V4 cache: bench/v4.py's `fill`."""
     capacity = -(-(context + room) // CACHE_STEP) * CACHE_STEP
     key = mx.random.key(seed)
+    if rt.config.get("model_type") == "deepseek_v4":
+        if rt._layout is None:
+            rt._layout = v4.buffer_widths(rt.model)
+        return v4.fill(rt.model, rt._layout, context, room, key)
     cache = rt.make_cache()
     for c, layout in zip(cache, cache_layout(rt), strict=True):
         for part, arrays in zip(layer_parts(c), layout, strict=True):
@@ -147,24 +153,18 @@ def filled_cache(rt: Runtime, context: int, room: int, seed: int = 0) -> list[An
 
 
 def rewind(cache: list[Any], offset: int) -> None:
+    if v4.is_v4_cache(cache):
+        v4.rewind(cache, offset)
+        return
     for c in cache:
         for part in layer_parts(c):
             part.offset = offset
 
 
-def cache_nbytes(cache: list[Any]) -> int:
-    """Bytes allocated for the cache (whole buffers)."""
-    return sum(
-        getattr(p, n).nbytes
-        for c in cache
-        for p in layer_parts(c)
-        for n in part_arrays(p)
-        if getattr(p, n) is not None
-    )
-
-
 def cache_bytes_per_token(cache: list[Any]) -> float:
     """Bytes of the live cache (every layer's arrays up to the offset) per token."""
+    if v4.is_v4_cache(cache):
+        return v4.cache_bytes_per_token(cache)
     total, tokens = 0, layer_parts(cache[0])[0].offset
     for c in cache:
         for p in layer_parts(c):
@@ -190,6 +190,27 @@ def restore(cache: list[Any], saved: list[list[tuple[dict[str, Any], int]]]) -> 
             p.offset = offset
 
 
+def cache_read_bytes(rt: Runtime, cache: list[Any]) -> int:
+    """Cache bytes one decode step reads: all of it for MLA (every position is attended),
+    V4's window, top-k and indexer rows (bench/v4.py)."""
+    if v4.is_v4_cache(cache):
+        return v4.read_bytes(cache, rt.config.get("index_topk", 512))
+    return int(cache_bytes_per_token(cache) * layer_parts(cache[0])[0].offset)
+
+
+def held_bytes(cache: list[Any]) -> int:
+    """Bytes the cache's buffers hold (allocated, not only used)."""
+    if v4.is_v4_cache(cache):
+        return sum(a.nbytes for c in cache for a in c.state)
+    return sum(
+        getattr(p, n).nbytes
+        for c in cache
+        for p in layer_parts(c)
+        for n in part_arrays(p)
+        if getattr(p, n) is not None
+    )
+
+
 # ---- steps -----------------------------------------------------------------------------------
 
 
@@ -197,6 +218,17 @@ def decode_step(rt: Runtime, token: mx.array, cache: list[Any]) -> mx.array:
     """One greedy decode step, lazily: token [1, 1] -> next token [1, 1]."""
     logits = rt.model(token, cache=cache)
     return mx.argmax(logits[:, -1, :], axis=-1, keepdims=True)
+
+
+def decode_tok_s(rt: Runtime, cache: list[Any], ctx: int, tokens: int) -> float:
+    """Greedy decode tok/s over `tokens` steps (each evaluated) from `cache` rewound to ctx."""
+    rewind(cache, ctx)
+    tok = mx.array([[1]])
+    t = time.perf_counter()
+    for _ in range(tokens):
+        tok = decode_step(rt, tok, cache)
+        mx.eval(tok)
+    return tokens / (time.perf_counter() - t)
 
 
 def prefill(rt: Runtime, tokens: mx.array) -> tuple[mx.array, list[Any]]:

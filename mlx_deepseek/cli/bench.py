@@ -44,6 +44,26 @@ def _modes(text: str) -> list[str]:
     return names
 
 
+def _check_v4_options(names: list[str], decode_tokens: int | None, profile: bool,
+                      kernels: bool) -> None:  # fmt: skip
+    """What a V4 shape cannot do: decode more tokens per repeat than its cache rolls back
+    exactly, --profile / --kernels (they time V2/V3's module tree)."""
+    from mlx_deepseek.errors import DeepSeekError
+    from mlx_deepseek.models.v4_cache import MAX_ROLLBACK
+
+    v4 = [n for n in names if SHAPES[n]().family == "v4"]
+    if not v4:
+        return
+    if decode_tokens is not None and decode_tokens > MAX_ROLLBACK:
+        raise DeepSeekError(
+            f"--decode-tokens {decode_tokens}: a V4 shape ({v4[0]}) decodes at most "
+            f"{MAX_ROLLBACK} tokens per repeat (its cache rolls back that far); give fewer"
+        )
+    if profile or kernels:
+        flag = "--profile" if profile else "--kernels"
+        raise DeepSeekError(f"{flag} does not take a V4 shape ({v4[0]}): leave it out of --shape")
+
+
 def bench_command(
     shape: Annotated[
         list[str] | None,
@@ -167,6 +187,7 @@ def bench_command(
         if not p.expanduser().is_dir():
             raise DeepSeekError(f"--model {p}: no such folder")
     names = _shape_names(shape) if shape else ([] if models else ["v2-lite", "v3"])
+    _check_v4_options(names, decode_tokens, profile, kernels)
     if kernels:
         _kernel_bench(names, models, dtype, contexts, decode_tokens, repeats, bits, group_size,
                       cache_dir, json_path, note)  # fmt: skip

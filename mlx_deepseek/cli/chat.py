@@ -17,6 +17,7 @@ from .options import (
     Parallel,
     PrefillStepSize,
     RepetitionPenalty,
+    SamplingOptions,
     Seed,
     State,
     System,
@@ -24,7 +25,6 @@ from .options import (
     TopK,
     TopP,
     check_options,
-    sampling_settings,
 )
 
 
@@ -53,14 +53,10 @@ def chat(
     from ..chat.session import ChatSession, no_thinking_switch
     from .generate import argv_text, join_ranks, load_checkpoint
 
+    sampling = SamplingOptions(temp, top_p, top_k, min_p, repetition_penalty, seed)
     check_options(
+        sampling,
         max_tokens=max_tokens,
-        temp=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
         draft_tokens=draft_tokens,
         prefill_step_size=prefill_step_size,
         expert_cache=expert_cache,
@@ -73,14 +69,13 @@ def chat(
     )
     if think and not fmt.has_thinking_switch:
         raise no_thinking_switch(fmt, "--think")
-    settings = sampling_settings(fmt, temp, top_p, top_k, min_p, repetition_penalty, seed)
     session = ChatSession(
         m,
         tokenizer,
         fmt=fmt,
         name=name,
         system=system,
-        settings=settings,
+        settings=sampling.settings(fmt),
         max_tokens=max_tokens,
         prefill_step_size=prefill_step_size,
         mtp=mtp,

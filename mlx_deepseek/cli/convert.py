@@ -16,6 +16,7 @@ _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 class RecipeName(str, Enum):
     uniform = "uniform"
     mixed = "mixed"
+    native = "native"
 
 
 class DtypeName(str, Enum):
@@ -47,7 +48,9 @@ def convert_command(
         typer.Option(
             help="uniform: every linear layer at --bits. mixed: routed experts at --bits; "
             "attention, shared experts, dense layers, embeddings and lm_head at 6 bits (8 for "
-            "--bits 5/6/8); router and norms unquantized."
+            "--bits 5/6/8); router and norms unquantized. native (DeepSeek V4): every weight as "
+            "released, nothing rounded: FP8 -> mxfp8, FP4 -> mxfp4, the rest unquantized. "
+            "V4's FP4 routed experts are always kept as mxfp4, bit for bit."
         ),
     ] = RecipeName.uniform,
     dtype: Annotated[
@@ -58,7 +61,8 @@ def convert_command(
         bool, typer.Option("--no-quantize", help="Only convert the dtype.")
     ] = False,
     mtp: Annotated[
-        bool, typer.Option("--mtp/--no-mtp", help="Keep V3's multi-token-prediction layer.")
+        bool,
+        typer.Option("--mtp/--no-mtp", help="Keep the multi-token-prediction layer (V3, V4)."),
     ] = True,
     shard_size: Annotated[str, typer.Option(help="Largest output shard.")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
@@ -66,7 +70,7 @@ def convert_command(
         str | None, typer.Option(help="Upload the result to this Hugging Face repo.")
     ] = None,
 ) -> None:
-    """Convert a Hugging Face DeepSeek checkpoint (bf16 or FP8) into a quantized MLX one."""
+    """Convert a Hugging Face DeepSeek checkpoint (bf16, FP8, V4's FP8/FP4) into an MLX one."""
     from rich.console import Console
     from rich.filesize import decimal
     from rich.progress import (
@@ -129,6 +133,8 @@ def convert_command(
     how = (
         "unquantized"
         if no_quantize
+        else "native recipe: FP8 as mxfp8, FP4 as mxfp4"
+        if recipe == RecipeName.native
         else f"{recipe.value} recipe, {bits}-bit experts, group size {group_size}"
     )
     console.print(

@@ -24,6 +24,7 @@ from .options import (
     Mtp,
     Parallel,
     RepetitionPenalty,
+    SamplingOptions,
     Seed,
     State,
     System,
@@ -32,7 +33,6 @@ from .options import (
     TopP,
     check_memory_options,
     check_options,
-    sampling_settings,
 )
 
 
@@ -222,14 +222,10 @@ def generate(
     system = argv_text(system, "--system") if system is not None else None
     world = join_ranks(parallel)
     text = read_prompt(prompt) if world is None or world.leader else None
+    sampling = SamplingOptions(temp, top_p, top_k, min_p, repetition_penalty, seed)
     check_options(
+        sampling,
         max_tokens=max_tokens,
-        temp=temp,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
         draft_tokens=draft_tokens,
         expert_cache=expert_cache,
         kv_bits=kv_bits,
@@ -268,7 +264,7 @@ def generate(
         tokenizer,
         tokens,
         max_tokens,
-        sampling=sampling_settings(fmt, temp, top_p, top_k, min_p, repetition_penalty, seed),
+        sampling=sampling.settings(fmt),
         drafting=Drafting(mtp, draft_tokens),
         stop=stop or None,
     ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -113,15 +114,38 @@ OPTION_NAMES = {
 }
 
 
+@dataclass(frozen=True)
+class SamplingOptions:
+    """--temp, --top-p, --top-k, --min-p, --repetition-penalty and --seed as given (chat and
+    generate); temp / top_p None: the model family's default, known once the model is loaded."""
+
+    temp: float | None = None
+    top_p: float | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def settings(self, fmt: Any) -> SamplingSettings:
+        """The SamplingSettings they ask for, the chat format's temperature / top_p where they
+        are not given (greedy when fmt is None), validated in the options' words."""
+        from ..sampling import SamplingSettings
+
+        default_temp, default_top_p = (0.0, 1.0) if fmt is None else (fmt.temperature, fmt.top_p)
+        return SamplingSettings(
+            temperature=default_temp if self.temp is None else self.temp,
+            top_p=default_top_p if self.top_p is None else self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        ).validated(OPTION_NAMES)
+
+
 def check_options(
+    sampling: SamplingOptions,
     *,
     max_tokens: int | None,
-    temp: float | None,
-    top_p: float | None,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float | None,
-    seed: int | None,
     draft_tokens: int,
     prefill_step_size: int | None = None,
     expert_cache: str | None = None,
@@ -142,31 +166,7 @@ def check_options(
             rule = f"at least {low}" if high is None else f"from {low} to {high}"
             raise ArgumentValueError(f"{option} {value}: must be {rule}")
     # greedy stands in for the family's defaults (not known before loading; they are valid)
-    sampling_settings(None, temp, top_p, top_k, min_p, repetition_penalty, seed)
-
-
-def sampling_settings(
-    fmt: Any,
-    temp: float | None,
-    top_p: float | None,
-    top_k: int,
-    min_p: float,
-    repetition_penalty: float | None,
-    seed: int | None,
-) -> SamplingSettings:
-    """The sampling the options ask for, the chat format's temperature / top_p where they are
-    not given (greedy when fmt is None), validated in the options' words."""
-    from ..sampling import SamplingSettings
-
-    default_temp, default_top_p = (0.0, 1.0) if fmt is None else (fmt.temperature, fmt.top_p)
-    return SamplingSettings(
-        temperature=default_temp if temp is None else temp,
-        top_p=default_top_p if top_p is None else top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    ).validated(OPTION_NAMES)
+    sampling.settings(None)
 
 
 def check_memory_options(expert_cache: str | None, kv_bits: int | None) -> None:

@@ -10,7 +10,6 @@ whole tensors, so this small reader stands beside it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,7 +17,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..loading import weight_files
-from ..safetensors_check import read_safetensors_header
+from ..safetensors_check import TensorInfo, read_safetensors_header
 
 # safetensors dtype -> (numpy dtype of the raw bytes, MLX dtype to reinterpret them as)
 DTYPES: dict[str, tuple[np.dtype, mx.Dtype | None]] = {
@@ -35,31 +34,19 @@ DTYPES: dict[str, tuple[np.dtype, mx.Dtype | None]] = {
     "U64": (np.dtype(np.uint64), None),
     "BOOL": (np.dtype(np.bool_), None),
 }
+# DeepSeek V4's own layout: FP8 e4m3 weights and E8M0 scales, read as the bytes mx.load gives
+# (models/v4_weights.py decodes them); other families' FP8 checkpoints are converted first
+FP8_DTYPES = {"F8_E4M3": DTYPES["U8"], "F8_E8M0": DTYPES["U8"]}
+DTYPES.update(FP8_DTYPES)
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes are: `offset` is absolute in `file`."""
-
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPES[self.dtype][0].itemsize
-
-
-def read_header(path: Path) -> dict[str, TensorInfo]:
+def read_header(path: Path, fp8: bool = False) -> dict[str, TensorInfo]:
     """One safetensors file's tensors, its header validated as every reader's is
-    (safetensors_check: entries, sizes and offsets against the file; no data read)."""
+    (safetensors_check: entries, sizes and offsets against the file; no data read). fp8:
+    the family reads FP8 tensors itself (V4)."""
     header = read_safetensors_header(path)
-    tensors: dict[str, TensorInfo] = {}
     for name, entry in header.tensors.items():
-        if entry.dtype not in DTYPES:
+        if entry.dtype not in DTYPES or (entry.dtype in FP8_DTYPES and not fp8):
             if entry.dtype.startswith("F8"):
                 raise CheckpointError(
                     f"{path}: tensor {name} is {entry.dtype}: convert the checkpoint first with "
@@ -68,16 +55,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(
                 f"{path}: tensor {name} has dtype {entry.dtype}, which MLX cannot hold"
             )
-        offset = header.data_start + entry.begin
-        tensors[name] = TensorInfo(name, path, entry.dtype, entry.shape, offset, entry.nbytes)
-    return tensors
+    return header.located()
 
 
-def scan(path: Path) -> dict[str, TensorInfo]:
-    """Every tensor of a checkpoint folder by name (the index's shards, or *.safetensors)."""
+def scan(path: Path, fp8: bool = False) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint folder by name (the index's shards, or *.safetensors);
+    fp8: as read_header."""
     tensors: dict[str, TensorInfo] = {}
     for file in weight_files(path):
-        tensors.update(read_header(file))
+        tensors.update(read_header(file, fp8))
     fp8 = next((n for n in tensors if n.endswith("weight_scale_inv")), None)
     if fp8 is not None:
         raise CheckpointError(
@@ -96,19 +82,12 @@ def read(
     a, b = rows if rows is not None else (0, shape[0])
     if not 0 <= a <= b <= shape[0]:
         raise CheckpointError(f"tensor {info.name}: rows {a}:{b} outside its shape {list(shape)}")
-    row_bytes = info.nbytes // shape[0] if shape[0] else 0
-    buf = np.empty((b - a) * row_bytes, dtype=np.uint8)
+    buf = np.empty((b - a) * info.row_bytes, dtype=np.uint8)
     try:
         with open(info.file, "rb", buffering=0) as f:
-            f.seek(info.offset + a * row_bytes)
-            done, view = 0, memoryview(buf)
-            while done < buf.size:
-                n = f.readinto(view[done:])
-                if not n:
-                    raise CheckpointError(f"{info.file} is truncated at tensor {info.name}")
-                done += n
+            info.read_into(f, memoryview(buf), a * info.row_bytes)
     except OSError as e:
-        raise CheckpointError(f"{info.file}: read failed ({e.strerror})") from None
+        raise CheckpointError(f"{info.file}: cannot open it ({e.strerror})") from None
     arr = buf.view(raw).reshape((b - a, *shape[1:]) if info.shape else ())
     if cols is not None:
         c, d = cols

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from ..models.config import ModelArgs
 
@@ -91,8 +92,10 @@ class Shape:
         return self.layers * self.attention_params + moe + dense + self.vocab * self.hidden
 
     @classmethod
-    def from_args(cls, args: ModelArgs, name: str = "") -> Shape:
-        """An MLA model (V2 / V3 / Kimi K2) from its config."""
+    def from_args(cls, args: Any, name: str = "") -> Shape:
+        """A model from its config: MLA (V2 / V3 / Kimi K2) or DeepSeek V4."""
+        if hasattr(args, "hc_mult"):
+            return cls.from_v4_args(args, name)
         D, H = args.hidden_size, args.num_attention_heads
         q = D * H * args.qk_head_dim if args.q_lora_rank is None else (
             D * args.q_lora_rank + args.q_lora_rank * H * args.qk_head_dim
@@ -116,6 +119,41 @@ class Shape:
             replicated_params=(D * (args.q_lora_rank or 0)) + kv_a + E * D,
             dense_params=3 * D * args.intermediate_size,
             cache_width=args.kv_lora_rank + args.qk_rope_head_dim,
+        )
+
+    @classmethod
+    def from_v4_args(cls, args: Any, name: str = "") -> Shape:
+        """DeepSeek V4: attention per layer averaged over the layer kinds (window only,
+        compressed, compressed + indexer); hc_mult residual copies cross a pipeline stage."""
+        D, H, hd, q = args.hidden_size, args.num_attention_heads, args.head_dim, args.q_lora_rank
+        layers = args.num_hidden_layers
+        shared = D * q + D * hd  # wq_a, wkv: whole on every tensor rank
+        per_head = q * hd + hd * args.o_lora_rank  # wq_b rows, wo_a columns of one head
+        attention = 0
+        for i in range(layers):
+            attention += shared + H * per_head + args.o_groups * args.o_lora_rank * D
+            if args.compress_ratio(i):
+                overlap = 1 + (args.layer_type(i) == "compressed_sparse_attention")
+                attention += 2 * D * overlap * hd
+            if args.layer_type(i) == "compressed_sparse_attention":
+                ih, ihd = args.index_n_heads, args.index_head_dim
+                attention += q * ih * ihd + D * ih + 2 * D * 2 * ihd
+        E = args.n_routed_experts
+        return cls(
+            name=name or args.model_type,
+            hidden=D,
+            layers=layers,
+            moe_layers=layers,
+            vocab=args.vocab_size,
+            experts=E,
+            top_k=args.num_experts_per_tok,
+            shared=args.n_shared_experts,
+            expert_params=3 * D * args.moe_intermediate_size,
+            attention_params=attention // layers,
+            replicated_params=shared + E * D,
+            dense_params=0,
+            cache_width=round(args.cache_values_per_token() / layers),
+            residual=args.hc_mult,
         )
 
 

@@ -11,7 +11,7 @@ is checked for presence and shape.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import os
 import re
 from collections.abc import Callable
@@ -29,22 +29,31 @@ from ..loading import (
     _tensor_dtype,
     available_memory,
     load_config,
+    mtp_layers_present,
     resolve_model_path,
 )
-from ..models import MODEL_TYPES, model_args
+from ..models import MODEL_TYPES, build_model, model_args, sanitize_weights
 from ..models.config import ModelArgs
 from ..models.deepseek_v3 import Model
-from ..models.weights import sanitize
+from ..models.v4_weights import canonical_name
 from . import checkpoint
 from .checkpoint import TensorInfo
-from .pipeline import PipelineModel
+from .pipeline import PipelineModel, V4PipelineModel
 from .plan import Plan, PlanError, Range, make_plan, sizes
 from .tensor import shard_model
+from .v4_selector import v4_tensor_selector
 from .world import World
 
 ENV_MEMORY = "MLX_DEEPSEEK_RANK_MEMORY"  # override a rank's memory for planning, e.g. "64G"
 _LAYER = re.compile(r"^(model\.layers\.(\d+)|mtp\.(\d+))\.(.*)$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(.*)$")
+
+
+# which splits each family's models take (models.MODEL_TYPES' values)
+SPLITS: dict[str, tuple[str, ...]] = {
+    "deepseek_v3": ("pipeline", "tensor"),
+    "deepseek_v4": ("pipeline", "tensor"),
+}
 
 
 class Loaded(NamedTuple):
@@ -65,20 +74,6 @@ def rank_memory() -> int:
     return available_memory() or 0
 
 
-def mtp_count(args: ModelArgs, names: list[str]) -> int:
-    """How many MTP layers the checkpoint holds (configs announce more than some ship)."""
-    if args.model_type != "deepseek_v3":
-        return 0
-    found = set()
-    for name in names:
-        m = _LAYER.match(name)
-        if m and m.group(3) is not None:
-            found.add(int(m.group(3)))
-        elif m and args.num_hidden_layers <= int(m.group(2)):
-            found.add(int(m.group(2)) - args.num_hidden_layers)
-    return len([j for j in found if j < args.num_nextn_predict_layers])
-
-
 def load_part(
     path_or_repo: str | os.PathLike, kind: str, world: World, dtype: str | mx.Dtype | None = None
 ) -> Loaded:
@@ -86,14 +81,25 @@ def load_part(
     path = resolve_model_path(path_or_repo)
     config = load_config(path)
     args = model_args(config, source=str(path / "config.json"))
-    if MODEL_TYPES.get(args.model_type) != "deepseek_v3":
+    family = MODEL_TYPES.get(args.model_type)
+    if family not in SPLITS:
         raise PlanError(
             f"--parallel: model_type {args.model_type} cannot be split yet (pipeline and tensor "
-            "parallel cover the MLA families: V2, V2.5, Coder-V2, V3, R1, V3.1); run it in one "
+            "parallel cover V2, V2.5, Coder-V2, V3, R1, V3.1, Kimi K2 and V4); run it in one "
             "process"
         )
+    if kind not in SPLITS[family] + ("auto",):
+        raise PlanError(
+            f"--parallel {kind}: model_type {args.model_type} is split by "
+            f"{' or '.join(SPLITS[family])} only so far: use --parallel {SPLITS[family][0]}"
+        )
+    v4 = family == "deepseek_v4"
+    if v4 and kind == "auto" and "tensor" not in SPLITS[family]:
+        kind = "pipeline"
     compute = _parse_dtype(dtype)
-    tensors = checkpoint.scan(path)
+    tensors = checkpoint.scan(path, fp8=v4)
+    if v4:  # either published layout's names -> the model's (FP8 `.scale`s beside weights)
+        tensors = {canonical_name(k): v for k, v in tensors.items()}
     quantization = config.get("quantization")
     unit = int(quantization.get("group_size", 64)) if quantization else 1
     memory = world.gather(rank_memory())
@@ -102,7 +108,7 @@ def load_part(
         s = sizes(args, tensors, compute.size)
         plan_json = make_plan(kind, args, s, memory, unit, world.backend).to_json()
     plan = Plan.from_json(world.share(plan_json))
-    n_mtp = mtp_count(args, list(tensors))
+    n_mtp = mtp_layers_present(args, tensors)
     # the last pipeline rank needs the embedding rows too when the MTP layer reads them (it
     # has no copy of its own) or the head is the tied embedding
     mtp_embed = args.tie_word_embeddings or (
@@ -114,19 +120,23 @@ def load_part(
 
     rank = world.rank
     if plan.kind == "pipeline":
-        model: Model = PipelineModel(args, plan, rank, n_mtp, mtp_embed)
+        stage = V4PipelineModel if v4 else PipelineModel
+        model: Model = stage(args, plan, rank, n_mtp, mtp_embed)
         model.dtype = compute
         local_args = args
     else:
-        model = Model(args)
+        model = build_model(args)
         model.mtp = model.mtp[:n_mtp]
         a, b = plan.heads[rank]
         e = plan.experts[rank] if plan.experts else (0, 0)
-        local_args = dataclasses.replace(
-            args, num_attention_heads=b - a, n_routed_experts=e[1] - e[0] or args.n_routed_experts
-        )
+        local_args = copy.copy(args)  # what sanitize reads: this rank's head / expert counts
+        local_args.num_attention_heads = b - a
+        local_args.n_routed_experts = e[1] - e[0] or args.n_routed_experts
+    post: dict[str, tuple[int, int, int]] = {}  # V4's FP8 tensors cut once decoded
     if plan.kind == "pipeline":
         select = _pipeline_selector(args, plan, rank, n_mtp, mtp_embed)
+    elif v4:
+        select = v4_tensor_selector(args, plan, rank, tensors, post)
     else:
         select = _tensor_selector(args, plan, rank)
     raw: dict[str, mx.array] = {}
@@ -135,15 +145,19 @@ def load_part(
         if pick is not None:
             local_name, rows, cols = pick
             raw[local_name] = checkpoint.read(info, rows, cols)
-    weights = sanitize(local_args, raw)
+    weights = sanitize_weights(local_args, raw)
     del raw
+    for name, (axis, lo, hi) in post.items():
+        weights[name] = weights[name][lo:hi] if axis == 0 else weights[name][:, lo:hi]
     has_mtp = plan.kind == "tensor" or rank == plan.size - 1
-    if has_mtp:
+    if has_mtp and not v4:  # V4's MTP layer reads the main embedding and head
         _add_mtp_copies(model, weights)
     if plan.kind == "tensor":
         shard_model(model, plan, rank)
     rename = _renamer(plan, rank)
     weights = {rename(k): v for k, v in weights.items()}
+    if quantization is None and any(k.endswith(".scales") for k in weights):
+        quantization = {}  # V4's MXFP4 experts: bits / group size from each tensor's shape
     if quantization is not None:
         quantization = {rename(k) if "." in k else k: v for k, v in quantization.items()}
         _quantize(model, quantization, weights)

@@ -21,8 +21,9 @@ from typing import Any
 
 from ..errors import DeepSeekError
 from ..models.config import ModelArgs
+from ..models.deepseek_v4 import FLOAT32_PARAMS as V4_FLOAT32
 from .checkpoint import TensorInfo
-from .costs import LINKS, predict_split
+from .costs import LINKS, Shape, predict_split
 
 KINDS = ("pipeline", "tensor")
 Range = tuple[int, int]
@@ -74,10 +75,13 @@ _RANGE_FIELDS = ("layers", "heads", "experts", "vocab", "shared", "dense")
 
 
 def weight_bytes(info: TensorInfo, compute_itemsize: int) -> int:
-    """Bytes a tensor takes once loaded: floats in the compute dtype (the router's in float32)."""
-    if info.dtype not in ("F32", "F16", "BF16"):
+    """Bytes a tensor takes once loaded: floats (and V4's FP8 weights, decoded) in the compute
+    dtype; the router's and V4's mixing parameters in float32."""
+    if info.dtype not in ("F32", "F16", "BF16", "F8_E4M3"):
         return info.nbytes
-    if info.name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
+    if info.name.endswith(("mlp.gate.weight", "e_score_correction_bias")) or any(
+        key in info.name for key in V4_FLOAT32
+    ):
         return info.nbytes // info.itemsize * 4
     return info.nbytes // info.itemsize * compute_itemsize
 
@@ -209,11 +213,28 @@ def tensor_plan(args: ModelArgs, n: int, unit: int = 1) -> Plan:
     )
 
 
+def v4_tensor_plan(args: Any, n: int) -> Plan:
+    """DeepSeek V4: heads in whole output groups (wo_a projects each group's heads on its
+    own, so a rank's groups make a partial sum of wo_b's output), routed experts and the
+    vocabulary split evenly; the rest (wq_a, wkv, compressors, indexer, router, the shared
+    expert on rank 0) is not split."""
+    per_group = args.num_attention_heads // args.o_groups
+    return Plan(
+        "tensor",
+        n,
+        heads=tuple(even(args.num_attention_heads, n, per_group, "num_attention_heads")),
+        experts=tuple(even(args.n_routed_experts, n, 1, "n_routed_experts")),
+        vocab=tuple(even(args.vocab_size, n, 1, "vocab_size")),
+    )
+
+
 def tensor_bytes(args: ModelArgs, s: Sizes, n: int) -> list[int]:
     """Roughly what each rank of a tensor split holds: 1/n of everything but the replicated
     parts (router, norms, latent projections), which every rank holds whole."""
     replicated = 0
-    for i in range(args.num_hidden_layers):
+    if hasattr(args, "hc_mult"):  # V4: costs.py's count of what is not split, in float32
+        replicated = 4 * args.num_hidden_layers * Shape.from_args(args).replicated_params
+    for i in range(0 if replicated else args.num_hidden_layers):
         replicated += _replicated_per_layer(args) * (4 if args.is_moe_layer(i) else 2)
     share = max(s.total - replicated, 0) // n
     return [share + replicated] * n
@@ -250,7 +271,8 @@ def make_plan(
         ]
         plan = Plan("pipeline", n, layers=tuple(layers), rank_bytes=tuple(need))
     elif kind == "tensor":
-        plan = replace(tensor_plan(args, n, unit), rank_bytes=tuple(tensor_bytes(args, s, n)))
+        split = v4_tensor_plan(args, n) if hasattr(args, "hc_mult") else tensor_plan(args, n, unit)
+        plan = replace(split, rank_bytes=tuple(tensor_bytes(args, s, n)))
     else:
         raise PlanError(f"--parallel {kind}: choose one of pipeline, tensor, auto")
     for r, (need, have) in enumerate(zip(plan.rank_bytes, memory, strict=True)):
@@ -271,7 +293,7 @@ def choose(args: ModelArgs, s: Sizes, memory: list[int], unit: int, backend: str
     it decodes faster over this link; else pipeline (which also sizes ranges by memory)."""
     n = len(memory)
     try:
-        tensor_plan(args, n, unit)
+        v4_tensor_plan(args, n) if hasattr(args, "hc_mult") else tensor_plan(args, n, unit)
     except PlanError:
         return "pipeline"
     share = tensor_bytes(args, s, n)

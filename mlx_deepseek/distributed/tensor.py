@@ -28,8 +28,10 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from .. import ops
 from ..models.config import ModelArgs
 from ..models.deepseek_v3 import Model
+from ..models.deepseek_v4 import MoE as V4MoE
 from ..models.mla import MLAttention
 from ..models.moe import MLP, MoE, MoEGate
+from ..models.v4_attention import V4Attention
 from . import comm
 from .plan import Plan, Range
 
@@ -140,9 +142,54 @@ class VocabParallelHead(nn.Module):
         return _gather_vocab(self.shard(x), self.vocab)
 
 
+class ShardedV4Attention(V4Attention):
+    """V4 attention over heads [a, b) (whole output groups): this rank's rows of wq_b, its
+    sinks, its groups' blocks of wo_a and columns of wo_b; wo_b's partial sums are added
+    across ranks. The query LoRA, the shared K=V projection, the compressors and the indexer
+    (its top-k needs every indexer head) are whole on every rank, and so is the cache."""
+
+    def __init__(self, args: Any, index: int, heads: Range):
+        super().__init__(args, index)
+        H = heads[1] - heads[0]
+        G = H * args.o_groups // args.num_attention_heads
+        hd, r = args.head_dim, args.o_lora_rank
+        self.n_heads, self.groups = H, G
+        self.wq_b = nn.Linear(args.q_lora_rank, H * hd, bias=False)
+        self.wo_a = nn.Linear(H * hd // G, G * r, bias=False)
+        self.wo_b = nn.Linear(G * r, args.hidden_size, bias=False)
+        self.attn_sink = mx.zeros((H,), dtype=mx.float32)
+
+    def __call__(self, x: mx.array, cache: Any) -> mx.array:
+        return comm.all_sum(super().__call__(x, cache))
+
+
+class ExpertParallelV4MoE(V4MoE):
+    """V4's MoE with routed experts [a, b); the router (and a hash layer's table) whole, so
+    every rank routes every token alike; the shared expert on rank 0 only. One all_sum."""
+
+    def __init__(self, args: Any, index: int, experts: Range, shared: bool):
+        super().__init__(args, index)
+        self.first_expert, self.num_local = experts[0], experts[1] - experts[0]
+        self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, self.num_local)
+        if not shared:
+            self.pop("shared_experts")
+
+    def __call__(self, x: mx.array, ids: mx.array) -> mx.array:
+        inds, weights = self.gate(x, ids)
+        local = inds.astype(mx.int32) - self.first_expert
+        mine = (local >= 0) & (local < self.num_local)
+        local = mx.where(mine, local, 0).astype(mx.uint32)
+        weights = mx.where(mine, weights, mx.zeros_like(weights))  # another rank's slot: 0
+        shared = self.get("shared_experts")
+        return comm.all_sum(ops.moe(x, local, weights, self.switch_mlp, shared, self.limit))
+
+
 def shard_model(model: Model, plan: Plan, rank: int) -> None:
     """Swap `model`'s modules (unloaded, unquantized) for this rank's shares, in place."""
     args = model.args
+    if hasattr(args, "hc_mult"):
+        _shard_v4(model, plan, rank)
+        return
     shared = plan.shared[rank] if plan.shared else None
     for layer in [*model.model.layers, *model.mtp]:
         layer.self_attn = ShardedAttention(args, plan.heads[rank], with_bias=rank == 0)
@@ -168,3 +215,14 @@ def shard_model(model: Model, plan: Plan, rank: int) -> None:
             layer.embed_tokens = embedding()
         if "head" in layer.shared_head:
             layer.shared_head.head = head()
+
+
+def _shard_v4(model: Any, plan: Plan, rank: int) -> None:
+    args = model.args
+    for index, layer in enumerate([*model.model.layers, *model.mtp]):  # MTP j: index n + j
+        layer.attn = ShardedV4Attention(args, index, plan.heads[rank])
+        layer.ffn = ExpertParallelV4MoE(args, index, plan.experts[rank], shared=rank == 0)
+    a, b = plan.vocab[rank]
+    D = args.hidden_size
+    model.model.embed_tokens = VocabParallelEmbedding(nn.Embedding(b - a, D), (a, b), plan.vocab)
+    model.lm_head = VocabParallelHead(nn.Linear(D, b - a, bias=False), plan.vocab)

@@ -100,9 +100,13 @@ You MUST strictly follow the above defined tool name and parameter schemas to in
 """
 
 
-def _tools_text(template: str, tools: list[dict[str, Any]]) -> str:
-    schemas = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-    return template.format(d=DSML, ts=THINK_START, te=THINK_END, schemas=schemas)
+def _system(m: dict[str, Any], template: str) -> str:
+    """A system turn: its text, then the tools' section (template) when it carries tools."""
+    text = m.get("content") or ""
+    if not m.get("tools"):
+        return text
+    schemas = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in m["tools"])
+    return text + "\n\n" + template.format(d=DSML, ts=THINK_START, te=THINK_END, schemas=schemas)
 
 
 def _last_user(messages: list[dict[str, Any]]) -> int:
@@ -143,9 +147,7 @@ def encode_v32(
     for i, m in enumerate(messages):
         role = m["role"]
         if role == "system":
-            out.append(m.get("content") or "")
-            if m.get("tools"):
-                out.append("\n\n" + _tools_text(_V32_TOOLS, m["tools"]))
+            out.append(_system(m, _V32_TOOLS))
         elif role == "user":
             last = i == last_user and thinking
             out.append(f"{USER}{m.get('content') or ''}{ASSISTANT}")
@@ -174,8 +176,7 @@ def encode_v32(
                     m, (m.get("reasoning_content") or "") if keep else None, "function_calls"
                 )
             )
-    text = "".join(out)
-    return _strip_generation_prompt(text) if not add_generation_prompt else text
+    return _prompt(out, add_generation_prompt)
 
 
 def _merge_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -227,9 +228,7 @@ def encode_v4(
     for i, m in enumerate(messages):
         role = m["role"]
         if role == "system":
-            out.append(m.get("content") or "")
-            if m.get("tools"):
-                out.append("\n\n" + _tools_text(_V4_TOOLS, m["tools"]))
+            out.append(_system(m, _V4_TOOLS))
         elif role == "user":
             out.append(USER + _user_text(m))
         else:  # assistant
@@ -241,12 +240,15 @@ def encode_v4(
         if role == "user" and following in (None, "assistant"):
             opens = thinking and (not drop or i >= last_user)
             out.append(ASSISTANT + (THINK_START if opens else THINK_END))
+    return _prompt(out, add_generation_prompt)
+
+
+def _prompt(out: list[str], add_generation_prompt: bool) -> str:
+    """The pieces joined; without a generation prompt the text ends where the last message
+    does."""
     text = "".join(out)
-    return _strip_generation_prompt(text) if not add_generation_prompt else text
-
-
-def _strip_generation_prompt(text: str) -> str:
-    """Without a generation prompt the text ends where the last message does."""
+    if add_generation_prompt:
+        return text
     for tail in (ASSISTANT + THINK_START, ASSISTANT + THINK_END):
         if text.endswith(tail):
             return text[: -len(tail)]

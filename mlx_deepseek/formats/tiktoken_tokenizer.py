@@ -25,11 +25,11 @@ import ast
 import base64
 import binascii
 import functools
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from mlx_deepseek.checkpoint_files import read_json_object
 from mlx_deepseek.errors import CheckpointError
 
 log = logging.getLogger("mlx_deepseek")
@@ -133,18 +133,6 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); re-download it") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _token_name(value: Any) -> str | None:
     if isinstance(value, dict):  # {"content": "[BOS]", "__type": "AddedToken", ...}
         value = value.get("content")
@@ -173,7 +161,8 @@ class TiktokenTokenizer:
 
         path = Path(path)
         self.name_or_path = str(path)
-        config = _read_json(path / "tokenizer_config.json")
+        file = path / "tokenizer_config.json"
+        config = read_json_object(file) if file.exists() else {}
         code = path / CODE_FILE
         constants = read_code_constants(code.read_text(errors="replace")) if code.exists() else {}
         pattern = constants.get("pat_str")

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mlx_deepseek.checkpoint_files import read_json_object
 from mlx_deepseek.errors import CheckpointError
 
 from .tiktoken_tokenizer import RANKS_FILE, TiktokenTokenizer
@@ -32,19 +33,6 @@ def _modules(package: str) -> set[str]:
     except ImportError:
         return set()
     return {m.name for m in pkgutil.iter_modules(module.__path__)}
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    file = path / "tokenizer_config.json"
-    if not file.exists():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e}); re-download it") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _check_names(config: dict[str, Any], file: Path) -> None:
@@ -84,7 +72,8 @@ def load_tokenizer(path: Path, eos_token_ids: list[int] | None = None) -> Any:
             f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy them from "
             "the original Hugging Face repo"
         )
-    config = _read_config(path)
+    file = path / "tokenizer_config.json"
+    config = read_json_object(file) if file.exists() else {}
     _check_names(config, path / "tokenizer_config.json")
     if (path / RANKS_FILE).exists():
         tok = TiktokenTokenizer(path)

@@ -7,9 +7,13 @@ experts plus three matmuls for the shared ones. Here it is two dispatches:
                                                         MLP of width n*I as n always-on slots
   down     y[t, :] = sum_s w_s * Wd_s h[t, s, :]        routed then shared slots, fixed order
 
-Only for affine-quantized experts (MLX's format), 1-8 tokens, float16/bfloat16/float32
-activations, bits 2-8 and group sizes 32/64/128; otherwise the planners raise Unsupported.
-A dense MLP is the same two kernels with no routed slot and one shared slot of its width.
+For experts quantized in MLX's affine format (bits 2-8, group sizes 32/64/128) or as mxfp4
+(DeepSeek V4's released FP4 experts: E2M1 values, an E8M0 scale per 32, no biases), each of
+routed gate/up, routed down, shared gate/up and shared down in its own format; 1-8 tokens;
+float16/bfloat16/float32 activations; optionally V4's clamped SwiGLU (swiglu_limit > 0:
+silu(min(g, limit)) * clip(u, -limit, limit), routed and shared slots alike). Otherwise the
+planners raise Unsupported. A dense MLP is the same two kernels with no routed slot and one
+shared slot of its width.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from .runtime import (
     Launch,
     MakeKernel,
     Unsupported,
-    affine,
     check_quantized,
     header,
     launch,
+    quant_format,
     source,
     token_count,
 )
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ROWS = 4  # output rows per simdgroup
 THREADGROUP = (64, 1, 1)  # two simdgroups
+MODES = ("affine", "mxfp4")  # the kernels' MODE template values 0, 1
 GATE_UP_INPUTS = (
     "x",
     "inds",
@@ -54,6 +59,7 @@ GATE_UP_INPUTS = (
     "swu",
     "ssu",
     "sbu",
+    "lim",
 )
 DOWN_INPUTS = ("h", "inds", "scores", "wd", "sd", "bd", "swd", "ssd", "sbd")
 
@@ -74,17 +80,16 @@ class Variant:
     n_shared: int  # shared slots: the shared MLP's width / I
     n_tokens: int
     rows: int = ROWS
+    # "affine" or "mxfp4" for routed gate/up, routed down, shared gate/up, shared down
+    modes: tuple[str, str, str, str] = ("affine",) * 4
+    shared_scale_dtype: mx.Dtype | None = None  # None: scale_dtype
+    swiglu_limit: float = 0.0  # > 0: V4's clamped SwiGLU (an input, not compiled in)
 
 
 def kernel_specs(v: Variant) -> tuple[KernelSpec, KernelSpec]:
     """The gate_up and down launches for one variant: sources, geometry, template."""
-    template = (
-        ("T", v.dtype),
-        ("S", v.scale_dtype),
-        ("BITS", v.gate_up[0]),
-        ("GS", v.gate_up[1]),
-        ("SBITS", v.shared_gate_up[0]),
-        ("SGS", v.shared_gate_up[1]),
+    mode = {m: MODES.index(m) for m in MODES}
+    shape = (
         ("D", v.hidden),
         ("I", v.inter),
         ("TOPK", v.top_k),
@@ -92,12 +97,23 @@ def kernel_specs(v: Variant) -> tuple[KernelSpec, KernelSpec]:
         ("NT", v.n_tokens),
         ("ROWS", v.rows),
     )
-    down_template = (
-        template[:2]
-        + (("BITS", v.down[0]), ("GS", v.down[1]))
-        + (("SBITS", v.shared_down[0]), ("SGS", v.shared_down[1]))
-        + template[6:]
-    )
+
+    def template_for(routed: tuple[int, int], shared: tuple[int, int], modes) -> tuple:
+        return (
+            ("T", v.dtype),
+            ("S", v.scale_dtype),
+            ("SS", v.shared_scale_dtype or v.scale_dtype),
+            ("BITS", routed[0]),
+            ("GS", routed[1]),
+            ("MODE", mode[modes[0]]),
+            ("SBITS", shared[0]),
+            ("SGS", shared[1]),
+            ("SMODE", mode[modes[1]]),
+            *shape,
+        )
+
+    template = template_for(v.gate_up, v.shared_gate_up, v.modes[0::2])
+    down_template = template_for(v.down, v.shared_down, v.modes[1::2])
     slots = v.top_k + v.n_shared
     common = header("moe_common.h")
     gate_up = KernelSpec(
@@ -136,29 +152,47 @@ class Plan:
     down_inputs: list[mx.array]  # after h, the gate_up output
     x: mx.array
     unfused_shared: nn.Module | None  # a shared MLP the kernels cannot take: MLX adds it
+    swiglu_limit: float = 0.0
 
 
-def _shared_slots(shared: nn.Module, D: int, inter: int | None, scale_dtype) -> tuple:
-    """(n slots, slot width, gate/up spec, down spec) of a shared MLP, or Unsupported.
-    inter None: a dense MLP, one slot of its whole width."""
-    gate, up, down = shared.gate_proj, shared.up_proj, shared.down_proj
-    gu = affine(gate, "shared gate_proj")
-    if affine(up, "shared up_proj") != gu:
-        raise Unsupported("shared gate_proj and up_proj are quantized differently")
-    dq = affine(down, "shared down_proj")
-    width = gate.weight.shape[0]
+def _same_format(layers, what: str) -> tuple[tuple[int, int, str], tuple[int, int, str]]:
+    """(gate/up format, down format) of (gate, up, down); gate and up must match."""
+    gate, up, down = layers
+    gu = quant_format(gate, f"{what}gate_proj")
+    if quant_format(up, f"{what}up_proj") != gu:
+        raise Unsupported(f"{what}gate_proj and {what}up_proj are quantized differently")
+    return gu, quant_format(down, f"{what}down_proj")
+
+
+def _scale_dtype(layers, what: str) -> mx.Dtype:
+    """The one dtype of the layers' scales (and affine biases): a float dtype, or uint8 when
+    all are mxfp4."""
+    dtypes = {layer.scales.dtype for layer in layers}
+    dtypes |= {layer.biases.dtype for layer in layers if layer.get("biases") is not None}
+    if len(dtypes) != 1:
+        raise Unsupported(f"{what}scales/biases differ in dtype")
+    (dtype,) = dtypes
+    if dtype not in (*SUPPORTED_DTYPES, mx.uint8):
+        raise Unsupported(f"{what}scale dtype {dtype}")
+    return dtype
+
+
+def _shared_slots(shared: nn.Module, D: int, inter: int | None) -> tuple:
+    """(n slots, slot width, gate/up format, down format, scale dtype) of a shared MLP, or
+    Unsupported. inter None: a dense MLP, one slot of its whole width."""
+    layers = (shared.gate_proj, shared.up_proj, shared.down_proj)
+    gu, dq = _same_format(layers, "shared ")
+    width = layers[0].weight.shape[0]
     inter = inter or width
     if width % inter or inter % dq[1]:
         raise Unsupported(f"shared width {width} is not a multiple of the expert width {inter}")
     for layer, out, k, q, what in (
-        (gate, width, D, gu, "shared gate_proj"),
-        (up, width, D, gu, "shared up_proj"),
-        (down, D, width, dq, "shared down_proj"),
+        (layers[0], width, D, gu, "shared gate_proj"),
+        (layers[1], width, D, gu, "shared up_proj"),
+        (layers[2], D, width, dq, "shared down_proj"),
     ):
         check_quantized(layer, (), out, k, q, what)
-        if layer.scales.dtype != scale_dtype or layer.biases.dtype != scale_dtype:
-            raise Unsupported("shared experts' scales differ in dtype from the routed ones")
-    return width // inter, inter, gu, dq
+    return width // inter, inter, gu, dq, _scale_dtype(layers, "shared ")
 
 
 def plan_moe(
@@ -167,6 +201,7 @@ def plan_moe(
     scores: mx.array,
     switch_mlp: nn.Module,
     shared_experts: nn.Module | None,
+    swiglu_limit: float = 0.0,
 ) -> Plan:
     """The fused call for these arguments; Unsupported when it does not apply."""
     if x.dtype not in SUPPORTED_DTYPES:
@@ -178,30 +213,23 @@ def plan_moe(
         raise Unsupported("inds/scores shapes do not match x")
     if type(getattr(switch_mlp, "activation", None)).__name__ != "SwiGLU":
         raise Unsupported("switch_mlp's activation is not SwiGLU")
-    gate, up, down = switch_mlp.gate_proj, switch_mlp.up_proj, switch_mlp.down_proj
-    gu = affine(gate, "gate_proj")
-    if affine(up, "up_proj") != gu:
-        raise Unsupported("gate_proj and up_proj are quantized differently")
-    dq = affine(down, "down_proj")
-    E, inter = gate.weight.shape[0], gate.weight.shape[1]
-    scale_dtype = gate.scales.dtype
+    layers = (switch_mlp.gate_proj, switch_mlp.up_proj, switch_mlp.down_proj)
+    gu, dq = _same_format(layers, "")
+    E, inter = layers[0].weight.shape[0], layers[0].weight.shape[1]
     for layer, out, k, q, what in (
-        (gate, inter, D, gu, "gate_proj"),
-        (up, inter, D, gu, "up_proj"),
-        (down, D, inter, dq, "down_proj"),
+        (layers[0], inter, D, gu, "gate_proj"),
+        (layers[1], inter, D, gu, "up_proj"),
+        (layers[2], D, inter, dq, "down_proj"),
     ):
         check_quantized(layer, (E,), out, k, q, what)
-        if layer.scales.dtype != scale_dtype or layer.biases.dtype != scale_dtype:
-            raise Unsupported("scales/biases of the experts differ in dtype")
-    if scale_dtype not in SUPPORTED_DTYPES:
-        raise Unsupported(f"scale dtype {scale_dtype}")
+    scale_dtype = _scale_dtype(layers, "")
 
-    n_shared, sgu, sdq = 0, gu, dq
-    shared_layers = (gate, up, down)  # stand-ins when there are no shared slots: never read
+    n_shared, sgu, sdq, shared_scale = 0, gu, dq, scale_dtype
+    shared_layers = layers  # stand-ins when there are no shared slots: never read
     unfused = None
     if shared_experts is not None:
         try:
-            n_shared, _, sgu, sdq = _shared_slots(shared_experts, D, inter, scale_dtype)
+            n_shared, _, sgu, sdq, shared_scale = _shared_slots(shared_experts, D, inter)
             shared_layers = (
                 shared_experts.gate_proj,
                 shared_experts.up_proj,
@@ -211,18 +239,24 @@ def plan_moe(
             log.debug("shared experts computed by MLX: %s", e)
             unfused = shared_experts
 
-    variant = Variant(x.dtype, scale_dtype, gu, dq, sgu, sdq, D, inter, top_k, n_shared, n_tokens)
+    variant = Variant(
+        x.dtype, scale_dtype, gu[:2], dq[:2], sgu[:2], sdq[:2], D, inter, top_k, n_shared,
+        n_tokens, ROWS, (gu[2], dq[2], sgu[2], sdq[2]), shared_scale, float(swiglu_limit),
+    )  # fmt: skip
     x2 = x.reshape(n_tokens, D)
     inds2 = inds.reshape(n_tokens, top_k).astype(mx.uint32)
     scores2 = scores.reshape(n_tokens, top_k).astype(mx.float32)
     sg, su, sd = shared_layers
-    gate_up_inputs = [x2, inds2, *_qs(gate), *_qs(up), *_qs(sg), *_qs(su)]
-    down_inputs = [inds2, scores2, *_qs(down), *_qs(sd)]
-    return Plan(variant, gate_up_inputs, down_inputs, x, unfused)
+    lim = mx.array([swiglu_limit], mx.float32)
+    gate_up_inputs = [x2, inds2, *_qs(layers[0]), *_qs(layers[1]), *_qs(sg), *_qs(su), lim]
+    down_inputs = [inds2, scores2, *_qs(layers[2]), *_qs(sd)]
+    return Plan(variant, gate_up_inputs, down_inputs, x, unfused, swiglu_limit)
 
 
 def _qs(layer: nn.Module) -> list[mx.array]:
-    return [layer.weight, layer.scales, layer.biases]
+    """weight, scales, biases (mxfp4 has none: its scales stand in, never read)."""
+    biases = layer.get("biases")
+    return [layer.weight, layer.scales, layer.scales if biases is None else biases]
 
 
 def plan_mlp(x: mx.array, mlp: nn.Module) -> Plan:
@@ -233,15 +267,17 @@ def plan_mlp(x: mx.array, mlp: nn.Module) -> Plan:
     if not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
         raise Unsupported("not a SwiGLU MLP")
     n_tokens, D = token_count(x), x.shape[-1]
-    scale_dtype = mlp.gate_proj.get("scales", mx.array(0)).dtype
-    if scale_dtype not in SUPPORTED_DTYPES:
-        raise Unsupported(f"scale dtype {scale_dtype}")
-    n, inter, gu, dq = _shared_slots(mlp, D, None, scale_dtype)
-    variant = Variant(x.dtype, scale_dtype, gu, dq, gu, dq, D, inter, 0, n, n_tokens)
+    n, inter, gu, dq, scale_dtype = _shared_slots(mlp, D, None)
+    modes = (gu[2], dq[2]) * 2
+    variant = Variant(
+        x.dtype, scale_dtype, gu[:2], dq[:2], gu[:2], dq[:2], D, inter, 0, n, n_tokens, ROWS,
+        modes, scale_dtype,
+    )  # fmt: skip
     # no routed slot: the routed inputs are stand-ins that the kernels never read
     dummy_inds, dummy_scores = mx.array([0], mx.uint32), mx.array([0.0], mx.float32)
     layers = _qs(mlp.gate_proj) + _qs(mlp.up_proj)
-    gate_up_inputs = [x.reshape(n_tokens, D), dummy_inds, *layers, *layers]
+    lim = mx.array([0.0], mx.float32)
+    gate_up_inputs = [x.reshape(n_tokens, D), dummy_inds, *layers, *layers, lim]
     down_inputs = [dummy_inds, dummy_scores, *_qs(mlp.down_proj), *_qs(mlp.down_proj)]
     return Plan(variant, gate_up_inputs, down_inputs, x, None)
 
@@ -254,8 +290,17 @@ def run_plan(plan: Plan, make_kernel: MakeKernel | None = None) -> mx.array:
     y = launch(down, [h, *plan.down_inputs], make_kernel)[0]
     y = y.reshape(plan.x.shape)
     if plan.unfused_shared is not None:
-        y = y + plan.unfused_shared(plan.x)
+        y = y + _shared_mlp(plan.unfused_shared, plan.x, plan.swiglu_limit)
     return y
+
+
+def _shared_mlp(shared: nn.Module, x: mx.array, limit: float) -> mx.array:
+    """A shared MLP the kernels do not take, by MLX (clamped as the kernels clamp)."""
+    if not limit:
+        return shared(x)
+    gate, up = shared.gate_proj(x), shared.up_proj(x)
+    gate, up = mx.minimum(gate, limit), mx.clip(up, -limit, limit)
+    return shared.down_proj(nn.silu(gate) * up)
 
 
 def moe(
@@ -264,9 +309,10 @@ def moe(
     scores: mx.array,
     switch_mlp: nn.Module,
     shared_experts: nn.Module | None,
+    swiglu_limit: float = 0.0,
 ) -> Launch:
     """ops.moe's result from the two kernels; Unsupported where they do not apply."""
-    plan = plan_moe(x, inds, scores, switch_mlp, shared_experts)
+    plan = plan_moe(x, inds, scores, switch_mlp, shared_experts, swiglu_limit)
     return Launch(plan.variant, lambda: [run_plan(plan)], plan.variant.dtype)
 
 

@@ -9,7 +9,8 @@
   then uses MLX's path and logs why at debug level).
 - `pretend_metal(make_outputs)` lets a machine without Metal build the graph a Mac would run
   (for counting primitives): each launch's outputs come from `make_outputs(spec, inputs)`.
-- Checks shared by the planners: `affine` (MLX's affine-quantized layer), `token_count`.
+- Checks shared by the planners: `affine` (MLX's affine-quantized layer), `quant_format`
+  (affine or mxfp4), `token_count`.
 
 Sources live in the top-level metal_kernels/ folder (package data `mlx_deepseek.metal_kernels`).
 """
@@ -201,17 +202,35 @@ def affine(layer: nn.Module, what: str) -> tuple[int, int]:
     return bits, group
 
 
+def quant_format(layer: nn.Module, what: str) -> tuple[int, int, str]:
+    """(bits, group size, mode) of a layer quantized in MLX's affine format or as mxfp4
+    (DeepSeek V4's routed experts: E2M1 values, an E8M0 scale per 32, no biases), else
+    Unsupported."""
+    mode = getattr(layer, "mode", "affine") if "scales" in layer else None
+    if mode != "mxfp4":
+        return (*affine(layer, what), "affine")
+    if layer.get("biases") is not None or "bias" in layer:
+        raise Unsupported(f"{what} (mxfp4) has biases")
+    if int(layer.bits) != 4 or int(layer.group_size) != 32:
+        raise Unsupported(f"{what}: mxfp4 with bits={layer.bits} group_size={layer.group_size}")
+    if layer.scales.dtype != mx.uint8:
+        raise Unsupported(f"{what}: mxfp4 scales of dtype {layer.scales.dtype}")
+    return 4, 32, "mxfp4"
+
+
 def check_shape(a: mx.array, shape: tuple[int, ...], what: str) -> None:
     if tuple(a.shape) != shape:
         raise Unsupported(f"{what} has shape {tuple(a.shape)}, expected {shape}")
 
 
 def check_quantized(layer: nn.Module, lead: tuple[int, ...], out: int, k: int, q, what: str):
-    """The weight/scales/biases of a quantized [*lead, out, k] matrix have their shapes."""
-    bits, group = q
+    """The weight/scales/biases of a quantized [*lead, out, k] matrix have their shapes
+    (q: (bits, group size) or (bits, group size, mode); mxfp4 has no biases)."""
+    bits, group = q[:2]
     check_shape(layer.weight, (*lead, out, k * bits // 32), f"{what}.weight")
     check_shape(layer.scales, (*lead, out, k // group), f"{what}.scales")
-    check_shape(layer.biases, (*lead, out, k // group), f"{what}.biases")
+    if len(q) < 3 or q[2] == "affine":
+        check_shape(layer.biases, (*lead, out, k // group), f"{what}.biases")
 
 
 def token_count(x: mx.array) -> int:

@@ -31,15 +31,16 @@ KV_BITS = (4, 8)  # what --kv-bits / load(kv_bits=...) offer
 GROUP_SIZES = (64, 32)  # MLX's affine group sizes that fit DeepSeek's ranks, preferred first
 
 
-def latent_group_size(rank: int, preferred: int = 64) -> int:
-    """The quantization group size along c_kv's rank: `preferred` when it divides the rank,
-    else the largest of GROUP_SIZES that does; DeepSeekError when none does."""
+def latent_group_size(rank: int, preferred: int = 64, what: str = "kv_lora_rank") -> int:
+    """The quantization group size along c_kv's rank (or `what`, another width quantized
+    the same way: V4's compressed rows' non-RoPE channels): `preferred` when it divides the
+    rank, else the largest of GROUP_SIZES that does; DeepSeekError when none does."""
     for g in (preferred, *GROUP_SIZES):
         if g in (32, 64, 128) and rank % g == 0:
             return g
     raise DeepSeekError(
-        f"kv_lora_rank={rank} is not a multiple of 32, so the latent cache cannot be "
-        "quantized in MLX's groups: drop kv_bits"
+        f"{what}={rank} is not a multiple of 32, so the cache cannot be quantized in MLX's "
+        "groups: drop kv_bits"
     )
 
 
@@ -153,13 +154,20 @@ def adopt_cache(
 
 
 def latent_bytes_per_token(
-    rank: int, rope: int, dtype: mx.Dtype, kv_bits: int | None, group_size: int | None = None
+    rank: int,
+    rope: int,
+    dtype: mx.Dtype | int,
+    kv_bits: int | None,
+    group_size: int | None = None,
 ) -> int:
-    """One layer's cache bytes per token: c_kv (quantized: packed + scales + biases) + k_pe."""
+    """One layer's cache bytes per token: c_kv (quantized: packed + scales + biases) + k_pe
+    (or one row of V4's compressed cache: rank = its non-RoPE channels). dtype: the compute
+    dtype or its size in bytes."""
+    size = dtype if isinstance(dtype, int) else dtype.size
     if kv_bits is None:
-        return (rank + rope) * dtype.size
+        return (rank + rope) * size
     g = group_size or latent_group_size(rank)
-    return rank * kv_bits // 8 + 2 * (rank // g) * dtype.size + rope * dtype.size
+    return rank * kv_bits // 8 + 2 * (rank // g) * size + rope * size
 
 
 class ModelCache(list):

@@ -124,13 +124,5 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-class DecoderLayer(deepseek_v3.DecoderLayer):
-    attention_class = Attention
-
-
-class DeepseekModel(deepseek_v3.DeepseekModel):
-    layer_class = DecoderLayer
-
-
 class Model(deepseek_v3.Model):
-    model_class = DeepseekModel
+    attention_class = Attention

@@ -15,6 +15,7 @@ import mlx.nn as nn
 
 from .. import ops
 from .cache import KVCache, ModelCache, QuantizedKVCache
+from .causal_lm import CausalLM
 from .config import ModelArgs
 from .mla import MLAttention
 from .moe import MLP, MoE
@@ -29,11 +30,9 @@ def attention_mask(L: int, cache: Any = None) -> Any:
 
 
 class DecoderLayer(nn.Module):
-    attention_class: type[nn.Module] = MLAttention  # other families swap the attention
-
-    def __init__(self, args: ModelArgs, index: int):
+    def __init__(self, args: ModelArgs, index: int, attention: type[nn.Module] = MLAttention):
         super().__init__()
-        self.self_attn = self.attention_class(args)
+        self.self_attn = attention(args)
         self.mlp = (
             MoE(args) if args.is_moe_layer(index) else MLP(args.hidden_size, args.intermediate_size)
         )
@@ -92,12 +91,11 @@ class MTPLayer(DecoderLayer):
 
 
 class DeepseekModel(nn.Module):
-    layer_class: type[DecoderLayer] = DecoderLayer
-
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, attention: type[nn.Module] = MLAttention):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [self.layer_class(args, i) for i in range(args.num_hidden_layers)]
+        n = args.num_hidden_layers
+        self.layers = [DecoderLayer(args, i, attention) for i in range(n)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def _layers(self, inputs: mx.array, cache: list | None) -> tuple[mx.array, mx.array | None]:
@@ -127,14 +125,14 @@ class DeepseekModel(nn.Module):
         return self.hidden_and_normed(inputs, cache)[1]
 
 
-class Model(nn.Module):
-    model_class: type[DeepseekModel] = DeepseekModel
+class Model(CausalLM):
+    attention_class: type[nn.Module] = MLAttention  # other families swap the attention
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = self.model_class(args)
+        self.model = DeepseekModel(args, self.attention_class)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         n_mtp = args.num_nextn_predict_layers if args.model_type == "deepseek_v3" else 0
@@ -142,33 +140,11 @@ class Model(nn.Module):
         self.kv_bits: int | None = None  # c_kv quantized in the caches (load(kv_bits=...))
         self.kv_group_size = 64
 
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
     def head(self, h: mx.array) -> mx.array:
         """Final-normed hidden states [B, L, D] -> logits [B, L, vocab]."""
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
-
-    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
-        return self.head(self.model(inputs, cache))
-
-    def hidden(self, inputs: mx.array, cache: list | None = None) -> mx.array:
-        """The last hidden states BEFORE the final norm [B, L, D] (what MTP drafts from)."""
-        return self.model.hidden(inputs, cache)
-
-    def logits(self, hidden: mx.array) -> mx.array:
-        """Pre-norm hidden states [B, L, D] (from `hidden`) -> logits [B, L, vocab]."""
-        return self.head(self.model.norm(hidden))
-
-    def forward_with_hidden(
-        self, inputs: mx.array, cache: list | None = None
-    ) -> tuple[mx.array, mx.array]:
-        """(logits, pre-norm last hidden states): what MTP drafting and training need."""
-        h, normed = self.model.hidden_and_normed(inputs, cache)
-        return self.head(normed), h
 
     def make_cache(self) -> ModelCache:
         """One latent cache per layer (keys = c_kv [B,1,S,rank], values = k_pe [B,1,S,rope]),
@@ -179,21 +155,6 @@ class Model(nn.Module):
 
     def make_mtp_cache(self) -> list[KVCache | QuantizedKVCache]:
         return self.make_cache().mtp
-
-    def mtp_forward(
-        self,
-        hidden: mx.array,
-        next_tokens: mx.array,
-        depth: int = 0,
-        cache: KVCache | None = None,
-    ) -> tuple[mx.array, mx.array]:
-        """MTP module `depth`: (logits for t_{i+2} [B, L, vocab], its hidden [B, L, D]).
-
-        hidden: the main model's pre-norm hidden states h_i [B, L, D] (or the previous MTP
-        module's output); next_tokens: t_{i+1} [B, L].
-        """
-        h = self.mtp_hidden(hidden, next_tokens, depth, cache)
-        return self.mtp_logits(h, depth), h
 
     def mtp_hidden(
         self, hidden: mx.array, next_tokens: mx.array, depth: int = 0, cache: KVCache | None = None

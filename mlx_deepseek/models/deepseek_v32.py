@@ -197,16 +197,8 @@ class SparseAttention(MLAttention):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-class DecoderLayer(deepseek_v3.DecoderLayer):
-    attention_class = SparseAttention
-
-
-class DeepseekV32Model(deepseek_v3.DeepseekModel):
-    layer_class = DecoderLayer
-
-
 class Model(deepseek_v3.Model):
-    model_class = DeepseekV32Model
+    attention_class = SparseAttention
 
     def make_cache(self) -> ModelCache:
         """Per layer the latent cache plus the indexer's keys (IndexedCache)."""

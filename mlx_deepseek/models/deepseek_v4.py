@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from .. import ops
+from .causal_lm import CausalLM
 from .v4_attention import V4Attention
 from .v4_cache import V4Cache, V4LayerCache
 from .v4_config import ModelArgs
@@ -29,31 +30,23 @@ __all__ = ["Model", "ModelArgs", "sanitize"]
 FLOAT32_PARAMS = ("hc_", "attn_sink", ".ape", "ffn.gate.weight", "ffn.gate.bias")
 
 
-class ClampedSwiGLU(nn.Module):
-    """silu(min(gate, limit)) * clip(up, -limit, limit); limit 0 = no clamp."""
-
-    def __init__(self, limit: float):
-        super().__init__()
-        self.limit = float(limit)
-
-    def __call__(self, up: mx.array, gate: mx.array) -> mx.array:
-        if self.limit > 0:
-            gate = mx.minimum(gate, self.limit)
-            up = mx.clip(up, -self.limit, self.limit)
-        return nn.silu(gate) * up
-
-
 class SharedExpert(nn.Module):
+    """The shared expert: a SwiGLU MLP clamped at swiglu_limit (ops.moe computes it with the
+    routed experts; DeepSeek's w1 / w3 / w2 are gate_proj / up_proj / down_proj here)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, inter = args.hidden_size, args.moe_intermediate_size
-        self.w1 = nn.Linear(D, inter, bias=False)  # gate
-        self.w2 = nn.Linear(inter, D, bias=False)  # down
-        self.w3 = nn.Linear(D, inter, bias=False)  # up
-        self.act = ClampedSwiGLU(args.swiglu_limit)
+        self.gate_proj = nn.Linear(D, inter, bias=False)
+        self.up_proj = nn.Linear(D, inter, bias=False)
+        self.down_proj = nn.Linear(inter, D, bias=False)
+        self.limit = float(args.swiglu_limit)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(self.act(self.w3(x), self.w1(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.limit > 0:
+            gate, up = mx.minimum(gate, self.limit), mx.clip(up, -self.limit, self.limit)
+        return self.down_proj(nn.silu(gate) * up)
 
 
 def route(
@@ -113,39 +106,21 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
+    """Routed experts (stacked, mlx-lm's SwitchGLU) and the shared expert, all with the clamped
+    SwiGLU, computed by ops.moe (the back-end's CPU split or fused Metal kernels)."""
+
     def __init__(self, args: ModelArgs, index: int):
         super().__init__()
         self.gate = Gate(args, index)
         self.switch_mlp = SwitchGLU(
-            args.hidden_size,
-            args.moe_intermediate_size,
-            args.n_routed_experts,
-            activation=ClampedSwiGLU(args.swiglu_limit),
+            args.hidden_size, args.moe_intermediate_size, args.n_routed_experts
         )
         self.shared_experts = SharedExpert(args)
+        self.limit = float(args.swiglu_limit)
 
     def __call__(self, x: mx.array, ids: mx.array) -> mx.array:
         inds, weights = self.gate(x, ids)
-        mlp = self.switch_mlp
-        if (
-            "scales" not in mlp.gate_proj
-            and x.dtype != mx.float32
-            and mx.default_device() == mx.cpu
-        ):
-            y = _experts_float32(mlp, x, inds)  # MLX's CPU gather_mm takes float32 only
-        else:
-            y = mlp(x, inds)  # [B, L, k, D]
-        y = (y.astype(mx.float32) * weights[..., None]).sum(axis=-2).astype(x.dtype)
-        return y + self.shared_experts(x)
-
-
-def _experts_float32(mlp: SwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
-    def project(layer: nn.Module, h: mx.array) -> mx.array:
-        return mx.gather_mm(h, layer.weight.astype(mx.float32).swapaxes(-1, -2), rhs_indices=inds)
-
-    h = mx.expand_dims(x.astype(mx.float32), (-2, -3))
-    h = mlp.activation(project(mlp.up_proj, h), project(mlp.gate_proj, h))
-    return project(mlp.down_proj, h).squeeze(-2)
+        return ops.moe(x, inds, weights, self.switch_mlp, self.shared_experts, self.limit)
 
 
 class Block(nn.Module):
@@ -231,11 +206,18 @@ class DeepseekV4Model(nn.Module):
             x = layer(x, inputs, c)
         return x
 
+    def hidden_and_normed(
+        self, inputs: mx.array, cache: list | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """(the last layer's copies [B, L, hc, D], them collapsed and normed [B, L, D])."""
+        h = self.hidden(inputs, cache)
+        return h, self.norm(h)
+
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         return self.norm(self.hidden(inputs, cache))
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -244,46 +226,32 @@ class Model(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         n = args.num_hidden_layers
         self.mtp = [MTPLayer(args, n + j) for j in range(args.num_nextn_predict_layers)]
+        # the compressed rows quantized in the caches (load(kv_bits=...)); group size along
+        # their non-RoPE channels
+        self.kv_bits: int | None = None
+        self.kv_group_size = 64
 
     @property
-    def layers(self) -> list[Block]:
-        return self.model.layers
+    def kv_quant(self) -> tuple[int, int] | None:
+        """(group size, bits) of the caches' compressed rows, or None: full precision."""
+        return None if self.kv_bits is None else (self.kv_group_size, self.kv_bits)
 
     def head(self, h: mx.array) -> mx.array:
         """Final-normed hidden states [B, L, D] -> logits [B, L, vocab]."""
         return self.lm_head(h)
 
-    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
-        return self.head(self.model(inputs, cache))
-
-    def hidden(self, inputs: mx.array, cache: list | None = None) -> mx.array:
-        """The last layer's copies [B, L, hc, D] (before the head's collapse): what MTP
-        drafts from."""
-        return self.model.hidden(inputs, cache)
-
-    def logits(self, hidden: mx.array) -> mx.array:
-        """The copies [B, L, hc, D] (from `hidden`) -> logits [B, L, vocab]."""
-        return self.head(self.model.norm(hidden))
-
-    def forward_with_hidden(
-        self, inputs: mx.array, cache: list | None = None
-    ) -> tuple[mx.array, mx.array]:
-        """(logits, the last layer's copies [B, L, hc, D]): what MTP drafting needs."""
-        h = self.model.hidden(inputs, cache)
-        return self.head(self.model.norm(h)), h
-
     def make_cache(self) -> V4Cache:
-        """Per layer its window, compressed rows, indexer rows and compressor state; the MTP
-        layers' caches on `.mtp`."""
+        """Per layer its window, compressed rows (quantized with kv_bits), indexer rows and
+        compressor state; the MTP layers' caches on `.mtp`."""
         return V4Cache(
-            [layer.attn.make_cache() for layer in self.layers],
-            [layer.attn.make_cache() for layer in self.mtp],
+            [layer.attn.make_cache(self.kv_quant) for layer in self.layers],
+            self.make_mtp_cache(),
         )
 
     # ---- multi-token prediction ------------------------------------------------------------
 
     def make_mtp_cache(self) -> list[V4LayerCache]:
-        return [layer.attn.make_cache() for layer in self.mtp]
+        return [layer.attn.make_cache(self.kv_quant) for layer in self.mtp]
 
     def mtp_hidden(
         self,
@@ -301,17 +269,6 @@ class Model(nn.Module):
 
     def mtp_logits(self, h: mx.array, depth: int = 0) -> mx.array:
         return self.head(self.mtp[depth].norm(h))
-
-    def mtp_forward(
-        self,
-        hidden: mx.array,
-        next_tokens: mx.array,
-        depth: int = 0,
-        cache: V4LayerCache | None = None,
-    ) -> tuple[mx.array, mx.array]:
-        """(logits for t_{i+2} [B, L, vocab], the module's copies [B, L, hc, D])."""
-        h = self.mtp_hidden(hidden, next_tokens, depth, cache)
-        return self.mtp_logits(h, depth), h
 
     # ---- checkpoint mapping -----------------------------------------------------------------
 

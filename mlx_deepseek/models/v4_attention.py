@@ -11,6 +11,8 @@ is roped at position w * ratio, and is visible to position p iff w < (p + 1) // 
 Decode reads the window and, in a compressed sparse layer, only the top-k compressed rows
 the indexer picks (gathered); prefill chunks attend over the window and all compressed rows
 under a mask holding the per-query top-k (the same rows, without gathering [L, k, hd]).
+With kv_bits the compressed rows are quantized (ops.SplitRows): decode reads them in place,
+a prefill chunk dequantizes them once for the fused attention.
 """
 
 from __future__ import annotations
@@ -154,8 +156,10 @@ class V4Attention(nn.Module):
             self.indexer = Indexer(args, self.ratio)
         self.rope = layer_rope(args, index)
 
-    def make_cache(self) -> V4LayerCache:
-        return V4LayerCache(self.window_size, self.ratio, self.kind == CSA, self.kind == CSA)
+    def make_cache(self, quant: tuple[int, int] | None = None) -> V4LayerCache:
+        """An empty cache; quant: (group size, bits) to keep the compressed rows quantized."""
+        csa = self.kind == CSA
+        return V4LayerCache(self.window_size, self.ratio, csa, csa, self.rope.dims, quant)
 
     def __call__(self, x: mx.array, cache: V4LayerCache) -> mx.array:
         B, L, _ = x.shape
@@ -169,20 +173,21 @@ class V4Attention(nn.Module):
         cache.window.append(kv)
         lo = max(0, offset - (self.window_size - 1))
         keys = cache.window.rows(lo, offset + L)  # [B, S_w, hd]
-        mask = None
+        mask = quantized = None
         if L > 1:
             qpos = offset + mx.arange(L)[:, None]
             kpos = lo + mx.arange(keys.shape[1])[None]
             mask = ((kpos <= qpos) & (kpos > qpos - self.window_size))[None]  # [1, L, S_w]
         if self.ratio:
-            keys, mask = self._compressed(x, qr, cache, keys, mask)
-        out = ops.shared_kv_attention(q, keys, self.attn_sink, self.scale, mask)
+            keys, mask, quantized = self._compressed(x, qr, cache, keys, mask)
+        out = ops.shared_kv_attention(q, keys, self.attn_sink, self.scale, mask, quantized)
         cache.advance(L)
         out = self.rope(out, offset, inverse=True)  # undo RoPE on the value's rope channels
         return self.wo_b(self._grouped_out(out.transpose(0, 2, 1, 3)))
 
     def _compressed(self, x, qr, cache: V4LayerCache, keys, mask):
-        """Append the rows that closed; keys / mask extended with the compressed rows."""
+        """Append the rows that closed -> (keys, mask) extended with the compressed rows, and
+        the quantized rows a decode step reads after keys (None: all in keys)."""
         B, L, _ = x.shape
         offset = cache.offset
         rows = self.compressor(x, cache.comp_state, offset, self.rope)
@@ -194,23 +199,26 @@ class V4Attention(nn.Module):
                 cache.indexer.append(rows)
         n = cache.compressed.end
         if n == 0:
-            return keys, mask
-        compressed = cache.compressed.all()  # [B, n, hd]
+            return keys, mask, None
+        compressed = cache.compressed.all()  # [B, n, hd], or quantized: ops.SplitRows
+        if L == 1:  # decode: a compressed sparse layer reads only the k selected rows
+            if self.kind == CSA:
+                idx = self.indexer.select(x, qr, cache.indexer.all(), offset, self.rope)
+                compressed = ops.gather_rows(compressed, idx[:, 0])  # idx [B, 1, k]
+            if isinstance(compressed, ops.SplitRows):
+                return keys, mask, compressed
+            return mx.concatenate([keys, compressed], axis=1), mask, None
         if self.kind == CSA:
             idx = self.indexer.select(x, qr, cache.indexer.all(), offset, self.rope)  # [B, L, k]
-            if L == 1:  # decode: only the k selected rows are read
-                selected = ops.gather_rows(compressed, idx[:, 0])
-                return mx.concatenate([keys, selected], axis=1), mask
             picked = mx.put_along_axis(
                 mx.zeros((B, L, n), dtype=mx.bool_), idx, mx.array(True), axis=-1
             )
             comp_mask = picked & visible(offset, L, n, self.ratio)[None]
-        elif L == 1:
-            return mx.concatenate([keys, compressed], axis=1), mask
         else:
             comp_mask = mx.broadcast_to(visible(offset, L, n, self.ratio)[None], (B, L, n))
         mask = mx.concatenate([mx.broadcast_to(mask, (B, *mask.shape[1:])), comp_mask], axis=-1)
-        return mx.concatenate([keys, compressed], axis=1), mask
+        compressed = ops.dense_rows(compressed, keys.shape[-1]).astype(keys.dtype)
+        return mx.concatenate([keys, compressed], axis=1), mask, None
 
     def _grouped_out(self, out: mx.array) -> mx.array:
         """[B, L, H, hd] -> [B, L, o_groups * o_lora_rank]: group g's heads through its own

@@ -12,6 +12,14 @@ Per layer (`V4LayerCache`), all rows [B, n, d] in preallocated buffers (`RowBuff
 Rows emitted from that state equal the full forward's at every window boundary, since both
 run the same pooling over the same tokens.
 
+With kv_bits (`quant` = (group size, bits)) the compressed rows are kept quantized
+(`QuantizedRows`: the non-RoPE channels in MLX's affine groups, the RoPE channels at full
+precision, as V2/V3's c_kv and k_pe; attention reads them in place: ops.shared_kv_attention).
+They are what grows with the context (a compressed sparse layer adds 512/4 of its 160 values
+per token). The window and the compressor state are bounded, and the indexer's rows (32 of
+the 160) stay at full precision: quantizing them moves its top-k and measured ~3x the KL of
+the compressed rows' for 15% fewer bytes (README, "Bigger than memory").
+
 `trim(n)` rolls back n <= MAX_ROLLBACK tokens exactly (speculative decoding's rejected
 drafts), or all of them; more raises CacheTrimError: the window and the compressor state
 before that are gone (re-prefill instead). `offset`, `state`, `trim`, `is_trimmable` follow
@@ -20,10 +28,13 @@ mlx-lm's cache protocol; `V4Cache` is the model's list of them, with the MTP lay
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 
 from ..errors import DeepSeekError
-from .cache import ModelCache
+from ..ops.types import SplitRows
+from .cache import ModelCache, latent_group_size
 
 MAX_ROLLBACK = 16  # speculative decoding drafts at most 8 tokens; room to spare
 STEP = 256  # rows a buffer grows by
@@ -66,11 +77,76 @@ class RowBuffer:
     def reset(self) -> None:
         self.buf, self.start, self.end, self.keep_from = None, 0, 0, 0
 
+    def arrays(self) -> list[mx.array]:
+        return [] if self.buf is None else [self.buf]
+
     @property
     def nbytes(self) -> int:
         if self.buf is None:
             return 0
         return (self.end - self.start) * self.buf.nbytes // self.buf.shape[1]
+
+
+class QuantizedRows:
+    """RowBuffer's interface for rows [B, n, d] kept quantized: the first d - rope channels
+    in MLX's affine groups (packed, scales, biases), the last `rope` at full precision; one
+    RowBuffer per part. `rows` / `all` give ops.SplitRows."""
+
+    def __init__(self, rope: int, group_size: int, bits: int) -> None:
+        self.rope, self.group_size, self.bits = rope, group_size, bits
+        self.parts = [RowBuffer() for _ in range(4)]  # packed, scales, biases, rope
+
+    def append(self, rows: mx.array) -> None:
+        body = rows[..., : rows.shape[-1] - self.rope]
+        quant = mx.quantize(body, group_size=self.group_size, bits=self.bits)
+        for part, a in zip(self.parts, (*quant, rows[..., body.shape[-1] :]), strict=True):
+            part.append(a)
+
+    def rows(self, lo: int, hi: int) -> SplitRows:
+        return SplitRows(*(p.rows(lo, hi) for p in self.parts))
+
+    def all(self) -> SplitRows | None:
+        return None if self.parts[0].buf is None else SplitRows(*(p.all() for p in self.parts))
+
+    def dense(self) -> mx.array:
+        """All rows held, dequantized: [B, n, d] in the scales' dtype."""
+        packed, scales, biases, rope = self.all()
+        body = mx.dequantize(packed, scales, biases, group_size=self.group_size, bits=self.bits)
+        return mx.concatenate([body, rope.astype(body.dtype)], axis=-1)
+
+    def reset(self) -> None:
+        for p in self.parts:
+            p.reset()
+
+    def arrays(self) -> list[mx.array]:
+        return [a for p in self.parts for a in p.arrays()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    # the parts always hold the same rows
+    @property
+    def start(self) -> int:
+        return self.parts[0].start
+
+    @property
+    def end(self) -> int:
+        return self.parts[0].end
+
+    @end.setter
+    def end(self, value: int) -> None:
+        for p in self.parts:
+            p.end = value
+
+    @property
+    def keep_from(self) -> int:
+        return self.parts[0].keep_from
+
+    @keep_from.setter
+    def keep_from(self, value: int) -> None:
+        for p in self.parts:
+            p.keep_from = value
 
 
 class V4LayerCache:
@@ -79,11 +155,24 @@ class V4LayerCache:
     # mlx-lm's prompt-cache files rebuild each layer by class name from its own module
     savable = False
 
-    def __init__(self, window: int, ratio: int = 0, overlap: bool = False, indexer: bool = False):
+    def __init__(
+        self,
+        window: int,
+        ratio: int = 0,
+        overlap: bool = False,
+        indexer: bool = False,
+        rope: int = 0,
+        quant: tuple[int, int] | None = None,
+    ):
+        """rope: the RoPE channels at the end of each row (kept at full precision when
+        quantized); quant: (group size, bits) to keep the compressed rows quantized."""
         self.window_size, self.ratio, self.overlap = window, ratio, overlap
+        self.rope, self.quant = rope, quant
         self.offset = 0
         self.window = RowBuffer()  # index = position
-        self.compressed = RowBuffer() if ratio else None  # index = window
+        self.compressed: RowBuffer | QuantizedRows | None = None  # index = window
+        if ratio:
+            self.compressed = QuantizedRows(rope, *quant) if quant else RowBuffer()
         self.comp_state = RowBuffer() if ratio else None  # index = position
         self.indexer = RowBuffer() if indexer else None
         self.index_state = RowBuffer() if indexer else None
@@ -95,9 +184,34 @@ class V4LayerCache:
             if b is not None
         ]
 
-    def fresh(self) -> V4LayerCache:
-        """An empty cache of the same kind."""
-        return V4LayerCache(self.window_size, self.ratio, self.overlap, self.indexer is not None)
+    def fresh(self, quant: tuple[int, int] | None | bool = True) -> V4LayerCache:
+        """An empty cache of the same kind (quant: another quantization, True = the same)."""
+        quant = self.quant if quant is True else quant
+        indexer = self.indexer is not None
+        return V4LayerCache(self.window_size, self.ratio, self.overlap, indexer, self.rope, quant)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> V4LayerCache:
+        """This cache with its compressed rows quantized (what mlx-lm's kv_bits calls, every
+        step: a cache already in that format is returned as it is). The other buffers are
+        shared with this cache, which the caller replaces."""
+        if self.quant == (group_size, bits) or self.compressed is None:
+            return self
+        old = self.compressed
+        out = copy.copy(self)
+        out.quant = (group_size, bits)
+        out.compressed = new = QuantizedRows(self.rope, group_size, bits)
+        if old.end > old.start:
+            rows = old.dense() if isinstance(old, QuantizedRows) else old.all()
+            body = rows.shape[-1] - self.rope
+            if body % group_size:
+                raise DeepSeekError(
+                    f"kv_group_size={group_size} does not divide the compressed rows' {body} "
+                    f"non-RoPE channels: give kv_group_size={latent_group_size(body)}"
+                )
+            new.append(rows)
+            for p in new.parts:
+                p.start, p.end = old.start, old.end
+        return out
 
     # ---- what attention needs to keep ---------------------------------------------------------
 
@@ -124,7 +238,7 @@ class V4LayerCache:
     @property
     def state(self) -> list[mx.array]:
         """The arrays the cache holds (to evaluate them)."""
-        return [b.buf for b in self._buffers() if b.buf is not None]
+        return [a for b in self._buffers() for a in b.arrays()]
 
     @property
     def nbytes(self) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from .cache import latent_bytes_per_token, latent_group_size
 
 SLIDING = "sliding_attention"
 CSA = "compressed_sparse_attention"
@@ -97,6 +98,11 @@ class ModelArgs:
 
     # ---- derived values ------------------------------------------------------------------
 
+    @property
+    def label(self) -> str:
+        """The model_type the checkpoint's config.json gives (as V2/V3's ModelArgs.label)."""
+        return self.model_type
+
     def layer_type(self, index: int) -> str:
         """The attention kind of layer `index` (main layers, then the MTP layers)."""
         return self.layer_types[index] if index < len(self.layer_types) else SLIDING
@@ -126,17 +132,31 @@ class ModelArgs:
         layers = self.num_hidden_layers if layers is None else layers
         return layers * self.sliding_window * self.head_dim
 
-    def cache_bytes(self, context: int, dtype_size: int = 2) -> int:
-        """Cache bytes of all layers (MTP included) for `context` tokens."""
+    def cache_bytes(self, context: int, dtype_size: int = 2, kv_bits: int | None = None) -> int:
+        """Cache bytes of all layers (MTP included) for `context` tokens; kv_bits: the
+        compressed rows quantized (their non-RoPE channels in groups: kv_group_size)."""
+        row = latent_bytes_per_token(
+            self.head_dim - self.qk_rope_head_dim,
+            self.qk_rope_head_dim,
+            dtype_size,
+            kv_bits,
+            None if kv_bits is None else self.kv_group_size(),
+        )
         total = 0
         for i in range(self.num_hidden_layers + self.num_nextn_predict_layers):
-            total += min(context, self.sliding_window) * self.head_dim
+            total += min(context, self.sliding_window) * self.head_dim * dtype_size
             ratio = self.compress_ratio(i)
             if ratio:
-                total += (context // ratio) * self.head_dim
+                total += (context // ratio) * row
                 if self.layer_type(i) == CSA:
-                    total += (context // ratio) * self.index_head_dim
-        return total * dtype_size
+                    total += (context // ratio) * self.index_head_dim * dtype_size
+        return total
+
+    def kv_group_size(self) -> int:
+        """The quantization group size along the compressed rows' non-RoPE channels
+        (DeepSeekError when MLX cannot group them)."""
+        body = self.head_dim - self.qk_rope_head_dim
+        return latent_group_size(body, what="head_dim - qk_rope_head_dim")
 
     # ---- validation ----------------------------------------------------------------------
 

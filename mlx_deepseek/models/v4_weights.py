@@ -10,7 +10,8 @@ Two published layouts load:
   `model.embed_tokens.weight`, `model.norm.weight`, `model.hc_head.hc_{fn,base,scale}`) and
   `head.weight`, in floating point.
 Both become: `model.embed_tokens`, `model.layers.N.*` (DeepSeek's leaf names, the routed
-experts stacked as `ffn.switch_mlp.{gate,up,down}_proj` [E, out, in]), `model.norm.{weight,
+experts stacked as `ffn.switch_mlp.{gate,up,down}_proj` [E, out, in], the shared expert's
+w1 / w3 / w2 as `ffn.shared_experts.{gate,up,down}_proj`), `model.norm.{weight,
 hc_fn,hc_base,hc_scale}`, `lm_head`, and `mtp.J.*` (its collapse as `mtp.J.norm.hc_*`).
 Names already in that form (converted MLX checkpoints) pass through.
 """
@@ -44,6 +45,7 @@ _TOP = {
 _MTP_HEAD = re.compile(r"^mtp\.(\d+)\.hc_head_(fn|base|scale)$")
 _EXPERT = re.compile(r"^(.*\.ffn)\.experts\.(\d+)\.(w[123])\.(weight|scales)$")
 _PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_SHARED = re.compile(r"\.shared_experts\.(w[123])\.")
 
 
 def canonical_name(name: str) -> str:
@@ -54,6 +56,7 @@ def canonical_name(name: str) -> str:
     m = _MTP_HEAD.match(body)
     if m:
         return f"mtp.{m.group(1)}.norm.hc_{m.group(2)}"
+    body = _SHARED.sub(lambda m: f".shared_experts.{_PROJ[m.group(1)]}.", body)
     if body.startswith("layers.") or body.startswith("norm.") or body.startswith("embed_tokens."):
         return f"model.{body}"
     return body

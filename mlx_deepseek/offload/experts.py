@@ -193,25 +193,6 @@ class StreamedExperts(nn.Module):
 
         return self._run(x, inds, whole, rounds)
 
-    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
-        """SwitchGLU's own call on the bank, for a model that calls its experts directly (V4):
-        x [..., D], inds [..., k] -> [..., k, D]."""
-
-        def whole(ids: mx.array) -> mx.array:
-            return self.bank(x, ids)
-
-        def rounds(groups: Iterator[tuple[np.ndarray, mx.array]]) -> Iterator[mx.array]:
-            D = x.shape[-1]
-            x2 = x.reshape(-1, D)
-            y = mx.zeros((inds.size, D), x.dtype)
-            for pairs, ids in groups:
-                at = mx.array(pairs)
-                y[at] = self.bank(x2[at // inds.shape[-1]], ids)[:, 0]
-                yield y
-            yield y.reshape(*inds.shape, D)
-
-        return self._run(x, inds, whole, rounds)
-
     @property
     def gate_proj(self) -> nn.Module:
         return self.bank.gate_proj

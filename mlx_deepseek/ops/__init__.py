@@ -13,7 +13,7 @@ Back-ends (a module each, with every op below):
 Every op returns its result: choosing a path is the back-end's business, never the model's.
 
 DeepSeek V4's own ops (hc_mixes, hc_pre, hc_post, hc_head, sinkhorn, compress_pool,
-index_scores, select_topk, gather_rows, shared_kv_attention) have their MLX reference in
+index_scores, select_topk, gather_rows, dense_rows, shared_kv_attention) have their MLX reference in
 v4.py; a back-end module overrides one by defining a function of the same name.
 
 sparse.py holds DeepSeek V3.2's own operations (the lightning indexer's scores and top-k,
@@ -22,23 +22,27 @@ attention over the selected latent rows) as plain MLX functions the V3.2 model c
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..offload.experts import StreamedExperts
 from . import v4
 from .backend import active, current, resolve, use
-from .types import CAUSAL, LatentEntry, MLAHeads, Routing
+from .types import CAUSAL, LatentEntry, MLAHeads, Routing, SplitRows
 
 __all__ = [
     "CAUSAL",
     "MLAHeads",
     "Routing",
+    "SplitRows",
     "absorbed_attention",
     "active",
     "add_rms_norm",
     "compress_pool",
     "current",
+    "dense_rows",
     "embed",
     "expanded_attention",
     "gather_rows",
@@ -121,17 +125,25 @@ def mlp(x: mx.array, layer: nn.Module) -> mx.array:
 
 
 def moe(
-    x: mx.array, inds: mx.array, weights: mx.array, experts: nn.Module, shared: nn.Module | None
+    x: mx.array,
+    inds: mx.array,
+    weights: mx.array,
+    experts: nn.Module,
+    shared: nn.Module | None,
+    swiglu_limit: float = 0.0,
 ) -> mx.array:
     """A MoE layer's experts: sum_j weights[..., j] * expert_{inds[..., j]}(x) + shared(x).
 
-    experts: mlx-lm's SwitchGLU with stacked [E, out, in] weights, or the experts streamed
-    from the checkpoint (offload.StreamedExperts: it makes the chosen experts resident in its
-    bank of slots and runs the back-end's moe there); shared: the shared experts' MLP or
-    None; weights already carry the routed scaling factor."""
+    experts: mlx-lm's SwitchGLU with stacked [E, out, in] weights (its own activation the
+    plain SwiGLU), or the experts streamed from the checkpoint (offload.StreamedExperts: it
+    makes the chosen experts resident in its bank of slots and runs the back-end's moe there);
+    shared: the shared experts' MLP (gate_proj, up_proj, down_proj) or None; weights already
+    carry the routed scaling factor; swiglu_limit > 0: every expert's SwiGLU, the shared one's
+    too, is silu(min(gate, limit)) * clip(up, -limit, limit) (DeepSeek V4)."""
     if isinstance(experts, StreamedExperts):
-        return experts.moe(x, inds, weights, shared, active().moe)
-    return active().moe(x, inds, weights, experts, shared)
+        run = partial(active().moe, swiglu_limit=swiglu_limit)
+        return experts.moe(x, inds, weights, shared, run)
+    return active().moe(x, inds, weights, experts, shared, swiglu_limit)
 
 
 def prepare(model: nn.Module) -> int:
@@ -200,13 +212,24 @@ def select_topk(scores: mx.array, k: int) -> mx.array:
     return _v4("select_topk")(scores, k)
 
 
-def gather_rows(rows: mx.array, idx: mx.array) -> mx.array:
-    """rows [B, N, d] at idx [B, k] -> [B, k, d]."""
+def gather_rows(rows: mx.array | SplitRows, idx: mx.array) -> mx.array | SplitRows:
+    """rows [B, N, d] at idx [B, k] -> [B, k, d] (quantized rows stay quantized)."""
     return _v4("gather_rows")(rows, idx)
 
 
+def dense_rows(rows: mx.array | SplitRows, dim: int) -> mx.array:
+    """V4's rows [B, n, dim] as an array (quantized ones dequantized)."""
+    return _v4("dense_rows")(rows, dim)
+
+
 def shared_kv_attention(
-    q: mx.array, kv: mx.array, sinks: mx.array, scale: float, mask: mx.array | None = None
+    q: mx.array,
+    kv: mx.array,
+    sinks: mx.array,
+    scale: float,
+    mask: mx.array | None = None,
+    rows: SplitRows | None = None,
 ) -> mx.array:
-    """Attention of q [B, H, L, d] over one K=V head [B, S, d] with per-head sinks [H]."""
-    return _v4("shared_kv_attention")(q, kv, sinks, scale, mask)
+    """Attention of q [B, H, L, d] over one K=V head [B, S, d] (then `rows`, n quantized
+    K=V rows read in place, when given) with per-head sinks [H]; mask [B, L, S + n]."""
+    return _v4("shared_kv_attention")(q, kv, sinks, scale, mask, rows)

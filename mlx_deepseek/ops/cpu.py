@@ -238,24 +238,23 @@ def row_split(layer: nn.Module, x: mx.array) -> mx.array | None:
     return mx.concatenate(parallel(parts, streams), axis=-1)
 
 
-class RowSplitLinear(nn.Linear):
+class _RowSplit:
+    """A linear layer's __call__ that splits the matmul by output rows across the CPU
+    streams (where row_split applies; else the layer's own)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = row_split(self, x)
+        if y is None:
+            return super().__call__(x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class RowSplitLinear(_RowSplit, nn.Linear):
     """nn.Linear whose matmul splits by output rows across the CPU streams."""
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = row_split(self, x)
-        if y is None:
-            return super().__call__(x)
-        return y + self["bias"] if "bias" in self else y
 
-
-class RowSplitQuantizedLinear(nn.QuantizedLinear):
+class RowSplitQuantizedLinear(_RowSplit, nn.QuantizedLinear):
     """nn.QuantizedLinear whose matmul splits by output rows across the CPU streams."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = row_split(self, x)
-        if y is None:
-            return super().__call__(x)
-        return y + self["bias"] if "bias" in self else y
 
 
 class RowSplitEmbedding(nn.Embedding):
@@ -399,18 +398,20 @@ def moe(
     weights: mx.array,
     experts: nn.Module,
     shared: nn.Module | None,
+    swiglu_limit: float = 0.0,
 ) -> mx.array:
     """ops.moe on the CPU: many tokens by expert, dequantized, on the streams (prefill); a
     few tokens with a share of the slots on each stream (decode); else MLX's path."""
+    args = (x, inds, weights, experts, shared, swiglu_limit)
     if "scales" not in experts.gate_proj or not on_cpu():
-        return reference.moe(x, inds, weights, experts, shared)
+        return reference.moe(*args)
     if x.size // x.shape[-1] >= DEQUANT_MIN_TOKENS:
-        return _experts_grouped(x, inds, weights, experts, shared)
-    y = _split_experts(x, inds, weights, experts, shared)
-    return reference.moe(x, inds, weights, experts, shared) if y is None else y
+        return _experts_grouped(*args)
+    y = _split_experts(*args)
+    return reference.moe(*args) if y is None else y
 
 
-def _split_experts(x, inds, weights, experts, shared) -> mx.array | None:
+def _split_experts(x, inds, weights, experts, shared, limit) -> mx.array | None:
     """The experts split across the CPU streams, each stream computing a contiguous share of
     every token's selected slots (the first also the shared experts), summed on the default
     stream. None when it should not split."""
@@ -433,9 +434,10 @@ def _split_experts(x, inds, weights, experts, shared) -> mx.array | None:
     def part(lo: int, hi: int, with_shared: bool) -> mx.array:
         ys = []
         if hi > lo:
-            ys.append((experts(x, inds[..., lo:hi]) * weights[..., lo:hi, None]).sum(axis=-2))
+            y = reference.switch_glu(experts, x, inds[..., lo:hi], limit)
+            ys.append((y * weights[..., lo:hi, None]).sum(axis=-2))
         if with_shared:
-            ys.append(shared(x).astype(mx.float32))
+            ys.append(reference.shared_mlp(shared, x, limit).astype(mx.float32))
         return reduce(mx.add, ys)
 
     outs = parallel([partial(part, *job) for job in jobs], streams)
@@ -449,7 +451,7 @@ def _expert_matmul(layer: nn.Module, e: int, x: mx.array, after: mx.array) -> mx
     return y + layer["bias"][e] if "bias" in layer else y
 
 
-def _experts_grouped(x, inds, weights, experts, shared) -> mx.array:
+def _experts_grouped(x, inds, weights, experts, shared, limit: float = 0.0) -> mx.array:
     """Many tokens (prefill): for each selected expert, its tokens gathered, its SwiGLU
     (`matmul`: dequantized once instead of MLX's per-token decoding), the weighted result
     added back at their rows; the experts dealt out to the streams by token count. Reads the
@@ -478,7 +480,8 @@ def _experts_grouped(x, inds, weights, experts, shared) -> mx.array:
             xe = xf[rows]
             # one expert's weights dequantized at a time: each after the previous result
             gate = _expert_matmul(experts.gate_proj, e, xe, after=y)
-            h = nn.silu(gate) * _expert_matmul(experts.up_proj, e, xe, after=gate)
+            up = _expert_matmul(experts.up_proj, e, xe, after=gate)
+            h = reference.swiglu(gate, up, limit)
             ye = _expert_matmul(experts.down_proj, e, h, after=h).astype(mx.float32)
             y = y.at[rows].add(ye * flat_weights[mx.array(positions)][:, None])
         return y
@@ -489,5 +492,5 @@ def _experts_grouped(x, inds, weights, experts, shared) -> mx.array:
         parts = [run(bins[0])]
     y = reduce(mx.add, parts).astype(x.dtype).reshape(x.shape)
     if shared is not None:
-        y = y + shared(x)
+        y = y + reference.shared_mlp(shared, x, limit)
     return y

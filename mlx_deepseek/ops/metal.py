@@ -199,11 +199,12 @@ def moe(
     weights: mx.array,
     experts: nn.Module,
     shared: nn.Module | None,
+    swiglu_limit: float = 0.0,
 ) -> mx.array:
     (y,) = fused(
         "moe",
-        lambda: moe_kernels.moe(x, inds, weights, experts, shared),
-        lambda: [reference.moe(x, inds, weights, experts, shared)],
+        lambda: moe_kernels.moe(x, inds, weights, experts, shared, swiglu_limit),
+        lambda: [reference.moe(x, inds, weights, experts, shared, swiglu_limit)],
     )
     return y
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -229,7 +229,59 @@ def mlp(x: mx.array, layer: nn.Module) -> mx.array:
     return layer.down_proj(nn.silu(layer.gate_proj(x)) * layer.up_proj(x))
 
 
-def _switch_glu_float32(experts: nn.Module, x: mx.array, inds: mx.array) -> mx.array:
+@partial(mx.compile, shapeless=True)
+def _clamped_swiglu(gate: mx.array, up: mx.array, limit: mx.array) -> mx.array:
+    return nn.silu(mx.minimum(gate, limit)) * mx.clip(up, -limit, limit)
+
+
+def swiglu(gate: mx.array, up: mx.array, swiglu_limit: float = 0.0) -> mx.array:
+    """silu(gate) * up; with a limit > 0 (DeepSeek V4's clamped SwiGLU) the gate is capped at
+    the limit and up clipped to [-limit, limit] first."""
+    if not swiglu_limit:
+        return nn.silu(gate) * up
+    return _clamped_swiglu(gate, up, mx.array(swiglu_limit, dtype=gate.dtype))
+
+
+def shared_mlp(shared: nn.Module, x: mx.array, swiglu_limit: float = 0.0) -> mx.array:
+    """A shared expert's SwiGLU MLP (gate_proj, up_proj, down_proj) at x; clamped at the limit."""
+    if not swiglu_limit:
+        return shared(x)
+    return shared.down_proj(swiglu(shared.gate_proj(x), shared.up_proj(x), swiglu_limit))
+
+
+def _sort_by_expert(x: mx.array, inds: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """x [..., 1, 1, D] and inds [..., k] -> x repeated per slot in expert order [T*k, 1, D],
+    the sorted indices [T*k] and the order that undoes it (as mlx-lm's SwitchGLU sorts)."""
+    k = inds.shape[-1]
+    flat = inds.flatten()
+    order = mx.argsort(flat)
+    inv = mx.argsort(order)
+    return x.flatten(0, -3)[order // k], flat[order], inv
+
+
+def switch_glu(
+    experts: nn.Module, x: mx.array, inds: mx.array, swiglu_limit: float = 0.0
+) -> mx.array:
+    """mlx-lm's SwitchGLU at x [..., D] for the experts inds [..., k] -> [..., k, D], its SwiGLU
+    clamped at swiglu_limit (0: the module's own call)."""
+    if not swiglu_limit:
+        return experts(x, inds)
+    h = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
+    do_sort = inds.size >= 64  # many tokens: gather_qmm reads each expert once
+    idx, inv = inds, None
+    if do_sort:
+        h, idx, inv = _sort_by_expert(h, inds)
+    up = experts.up_proj(h, idx, sorted_indices=do_sort)
+    gate = experts.gate_proj(h, idx, sorted_indices=do_sort)
+    y = experts.down_proj(swiglu(gate, up, swiglu_limit), idx, sorted_indices=do_sort)
+    if do_sort:
+        y = y[inv].reshape(*inds.shape, 1, -1)
+    return y.squeeze(-2)
+
+
+def _switch_glu_float32(
+    experts: nn.Module, x: mx.array, inds: mx.array, swiglu_limit: float = 0.0
+) -> mx.array:
     """SwitchGLU computed in float32 with mx.gather_mm: [..., D] -> [..., k, D]. MLX's CPU
     gather_mm only takes float32."""
 
@@ -238,7 +290,7 @@ def _switch_glu_float32(experts: nn.Module, x: mx.array, inds: mx.array) -> mx.a
         return mx.gather_mm(h, w, rhs_indices=inds)
 
     h = mx.expand_dims(x.astype(mx.float32), (-2, -3))  # [..., 1, 1, D]
-    h = nn.silu(project(experts.gate_proj, h)) * project(experts.up_proj, h)
+    h = swiglu(project(experts.gate_proj, h), project(experts.up_proj, h), swiglu_limit)
     return project(experts.down_proj, h).squeeze(-2)
 
 
@@ -248,21 +300,23 @@ def moe(
     weights: mx.array,
     experts: nn.Module,
     shared: nn.Module | None,
+    swiglu_limit: float = 0.0,
 ) -> mx.array:
     """sum_j weights[..., j] * expert_{inds[..., j]}(x) + shared(x), in x.dtype.
 
     x: [..., D]; inds: [..., k] int; weights: [..., k] float32 routing weights (the routed
     scaling factor already applied); experts: mlx-lm's SwitchGLU (gather_qmm / gather_mm,
-    sorting the tokens by expert for large batches).
+    sorting the tokens by expert for large batches); swiglu_limit > 0 clamps every expert's
+    SwiGLU, the shared one's too (DeepSeek V4).
     """
     unquantized = "scales" not in experts.gate_proj
     if unquantized and x.dtype != mx.float32 and mx.default_device() == mx.cpu:
-        y = _switch_glu_float32(experts, x, inds)
+        y = _switch_glu_float32(experts, x, inds, swiglu_limit)
     else:
-        y = experts(x, inds)  # [..., k, D]
+        y = switch_glu(experts, x, inds, swiglu_limit)  # [..., k, D]
     y = (y * weights[..., None]).sum(axis=-2).astype(x.dtype)  # combined in float32
     if shared is not None:
-        y = y + shared(x)
+        y = y + shared_mlp(shared, x, swiglu_limit)
     return y
 
 

@@ -15,6 +15,18 @@ CAUSAL = "causal"  # the mask argument for causal attention (built per call as n
 LatentEntry = mx.array | tuple[mx.array, mx.array, mx.array]
 
 
+class SplitRows(NamedTuple):
+    """DeepSeek V4's quantized K=V rows [B, n, d] (its compressed rows with --kv-bits): the
+    first d - r channels as MLX's affine triple along the channels (packed uint32
+    [B, n, (d - r) * bits / 32], scales and biases [B, n, (d - r) / group]) and the last r
+    (the RoPE part) at full precision in `rope` [B, n, r]."""
+
+    packed: mx.array
+    scales: mx.array
+    biases: mx.array
+    rope: mx.array
+
+
 class MLAHeads(NamedTuple):
     """What MLA's attention ops need of a layer: kv_b_proj's two halves (mlx-lm MultiLinear
     layers, maybe quantized), the RoPE of the rope dims, and the shapes."""

@@ -10,13 +10,23 @@
   sparse attention (sparse.py) uses the same two.
 - Attention with one shared K=V head and per-head sinks (`shared_kv_attention`), and the
   row gather that feeds it the selected compressed rows at decode (`gather_rows`).
+- The quantized compressed rows (--kv-bits; types.SplitRows: the non-RoPE channels in MLX's
+  affine groups, the RoPE channels at full precision): `shared_kv_attention` reads them
+  directly with quantized matmuls (the helpers V2/V3's quantized latent uses, mlx.py),
+  `gather_rows` gathers them still quantized, `dense_rows` dequantizes them (prefill).
 
 All mixing weights and softmaxes are computed in float32, as DeepSeek's code does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
+
 import mlx.core as mx
+
+from .mlx import dense, latent_mix, latent_scores
+from .types import SplitRows
 
 # below this many float32 elements an [L, H, N] index-score block is computed in one piece
 INDEX_BLOCK_ELEMENTS = 1 << 25
@@ -29,12 +39,22 @@ _ROW_FIELD = (1 << 32) - 1
 
 def sinkhorn(comb: mx.array, iters: int, eps: float) -> mx.array:
     """Project positive matrices [..., n, n] towards doubly-stochastic ones: a column
-    normalisation, then `iters - 1` row + column rounds (DeepSeek's hc_split_sinkhorn)."""
-    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+    normalisation, then `iters - 1` row + column rounds (DeepSeek's hc_split_sinkhorn).
+    One compiled graph: unfused, its ~6 * iters tiny ops (twice per layer) were most of a
+    decode step's dispatches."""
+    return _compiled_sinkhorn(int(iters), float(eps))(comb)
+
+
+@cache
+def _compiled_sinkhorn(iters: int, eps: float) -> Callable[[mx.array], mx.array]:
+    def rounds(comb: mx.array) -> mx.array:
         comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
-    return comb
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+            comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+        return comb
+
+    return mx.compile(rounds)
 
 
 def _flat_rms(x: mx.array, norm_eps: float) -> tuple[mx.array, mx.array]:
@@ -166,9 +186,21 @@ def select_topk(scores: mx.array, k: int) -> mx.array:
 # ---- attention -----------------------------------------------------------------------------
 
 
-def gather_rows(rows: mx.array, idx: mx.array) -> mx.array:
-    """rows [B, N, d], idx [B, k] -> the selected rows [B, k, d]."""
-    return mx.take_along_axis(rows, idx[..., None].astype(mx.int32), axis=1)
+def gather_rows(rows: mx.array | SplitRows, idx: mx.array) -> mx.array | SplitRows:
+    """rows [B, N, d] (or quantized: each part gathered, still quantized), idx [B, k] ->
+    the selected rows [B, k, d]."""
+    at = idx[..., None].astype(mx.int32)
+    if isinstance(rows, SplitRows):
+        return SplitRows(*(mx.take_along_axis(a, at, axis=1) for a in rows))
+    return mx.take_along_axis(rows, at, axis=1)
+
+
+def dense_rows(rows: mx.array | SplitRows, dim: int) -> mx.array:
+    """Rows [B, n, dim] as an array: quantized ones dequantized (in their scales' dtype)."""
+    if not isinstance(rows, SplitRows):
+        return rows
+    body = dense(tuple(rows[:3]), dim - rows.rope.shape[-1])
+    return mx.concatenate([body, rows.rope.astype(body.dtype)], axis=-1)
 
 
 def shared_kv_attention(
@@ -177,14 +209,45 @@ def shared_kv_attention(
     sinks: mx.array,
     scale: float,
     mask: mx.array | None = None,
+    rows: SplitRows | None = None,
 ) -> mx.array:
     """Multi-query attention where one head [B, S, d] is both K and V, with a learned sink
     logit per head (softmax over the scores and the sink, the sink's share dropped).
 
-    q [B, H, L, d]; sinks [H]; mask bool [B, L, S] (True = attend) or None -> [B, H, L, d].
+    q [B, H, L, d]; sinks [H]; mask bool [B, L, S + n] (True = attend) or None; rows: n more
+    K=V rows after kv, quantized (SplitRows), read in place -> [B, H, L, d].
     """
+    if rows is not None:
+        return _split_attention(q, kv, rows, sinks, scale, mask)
     k = kv[:, None]
     m = None if mask is None else mask[:, None]
     return mx.fast.scaled_dot_product_attention(
         q, k, k, scale=scale, mask=m, sinks=sinks.astype(q.dtype)
     )
+
+
+def _split_attention(q, kv, rows: SplitRows, sinks, scale, mask) -> mx.array:
+    """shared_kv_attention over [kv; rows] with rows quantized: the scores and the weighted
+    sum of the quantized channels are quantized matmuls, the RoPE channels and the full
+    precision rows plain ones; the softmax (with the sinks) in float32."""
+    B, H, L, d = q.shape
+    r = rows.rope.shape[-1]
+    body, quant = d - r, tuple(rows[:3])
+    qf = (q.astype(mx.float32) * scale).reshape(B, H * L, d)
+    kf = kv.astype(mx.float32)
+    s_kv = qf @ kf.swapaxes(-1, -2)  # [B, H * L, S]
+    s_rows = latent_scores(qf[..., :body], quant, body)
+    s_rows = s_rows + qf[..., body:] @ rows.rope.astype(mx.float32).swapaxes(-1, -2)
+    s = mx.concatenate([s_kv, s_rows.astype(mx.float32)], axis=-1).reshape(B, H, L, -1)
+    if mask is not None:
+        s = mx.where(mask[:, None], s, -mx.inf)
+    sink = sinks.astype(mx.float32).reshape(1, H, 1, 1)
+    m = mx.maximum(s.max(axis=-1, keepdims=True), sink)  # finite: the sink is
+    e = mx.exp(s - m)
+    p = (e / (e.sum(axis=-1, keepdims=True) + mx.exp(sink - m))).reshape(B, H * L, -1)
+    S = kv.shape[1]
+    p_kv, p_rows = p[..., :S], p[..., S:]
+    out_body = latent_mix(p_rows, quant, body).astype(mx.float32)
+    out_rope = p_rows @ rows.rope.astype(mx.float32)
+    out = p_kv @ kf + mx.concatenate([out_body, out_rope], axis=-1)
+    return out.reshape(B, H, L, d).astype(q.dtype)

@@ -87,6 +87,28 @@ def _error_payload(message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
 
 
+def _head(state: ServerState, rid: str, kind: str) -> dict[str, Any]:
+    """The fields every response and stream chunk starts with; kind: its "object"."""
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": state.model_id}
+
+
+def _failure(done: Done | None) -> JSONResponse | None:
+    """A 500 response when the generation failed, was cancelled or never finished; else None."""
+    if done is None or done.finish_reason in ("error", "cancelled"):
+        message = done.error if done and done.error else "the generation was interrupted"
+        return JSONResponse(_error_payload(message), status_code=500)
+    return None
+
+
+def _stream_end(head: dict[str, Any], done: Done, last: str, include_usage: bool) -> list[str]:
+    """A stream's last events: the error, or the `last` chunk, the usage chunk (when asked
+    for) and [DONE]."""
+    if done.finish_reason in ("error", "cancelled"):
+        return [_sse(_error_payload(done.error or "the generation was interrupted"))]
+    usage = {**head, "choices": [], "usage": usage_json(done.usage)}
+    return [last, *([_sse(usage)] if include_usage else []), _sse("[DONE]")]
+
+
 # ---- chat ----------------------------------------------------------------------------------
 
 
@@ -157,9 +179,8 @@ async def _chat_whole(state: ServerState, rid: str, stream: AsyncIterator) -> Re
                         "function": {"name": e.name, "arguments": e.arguments},
                     }
                 )
-    if done is None or done.finish_reason in ("error", "cancelled"):
-        message = done.error if done and done.error else "the generation was interrupted"
-        return JSONResponse(_error_payload(message), status_code=500)
+    if (failed := _failure(done)) is not None:
+        return failed
     message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
     if reasoning:
         message["reasoning_content"] = "".join(reasoning)
@@ -171,55 +192,25 @@ async def _chat_whole(state: ServerState, rid: str, stream: AsyncIterator) -> Re
         "logprobs": {"content": logprobs} if logprobs else None,
         "finish_reason": done.finish_reason,
     }
-    return JSONResponse(
-        {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": state.model_id,
-            "choices": [choice],
-            "usage": usage_json(done.usage),
-        }
-    )
+    head = _head(state, rid, "chat.completion")
+    return JSONResponse({**head, "choices": [choice], "usage": usage_json(done.usage)})
 
 
 async def _chat_stream(
     state: ServerState, rid: str, stream: AsyncIterator, include_usage: bool
 ) -> AsyncIterator[str]:
-    created = int(time.time())
+    head = _head(state, rid, "chat.completion.chunk")
 
     def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return _sse(
-            {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": state.model_id,
-                "choices": [choice],
-            }
-        )
+        return _sse({**head, "choices": [choice]})
 
     yield chunk({"role": "assistant", "content": ""})
     n_calls = 0
     async for item in stream:
         if isinstance(item, Done):
-            if item.finish_reason in ("error", "cancelled"):
-                yield _sse(_error_payload(item.error or "the generation was interrupted"))
-                return
-            yield chunk({}, item.finish_reason)
-            if include_usage:
-                yield _sse(
-                    {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": state.model_id,
-                        "choices": [],
-                        "usage": usage_json(item.usage),
-                    }
-                )
-            yield _sse("[DONE]")
+            for event in _stream_end(head, item, chunk({}, item.finish_reason), include_usage):
+                yield event
             return
         lp = {"content": [_logprob_json(item.logprob)]} if item.logprob is not None else None
         if not item.events and lp is not None:
@@ -287,25 +278,16 @@ async def text_completions(state: ServerState, request: Request) -> Response:
         text.extend(e.text for e in item.events)
         if item.logprob is not None:
             lps.append(item.logprob)
-    if done is None or done.finish_reason in ("error", "cancelled"):
-        message = done.error if done and done.error else "the generation was interrupted"
-        return JSONResponse(_error_payload(message), status_code=500)
+    if (failed := _failure(done)) is not None:
+        return failed
     choice = {
         "index": 0,
         "text": "".join(text),
         "logprobs": _completion_logprobs(lps) if req.logprobs is not None else None,
         "finish_reason": done.finish_reason,
     }
-    return JSONResponse(
-        {
-            "id": rid,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": state.model_id,
-            "choices": [choice],
-            "usage": usage_json(done.usage),
-        }
-    )
+    head = _head(state, rid, "text_completion")
+    return JSONResponse({**head, "choices": [choice], "usage": usage_json(done.usage)})
 
 
 def _completion_logprobs(lps: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
@@ -324,33 +306,18 @@ def _completion_logprobs(lps: list[TokenLogprob], offset: int = 0) -> dict[str, 
 async def _completion_stream(
     state: ServerState, rid: str, stream: AsyncIterator, echo: str, include_usage: bool
 ) -> AsyncIterator[str]:
-    created = int(time.time())
+    head = _head(state, rid, "text_completion")
 
     def chunk(text: str, finish: str | None = None, lp: Any = None) -> str:
         choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-        return _sse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": state.model_id,
-                "choices": [choice],
-            }
-        )
+        return _sse({**head, "choices": [choice]})
 
     if echo:
         yield chunk(echo)
     async for item in stream:
         if isinstance(item, Done):
-            if item.finish_reason in ("error", "cancelled"):
-                yield _sse(_error_payload(item.error or "the generation was interrupted"))
-                return
-            yield chunk("", item.finish_reason)
-            if include_usage:
-                body = {"id": rid, "object": "text_completion", "created": created}
-                body.update(model=state.model_id, choices=[], usage=usage_json(item.usage))
-                yield _sse(body)
-            yield _sse("[DONE]")
+            for event in _stream_end(head, item, chunk("", item.finish_reason), include_usage):
+                yield event
             return
         text = "".join(e.text for e in item.events)
         lp = _completion_logprobs([item.logprob]) if item.logprob is not None else None

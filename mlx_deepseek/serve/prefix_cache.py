@@ -10,6 +10,8 @@ Entries are shared without copying: a cache handed out holds its own array objec
 of the entry's), so its writes (`keys[...] = new`, a new array in MLX; a buffer still held by
 the entry is never donated) leave the entry as it was. Caches of any kind the model makes
 are kept as they are (a quantized latent cache stays quantized: its entries are smaller).
+DeepSeek V4's caches are not kept (`viewable`): their windows and compressor state cannot be
+cut back to an arbitrary prefix.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
         return 0
     diff = np.nonzero(a[:n] != b[:n])[0]
     return int(diff[0]) if len(diff) else n
+
+
+def viewable(cache: Any) -> bool:
+    """Whether a layer's cache holds its positions as keys / values along one axis (what an
+    entry's views slice): mlx-lm's caches and MLA's latent ones, not V4's."""
+    return hasattr(cache, "keys") and hasattr(cache, "values")
 
 
 def _view(caches: Sequence[KVCache], length: int) -> list[KVCache]:
@@ -117,7 +125,7 @@ class PrefixCache:
     ) -> None:
         """Keep `caches` (holding exactly `tokens`, one per layer) and the MTP layers' caches;
         drop the entries it extends."""
-        if self.max_bytes == 0 or not tokens:
+        if self.max_bytes == 0 or not tokens or not all(map(viewable, caches)):
             return
         held = _view(caches, len(tokens))
         mtp_held = _view(mtp, min(mtp[0].offset, len(tokens))) if mtp else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOP = 16
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -98,6 +98,13 @@ def check_stop(value: Any) -> list[str]:
     if len(value) > MAX_STOP:
         raise ValueError(f"at most {MAX_STOP} stop strings")
     return [s for s in value if s]
+
+
+# the sampling fields' types, shared by the OpenAI and Ollama requests
+TopK = Annotated[int | None, Field(ge=0)]
+MinP = Annotated[float | None, Field(ge=0, lt=1)]
+Penalty = Annotated[float | None, Field(ge=-2, le=2)]  # presence / frequency
+Stop = Annotated[Any, AfterValidator(check_stop)]  # -> list[str]
 
 
 class FunctionDef(_Strict):
@@ -194,23 +201,18 @@ class SamplingFields(_Strict):
     max_tokens: Annotated[int | None, Field(ge=1)] = None
     temperature: Temperature = None
     top_p: TopP = None
-    top_k: Annotated[int | None, Field(ge=0)] = None
-    min_p: Annotated[float | None, Field(ge=0, lt=1)] = None
+    top_k: TopK = None
+    min_p: MinP = None
     repetition_penalty: Annotated[float | None, Field(gt=0)] = None
-    presence_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
-    frequency_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
     seed: int | None = None
-    stop: Any = Field(default=None, validate_default=True)
+    stop: Stop = Field(default=None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: Any) -> list[str]:
-        return check_stop(v)
 
 
 class ChatRequest(SamplingFields):
@@ -278,21 +280,16 @@ class CompletionRequest(SamplingFields):
 class OllamaOptions(_Strict):
     temperature: Temperature = None
     top_p: TopP = None
-    top_k: Annotated[int | None, Field(ge=0)] = None
-    min_p: Annotated[float | None, Field(ge=0, lt=1)] = None
+    top_k: TopK = None
+    min_p: MinP = None
     num_predict: int | None = None  # -1: unlimited (up to the context)
     repeat_penalty: Annotated[float | None, Field(gt=0)] = None
     repeat_last_n: Annotated[int | None, Field(ge=1)] = None
-    presence_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
-    frequency_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
     seed: int | None = None
-    stop: Any = Field(default=None, validate_default=True)
+    stop: Stop = Field(default=None, validate_default=True)
     num_ctx: int | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: Any) -> list[str]:
-        return check_stop(v)
 
 
 class OllamaRequest(_Strict):
