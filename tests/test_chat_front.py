@@ -170,9 +170,15 @@ def test_banner_shows_the_context_and_max_tokens_never_exceeds_it(context, expec
 
 
 def test_the_demo_chat_banner_caps_max_tokens_at_its_context():
-    r = CliRunner().invoke(cli.app, ["chat", "demo"], input="")
+    import json
+
+    from mlx_deepseek.loading import demo_path
+
+    context = json.loads((demo_path() / "config.json").read_text())["max_position_embeddings"]
+    r = CliRunner().invoke(cli.app, ["chat", "demo"], input="", env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
-    assert "context 512 tokens" in r.output and "max_tokens 512." in r.output
+    expected = min(DEFAULT_MAX_TOKENS, context)
+    assert f"context {context} tokens" in r.output and f"max_tokens {expected}." in r.output
 
 
 @pytest.mark.parametrize(
