@@ -40,8 +40,10 @@ def dequantized(folder: Path) -> dict[str, mx.array]:
             continue
         base = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and base + ".scales" in raw:
+            # a mixed recipe gives some layers their own bits / group size (mlx-lm's layout)
+            own = q.get(base) if isinstance(q.get(base), dict) else q
             w = mx.dequantize(
-                w, raw[base + ".scales"], raw[base + ".biases"], q["group_size"], q["bits"]
+                w, raw[base + ".scales"], raw[base + ".biases"], own["group_size"], own["bits"]
             )
         out[name] = w.astype(mx.float32)
     return out
