@@ -46,7 +46,7 @@ BAD: list[tuple[str, object, str]] = [
     (CHAT, {"messages": MSG, "max_tokens": "10"}, "max_tokens"),
     (CHAT, {"messages": MSG, "max_tokens": 10**7}, "max_tokens"),
     (CHAT, {"messages": MSG, "max_completion_tokens": 10**7}, "max_completion_tokens"),
-    (CHAT, {"messages": [{"role": "user", "content": "word " * 600}]}, "messages"),
+    (CHAT, {"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
     (CHAT, {"messages": MSG, "n": 3}, "n"),
     (CHAT, {"messages": MSG, "stream": "yes"}, "stream"),
     (CHAT, {"messages": MSG, "stop": 5}, "stop"),
