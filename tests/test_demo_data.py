@@ -36,10 +36,11 @@ def renderer():
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
     """The tokenizer train.py trains (the shipped demo's: stage 2 of the README's recipe)."""
+    from mlx_deepseek.demo_train.packing import corpus
     from mlx_deepseek.demo_train.tokenizer import save_tokenizer, train_tokenizer
 
     folder = tmp_path_factory.mktemp("demo_tokenizer")
-    save_tokenizer(train_tokenizer(), folder)
+    save_tokenizer(train_tokenizer(corpus()), folder)
     (folder / "config.json").write_text(json.dumps(CONFIG))
     return folder
 

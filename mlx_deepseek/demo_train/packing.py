@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -32,7 +33,7 @@ from mlx_deepseek.formats import chat_format
 from .config import CONFIG
 from .data import make_split
 from .dialogues import Conversation, TurnSampler, sample_conversation
-from .tokenizer import ASSISTANT, END_THINK, EOS, PAD, THINK, USER, TemplateTokenizer
+from .tokenizer import ASSISTANT, END_THINK, EOS, MARKERS, PAD, THINK, USER, TemplateTokenizer
 from .tools import make_tool_split
 
 OFF_PROMPT = ASSISTANT + END_THINK
@@ -142,3 +143,14 @@ class Packer:
     def batch(self, rng: random.Random, size: int, length: int, allow_tools: bool = True):
         rows = [self.row(rng, length, allow_tools) for _ in range(size)]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+def corpus(n: int = 3000, seed: int = 7) -> Iterator[str]:
+    """Rendered training conversations with the markers cut out (the BPE merges' texts)."""
+    renderer = Renderer()
+    rng = random.Random(seed)
+    split_on = re.compile("|".join(re.escape(m) for m in MARKERS))
+    for _ in range(n):
+        conv = renderer.sample(rng, rng.choice([400, 1200, 2400]))
+        for text, _ in renderer.segments(conv):
+            yield from (p for p in split_on.split(text) if p)

@@ -10,8 +10,7 @@ mlx_deepseek.formats' V3.1 template itself, so the formats package detects the f
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -59,22 +58,8 @@ class TemplateTokenizer:
     name_or_path = "demo"
 
 
-def corpus(n: int = 3000, seed: int = 7) -> Iterator[str]:
-    """Rendered training conversations with the markers cut out (the BPE merges' texts)."""
-    import re
-
-    from .packing import Renderer
-
-    renderer = Renderer()
-    rng = random.Random(seed)
-    split_on = re.compile("|".join(re.escape(m) for m in MARKERS))
-    for _ in range(n):
-        conv = renderer.sample(rng, rng.choice([400, 1200, 2400]))
-        for text, _ in renderer.segments(conv):
-            yield from (p for p in split_on.split(text) if p)
-
-
-def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+    """The byte-level BPE trained on `texts` (packing.corpus()), plus the special tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -89,7 +74,7 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.add_tokens(ADDED)
     bos_id = tok.token_to_id(BOS)
     # Plain encode() prepends BOS, as DeepSeek's tokenizers do (add_bos_token).

@@ -37,7 +37,7 @@ from mlx_deepseek.models.deepseek_v3 import Model
 
 from .config import CONFIG, LONG_CONTEXT, SHORT_CONTEXT, count_parameters
 from .export import export_hf
-from .packing import Packer
+from .packing import Packer, corpus
 from .routing import LoadBalancer, moe_layers
 from .tokenizer import save_tokenizer, train_tokenizer
 
@@ -217,7 +217,7 @@ def train(
     mx.random.seed(SEED)
     t_start, cpu_start = time.time(), time.process_time()
 
-    tok = train_tokenizer()
+    tok = train_tokenizer(corpus())
     save_tokenizer(tok, out)
     packer = Packer(tok)
     rng = random.Random(SEED)
