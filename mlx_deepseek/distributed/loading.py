@@ -39,7 +39,7 @@ from ..models.v4_weights import canonical_name
 from . import checkpoint
 from .checkpoint import TensorInfo
 from .pipeline import PipelineModel, V4PipelineModel
-from .plan import Plan, PlanError, Range, make_plan, sizes
+from .plan import Plan, PlanError, Range, local_expert, make_plan, sizes
 from .tensor import shard_model
 from .v4_selector import v4_tensor_selector
 from .world import World
@@ -238,12 +238,8 @@ def _tensor_selector(args: ModelArgs, plan: Plan, rank: int) -> Selector:
             return cols(name, info, h0 * v, h1 * v, args.num_attention_heads * v)
         e = _EXPERT.match(rest)
         if e:
-            i = int(e.group(1))
-            return (
-                (f"{prefix}.mlp.experts.{i - e0}.{e.group(2)}", None, None)
-                if e0 <= i < e1
-                else None
-            )
+            local = local_expert(f"{prefix}.mlp", int(e.group(1)), e.group(2), (e0, e1))
+            return None if local is None else (local, None, None)
         if rest.startswith("mlp.switch_mlp."):
             return name, (e0, e1), None
         for part, ranges, width in (

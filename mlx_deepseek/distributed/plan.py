@@ -30,6 +30,13 @@ Range = tuple[int, int]
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+def local_expert(prefix: str, index: int, leaf: str, experts: Range) -> str | None:
+    """Routed expert `index`'s tensor `leaf` under this rank's numbering (its experts
+    [e0, e1) become 0..), or None when another rank holds that expert."""
+    e0, e1 = experts
+    return f"{prefix}.experts.{index - e0}.{leaf}" if e0 <= index < e1 else None
+
+
 class PlanError(DeepSeekError):
     """The model cannot be split that way over these ranks."""
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..models.v4_weights import FP8_BLOCK
 from .checkpoint import TensorInfo
-from .plan import Plan, Range
+from .plan import Plan, Range, local_expert
 
 _LAYER = re.compile(r"^(model\.layers\.\d+|mtp\.\d+)\.(.*)$")
 _EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(.*)$")
@@ -80,12 +80,8 @@ def v4_tensor_selector(
             return cut(name, *cuts[leaf])
         e = _EXPERT.match(rest)
         if e:
-            i = int(e.group(1))
-            return (
-                (f"{prefix}.ffn.experts.{i - e0}.{e.group(2)}", None, None)
-                if e0 <= i < e1
-                else None
-            )
+            local = local_expert(f"{prefix}.ffn", int(e.group(1)), e.group(2), (e0, e1))
+            return None if local is None else (local, None, None)
         if rest.startswith("ffn.shared_experts."):
             return (name, None, None) if rank == 0 else None
         return name, None, None
