@@ -83,7 +83,7 @@ def pays(model: nn.Module) -> bool:
 
 
 def enabled(model: nn.Module, caches: Sequence[Any]) -> bool:
-    """Whether to decode `model` over `caches` with compiled forwards (ENV, else `pays`)."""
+    """Whether to decode `model` over `caches` with compiled forwards (ENV; "auto": `pays`)."""
     setting = _setting()
     if setting is False or not _caches_ok(caches):
         return False
