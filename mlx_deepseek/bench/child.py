@@ -32,7 +32,7 @@ def child_main() -> None:
     lm = job["checkpoints"].get("mlx-lm")
     if lm:
         runtimes.append(load_mlx_lm(Path(lm), dtype))
-    res = {rt.name: new_result(rt, weights=False) for rt in runtimes}
+    res = {rt.name: new_result(rt) for rt in runtimes}
 
     def log(msg: str) -> None:
         print(f"  [mlx-first] {msg.strip()}", file=sys.stderr, flush=True)

@@ -262,16 +262,13 @@ def _peak(fn: Callable[[], Any], resident: int) -> tuple[Any, int]:
     return out, resident + max(0, mx.get_peak_memory() - base)
 
 
-def new_result(rt: Runtime, weights: bool = True) -> dict[str, Any]:
-    """One runtime's result before measuring (weights=False: no weight sizes, for the
-    mlx-first child, which only decodes)."""
+def new_result(rt: Runtime) -> dict[str, Any]:
+    """One runtime's result before measuring (also the mlx-first child's)."""
     return {
         "checkpoint": str(rt.checkpoint),
         "notes": rt.notes,
-        "weights_bytes": metrics.parameter_bytes(rt.model) if weights else 0,
-        "weight_bytes_per_token": metrics.weight_bytes_per_token(rt.model, rt.config)
-        if weights
-        else 0,
+        "weights_bytes": metrics.parameter_bytes(rt.model),
+        "weight_bytes_per_token": metrics.weight_bytes_per_token(rt.model, rt.config),
         "decode_tok_s": {},
         "peak_memory_bytes": {"decode": {}},
         "cache_bytes": {},
