@@ -15,7 +15,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from mlx_deepseek import load
-from mlx_deepseek.demo_train import data, tools
+from mlx_deepseek.demo_train import data, dialogues, tools
 from mlx_deepseek.demo_train.config import CONFIG, count_parameters
 from mlx_deepseek.demo_train.dialogues import TASKS, TurnSampler
 from mlx_deepseek.demo_train.packing import Packer, Renderer, learnt_spans
@@ -282,6 +282,34 @@ def test_made_up_names_are_copied_only_on_the_training_side():
 def test_task_weights_are_distributions():
     for column in (1, 2):
         assert sum(row[column] for row in TASKS) == pytest.approx(1.0)
+
+
+def test_tool_focused_rows_declare_tools_and_call_them_more_often(renderer, demo_tokenizer):
+    """Stage 3's rows (train.py --tool-focus): tools always declared, several times the
+    calls of the usual rows, held-out names never used, the usual task mix otherwise."""
+    packer = Packer(demo_tokenizer, renderer)
+    held = tools.make_tool_split()
+    counts = {}
+    for focus in (False, True):
+        rng = random.Random(5)
+        calls = declared = 0
+        for _ in range(60):
+            conv, ids, _ = packer.conversation(rng, 513, True, tool_focus=focus)
+            assert len(ids) <= 513
+            declared += bool(conv.tools)
+            for t in conv.turns:
+                calls += len(t.calls)
+                for _, args in t.calls:
+                    assert args.get("city") not in held.held_cities
+                    assert args.get("word") not in held.held_words
+        counts[focus] = calls, declared
+    assert counts[True][1] >= 57  # a too-long tools block may drop them from a rare row
+    assert counts[True][0] > 2 * counts[False][0], counts
+    sampler = TurnSampler(data.make_split(), held)
+    rng = random.Random(6)
+    drawn = [sampler.task(rng, tools.TOOL_NAMES, focus=True) for _ in range(4000)]
+    for task, share in dialogues.FOCUS_TASKS.items():
+        assert abs(drawn.count(task) / len(drawn) - share) < 0.03, task
 
 
 # ---- the training loop -----------------------------------------------------------------------

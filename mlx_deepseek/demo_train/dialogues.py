@@ -17,6 +17,7 @@ from .data import Split, Turn, arith_turn, backwards_turn, count_turn, sample_pa
 from .facts import facts_turn, greeting_turn, refusal_turn
 from .tools import (
     DEFINITIONS,
+    TOOLS,
     ToolSplit,
     add_tool_turn,
     lookup_turn,
@@ -51,6 +52,11 @@ TASKS: list[tuple[str, float, float]] = [
 # On the training side, this share of the weather and lookup questions name a made-up city
 # or word (tools.made_up), so that calls copy names rather than recall them.
 MADE_UP_SHARE = 0.4
+# Tool-focused conversations (the recipe's third stage, train.py --tool-focus): tools are
+# always declared and these shares of the turns need one; the other tasks share the rest in
+# their usual proportions. The first two stages saw ~0.4 tool calls per 1,024-token step,
+# too few for the model to learn to copy a name from the question into the call.
+FOCUS_TASKS = {"weather": 0.3, "lookup": 0.22, "add_tool": 0.12}
 
 
 @dataclass
@@ -81,12 +87,19 @@ class TurnSampler:
         # made-up words mean what a training word means (never a held-out word's meaning)
         self.meanings = [DEFINITIONS[w] for w in tool_split.words(False)]
 
-    def task(self, rng: random.Random, names: list[str]) -> str:
+    def task(self, rng: random.Random, names: list[str], focus: bool = False) -> str:
+        tasks = [t for t, _, _ in TASKS]
         weights = [w_tools if names else w_plain for _, w_tools, w_plain in TASKS]
-        return rng.choices([t for t, _, _ in TASKS], weights=weights)[0]
+        if focus and names:
+            rest = sum(w for t, w in zip(tasks, weights, strict=True) if t not in FOCUS_TASKS)
+            scale = (1 - sum(FOCUS_TASKS.values())) / rest
+            weights = [FOCUS_TASKS.get(t, w * scale) for t, w in zip(tasks, weights, strict=True)]
+        return rng.choices(tasks, weights=weights)[0]
 
-    def turn(self, rng: random.Random, names: list[str], task: str | None = None) -> Turn:
-        task = task or self.task(rng, names)
+    def turn(
+        self, rng: random.Random, names: list[str], task: str | None = None, focus: bool = False
+    ) -> Turn:
+        task = task or self.task(rng, names, focus)
         if task in ("add2", "sub2", "arith1", "arith3"):
             op = {"add2": "+", "sub2": "-"}.get(task) or rng.choice("+-")
             digits = {"add2": 2, "sub2": 2, "arith1": 1, "arith3": 3}[task]
@@ -118,15 +131,20 @@ def sample_conversation(
     max_chars: int,
     allow_tools: bool = True,
     thinking: bool | None = None,
+    tool_focus: bool = False,
 ) -> Conversation:
     """Turns until about `max_chars` characters of user and assistant text (at least one).
-    thinking None: the last turn is in thinking mode half of the time."""
-    tools = tools_subset(rng) if allow_tools else None
+    thinking None: the last turn is in thinking mode half of the time. tool_focus: tools
+    declared (all of them where the usual draw declares none) and most turns need one
+    (FOCUS_TASKS)."""
+    tools = tools_subset(rng) if allow_tools or tool_focus else None
+    if tool_focus and tools is None:
+        tools = rng.sample(TOOLS, len(TOOLS))
     system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.2 else None
     conv = Conversation([], tools, system, rng.random() < 0.5 if thinking is None else thinking)
     used = 0
     while not conv.turns or used < max_chars:
-        t = sampler.turn(rng, conv.tool_names)
+        t = sampler.turn(rng, conv.tool_names, focus=tool_focus)
         conv.turns.append(t)
         used += len(t.user) + len(t.answer) + sum(len(r) + 40 for r in t.results) + 24
     return conv
