@@ -7,6 +7,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Tiny test models stand in for big quantized ones: keep them quantized on the CPU (ops/cpu.py
+# runs small models from float weights); tests of that path, and the demo's, turn it on.
+os.environ.setdefault("MLX_DEEPSEEK_SMALL_FLOAT", "0")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from checkpoints import rel_err
 from mlx.utils import tree_flatten
 from mlx_lm.models.mla import MultiLinear
 
@@ -198,6 +199,38 @@ def test_prepare_keeps_the_parameters_and_sets_blas(split_all):
     assert isinstance(model.lm_head, nn.QuantizedLinear)  # still what other code checks for
     if _blas.loaded and len(cpu.workers()) > 1:
         assert _blas.threads() == 1
+
+
+def test_small_models_run_from_float_weights(monkeypatch):
+    """to_float: every quantized layer of a small model becomes its float kind holding the
+    dequantized values; outputs equal the quantized model's; big or switched off: as is."""
+    monkeypatch.setenv(cpu.ENV_SMALL_FLOAT, "1")
+    model, quantized = tiny_model("v3_noaux", True), tiny_model("v3_noaux", True)
+    kinds = {type(m) for _, m in model.named_modules() if "scales" in m}
+    assert len(kinds) >= 2  # linear layers, the experts
+    assert cpu.to_float(model, max_bytes=cpu.float_nbytes(model, []) - 1) == 0  # too big
+    n = sum(1 for _, m in model.named_modules() if "scales" in m)
+    assert cpu.to_float(model) == n > 0
+    assert not any("scales" in m for _, m in model.named_modules())
+    assert not any(type(m) in kinds for _, m in model.named_modules())
+    for a, b in zip(run(model, None), run(quantized, None), strict=True):
+        assert rel_err(a, b) < 1e-5
+    monkeypatch.setenv(cpu.ENV_SMALL_FLOAT, "0")
+    assert cpu.to_float(quantized) == 0
+
+
+def test_float_weights_leave_unknown_quantized_layers_alone(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_SMALL_FLOAT, "1")
+    model = tiny_model("v3_noaux", True)
+
+    class Packed(nn.Module):  # a quantized kind to_float cannot turn into a float one
+        def __init__(self):
+            super().__init__()
+            self.weight, self.scales = mx.zeros((4, 1), mx.uint32), mx.ones((4, 1))
+
+    model.layers[0].extra = Packed()
+    assert cpu.to_float(model) == 0
+    assert isinstance(model.lm_head, nn.QuantizedLinear)
 
 
 def test_small_models_are_not_split(monkeypatch):

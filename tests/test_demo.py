@@ -14,13 +14,16 @@ from mlx_deepseek import load
 from mlx_deepseek.demo_train import data, metrics, tools
 from mlx_deepseek.demo_train.config import LONG_CONTEXT
 from mlx_deepseek.loading import demo_path
+from mlx_deepseek.ops import cpu
 
 DEMO = demo_path()
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return load("demo")
+    with pytest.MonkeyPatch.context() as mp:  # as users run it: from float weights on the CPU
+        mp.setenv(cpu.ENV_SMALL_FLOAT, "1")
+        return load("demo")
 
 
 @pytest.fixture(scope="module")

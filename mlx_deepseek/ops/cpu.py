@@ -22,6 +22,15 @@ single-threaded scalar code. So on the CPU (Linux, or `mx.cpu` on a Mac):
    DEQUANT_MIN_TOKENS rows on, `matmul` does that (the same products, summed in another
    order), also per expert in a MoE layer and per head in MLA's expansion.
 
+3. Small models from float weights. A model whose float weights take at most
+   FLOAT_MAX_BYTES (the bundled demo: 5 MB) is dequantized once at load (`to_float`):
+   its steps are bound by the number of operations, not by reading weights, and the CPU
+   quantized matmul re-decodes the weights for every row of x, so verifying MTP drafts (2+
+   rows) cost 1.3x a step; from float weights it costs what one row does. The values are
+   the quantized ones, exactly. MLX_DEEPSEEK_SMALL_FLOAT=0 keeps them quantized. Measured
+   on the demo (scripts/bench_mtp.py, compiled): plain decoding 1.09x, MTP 1.2x the
+   quantized plain decoding's tok/s.
+
 All of it applies only while this is the back-end in use (ops.backend): on Metal the GPU is
 parallel already and has its own quantized kernels. The ops not defined here are MLX's.
 MLX_DEEPSEEK_CPU_THREADS=N sets the number of streams (1 = no splitting); the default is the
@@ -38,6 +47,7 @@ from functools import partial, reduce
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import _blas
 from . import backend
@@ -50,6 +60,8 @@ MAX_DEFAULT_THREADS = 8
 MIN_PART_BYTES = 256 * 1024  # below this a part's matmul is too short to repay a join
 DEQUANT_MIN_TOKENS = 16  # from this many rows of x, dequantize + BLAS beats MLX's CPU qmm
 DEQUANT_BLOCK_BYTES = 8 * 1024 * 1024  # the float32 copy of a quantized matrix, per block
+ENV_SMALL_FLOAT = "MLX_DEEPSEEK_SMALL_FLOAT"
+FLOAT_MAX_BYTES = 64 * 1024 * 1024  # a quantized model this small in float runs from float
 
 
 class _State:
@@ -281,19 +293,71 @@ _SPLIT_CLASS: dict[type, type] = {
 }
 
 
+def _float_classes() -> dict[type, type]:
+    from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return {
+        nn.QuantizedLinear: nn.Linear,
+        nn.QuantizedEmbedding: nn.Embedding,
+        QuantizedSwitchLinear: SwitchLinear,
+        QuantizedMultiLinear: MultiLinear,
+    }
+
+
+def float_nbytes(model: nn.Module, quantized: list[nn.Module]) -> int:
+    """The bytes of `model`'s weights with its `quantized` layers' matrices in float (their
+    scales' dtype)."""
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    for m in quantized:
+        total -= sum(m[k].nbytes for k in ("weight", "scales", "biases") if k in m)
+        total += m["weight"].size * 32 // m.bits * m["scales"].itemsize
+    return total
+
+
+def to_float(model: nn.Module, max_bytes: int = FLOAT_MAX_BYTES) -> int:
+    """Dequantize a small model's quantized layers in place (MLX_DEEPSEEK_SMALL_FLOAT, "3."
+    above); returns how many. Nothing changes for a model over `max_bytes` in float or one
+    with a quantized layer of a kind it does not know."""
+    if os.environ.get(ENV_SMALL_FLOAT, "").strip().lower() in ("0", "false", "no", "off"):
+        return 0
+    classes = _float_classes()
+    found = [(p, m) for p, m in model.named_modules() if "scales" in m]
+    if not found or any(type(m) not in classes for _, m in found):
+        return 0
+    if float_nbytes(model, [m for _, m in found]) > max_bytes:
+        return 0
+    swaps = []
+    for path, m in found:
+        cls = classes[type(m)]
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        w = mx.dequantize(m["weight"], m["scales"], m.get("biases"), group_size=m.group_size,
+                          bits=m.bits, mode=m.mode)  # fmt: skip
+        new.weight = w.astype(m["scales"].dtype)
+        if "bias" in m:
+            new.bias = m["bias"]
+        swaps.append((path, new))
+    model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
+
+
 def prepare(model: nn.Module) -> int:
     """Make every linear layer (and embedding, for a tied head) big enough to split a
     row-splitting one, in place (same parameters), and returns how many. Whether to split is
     decided per call, so the model still runs on another back-end. When the CPU will split
     such a model, OpenBLAS is set to one thread: the streams are the parallelism, and its idle
-    helper threads would spin on their cores."""
+    helper threads would spin on their cores. A small model is dequantized first
+    (`to_float`), and OpenBLAS set to one thread for it too: its matrices are too small to
+    share, and a second thread's spinning cost the demo 1.6x the CPU time per token."""
+    small = to_float(model)
     count = 0
     for _, module in model.named_modules():
         cls = _SPLIT_CLASS.get(type(module))
         if cls is not None and module["weight"].nbytes >= 2 * MIN_PART_BYTES:
             module.__class__ = cls
             count += 1
-    if count and workers():
+    if (count and workers()) or small:
         _blas.set_threads(1)
     return count
 
