@@ -95,8 +95,10 @@ def test_held_out_arithmetic_at_turn_1_and_turn_10(ev):
 
 
 def test_held_out_arithmetic_in_thinking_mode(ev):
+    # 85% on 40 held-out questions (97.5% before the tool-focused third stage of training,
+    # which traded some of it for tool calls: demo_train/README.md); no target of issue 18
     row = metrics.arithmetic(ev, limit=16, turn=1, thinking=True)
-    assert row["accuracy"] >= 0.9, row
+    assert row["accuracy"] >= 0.8, row
 
 
 def test_held_out_arithmetic_after_a_thousand_tokens(ev):
@@ -106,11 +108,14 @@ def test_held_out_arithmetic_after_a_thousand_tokens(ev):
 
 
 def test_tool_calls_parse_as_calls(ev):
-    # Below issue 18's targets (see demo_train/README.md): the calls parse as V3.1 calls with
-    # JSON arguments more often than not, but the model copies names into them badly (right
-    # calls ~3% on held-out questions) and copies names and meanings out of results badly.
+    # Below issue 18's targets (95% well-formed, 90% of results used; see
+    # demo_train/README.md): on 30 held-out questions 73% of the calls parse as V3.1 calls
+    # with JSON arguments, 27% have exactly the right arguments (the model still garbles
+    # some names it copies), and 75% of the answers to right calls use the results.
     row = metrics.tool_use(ev, n=15)
-    assert row["well_formed"] >= 0.3, row
+    assert row["well_formed"] >= 0.6, row
+    assert row["right_call"] >= 0.2, row
+    assert row["result_used"] >= 0.5, row
 
 
 def test_no_tool_call_without_a_need(ev):
@@ -171,8 +176,8 @@ def test_a_tool_call_through_the_server():
         assert choice.finish_reason == "tool_calls"
         (call,) = choice.message.tool_calls
         assert call.function.name == "get_weather"
-        city = json.loads(call.function.arguments)["city"]  # not always "Lisbon" (see above)
-        result = {"city": city, "temperature_c": 21, "condition": "sunny"}
+        assert json.loads(call.function.arguments) == {"city": "Lisbon"}  # a held-out city
+        result = {"city": "Lisbon", "temperature_c": 21, "condition": "sunny"}
         messages += [
             choice.message.model_dump(exclude_none=True),
             {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)},
@@ -181,4 +186,4 @@ def test_a_tool_call_through_the_server():
             model="demo", messages=messages, tools=tools.TOOLS, temperature=0, max_tokens=60
         )
         answer = second.choices[0].message.content
-        assert "sunny" in answer and "21 °C" in answer
+        assert answer == "Lisbon: sunny, 21 °C."  # the README's output
