@@ -95,10 +95,8 @@ def test_held_out_arithmetic_at_turn_1_and_turn_10(ev):
 
 
 def test_held_out_arithmetic_in_thinking_mode(ev):
-    # 85% on 40 held-out questions (97.5% before the tool-focused third stage of training,
-    # which traded some of it for tool calls: demo_train/README.md); no target of issue 18
     row = metrics.arithmetic(ev, limit=16, turn=1, thinking=True)
-    assert row["accuracy"] >= 0.8, row
+    assert row["accuracy"] >= 0.9, row
 
 
 def test_held_out_arithmetic_after_a_thousand_tokens(ev):
@@ -110,12 +108,12 @@ def test_held_out_arithmetic_after_a_thousand_tokens(ev):
 def test_tool_calls_parse_as_calls(ev):
     # Below issue 18's targets (95% well-formed, 90% of results used; see
     # demo_train/README.md): on 30 held-out questions 73% of the calls parse as V3.1 calls
-    # with JSON arguments, 27% have exactly the right arguments (the model still garbles
-    # some names it copies), and 75% of the answers to right calls use the results.
+    # with JSON arguments, 40% have exactly the right arguments (the model still garbles
+    # some names it copies), and 83% of the answers to right calls use the results.
     row = metrics.tool_use(ev, n=15)
-    assert row["well_formed"] >= 0.6, row
-    assert row["right_call"] >= 0.2, row
-    assert row["result_used"] >= 0.5, row
+    assert row["well_formed"] >= 0.7, row
+    assert row["right_call"] >= 0.4, row
+    assert row["result_used"] >= 0.6, row
 
 
 def test_no_tool_call_without_a_need(ev):
