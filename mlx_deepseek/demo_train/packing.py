@@ -124,8 +124,9 @@ class Packer:
         """A conversation of as many turns as fit in `length` tokens, and its ids and mask
         (tool_focus: dialogues.sample_conversation's)."""
         budget = int(length * self.chars_per_token)
-        kw = {"tool_focus": True} if tool_focus else {}
-        conv = self.renderer.sample(rng, budget, allow_tools=allow_tools, thinking=thinking, **kw)
+        conv = self.renderer.sample(
+            rng, budget, allow_tools=allow_tools, thinking=thinking, tool_focus=tool_focus
+        )
         while True:
             ids, mask = self.encode(self.renderer.segments(conv))
             if len(ids) <= length:
@@ -138,19 +139,26 @@ class Packer:
             else:
                 conv.turns = conv.turns[:fit]
 
-    def row(self, rng: random.Random, length: int, allow_tools: bool | str = True):
-        """One padded row: (ids [length] int32, mask [length] float32). allow_tools:
-        True, False or "focus" (tool-focused conversations)."""
-        focus = allow_tools == "focus"
-        _, ids, mask = self.conversation(rng, length, bool(allow_tools), tool_focus=focus)
+    def row(
+        self, rng: random.Random, length: int, allow_tools: bool = True, tool_focus: bool = False
+    ):
+        """One padded row: (ids [length] int32, mask [length] float32)."""
+        _, ids, mask = self.conversation(rng, length, allow_tools, tool_focus=tool_focus)
         pad = length - len(ids)
         return (
             np.array(ids + [self.pad] * pad, dtype=np.int32),
             np.array(mask + [0] * pad, dtype=np.float32),
         )
 
-    def batch(self, rng: random.Random, size: int, length: int, allow_tools: bool | str = True):
-        rows = [self.row(rng, length, allow_tools) for _ in range(size)]
+    def batch(
+        self,
+        rng: random.Random,
+        size: int,
+        length: int,
+        allow_tools: bool = True,
+        tool_focus: bool = False,
+    ):
+        rows = [self.row(rng, length, allow_tools, tool_focus) for _ in range(size)]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 

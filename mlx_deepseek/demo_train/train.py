@@ -54,12 +54,11 @@ DEFAULTS = dict(
     bias_gamma=1e-3,
     clip=1.0,
     init="",  # an earlier demo package to start from (warmstart.py); "": from scratch
-    tool_focus=0.0,  # share of steps drawn as FOCUS_ROWS instead of from the mix (stage 3)
+    tool_focus=0.0,  # share of steps that are tool-focused SHORT_CONTEXT rows (stage 3)
 )
 # (row length, share of steps, tools allowed): the tools block alone is ~260 tokens
 SHORT_MIX = [(128, 0.3, False), (256, 0.35, False), (SHORT_CONTEXT, 0.35, True)]
 LONG_MIX = [(LONG_CONTEXT, 0.5, True), (SHORT_CONTEXT, 0.25, True), (256, 0.25, False)]
-FOCUS_ROWS = (SHORT_CONTEXT, "focus")  # tool-focused conversations (dialogues.FOCUS_TASKS)
 
 
 def phase_config(long: bool) -> dict:
@@ -257,11 +256,14 @@ def train(
         if step == long_from:
             trainer.extend()
             print(json.dumps({"step": step, "phase": "long: YaRN on"}), flush=True)
-        if hp.get("tool_focus") and rng.random() < hp["tool_focus"]:
-            length, tools = FOCUS_ROWS
+        # tool-focused rows (dialogues.FOCUS_TASKS); no draw at all without them
+        focus = bool(hp["tool_focus"]) and rng.random() < hp["tool_focus"]
+        if focus:
+            length, tools = SHORT_CONTEXT, True
         else:
             length, tools = _pick(rng, LONG_MIX if step >= long_from else SHORT_MIX)
-        ids_np, mask_np = packer.batch(rng, max(1, hp["tokens"] // length), length + 1, tools)
+        rows = max(1, hp["tokens"] // length)
+        ids_np, mask_np = packer.batch(rng, rows, length + 1, tools, tool_focus=focus)
         stats, loads = trainer.step(ids_np, mask_np, lr_schedule(step, hp), packer.pad)
         window.append(stats)
         if (step + 1) % log_every == 0 or step == hp["steps"] - 1:

@@ -332,9 +332,9 @@ def to_float(model: nn.Module, max_bytes: int = FLOAT_MAX_BYTES) -> int:
         cls = classes[type(m)]
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        w = mx.dequantize(m["weight"], m["scales"], m.get("biases"), group_size=m.group_size,
-                          bits=m.bits, mode=m.mode)  # fmt: skip
-        new.weight = w.astype(m["scales"].dtype)
+        new.weight = mx.dequantize(m["weight"], m["scales"], m.get("biases"),
+                                   group_size=m.group_size, bits=m.bits, mode=m.mode,
+                                   dtype=m["scales"].dtype)  # fmt: skip
         if "bias" in m:
             new.bias = m["bias"]
         swaps.append((path, new))
