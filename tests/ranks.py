@@ -120,3 +120,40 @@ def read_until(proc: subprocess.Popen, needle: str, timeout: float, stderr: bool
                 raise AssertionError(f"the rank closed its output (got {seen!r})")
             seen += chunk
     return seen
+
+
+# ---- the split-model runs of test_distributed.py and test_distributed_v4.py -------------------
+
+PROMPT = [5, 17, 42, 9, 100, 3, 77]
+TOKENS = 12
+WORKER = str(ROOT / "tests" / "distributed_worker.py")
+RANK_MAIN = str(ROOT / "tests" / "rank_main.py")  # the CLI under mlx.launch
+
+
+def run_workers(n: int, runs: list[dict], tmp_path: Path, timeout: float = 900) -> list[dict]:
+    """distributed_worker.py on n local ranks: each run's result (rank 0's report)."""
+    spec = {"runs": runs, "out": str(tmp_path / "out.json")}
+    out = start([PYTHON, WORKER, json.dumps(spec)], n, tmp_path).wait(timeout)
+    for rc, _, err in out:
+        assert rc == 0, err[-3000:]
+    return json.loads((tmp_path / "out.json").read_text())
+
+
+def run_cases(models: dict, cases: list[tuple], n: int, tmp_path: Path) -> list[dict]:
+    """run_workers over (model name, split kind, SamplingSettings, mtp) cases: PROMPT, TOKENS
+    tokens, the models' checkpoints by name."""
+    runs = [
+        {"checkpoint": str(models[name]), "kind": kind, "prompt": PROMPT, "max_tokens": TOKENS,
+         "mtp": mtp, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
+        for name, kind, s, mtp in cases
+    ]  # fmt: skip
+    return run_workers(n, runs, tmp_path)
+
+
+def weight_bytes(path: Path) -> int:
+    """The bytes of a checkpoint's weights as one process loads them."""
+    from mlx.utils import tree_flatten
+
+    from mlx_deepseek.loading import load_model
+
+    return sum(v.nbytes for _, v in tree_flatten(load_model(path).parameters()))

@@ -79,3 +79,70 @@ def sse_chunks(lines: list[str]) -> list[dict]:
         if line != "data: [DONE]":
             out.append(json.loads(line[6:]))
     return out
+
+
+# ---- one tool and each family's call text (test_serve_tools.py, test_serve_ollama.py) --------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+ASK = [{"role": "user", "content": "Weather in Paris for 2 days?"}]
+ARGS = {"city": "Paris", "days": 2}
+D = "｜DSML｜"
+
+# (hub name, config, what the model types: its published tool-call syntax)
+FORMATS = {
+    "v3": (
+        "deepseek-ai/DeepSeek-V3-0324",
+        {"model_type": "deepseek_v3"},
+        "Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather"
+        '\n```json\n{"city": "Paris", "days": 2}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+    ),
+    "r1-0528": (
+        "deepseek-ai/DeepSeek-R1-0528",
+        {"model_type": "deepseek_v3"},
+        "<think>I need the weather tool.</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function"
+        '<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris", "days": 2}\n```'
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+    ),
+    "v3.1": (
+        "deepseek-ai/DeepSeek-V3.1",
+        {"model_type": "deepseek_v3"},
+        "Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+        '{"city": "Paris", "days": 2}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+    ),
+    "v3.2": (
+        "deepseek-ai/DeepSeek-V3.2",
+        {"model_type": "deepseek_v32"},
+        f'Let me check.\n\n<{D}function_calls>\n<{D}invoke name="get_weather">\n'
+        f'<{D}parameter name="city" string="true">Paris</{D}parameter>\n'
+        f'<{D}parameter name="days" string="false">2</{D}parameter>\n'
+        f"</{D}invoke>\n</{D}function_calls>",
+    ),
+    "v4": (
+        "deepseek-ai/DeepSeek-V4-Flash",
+        {"model_type": "deepseek_v4"},
+        f'Let me check.\n\n<{D}tool_calls>\n<{D}invoke name="get_weather">\n'
+        f'<{D}parameter name="city" string="true">Paris</{D}parameter>\n'
+        f'<{D}parameter name="days" string="false">2</{D}parameter>\n'
+        f"</{D}invoke>\n</{D}tool_calls>",
+    ),
+    "kimi": (
+        "moonshotai/Kimi-K2-Instruct",
+        {"model_type": "kimi_k2"},
+        "Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+        '<|tool_call_argument_begin|>{"city": "Paris", "days": 2}<|tool_call_end|>'
+        "<|tool_calls_section_end|>",
+    ),
+}

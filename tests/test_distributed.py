@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 import ranks
 from checkpoints import add_mtp_layer, build_hf_model, save_hf_checkpoint
-from mlx.utils import tree_flatten
+from ranks import PROMPT, RANK_MAIN, TOKENS, run_cases, weight_bytes
 from tiny_chat import tiny_checkpoint
 
 from mlx_deepseek.decoding import StepOptions, decode_steps, make_cache
@@ -23,11 +23,6 @@ from mlx_deepseek.distributed import costs
 from mlx_deepseek.loading import load_config, load_model
 from mlx_deepseek.models import model_args
 from mlx_deepseek.sampling import SamplingSettings, make_sampler
-
-PROMPT = [5, 17, 42, 9, 100, 3, 77]
-TOKENS = 12
-RANK_MAIN = str(ranks.ROOT / "tests" / "rank_main.py")
-WORKER = str(ranks.ROOT / "tests" / "distributed_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +50,6 @@ def one_process(path, settings: SamplingSettings) -> list[int]:
     return [s.token for s in decode_steps(model, mx.array(PROMPT), cache, opts)]
 
 
-def weight_bytes(path) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(load_model(path).parameters()))
-
-
-def run_workers(n, runs, tmp_path, timeout=900):
-    spec = {"runs": runs, "out": str(tmp_path / "out.json")}
-    out = ranks.start([ranks.PYTHON, WORKER, json.dumps(spec)], n, tmp_path).wait(timeout)
-    for rc, _, err in out:
-        assert rc == 0, err[-3000:]
-    return json.loads((tmp_path / "out.json").read_text())
-
-
 def check_split(models, n, tmp_path):
     """Every family x kind (and MTP drafting, and seeded sampling) on n ranks."""
     sampled = SamplingSettings(temperature=0.8, top_p=0.95, seed=11)
@@ -77,12 +60,7 @@ def check_split(models, n, tmp_path):
         ("v2", "tensor", SamplingSettings(), False),
         ("v2", "pipeline", sampled, False),
     ]
-    runs = [
-        {"checkpoint": str(models[fam]), "kind": kind, "prompt": PROMPT, "max_tokens": TOKENS,
-         "mtp": mtp, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
-        for fam, kind, s, mtp in cases
-    ]  # fmt: skip
-    results = run_workers(n, runs, tmp_path)
+    results = run_cases(models, cases, n, tmp_path)
     report = []
     for (fam, kind, settings, _), got in zip(cases, results, strict=True):
         assert got["kind"] == kind

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 import ranks
-from test_distributed import RANK_MAIN
+from ranks import RANK_MAIN
 from tiny_chat import tiny_checkpoint, tiny_hf_checkpoint
 from typer.testing import CliRunner
 

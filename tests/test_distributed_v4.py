@@ -16,7 +16,7 @@ import sys
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
-from test_distributed import PROMPT, TOKENS, run_workers, weight_bytes
+from ranks import PROMPT, TOKENS, run_cases, weight_bytes
 from v4_checkpoints import CSA, HCA, SLIDING, build_v4, save_v4, write_official
 
 from mlx_deepseek.decoding import StepOptions, decode_steps, make_cache
@@ -84,12 +84,7 @@ CASES = [  # (checkpoint, split, sampling, MTP drafting)
 
 
 def check_split(models, n, tmp_path, cases=CASES):
-    runs = [
-        {"checkpoint": str(models[name]), "kind": kind, "prompt": PROMPT, "max_tokens": TOKENS,
-         "mtp": mtp, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
-        for name, kind, s, mtp in cases
-    ]  # fmt: skip
-    results = run_workers(n, runs, tmp_path)
+    results = run_cases(models, cases, n, tmp_path)
     report = []
     for (name, kind, settings, mtp), got in zip(cases, results, strict=True):
         assert got["kind"] == kind

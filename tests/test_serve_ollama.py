@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from serve_helpers import demo_server, request, scripted_server, stream
-from test_serve_tools import FORMATS, TOOLS
+from serve_helpers import FORMATS, TOOLS, demo_server, request, scripted_server, stream
 
 
 @pytest.fixture(scope="module")
