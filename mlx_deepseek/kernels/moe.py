@@ -154,6 +154,10 @@ class Plan:
     unfused_shared: nn.Module | None  # a shared MLP the kernels cannot take: MLX adds it
     swiglu_limit: float = 0.0
 
+    def as_launch(self) -> Launch:
+        """The op's result from the two kernels, for the metal back-end's `fused`."""
+        return Launch(self.variant, lambda: [run_plan(self)], self.variant.dtype)
+
 
 def _same_format(layers, what: str) -> tuple[tuple[int, int, str], tuple[int, int, str]]:
     """(gate/up format, down format) of (gate, up, down); gate and up must match."""
@@ -301,22 +305,3 @@ def _shared_mlp(shared: nn.Module, x: mx.array, limit: float) -> mx.array:
     gate, up = shared.gate_proj(x), shared.up_proj(x)
     gate, up = mx.minimum(gate, limit), mx.clip(up, -limit, limit)
     return shared.down_proj(nn.silu(gate) * up)
-
-
-def moe(
-    x: mx.array,
-    inds: mx.array,
-    scores: mx.array,
-    switch_mlp: nn.Module,
-    shared_experts: nn.Module | None,
-    swiglu_limit: float = 0.0,
-) -> Launch:
-    """ops.moe's result from the two kernels; Unsupported where they do not apply."""
-    plan = plan_moe(x, inds, scores, switch_mlp, shared_experts, swiglu_limit)
-    return Launch(plan.variant, lambda: [run_plan(plan)], plan.variant.dtype)
-
-
-def mlp(x: mx.array, layer: nn.Module) -> Launch:
-    """ops.mlp's result (a dense SwiGLU MLP) from the two kernels; Unsupported where not."""
-    plan = plan_mlp(x, layer)
-    return Launch(plan.variant, lambda: [run_plan(plan)], plan.variant.dtype)

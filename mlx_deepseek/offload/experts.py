@@ -172,12 +172,14 @@ class StreamedExperts(nn.Module):
         inds: mx.array,
         weights: mx.array,
         shared: nn.Module | None,
+        swiglu_limit: float,
         backend_moe: Callable,
     ) -> mx.array:
-        """ops.moe on the bank: x [..., D], inds [..., k] expert ids, weights [..., k]."""
+        """ops.moe on the bank: x [..., D], inds [..., k] expert ids, weights [..., k];
+        backend_moe: the back-end's moe, which takes the same arguments as ops.moe."""
 
         def whole(ids: mx.array) -> mx.array:
-            return backend_moe(x, ids, weights, self.bank, shared)
+            return backend_moe(x, ids, weights, self.bank, shared, swiglu_limit)
 
         def rounds(groups: Iterator[tuple[np.ndarray, mx.array]]) -> Iterator[mx.array]:
             D, k = x.shape[-1], inds.shape[-1]
@@ -185,7 +187,8 @@ class StreamedExperts(nn.Module):
             y = mx.zeros((x2.shape[0], D), mx.float32)
             for pairs, ids in groups:
                 rows = mx.array(pairs // k)
-                part = backend_moe(x2[rows], ids, w_flat[mx.array(pairs)][:, None], self.bank, None)
+                w_part = w_flat[mx.array(pairs)][:, None]
+                part = backend_moe(x2[rows], ids, w_part, self.bank, None, swiglu_limit)
                 y = y.at[rows].add(part.astype(mx.float32))
                 yield y  # evaluated before the next round refills the slots
             y = y.astype(x.dtype).reshape(x.shape)

@@ -22,8 +22,6 @@ attention over the selected latent rows) as plain MLX functions the V3.2 model c
 
 from __future__ import annotations
 
-from functools import partial
-
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -141,8 +139,7 @@ def moe(
     carry the routed scaling factor; swiglu_limit > 0: every expert's SwiGLU, the shared one's
     too, is silu(min(gate, limit)) * clip(up, -limit, limit) (DeepSeek V4)."""
     if isinstance(experts, StreamedExperts):
-        run = partial(active().moe, swiglu_limit=swiglu_limit)
-        return experts.moe(x, inds, weights, shared, run)
+        return experts.moe(x, inds, weights, shared, swiglu_limit, active().moe)
     return active().moe(x, inds, weights, experts, shared, swiglu_limit)
 
 

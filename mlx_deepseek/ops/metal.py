@@ -188,25 +188,21 @@ def route(logits: mx.array, bias: mx.array | None, routing: Routing) -> tuple[mx
     return inds, weights
 
 
-def mlp(x: mx.array, layer: nn.Module) -> mx.array:
-    (y,) = fused("mlp", lambda: moe_kernels.mlp(x, layer), lambda: [reference.mlp(x, layer)])
-    return y
+def _two_kernel_op(family: str, plan: Callable[..., moe_kernels.Plan], ref: Callable) -> Callable:
+    """An op computed by the two MoE kernels where `plan` takes its arguments, else by `ref`
+    (positional arguments, as ops/__init__ passes them)."""
+
+    def op(*args) -> mx.array:
+        (y,) = fused(family, lambda: plan(*args).as_launch(), lambda: [ref(*args)])
+        return y
+
+    op.__name__ = op.__qualname__ = ref.__name__
+    return op
 
 
-def moe(
-    x: mx.array,
-    inds: mx.array,
-    weights: mx.array,
-    experts: nn.Module,
-    shared: nn.Module | None,
-    swiglu_limit: float = 0.0,
-) -> mx.array:
-    (y,) = fused(
-        "moe",
-        lambda: moe_kernels.moe(x, inds, weights, experts, shared, swiglu_limit),
-        lambda: [reference.moe(x, inds, weights, experts, shared, swiglu_limit)],
-    )
-    return y
+# ops.mlp(x, layer) and ops.moe(x, inds, weights, experts, shared, swiglu_limit)
+mlp = _two_kernel_op("mlp", moe_kernels.plan_mlp, reference.mlp)
+moe = _two_kernel_op("moe", moe_kernels.plan_moe, reference.moe)
 
 
 def prepare(model: nn.Module) -> int:
