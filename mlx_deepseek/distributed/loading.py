@@ -39,7 +39,16 @@ from ..models.v4_weights import canonical_name
 from . import checkpoint
 from .checkpoint import TensorInfo
 from .pipeline import PipelineModel, V4PipelineModel
-from .plan import Plan, PlanError, Range, local_expert, make_plan, sizes
+from .plan import (
+    Pick,
+    Plan,
+    PlanError,
+    Selector,
+    local_expert,
+    make_plan,
+    sizes,
+    tensor_selector,
+)
 from .tensor import shard_model
 from .v4_selector import v4_tensor_selector
 from .world import World
@@ -174,9 +183,6 @@ def load_part(
 
 # ---- which tensors, which slices -------------------------------------------------------------
 
-Pick = tuple[str, Range | None, Range | None]  # (name, rows, columns)
-Selector = Callable[[str, TensorInfo], Pick | None]
-
 
 def _pipeline_selector(
     args: ModelArgs, plan: Plan, rank: int, n_mtp: int, mtp_embed: bool
@@ -217,12 +223,7 @@ def _tensor_selector(args: ModelArgs, plan: Plan, rank: int) -> Selector:
             )
         return name, None, (int(a), int(b))
 
-    def select(name: str, info: TensorInfo) -> Pick | None:
-        if name.startswith(("model.embed_tokens.", "lm_head.")):
-            return name, (v0, v1), None
-        m = _LAYER.match(name)
-        if not m:
-            return name, None, None
+    def select(name: str, info: TensorInfo, m: re.Match) -> Pick | None:
         prefix, rest = m.group(1), m.group(4)
         if rest.startswith(("embed_tokens.", "shared_head.head.")):
             return name, (v0, v1), None
@@ -258,7 +259,7 @@ def _tensor_selector(args: ModelArgs, plan: Plan, rank: int) -> Selector:
                 return cols(name, info, lo, hi, width)
         return name, None, None
 
-    return select
+    return tensor_selector((v0, v1), _LAYER, select)
 
 
 def _shared_width(args: ModelArgs) -> int:

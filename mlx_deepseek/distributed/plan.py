@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -27,6 +28,8 @@ from .costs import LINKS, Shape, predict_split
 
 KINDS = ("pipeline", "tensor")
 Range = tuple[int, int]
+Pick = tuple[str, Range | None, Range | None]  # (name, rows, columns) a rank reads
+Selector = Callable[[str, TensorInfo], Pick | None]  # None: another rank's tensor
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -35,6 +38,23 @@ def local_expert(prefix: str, index: int, leaf: str, experts: Range) -> str | No
     [e0, e1) become 0..), or None when another rank holds that expert."""
     e0, e1 = experts
     return f"{prefix}.experts.{index - e0}.{leaf}" if e0 <= index < e1 else None
+
+
+def tensor_selector(
+    vocab: Range,
+    layer: re.Pattern,
+    select_layer: Callable[[str, TensorInfo, re.Match], Pick | None],
+) -> Selector:
+    """A tensor-parallel rank's selector: rows `vocab` of the embedding and the head,
+    select_layer(name, info, match) for a tensor whose name `layer` matches, others whole."""
+
+    def select(name: str, info: TensorInfo) -> Pick | None:
+        if name.startswith(("model.embed_tokens.", "lm_head.")):
+            return name, vocab, None
+        m = layer.match(name)
+        return select_layer(name, info, m) if m else (name, None, None)
+
+    return select
 
 
 class PlanError(DeepSeekError):

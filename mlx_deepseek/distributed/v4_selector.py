@@ -12,16 +12,14 @@ decoded (`post`: name -> (axis, start, stop)).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 from ..models.v4_weights import FP8_BLOCK
 from .checkpoint import TensorInfo
-from .plan import Plan, Range, local_expert
+from .plan import Pick, Plan, Selector, local_expert, tensor_selector
 
 _LAYER = re.compile(r"^(model\.layers\.\d+|mtp\.\d+)\.(.*)$")
 _EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(.*)$")
-Pick = tuple[str, Range | None, Range | None]
 
 
 def fp8_block(args: Any) -> int:
@@ -36,7 +34,7 @@ def v4_tensor_selector(
     rank: int,
     tensors: dict[str, TensorInfo],
     post: dict[str, tuple[int, int, int]],
-) -> Callable[[str, TensorInfo], Pick | None]:
+) -> Selector:
     h0, h1 = plan.heads[rank]
     e0, e1 = plan.experts[rank]
     v0, v1 = plan.vocab[rank]
@@ -66,12 +64,7 @@ def v4_tensor_selector(
             lo, hi = lo // block, -(-hi // block)
         return pick(name, axis, lo, hi)
 
-    def select(name: str, info: TensorInfo) -> Pick | None:
-        if name.startswith(("model.embed_tokens.", "lm_head.")):
-            return name, (v0, v1), None
-        m = _LAYER.match(name)
-        if not m:
-            return name, None, None
+    def select(name: str, info: TensorInfo, m: re.Match) -> Pick | None:
         prefix, rest = m.groups()
         if rest == "attn.attn_sink":
             return name, (h0, h1), None
@@ -86,4 +79,4 @@ def v4_tensor_selector(
             return (name, None, None) if rank == 0 else None
         return name, None, None
 
-    return select
+    return tensor_selector((v0, v1), _LAYER, select)
