@@ -227,26 +227,22 @@ class V4Attention(nn.Module):
         G = self.groups
         x = out.reshape(B * L, G, -1).swapaxes(0, 1)  # [G, B*L, H*hd/G]
         layer = self.wo_a
-        if "scales" in layer:  # quantized: one quantized matmul per group's rows
-            rows = layer["weight"].shape[0] // G
-            parts = []
-            for g in range(G):
-                sl = slice(g * rows, (g + 1) * rows)
-                biases = layer.get("biases")
-                parts.append(
-                    mx.quantized_matmul(
-                        x[g],
-                        layer["weight"][sl],
-                        layer["scales"][sl],
-                        None if biases is None else biases[sl],
-                        transpose=True,
-                        group_size=layer.group_size,
-                        bits=layer.bits,
-                        mode=layer.mode,
-                    )
-                )
-            y = mx.stack(parts)
+
+        def per_group(a: mx.array) -> mx.array:  # [G * o_lora_rank, k] -> [G, o_lora_rank, k]
+            return a.reshape(G, -1, a.shape[-1])
+
+        if "scales" in layer:  # quantized: one batched quantized matmul over the groups
+            biases = layer.get("biases")
+            y = mx.quantized_matmul(
+                x,
+                per_group(layer["weight"]),
+                per_group(layer["scales"]),
+                None if biases is None else per_group(biases),
+                transpose=True,
+                group_size=layer.group_size,
+                bits=layer.bits,
+                mode=layer.mode,
+            )
         else:
-            w = layer["weight"].reshape(G, -1, x.shape[-1])  # [G, o_lora_rank, H*hd/G]
-            y = x @ w.swapaxes(-1, -2)  # [G, B*L, o_lora_rank]
+            y = x @ per_group(layer["weight"]).swapaxes(-1, -2)  # [G, B*L, o_lora_rank]
         return y.swapaxes(0, 1).reshape(B, L, -1)
