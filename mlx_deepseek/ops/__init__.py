@@ -22,6 +22,9 @@ attention over the selected latent rows) as plain MLX functions the V3.2 model c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -148,85 +151,29 @@ def prepare(model: nn.Module) -> int:
     return active().prepare(model)
 
 
-# ---- DeepSeek V4 (reference: v4.py) -----------------------------------------------------------
+# ---- DeepSeek V4: each op has its MLX reference's signature and documentation (v4.py) --------
 
 
-def _v4(name: str):
-    """The active back-end's implementation of V4 op `name`, else MLX's (v4.py)."""
-    return getattr(active(), name, None) or getattr(v4, name)
+def _v4_op(name: str) -> Callable:
+    """ops.<name>: the active back-end's function of that name where it defines one, else
+    v4.py's."""
+    reference = getattr(v4, name)
+
+    @wraps(reference)
+    def op(*args, **kwargs):
+        return (getattr(active(), name, None) or reference)(*args, **kwargs)
+
+    return op
 
 
-def sinkhorn(comb: mx.array, iters: int, eps: float) -> mx.array:
-    """Positive matrices [..., n, n] projected towards doubly-stochastic ones."""
-    return _v4("sinkhorn")(comb, iters, eps)
-
-
-def hc_mixes(
-    x: mx.array,
-    fn: mx.array,
-    base: mx.array,
-    scale: mx.array,
-    *,
-    iters: int,
-    eps: float,
-    norm_eps: float,
-) -> tuple[mx.array, mx.array, mx.array]:
-    """The hyper-connection weights of the copies x [B, L, hc, D]: (pre [B, L, hc], post
-    [B, L, hc], comb [B, L, hc, hc]), float32."""
-    return _v4("hc_mixes")(x, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
-
-
-def hc_pre(x: mx.array, pre: mx.array) -> mx.array:
-    """The copies [B, L, hc, D] collapsed with weights pre [B, L, hc] -> [B, L, D]."""
-    return _v4("hc_pre")(x, pre)
-
-
-def hc_post(y: mx.array, residual: mx.array, post: mx.array, comb: mx.array) -> mx.array:
-    """A block's output [B, L, D] expanded into the copies, plus the copies mixed by comb."""
-    return _v4("hc_post")(y, residual, post, comb)
-
-
-def hc_head(
-    x: mx.array, fn: mx.array, base: mx.array, scale: mx.array, *, eps: float, norm_eps: float
-) -> mx.array:
-    """The last layer's copies [B, L, hc, D] collapsed for the head -> [B, L, D]."""
-    return _v4("hc_head")(x, fn, base, scale, eps=eps, norm_eps=norm_eps)
-
-
-def compress_pool(kv: mx.array, score: mx.array, overlap: bool) -> mx.array:
-    """Gated softmax pooling of whole windows [B, n + overlap, ratio, (1 + overlap) * d]
-    -> one row per window [B, n, d], float32."""
-    return _v4("compress_pool")(kv, score, overlap)
-
-
-def index_scores(q: mx.array, rows: mx.array, weights: mx.array, scale: float) -> mx.array:
-    """The lightning indexer's scores [B, L, N] of queries q [B, H, L, d] for rows [B, N, d]."""
-    return _v4("index_scores")(q, rows, weights, scale)
-
-
-def select_topk(scores: mx.array, k: int) -> mx.array:
-    """Indices [..., k] of the k best scores, ties to the earlier row."""
-    return _v4("select_topk")(scores, k)
-
-
-def gather_rows(rows: mx.array | SplitRows, idx: mx.array) -> mx.array | SplitRows:
-    """rows [B, N, d] at idx [B, k] -> [B, k, d] (quantized rows stay quantized)."""
-    return _v4("gather_rows")(rows, idx)
-
-
-def dense_rows(rows: mx.array | SplitRows, dim: int) -> mx.array:
-    """V4's rows [B, n, dim] as an array (quantized ones dequantized)."""
-    return _v4("dense_rows")(rows, dim)
-
-
-def shared_kv_attention(
-    q: mx.array,
-    kv: mx.array,
-    sinks: mx.array,
-    scale: float,
-    mask: mx.array | None = None,
-    rows: SplitRows | None = None,
-) -> mx.array:
-    """Attention of q [B, H, L, d] over one K=V head [B, S, d] (then `rows`, n quantized
-    K=V rows read in place, when given) with per-head sinks [H]; mask [B, L, S + n]."""
-    return _v4("shared_kv_attention")(q, kv, sinks, scale, mask, rows)
+sinkhorn = _v4_op("sinkhorn")
+hc_mixes = _v4_op("hc_mixes")
+hc_pre = _v4_op("hc_pre")
+hc_post = _v4_op("hc_post")
+hc_head = _v4_op("hc_head")
+compress_pool = _v4_op("compress_pool")
+index_scores = _v4_op("index_scores")
+select_topk = _v4_op("select_topk")
+gather_rows = _v4_op("gather_rows")
+dense_rows = _v4_op("dense_rows")
+shared_kv_attention = _v4_op("shared_kv_attention")
