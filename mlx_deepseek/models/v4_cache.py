@@ -87,6 +87,16 @@ class RowBuffer:
         return (self.end - self.start) * self.buf.nbytes // self.buf.shape[1]
 
 
+def _all_parts(name: str) -> property:
+    """A position every part of a QuantizedRows holds alike: the first part's, set on all."""
+
+    def set_all(self, value: int) -> None:
+        for p in self.parts:
+            setattr(p, name, value)
+
+    return property(lambda self: getattr(self.parts[0], name), set_all)
+
+
 class QuantizedRows:
     """RowBuffer's interface for rows [B, n, d] kept quantized: the first d - rope channels
     in MLX's affine groups (packed, scales, biases), the last `rope` at full precision; one
@@ -125,28 +135,10 @@ class QuantizedRows:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
-    # the parts always hold the same rows
-    @property
-    def start(self) -> int:
-        return self.parts[0].start
-
-    @property
-    def end(self) -> int:
-        return self.parts[0].end
-
-    @end.setter
-    def end(self, value: int) -> None:
-        for p in self.parts:
-            p.end = value
-
-    @property
-    def keep_from(self) -> int:
-        return self.parts[0].keep_from
-
-    @keep_from.setter
-    def keep_from(self, value: int) -> None:
-        for p in self.parts:
-            p.keep_from = value
+    # the parts always hold the same rows: their positions read from the first, set on all
+    start = property(lambda self: self.parts[0].start)
+    end = _all_parts("end")
+    keep_from = _all_parts("keep_from")
 
 
 class V4LayerCache:
