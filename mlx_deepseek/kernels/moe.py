@@ -97,50 +97,48 @@ def kernel_specs(v: Variant) -> tuple[KernelSpec, KernelSpec]:
         ("NT", v.n_tokens),
         ("ROWS", v.rows),
     )
+    common = header("moe_common.h")
 
-    def template_for(routed: tuple[int, int], shared: tuple[int, int], modes) -> tuple:
-        return (
+    def spec(step: str, inputs: tuple, output: str, formats: tuple, grid_rows: int, out: tuple,
+             out_dtype: mx.Dtype) -> KernelSpec:  # fmt: skip
+        """Kernel mdsk_moe_<step> (moe_<step>.metal): `formats` the (bits, group size) of its
+        routed and its shared projections and their two modes; its output `out` [..., n], each
+        simdgroup computing v.rows of the n features for one of the grid's rows."""
+        (bits, gs), (sbits, sgs), (routed_mode, shared_mode) = formats
+        template = (
             ("T", v.dtype),
             ("S", v.scale_dtype),
             ("SS", v.shared_scale_dtype or v.scale_dtype),
-            ("BITS", routed[0]),
-            ("GS", routed[1]),
-            ("MODE", mode[modes[0]]),
-            ("SBITS", shared[0]),
-            ("SGS", shared[1]),
-            ("SMODE", mode[modes[1]]),
+            ("BITS", bits),
+            ("GS", gs),
+            ("MODE", mode[routed_mode]),
+            ("SBITS", sbits),
+            ("SGS", sgs),
+            ("SMODE", mode[shared_mode]),
             *shape,
         )
+        return KernelSpec(
+            name=f"mdsk_moe_{step}",
+            input_names=inputs,
+            output_names=(output,),
+            source=source(f"moe_{step}.metal"),
+            header=common,
+            grid=(32 * math.ceil(out[-1] / v.rows), grid_rows, 1),
+            threadgroup=THREADGROUP,
+            template=template,
+            output_shapes=(out,),
+            output_dtypes=(out_dtype,),
+        )
 
-    template = template_for(v.gate_up, v.shared_gate_up, v.modes[0::2])
-    down_template = template_for(v.down, v.shared_down, v.modes[1::2])
     slots = v.top_k + v.n_shared
-    common = header("moe_common.h")
-    gate_up = KernelSpec(
-        name="mdsk_moe_gate_up",
-        input_names=GATE_UP_INPUTS,
-        output_names=("h",),
-        source=source("moe_gate_up.metal"),
-        header=common,
-        grid=(32 * math.ceil(v.inter / v.rows), v.n_tokens * v.top_k + v.n_shared, 1),
-        threadgroup=THREADGROUP,
-        template=template,
-        output_shapes=((v.n_tokens, slots, v.inter),),
-        output_dtypes=(mx.float32,),
-    )
-    down = KernelSpec(
-        name="mdsk_moe_down",
-        input_names=DOWN_INPUTS,
-        output_names=("y",),
-        source=source("moe_down.metal"),
-        header=common,
-        grid=(32 * math.ceil(v.hidden / v.rows), 1, 1),
-        threadgroup=THREADGROUP,
-        template=down_template,
-        output_shapes=((v.n_tokens, v.hidden),),
-        output_dtypes=(v.dtype,),
-    )
-    return gate_up, down
+    gate_up = (v.gate_up, v.shared_gate_up, v.modes[0::2])
+    down = (v.down, v.shared_down, v.modes[1::2])
+    return (
+        # one grid row per routed slot (token, j) and per shared slot
+        spec("gate_up", GATE_UP_INPUTS, "h", gate_up, v.n_tokens * v.top_k + v.n_shared,
+             (v.n_tokens, slots, v.inter), mx.float32),
+        spec("down", DOWN_INPUTS, "y", down, 1, (v.n_tokens, v.hidden), v.dtype),
+    )  # fmt: skip
 
 
 @dataclass
