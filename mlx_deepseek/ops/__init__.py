@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
+from typing import TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +33,8 @@ from ..offload.experts import StreamedExperts
 from . import v4
 from .backend import active, current, resolve, use
 from .types import CAUSAL, LatentEntry, MLAHeads, Routing, SplitRows
+
+Op = TypeVar("Op", bound=Callable)
 
 __all__ = [
     "CAUSAL",
@@ -154,10 +157,10 @@ def prepare(model: nn.Module) -> int:
 # ---- DeepSeek V4: each op has its MLX reference's signature and documentation (v4.py) --------
 
 
-def _v4_op(name: str) -> Callable:
-    """ops.<name>: the active back-end's function of that name where it defines one, else
-    v4.py's."""
-    reference = getattr(v4, name)
+def _v4_op(reference: Op) -> Op:
+    """ops.<name> for V4 op `reference` (v4.<name>): the active back-end's function of that
+    name where it defines one, else the reference."""
+    name = reference.__name__
 
     @wraps(reference)
     def op(*args, **kwargs):
@@ -166,14 +169,14 @@ def _v4_op(name: str) -> Callable:
     return op
 
 
-sinkhorn = _v4_op("sinkhorn")
-hc_mixes = _v4_op("hc_mixes")
-hc_pre = _v4_op("hc_pre")
-hc_post = _v4_op("hc_post")
-hc_head = _v4_op("hc_head")
-compress_pool = _v4_op("compress_pool")
-index_scores = _v4_op("index_scores")
-select_topk = _v4_op("select_topk")
-gather_rows = _v4_op("gather_rows")
-dense_rows = _v4_op("dense_rows")
-shared_kv_attention = _v4_op("shared_kv_attention")
+sinkhorn = _v4_op(v4.sinkhorn)
+hc_mixes = _v4_op(v4.hc_mixes)
+hc_pre = _v4_op(v4.hc_pre)
+hc_post = _v4_op(v4.hc_post)
+hc_head = _v4_op(v4.hc_head)
+compress_pool = _v4_op(v4.compress_pool)
+index_scores = _v4_op(v4.index_scores)
+select_topk = _v4_op(v4.select_topk)
+gather_rows = _v4_op(v4.gather_rows)
+dense_rows = _v4_op(v4.dense_rows)
+shared_kv_attention = _v4_op(v4.shared_kv_attention)
