@@ -62,6 +62,9 @@ GATE_UP_INPUTS = (
     "lim",
 )
 DOWN_INPUTS = ("h", "inds", "scores", "wd", "sd", "bd", "swd", "ssd", "sbd")
+# the two kernels: (name, source in metal_kernels/, inputs, output)
+GATE_UP = ("mdsk_moe_gate_up", "moe_gate_up.metal", GATE_UP_INPUTS, "h")
+DOWN = ("mdsk_moe_down", "moe_down.metal", DOWN_INPUTS, "y")
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,13 @@ def kernel_specs(v: Variant) -> tuple[KernelSpec, KernelSpec]:
     )
     common = header("moe_common.h")
 
-    def spec(step: str, inputs: tuple, output: str, formats: tuple, grid_rows: int, out: tuple,
-             out_dtype: mx.Dtype) -> KernelSpec:  # fmt: skip
-        """Kernel mdsk_moe_<step> (moe_<step>.metal): `formats` the (bits, group size) of its
-        routed and its shared projections and their two modes; its output `out` [..., n], each
-        simdgroup computing v.rows of the n features for one of the grid's rows."""
+    def spec(
+        kernel: tuple, formats: tuple, grid_rows: int, out: tuple, out_dtype: mx.Dtype
+    ) -> KernelSpec:
+        """A kernel (GATE_UP or DOWN): `formats` the (bits, group size) of its routed and its
+        shared projections and their two modes; its output `out` [..., n], each simdgroup
+        computing v.rows of the n features for one of the grid's rows."""
+        name, filename, inputs, output = kernel
         (bits, gs), (sbits, sgs), (routed_mode, shared_mode) = formats
         template = (
             ("T", v.dtype),
@@ -118,10 +123,10 @@ def kernel_specs(v: Variant) -> tuple[KernelSpec, KernelSpec]:
             *shape,
         )
         return KernelSpec(
-            name=f"mdsk_moe_{step}",
+            name=name,
             input_names=inputs,
             output_names=(output,),
-            source=source(f"moe_{step}.metal"),
+            source=source(filename),
             header=common,
             grid=(32 * math.ceil(out[-1] / v.rows), grid_rows, 1),
             threadgroup=THREADGROUP,
@@ -135,9 +140,9 @@ def kernel_specs(v: Variant) -> tuple[KernelSpec, KernelSpec]:
     down = (v.down, v.shared_down, v.modes[1::2])
     return (
         # one grid row per routed slot (token, j) and per shared slot
-        spec("gate_up", GATE_UP_INPUTS, "h", gate_up, v.n_tokens * v.top_k + v.n_shared,
-             (v.n_tokens, slots, v.inter), mx.float32),
-        spec("down", DOWN_INPUTS, "y", down, 1, (v.n_tokens, v.hidden), v.dtype),
+        spec(GATE_UP, gate_up, v.n_tokens * v.top_k + v.n_shared, (v.n_tokens, slots, v.inter),
+             mx.float32),
+        spec(DOWN, down, 1, (v.n_tokens, v.hidden), v.dtype),
     )  # fmt: skip
 
 
