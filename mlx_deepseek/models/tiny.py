@@ -120,6 +120,28 @@ def tiny_config(routing: str = "v3_noaux", **overrides: Any) -> dict[str, Any]:
     return config
 
 
+def tiny_v1_config(**changes: Any) -> dict[str, Any]:
+    """A tiny DeepSeekMoE 16B config (model_type `deepseek`; its structure: MHA, softmax greedy
+    top-k, 2 shared experts, first layer dense): BASE without MLA's fields, then `changes`."""
+    mla = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    config = {k: v for k, v in BASE.items() if k not in mla}
+    config.update(
+        architectures=["DeepseekForCausalLM"],
+        model_type="deepseek",
+        intermediate_size=128,
+        num_key_value_heads=config["num_attention_heads"],
+        n_shared_experts=2,
+        norm_topk_prob=False,
+        scoring_func="softmax",
+        aux_loss_alpha=0.001,
+        seq_aux=True,
+        max_position_embeddings=4096,
+        rope_scaling=None,
+        torch_dtype="bfloat16",
+    )
+    return config | changes
+
+
 # a few MB with every width in whole 64-groups (4-bit group-64 quantization, the kernels' tiles):
 # the bench's tiny shapes and the decode-kernel tests
 WIDTHS_64: dict[str, Any] = dict(
