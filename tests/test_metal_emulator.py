@@ -200,56 +200,43 @@ def test_a_missing_barrier_shows_as_nan():
         run1(src, [np.ones(64, np.float32)], 64, tg=(32, 1, 1))
 
 
-# kernels that break the threadgroup's or SIMD-group's lockstep: (source, the error's text,
-# threads, threadgroup size)
-SYNC_ERRORS = {
-    "divergent barriers": (
-        """
+# kernels that break the threadgroup's or the SIMD-group's lockstep
+DIVERGENT_BARRIERS = """
         uint i = thread_position_in_grid.x;
         if (i < 10) { threadgroup_barrier(mem_flags::mem_threadgroup); }
         else { threadgroup_barrier(mem_flags::mem_threadgroup); }
         out[i] = 1.0f;
-        """,
-        "divergent barriers.*t.metal:3.*t.metal:4",
-        32,
-        (32, 1, 1),
-    ),
-    "a barrier some threads skip by returning": (
-        """
+"""
+BARRIER_SKIPPED_BY_RETURNING = """
         uint i = thread_position_in_grid.x;
         if (i >= 20) { return; }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         out[i] = 1.0f;
-        """,
-        "every thread of a threadgroup must reach",
-        32,
-        (32, 1, 1),
-    ),
-    "lanes at different SIMD-group functions": (
-        """
+"""
+LANES_AT_DIFFERENT_SIMD_FUNCTIONS = """
         uint i = thread_position_in_grid.x;
         out[i] = i < 16 ? simd_sum(in0[i]) : simd_max(in0[i]);
-        """,
-        "different SIMD-group functions.*simd_sum.*simd_max",
-        32,
-        (32, 1, 1),
-    ),
-    "a deadlock": (
-        """
+"""
+DEADLOCK = """
         uint i = thread_position_in_grid.x;
         if (i % 32 < 4) { out[i] = simd_sum(in0[i]); }
         else { threadgroup_barrier(mem_flags::mem_threadgroup); out[i] = 0.0f; }
-        """,
-        "deadlock.*simd_sum.*threadgroup_barrier",
-        64,
-        (64, 1, 1),
-    ),
-}
+"""
 
 
-@pytest.mark.parametrize("case", list(SYNC_ERRORS))
-def test_lockstep_errors_are_reported(case):
-    src, match, threads, tg = SYNC_ERRORS[case]
+@pytest.mark.parametrize(
+    "src,match,threads,tg",
+    [
+        (DIVERGENT_BARRIERS, "divergent barriers.*t.metal:3.*t.metal:4", 32, (32, 1, 1)),
+        (BARRIER_SKIPPED_BY_RETURNING, "every thread of a threadgroup must reach", 32, (32, 1, 1)),
+        (LANES_AT_DIFFERENT_SIMD_FUNCTIONS, "different SIMD-group functions.*simd_sum.*simd_max",
+         32, (32, 1, 1)),
+        (DEADLOCK, "deadlock.*simd_sum.*threadgroup_barrier", 64, (64, 1, 1)),
+    ],
+    ids=["divergent barriers", "a barrier skipped by returning", "different SIMD functions",
+         "deadlock"],
+)  # fmt: skip
+def test_lockstep_errors_are_reported(src, match, threads, tg):
     with pytest.raises(MetalEmulatorError, match=match):
         run1(src, [np.ones(threads, np.float32)], threads, tg=tg)
 
