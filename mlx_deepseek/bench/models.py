@@ -239,12 +239,7 @@ def prepare(
     )
     notes: list[str] = []
     try:
-        ours = _once(
-            root / f"mlx-deepseek-{q}",
-            lambda p: quantize_with_ours(source, p, bits, group_size),
-            log,
-            f"mlx-deepseek {bits}-bit",
-        )
+        ours = _converted(source, root / f"mlx-deepseek-{q}", bits, group_size, log)
         by = "mlx-deepseek convert"
     except Exception as e:  # the converter is young: never let it stop the benchmark
         notes.append(
@@ -265,14 +260,17 @@ def _prepare_v4(
     source = _once(
         root / "release", lambda p: write_source(shape.config, p), log, "FP8/FP4 release source"
     )
-    ours = _once(
-        root / f"mlx-deepseek-{q}",
-        lambda p: quantize_with_ours(source, p, bits, group_size),
-        log,
-        f"mlx-deepseek {bits}-bit (experts mxfp4)",
-    )
+    ours = _converted(source, root / f"mlx-deepseek-{q}", bits, group_size, log, " (experts mxfp4)")
     note = "mlx-lm has no deepseek_v4 model: mlx-deepseek is measured alone"
     return Checkpoints(source, ours, None, [note], "mlx-deepseek convert (FP8/FP4 release)")
+
+
+def _converted(
+    source: Path, out: Path, bits: int, group_size: int, log: Callable[[str], None], note: str = ""
+) -> Path:
+    """`mlx-deepseek convert`'s `bits`-bit checkpoint of `source` at `out` (once)."""
+    what = f"mlx-deepseek {bits}-bit{note}"
+    return _once(out, lambda p: quantize_with_ours(source, p, bits, group_size), log, what)
 
 
 def _once(folder: Path, make: Callable[[Path], None], log: Callable[[str], None], what: str):
