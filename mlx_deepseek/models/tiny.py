@@ -4,10 +4,12 @@
 is small but has every structural feature on: a dense layer then MoE layers, shared experts,
 YaRN with an mscale correction that is not 1. `routing` names a preset of ROUTINGS (each of
 DeepSeek's routing methods, with and without q LoRA) or a model_type (its usual preset);
-`overrides` set sizes or anything else. WIDTHS_64 and CONVERTIBLE are other sizes (whole
-64-groups, for 4-bit conversion); RELEASES and V4_FLASH the real models' configs, which the
-bench's shapes keep per layer. `release_config` / `tiny_v4_config` are V4's, in DeepSeek's
-release layout.
+`overrides` set sizes or anything else.
+
+The other sizes: WIDTHS_64 and `convertible_config` (widths in whole 64-groups, for 4-bit
+conversion), `tiny_v1_config` (DeepSeekMoE 16B), `tiny_v4_config` (V4 in DeepSeek's release
+layout, `release_config`). RELEASES and V4_FLASH are the real models' configs, whose
+per-layer shapes the bench's synthetic shapes keep.
 """
 
 from __future__ import annotations
