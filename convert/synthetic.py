@@ -19,7 +19,6 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_deepseek.models import model_args
-from mlx_deepseek.models.tiny import tiny_config as models_tiny_config
 
 from .layout import expected_entries
 from .writer import OutTensor, ShardWriter, numbered_shards
@@ -31,26 +30,6 @@ CHAT_TEMPLATE = (
     "{{ '<｜User｜>' + m['content'] }}{% else %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
 )
-
-
-def tiny_config(model_type: str = "deepseek_v3", **overrides: Any) -> dict[str, Any]:
-    """A small config with every structural feature on (q LoRA, dense + MoE layers, MTP for
-    V3), its widths whole 64-groups for 4-bit conversion (models.tiny's factory)."""
-    v3 = model_type == "deepseek_v3"
-    sizes = dict(
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        kv_lora_rank=64,
-        q_lora_rank=64,
-        qk_nope_head_dim=64,
-        v_head_dim=32,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        torch_dtype="bfloat16",
-    )
-    if v3:
-        sizes.update(n_group=2, topk_group=1, num_nextn_predict_layers=1)
-    return models_tiny_config(model_type, **{**sizes, **overrides})
 
 
 def source_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -19,42 +19,14 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlx_deepseek.models.tiny import FP8_BLOCK
 from mlx_deepseek.models.v4_config import ModelArgs
 
 from .layout_v4 import expected_entries
 from .synthetic import write_tokenizer
 from .writer import OutTensor, ShardWriter, numbered_shards
 
-FP8_BLOCK = 128
 FP8_ROLES = ("attention", "shared_expert", "mtp_proj")  # the rest of the linears: bf16
-
-
-def release_config(**fields: Any) -> dict[str, Any]:
-    """A V4 config.json as DeepSeek writes it (compress_ratios, num_hash_layers, rope_scaling,
-    FP8 quantization_config), Flash's values unless given."""
-    config: dict[str, Any] = {
-        "model_type": "deepseek_v4",
-        "architectures": ["DeepseekV4ForCausalLM"],
-        "torch_dtype": "bfloat16",
-        "num_nextn_predict_layers": 0,
-        "rope_scaling": {
-            "type": "yarn",
-            "factor": 16,
-            "original_max_position_embeddings": 65536,
-            "beta_fast": 32,
-            "beta_slow": 1,
-        },
-        "quantization_config": {
-            "quant_method": "fp8",
-            "fmt": "e4m3",
-            "scale_fmt": "ue8m0",
-            "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
-        },
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-    }
-    config.update(fields)
-    return config
 
 
 def _planned(e, fmt: str) -> list[OutTensor]:

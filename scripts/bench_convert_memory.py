@@ -23,10 +23,11 @@ import time
 import zlib
 from pathlib import Path
 
-from mlx_deepseek.convert.synthetic import source_shapes, tiny_config, write_checkpoint
-from mlx_deepseek.convert.synthetic_v4 import release_config, write_release
+from mlx_deepseek.convert.synthetic import source_shapes, write_checkpoint
+from mlx_deepseek.convert.synthetic_v4 import write_release
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx)
+from mlx_deepseek.models.tiny import convertible_config, release_config
 
 SIZES = {
     # ~2.8 GB bf16: 4 layers (1 dense) + MTP; each MoE layer's 32 experts are 0.6 GB
@@ -153,7 +154,7 @@ def main() -> None:
         if args.family == "v4":
             v4(src, root, args)
             return
-        config = tiny_config("deepseek_v3", **SIZES[args.size])
+        config = convertible_config("deepseek_v3", **SIZES[args.size])
         shapes = source_shapes(config)
         t = time.perf_counter()
 

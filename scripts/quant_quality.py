@@ -26,11 +26,12 @@ from mlx_deepseek.convert.layout import expected_entries, kv_b_outputs
 from mlx_deepseek.convert.pipeline import convert
 from mlx_deepseek.convert.plan import Options
 from mlx_deepseek.convert.recipe import QuantSpec, Recipe
-from mlx_deepseek.convert.synthetic import tiny_config, write_checkpoint
+from mlx_deepseek.convert.synthetic import write_checkpoint
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx)
 from mlx_deepseek.loading import load_model
 from mlx_deepseek.models.config import ModelArgs
+from mlx_deepseek.models.tiny import RELEASES, convertible_config
 
 # experts ~90% of the weights, 6 of 64 routed per token (V2-Lite's proportions, scaled down)
 DEMO = dict(
@@ -50,24 +51,6 @@ DEMO = dict(
     qk_rope_head_dim=32,
     v_head_dim=64,
 )
-REAL = {
-    "V2-Lite": dict(
-        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
-        n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, kv_lora_rank=512,
-        q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        topk_method="greedy", scoring_func="softmax", n_group=1, topk_group=1,
-        first_k_dense_replace=1,
-    ),
-    "V3": dict(
-        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
-        n_shared_experts=1, n_routed_experts=256, num_experts_per_tok=8, kv_lora_rank=512,
-        q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        topk_method="noaux_tc", scoring_func="sigmoid", n_group=8, topk_group=4,
-        first_k_dense_replace=3,
-    ),
-}  # fmt: skip
 
 
 class LatentKept(Recipe):
@@ -145,7 +128,7 @@ def main() -> None:
         src = args.model
         if src is None:
             src = work / "src"
-            write_checkpoint(src, tiny_config("deepseek_v3", **DEMO), fmt="bf16", seed=7)
+            write_checkpoint(src, convertible_config("deepseek_v3", **DEMO), fmt="bf16", seed=7)
         vocab = json.loads((src / "config.json").read_text())["vocab_size"]
         tokens = held_out_tokens(src, args.text, args.seqs, args.length, vocab)
         convert(src, work / "ref", Options(quantize=False, dtype="float32"))
@@ -190,7 +173,7 @@ def main() -> None:
 
     print("\nfrom the real configs (bf16 scales, MTP excluded):")
     print(f"{'model':>8} {'recipe':>14} {'bits/weight':>11} {'size GB':>8} {'GB/token':>9}")
-    for name, cfg in REAL.items():
+    for name, cfg in RELEASES.items():
         for b in args.bits:
             for r in ("uniform", "mixed"):
                 bpw, gb, tok = estimate(cfg, r, b, args.group_size)

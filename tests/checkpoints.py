@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlx_deepseek.models.tiny import ROUTINGS, tiny_config
+from mlx_deepseek.models.tiny import ROUTINGS, YARN_V3, tiny_config
 
 # one tiny config per routing method (mlx_deepseek.models.tiny: the project's one factory)
 FAMILIES = ROUTINGS
@@ -143,37 +143,33 @@ def add_mtp_layer(path: Path, seed: int = 1, same_copies: bool = True) -> dict:
 
 # ---- Moonshot's models: DeepSeek-V3's architecture under Kimi / Moonlight configs ---------
 
+# what Moonshot's models share: one expert group, rope_theta 50000
+MOONSHOT = dict(n_group=1, topk_group=1, rope_theta=50000.0)
 KIMI = {
-    # K2 / K2-Instruct / K2-Thinking: one expert group, sigmoid noaux_tc, scaling 2.827,
-    # rope_theta 50000 with YaRN beta_fast = beta_slow = 1 (K2's own values)
+    # K2 / K2-Instruct / K2-Thinking: sigmoid noaux_tc, scaling 2.827, V3's YaRN with
+    # beta_fast = beta_slow = 1 (K2's own values)
     "kimi_k2": dict(
+        MOONSHOT,
         family="v3_noaux",
-        n_group=1,
-        topk_group=1,
         n_routed_experts=12,
         num_experts_per_tok=4,
         routed_scaling_factor=2.827,
-        rope_theta=50000.0,
         rope_scaling={
-            "type": "yarn",
+            **YARN_V3,
             "factor": 32.0,
             "original_max_position_embeddings": 64,
             "beta_fast": 1.0,
             "beta_slow": 1.0,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
         },
     ),
     # Moonlight-16B-A3B: no q LoRA, 6 of 64 experts (here 16) + 2 shared, scaling 2.446
     "moonlight": dict(
+        MOONSHOT,
         family="v3_noaux_noqlora",
-        n_group=1,
-        topk_group=1,
         n_routed_experts=16,
         num_experts_per_tok=6,
         n_shared_experts=2,
         routed_scaling_factor=2.446,
-        rope_theta=50000.0,
         rope_scaling=None,
     ),
 }
@@ -295,43 +291,3 @@ def as_kimi_k25(path: Path) -> None:
     tensors["vision_tower.patch_embed.proj.weight"] = torch.randn(16, 3, 14, 14)
     tensors["mm_projector.proj.0.weight"] = torch.randn(64, 64)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-
-
-# ---- DeepSeekMoE 16B (model_type deepseek): no transformers class; synthetic checkpoints ---
-
-
-def v1_config(**changes) -> dict:
-    """A tiny DeepSeekMoE 16B config (its structure: MHA, softmax greedy top-k, 2 shared
-    experts, first layer dense) in the checkpoint's field names."""
-    config = dict(
-        architectures=["DeepseekForCausalLM"],
-        model_type="deepseek",
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=2,
-        n_routed_experts=8,
-        num_experts_per_tok=3,
-        moe_layer_freq=1,
-        first_k_dense_replace=1,
-        norm_topk_prob=False,
-        scoring_func="softmax",
-        aux_loss_alpha=0.001,
-        seq_aux=True,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        attention_bias=False,
-        tie_word_embeddings=False,
-        hidden_act="silu",
-        torch_dtype="bfloat16",
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    config.update(changes)
-    return config

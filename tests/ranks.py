@@ -157,3 +157,21 @@ def weight_bytes(path: Path) -> int:
     from mlx_deepseek.loading import load_model
 
     return sum(v.nbytes for _, v in tree_flatten(load_model(path).parameters()))
+
+
+def check_step_bytes(path: Path, got: dict, n: int, kind: str) -> list[int]:
+    """A split run's bytes per decoded token (`got`, a worker's report) are what costs.py
+    computes for the checkpoint (float32 here); on Linux the kernel's count of the ring's bytes
+    is within 10% (+512) of them. Returns costs.py's bytes, per rank."""
+    from mlx_deepseek.distributed import costs
+    from mlx_deepseek.loading import load_config
+    from mlx_deepseek.models import model_args
+
+    args = model_args(load_config(path))
+    expected = costs.step_bytes(costs.Shape.from_args(args), n, kind, itemsize=4)
+    assert got["step_bytes"] == expected, (path.name, kind)
+    wire = got["step_wire_bytes"]
+    if sys.platform == "linux" and min(wire) >= 0:
+        for counted, sent in zip(expected, wire, strict=True):
+            assert abs(sent - counted) <= 0.1 * counted + 512, (path.name, kind, expected, wire)
+    return expected

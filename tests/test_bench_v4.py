@@ -14,6 +14,7 @@ from mlx_deepseek.bench.models import SHAPES, prepare
 from mlx_deepseek.bench.runtimes import cache_read_bytes, filled_cache, load_ours, rewind
 from mlx_deepseek.cli import app
 from mlx_deepseek.models.deepseek_v4 import Model
+from mlx_deepseek.models.tiny import tiny_v4_config
 from mlx_deepseek.models.v4_config import ModelArgs
 
 CONTEXTS = [24, 200]  # 200: past the window (8), several ratio-16 rows, more rows than top-4
@@ -117,7 +118,7 @@ def test_filled_cache_decodes_and_rewinds_exactly(bench_v4):
 def test_read_bytes_by_layer_kind():
     """A compressed sparse layer reads top-k compressed rows and every indexer row, a heavily
     compressed layer all its rows, every layer at most a window of positions."""
-    config = v4.tiny_config([0, 4, 16])
+    config = tiny_v4_config([0, 4, 16])
     model = Model(ModelArgs.from_dict(config))
     widths = v4.buffer_widths(model)
     f32 = 4
@@ -137,7 +138,7 @@ def test_read_bytes_by_layer_kind():
 
 
 def test_weights_read_per_token_count_v4_parts():
-    config = v4.tiny_config([0, 4])
+    config = tiny_v4_config([0, 4])
     model = Model(ModelArgs.from_dict(config))
     parts = weight_bytes_per_token(model, config)
     attn = sum(v.nbytes for layer in model.layers for _, v in _flat(layer.attn))

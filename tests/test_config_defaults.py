@@ -9,22 +9,12 @@ import pytest
 from checkpoints import build_from_config, hf_logits, read_config, rel_err
 
 import mlx_deepseek
+from mlx_deepseek.models import tiny
 from mlx_deepseek.models.config import ModelArgs
 
 TOKENS = np.random.RandomState(1).randint(0, 256, size=(2, 12))
-# sizes only: every routing field keeps the config class's own default
-SIZES = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_attention_heads=4,
-    kv_lora_rank=32,
-    q_lora_rank=24,
-    qk_rope_head_dim=16,
-    qk_nope_head_dim=16,
-    v_head_dim=24,
-)
+# sizes only (the tiny models' widths): every routing field keeps the config class's default
+SIZES = dict(tiny.WIDTHS, vocab_size=256, q_lora_rank=24)
 
 
 def v2_config():

@@ -14,7 +14,7 @@ import torch
 from checkpoints import rel_err
 from mlx_deepseek.convert.pipeline import convert
 from mlx_deepseek.convert.plan import Options
-from mlx_deepseek.convert.synthetic import tiny_config, write_checkpoint
+from mlx_deepseek.convert.synthetic import write_checkpoint
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import quantize_model
 from safetensors import safe_open
@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from mlx_deepseek.cli import app
 from mlx_deepseek.loading import load_model
+from mlx_deepseek.models.tiny import convertible_config
 
 TOKENS = np.random.RandomState(0).randint(2, 300, size=(2, 16))
 F32 = Options(quantize=False, dtype="float32")
@@ -70,7 +71,7 @@ def tensors(path: Path, pattern: str = "*.safetensors") -> dict[str, np.ndarray]
 def fp8(tmp_path_factory):
     """A V3 FP8 checkpoint in 3 shards, every other scale in the next shard, with an MTP layer."""
     root = tmp_path_factory.mktemp("fp8")
-    cfg = tiny_config("deepseek_v3")
+    cfg = convertible_config("deepseek_v3")
     eff = write_checkpoint(
         root / "src", cfg, fmt="fp8", shards=3, block=(32, 48), scales_elsewhere=True
     )
@@ -167,7 +168,7 @@ def test_mlx_lm_loads_the_output_and_agrees(fp8, recipe):
 def test_quantized_bytes_equal_mlx_lm_quantizing_the_same_checkpoint(tmp_path, fmt):
     # mlx-lm's own path: load (its sanitize dequantizes FP8 with 128x128 blocks, stacks
     # experts, splits kv_b_proj), quantize_model; ours streams: the bytes must be equal
-    cfg = tiny_config("deepseek_v3", num_nextn_predict_layers=0)
+    cfg = convertible_config("deepseek_v3", num_nextn_predict_layers=0)
     write_checkpoint(tmp_path / "src", cfg, fmt=fmt, block=(128, 128), shards=2)
     convert(tmp_path / "src", tmp_path / "q", Options(bits=4, group_size=64))
     model, config = mlx_lm_load_model(tmp_path / "src", lazy=True)
@@ -205,7 +206,7 @@ def test_mtp_goes_to_its_own_file_and_no_mtp_drops_it(fp8, tmp_path):
 
 
 def test_mtp_copies_that_differ_are_kept(tmp_path):
-    cfg = tiny_config("deepseek_v3")
+    cfg = convertible_config("deepseek_v3")
     write_checkpoint(tmp_path / "src", cfg, fmt="bf16", mtp_copies=False)
     summary = convert(tmp_path / "src", tmp_path / "q", Options(bits=8))
     assert any("kept as mtp.0.embed_tokens.weight" in n for n in summary.notes)
@@ -218,7 +219,7 @@ def test_mtp_copies_that_differ_are_kept(tmp_path):
 @pytest.fixture(scope="module")
 def v2(tmp_path_factory):
     root = tmp_path_factory.mktemp("v2")
-    cfg = tiny_config("deepseek_v2", q_lora_rank=None, n_shared_experts=2)
+    cfg = convertible_config("deepseek_v2", q_lora_rank=None, n_shared_experts=2)
     write_checkpoint(root / "src", cfg, fmt="bf16", shards=2)
     return root
 
@@ -267,7 +268,7 @@ def test_hub_repo_id_is_read_offline_from_the_local_cache(tmp_path, monkeypatch)
     import huggingface_hub.constants
 
     snapshot = tmp_path / "hub/models--deepseek-ai--Tiny-V2/snapshots/0123abcd"
-    write_checkpoint(snapshot, tiny_config("deepseek_v2"), fmt="bf16")
+    write_checkpoint(snapshot, convertible_config("deepseek_v2"), fmt="bf16")
     refs = tmp_path / "hub/models--deepseek-ai--Tiny-V2/refs"
     refs.mkdir(parents=True)
     (refs / "main").write_text("0123abcd")

@@ -13,11 +13,12 @@ from pathlib import Path
 import mlx_deepseek.convert.pipeline as pipeline
 import numpy as np
 import pytest
-from mlx_deepseek.convert.synthetic import source_shapes, tiny_config, write_checkpoint
+from mlx_deepseek.convert.synthetic import source_shapes, write_checkpoint
 from typer.testing import CliRunner
 
 from mlx_deepseek.cli import app
 from mlx_deepseek.errors import DeepSeekError
+from mlx_deepseek.models.tiny import convertible_config
 
 FP8 = dict(fmt="fp8", shards=3, block=(32, 48), scales_elsewhere=True)
 
@@ -25,7 +26,7 @@ FP8 = dict(fmt="fp8", shards=3, block=(32, 48), scales_elsewhere=True)
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("pristine") / "src"
-    write_checkpoint(path, tiny_config("deepseek_v3"), **FP8)
+    write_checkpoint(path, convertible_config("deepseek_v3"), **FP8)
     return path
 
 
@@ -73,7 +74,7 @@ def test_truncated_shard(src, tmp_path):
 
 def test_missing_expert_tensor(tmp_path):
     name = "model.layers.2.mlp.experts.5.up_proj.weight"
-    write_checkpoint(tmp_path / "src", tiny_config(), keep=lambda n: n != name, **FP8)
+    write_checkpoint(tmp_path / "src", convertible_config(), keep=lambda n: n != name, **FP8)
     msg = assert_clean_failure(
         run(tmp_path / "src", "-o", tmp_path / "out"), tmp_path / "out", name
     )
@@ -90,7 +91,7 @@ def test_missing_scale_inv_in_the_index(src, tmp_path):
 
 
 def test_misshaped_tensor(tmp_path):
-    config = tiny_config()
+    config = convertible_config()
     rng = np.random.default_rng(0)
     weights = {
         k: rng.standard_normal(s).astype(np.float32) for k, s in source_shapes(config).items()
@@ -284,7 +285,7 @@ def test_console_script_prints_one_line(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_in_the_console_script_exits_130_and_cleans_up(tmp_path):
     # a checkpoint big enough that the conversion is still running when SIGINT comes
-    big = tiny_config(
+    big = convertible_config(
         hidden_size=512, moe_intermediate_size=512, intermediate_size=1024, vocab_size=4096
     )
     write_checkpoint(tmp_path / "big", big, fmt="bf16")

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from mlx_deepseek.convert.pipeline import convert
 from mlx_deepseek.convert.plan import Options
-from mlx_deepseek.convert.synthetic import tiny_config, write_checkpoint
+from mlx_deepseek.convert.synthetic import write_checkpoint
 from typer.testing import CliRunner
 
 from mlx_deepseek.cli import app
 from mlx_deepseek.loading import load_model
+from mlx_deepseek.models.tiny import convertible_config
 
 
 def flat(text: str) -> str:
@@ -23,7 +24,7 @@ def flat(text: str) -> str:
 @pytest.mark.parametrize("shards", [1, 3])
 def test_mtp_copies_equal_to_the_main_ones_are_dropped_without_a_note(tmp_path, shards):
     # one shard: the MTP copy and the main tensor are read from the same file
-    write_checkpoint(tmp_path / "src", tiny_config("deepseek_v3"), fmt="bf16", shards=shards)
+    write_checkpoint(tmp_path / "src", convertible_config("deepseek_v3"), fmt="bf16", shards=shards)
     summary = convert(tmp_path / "src", tmp_path / "out", Options(bits=8))
     assert not any("differs" in n for n in summary.notes), summary.notes
     index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
@@ -33,7 +34,9 @@ def test_mtp_copies_equal_to_the_main_ones_are_dropped_without_a_note(tmp_path, 
 
 
 def test_mtp_copies_that_differ_in_the_same_file_get_the_note(tmp_path):
-    write_checkpoint(tmp_path / "src", tiny_config("deepseek_v3"), fmt="bf16", mtp_copies=False)
+    write_checkpoint(
+        tmp_path / "src", convertible_config("deepseek_v3"), fmt="bf16", mtp_copies=False
+    )
     summary = convert(tmp_path / "src", tmp_path / "out", Options(bits=8))
     differs = [n for n in summary.notes if "differs" in n]
     assert len(differs) == 2 and "mtp.0.embed_tokens.weight" in differs[0] + differs[1]
@@ -42,7 +45,7 @@ def test_mtp_copies_that_differ_in_the_same_file_get_the_note(tmp_path):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("reporting")
-    write_checkpoint(root / "src", tiny_config("deepseek_v3"), fmt="bf16")
+    write_checkpoint(root / "src", convertible_config("deepseek_v3"), fmt="bf16")
     for recipe in ("mixed", "uniform"):
         convert(root / "src", root / recipe, Options(bits=4, recipe=recipe))
     return root

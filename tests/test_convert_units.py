@@ -8,13 +8,13 @@ import pytest
 from mlx_deepseek.convert.destination import Staging
 from mlx_deepseek.convert.layout import expected_entries
 from mlx_deepseek.convert.recipe import QuantSpec, Recipe, high_bits, quantization_section
-from mlx_deepseek.convert.synthetic import tiny_config
 from mlx_deepseek.convert.writer import OutTensor, ShardWriter, plan_shards
 from safetensors import safe_open
 
 from mlx_deepseek.cli.convert import parse_size
 from mlx_deepseek.errors import DeepSeekError
 from mlx_deepseek.models.config import ModelArgs
+from mlx_deepseek.models.tiny import convertible_config
 
 
 def test_mixed_recipe_keeps_experts_low_and_everything_else_high():
@@ -63,7 +63,7 @@ def test_bad_recipe_settings_raise_one_line(name, bits, group):
 
 
 def test_layout_covers_every_v3_tensor_once_with_stacked_experts():
-    args = ModelArgs.from_dict(tiny_config("deepseek_v3"))
+    args = ModelArgs.from_dict(convertible_config("deepseek_v3"))
     entries = expected_entries(args)
     srcs = [e.src for e in entries]
     assert len(srcs) == len(set(srcs))
@@ -81,7 +81,7 @@ def test_layout_covers_every_v3_tensor_once_with_stacked_experts():
     assert all(e.kind == "kv_b" for e in entries if e.src.endswith("kv_b_proj.weight"))
     no_mtp = expected_entries(args, keep_mtp=False)
     assert not any(e.out.startswith("mtp.") for e in no_mtp)
-    v2 = expected_entries(ModelArgs.from_dict(tiny_config("deepseek_v2", q_lora_rank=None)))
+    v2 = expected_entries(ModelArgs.from_dict(convertible_config("deepseek_v2", q_lora_rank=None)))
     assert not any(e.kind == "kv_b" for e in v2) and any(
         e.src.endswith("q_proj.weight") for e in v2
     )

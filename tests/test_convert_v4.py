@@ -27,6 +27,7 @@ from mlx_deepseek.cli import app
 from mlx_deepseek.errors import DeepSeekError
 from mlx_deepseek.loading import load_model
 from mlx_deepseek.models.deepseek_v4 import Model
+from mlx_deepseek.models.tiny import convertible_config, tiny_v4_config
 from mlx_deepseek.models.v4_config import ModelArgs
 
 TOKENS = np.random.RandomState(3).randint(0, 96, size=(2, 40))
@@ -305,9 +306,9 @@ def test_hash_table_of_floats(v4, tmp_path):
 
 
 def test_native_recipe_needs_a_v4_checkpoint(tmp_path):
-    from mlx_deepseek.convert.synthetic import tiny_config, write_checkpoint
+    from mlx_deepseek.convert.synthetic import write_checkpoint
 
-    write_checkpoint(tmp_path / "src", tiny_config("deepseek_v3"), fmt="fp8", block=(32, 32))
+    write_checkpoint(tmp_path / "src", convertible_config("deepseek_v3"), fmt="fp8", block=(32, 32))
     result = CliRunner().invoke(
         app, ["convert", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--recipe", "native"]
     )
@@ -330,15 +331,10 @@ def test_synthetic_release_converts_to_its_float32_decoding(tmp_path):
     bf16 tensors that the converter maps exactly (native recipe) onto what they encode, here
     decoded by hand: e4m3 times 2^(s-127) per 128 x 128 block; e2m1 nibbles (low first)
     times 2^(s-127) per 32."""
-    from mlx_deepseek.convert.synthetic_v4 import release_config, write_release
+    from mlx_deepseek.convert.synthetic_v4 import write_release
 
-    config = release_config(
-        vocab_size=256, hidden_size=192, moe_intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, head_dim=64, qk_rope_head_dim=16, q_lora_rank=96, o_groups=2,
-        o_lora_rank=64, n_routed_experts=4, num_experts_per_tok=2, index_n_heads=2,
-        index_head_dim=32, index_topk=4, sliding_window=8, hc_mult=2, compress_ratios=[4, 16],
-        num_hash_layers=1,
-    )  # fmt: skip
+    # the tiny V4 with hidden 192 (a partial 128-wide FP8 block) and q LoRA 96
+    config = tiny_v4_config([4, 16], vocab_size=256, hidden_size=192, q_lora_rank=96)
     rel = tmp_path / "release"
     total = write_release(rel, config, shards=3)
     assert len(list(rel.glob("model-0000?-of-00003.safetensors"))) == 3

@@ -26,23 +26,10 @@ TINY_V3_PRIMITIVES = 33
 
 # YaRN with mscale != mscale_all_dim: RoPE multiplies by an mscale that is not 1
 YARN = {**tiny.YARN, "original_max_position_embeddings": 1024, "mscale": 0.9, "mscale_all_dim": 0.7}
-SIZES = dict(
-    vocab_size=256,
-    hidden_size=128,
-    intermediate_size=256,
-    moe_intermediate_size=64,
-    num_hidden_layers=2,
-    kv_lora_rank=64,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=16,
-    v_head_dim=32,
-    num_experts_per_tok=2,
-    max_position_embeddings=4096,
-    rope_scaling=YARN,
-)
+SIZES = dict(tiny.WIDTHS_64, vocab_size=256, rope_scaling=YARN)
 CONFIGS = {
-    "v3": tiny.tiny_config("v3_noaux", **SIZES, q_lora_rank=64, n_group=2, topk_group=1),
-    "v2": tiny.tiny_config("v2_group", **SIZES, q_lora_rank=None, n_shared_experts=2),
+    "v3": tiny.tiny_config("v3_noaux", **SIZES, n_group=2, topk_group=1),
+    "v2": tiny.tiny_config("v2_group", **dict(SIZES, q_lora_rank=None), n_shared_experts=2),
 }
 
 

@@ -6,7 +6,7 @@ checkpoint, is a second one (and reads what `convert` writes)."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import rel_err, v1_config
+from checkpoints import rel_err
 from mlx_deepseek.convert import Options, convert
 from mlx_deepseek.convert.synthetic import write_checkpoint
 from moe16b_oracle import logits as oracle_logits
@@ -16,6 +16,7 @@ import mlx_deepseek
 from mlx_deepseek.cli import app
 from mlx_deepseek.errors import ConfigError
 from mlx_deepseek.models import model_args
+from mlx_deepseek.models.tiny import tiny_v1_config
 
 TOKENS = np.random.RandomState(2).randint(2, 320, size=(2, 15))
 
@@ -40,7 +41,7 @@ CONFIGS = {
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def v1(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    write_checkpoint(path, v1_config(**CONFIGS[request.param]), fmt="f32", seed=1)
+    write_checkpoint(path, tiny_v1_config(**CONFIGS[request.param]), fmt="f32", seed=1)
     return request.param, path
 
 
@@ -63,7 +64,7 @@ def test_logits_match_deepseeks_modeling_code(v1, v1_weights):
     name, path = v1
     model = mlx_deepseek.load_model(path, dtype="float32")
     ours = np.array(model(mx.array(TOKENS)))
-    config = v1_config(**CONFIGS[name])
+    config = tiny_v1_config(**CONFIGS[name])
     for b in range(TOKENS.shape[0]):
         ref = oracle_logits(v1_weights, config, TOKENS[b])
         err = rel_err(ours[b], ref)
@@ -110,7 +111,7 @@ def test_info_describes_multi_head_attention(v1):
     result = CliRunner().invoke(app, ["info", str(path)], standalone_mode=False)
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
-    args = model_args(v1_config(**CONFIGS[name]))
+    args = model_args(tiny_v1_config(**CONFIGS[name]))
     assert "DeepSeekMoE: multi-head attention + DeepSeekMoE" in out
     assert f"{2 * args.kv_heads * args.head_dim * 2} B per-head K/V" in out
 
@@ -126,5 +127,5 @@ def test_info_describes_multi_head_attention(v1):
 )
 def test_bad_configs_name_the_field(changes, needle):
     with pytest.raises(ConfigError) as e:
-        model_args(v1_config(**changes))
+        model_args(tiny_v1_config(**changes))
     assert needle in str(e.value) and "\n" not in str(e.value)

@@ -13,7 +13,7 @@ from dsa_oracle import attention as oracle_attention
 import mlx_deepseek
 from mlx_deepseek import ops
 from mlx_deepseek.errors import ConfigError
-from mlx_deepseek.models import model_args
+from mlx_deepseek.models import model_args, tiny
 from mlx_deepseek.models.deepseek_v32 import IndexedCache, SparseAttention
 from mlx_deepseek.ops import CAUSAL, sparse
 
@@ -21,17 +21,7 @@ T = 26  # tokens: well past index_topk in both configs
 
 CONFIGS = {
     # YaRN (mscale == mscale_all_dim, as DeepSeek ships it), q LoRA, 16 indexer heads
-    "yarn": dict(
-        rope_scaling={
-            "type": "yarn",
-            "factor": 4.0,
-            "original_max_position_embeddings": 128,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "mscale": 0.8,
-            "mscale_all_dim": 0.8,
-        }
-    ),
+    "yarn": dict(rope_scaling={**tiny.YARN, "mscale": 0.8}),
     # other shapes: no YaRN, 2 heads, 8 rope channels, 24 indexer heads of 16, top-5
     "plain": dict(
         rope_scaling=None,

@@ -26,6 +26,7 @@ from mlx_deepseek.cli import app
 from mlx_deepseek.decoding import StepOptions, decode_steps
 from mlx_deepseek.errors import CheckpointError, ConfigError
 from mlx_deepseek.models import model_args
+from mlx_deepseek.models.tiny import V4_FLASH
 from mlx_deepseek.models.v4_config import CSA, HCA, SLIDING
 from mlx_deepseek.models.v4_weights import dequantize_fp8, fp4_as_mxfp4
 from mlx_deepseek.sampling import greedy
@@ -206,45 +207,6 @@ def test_partly_accepted_drafts_roll_the_cache_back_exactly(chat_checkpoint):
 # ---- config ---------------------------------------------------------------------------------
 
 
-FLASH = {  # DeepSeek-V4-Flash's config.json (the fields this port reads)
-    "model_type": "deepseek_v4",
-    "vocab_size": 129280,
-    "hidden_size": 4096,
-    "moe_intermediate_size": 2048,
-    "num_hidden_layers": 43,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 1,
-    "head_dim": 512,
-    "qk_rope_head_dim": 64,
-    "q_lora_rank": 1024,
-    "num_experts_per_tok": 6,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "num_hash_layers": 3,
-    "num_nextn_predict_layers": 1,
-    "o_groups": 8,
-    "o_lora_rank": 1024,
-    "index_n_heads": 64,
-    "index_head_dim": 128,
-    "index_topk": 512,
-    "hc_mult": 4,
-    "sliding_window": 128,
-    "scoring_func": "sqrtsoftplus",
-    "routed_scaling_factor": 1.5,
-    "swiglu_limit": 10.0,
-    "rope_theta": 10000,
-    "compress_rope_theta": 160000,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 16,
-        "original_max_position_embeddings": 65536,
-        "beta_fast": 32,
-        "beta_slow": 1,
-    },
-    "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0],
-}
-
-
 def test_official_and_transformers_configs_read_the_same(official):
     root, src, _, _, _ = official
     ours = model_args(json.loads((root / "official" / "config.json").read_text()))
@@ -260,7 +222,7 @@ def test_official_and_transformers_configs_read_the_same(official):
 
 
 def test_flash_config_cache_values_per_token():
-    args = model_args(FLASH)
+    args = model_args(V4_FLASH)
     kinds = [args.layer_type(i) for i in range(43)]
     assert kinds.count(CSA) == 21 and kinds.count(HCA) == 20 and args.layer_type(43) == SLIDING
     # 21 layers x (512/4 + 128/4) + 20 x 512/128 (families-2026.md: ~3,440)
@@ -283,7 +245,7 @@ def test_flash_config_cache_values_per_token():
 )
 def test_bad_config_names_the_field(change, message):
     with pytest.raises(ConfigError, match=message):
-        model_args({**FLASH, **change}, source="v4/config.json")
+        model_args({**V4_FLASH, **change}, source="v4/config.json")
 
 
 # ---- loading errors and info ----------------------------------------------------------------
@@ -339,7 +301,7 @@ def test_info_prints_the_cache_bytes_per_token(official, tmp_path):
     # Flash's shape, from its config alone (one stand-in tensor)
     from safetensors.numpy import save_file
 
-    (tmp_path / "config.json").write_text(json.dumps(FLASH))
+    (tmp_path / "config.json").write_text(json.dumps(V4_FLASH))
     save_file({"norm.weight": np.ones(4096, np.float32)}, str(tmp_path / "model.safetensors"))
     result = CliRunner().invoke(app, ["info", str(tmp_path)], standalone_mode=False)
     text = " ".join(result.output.split())
@@ -377,6 +339,6 @@ def test_memory_preflight_counts_v4_weights_and_cache(official):
     values = 5 * 8 * 32 + 3 * (4096 // 4) * (32 + 16) + (4096 // 8) * 32
     assert cache == 2 * values
     # Flash: 44 windows of 128 x 512; 21 sparse layers, 20 heavy ones
-    flash = model_args(FLASH)
+    flash = model_args(V4_FLASH)
     values = 44 * 128 * 512 + 21 * 1024 * (512 + 128) + 20 * 32 * 512
     assert flash.cache_bytes(4096) == 2 * values

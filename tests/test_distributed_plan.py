@@ -21,7 +21,7 @@ from mlx_deepseek.distributed.plan import (
 )
 from mlx_deepseek.errors import CheckpointError
 from mlx_deepseek.models.config import ModelArgs
-from mlx_deepseek.models.tiny import tiny_config
+from mlx_deepseek.models.tiny import tiny_config, tiny_v1_config
 
 # ---- plans -----------------------------------------------------------------------------------
 
@@ -236,11 +236,9 @@ def test_families_without_a_split_are_refused_in_one_line(tmp_path):
     line, before any rank reads a tensor (no weights are even written here)."""
     import json
 
-    from checkpoints import v1_config
-
     from mlx_deepseek.distributed import load_part
 
-    (tmp_path / "config.json").write_text(json.dumps(v1_config()))
+    (tmp_path / "config.json").write_text(json.dumps(tiny_v1_config()))
     for kind in ("pipeline", "tensor", "auto"):
         with pytest.raises(PlanError) as e:
             load_part(tmp_path, kind, world=None)

@@ -3,12 +3,12 @@ cached decode) equals argmax of a full forward per token; V3.2's prompt is past 
 
 import mlx.core as mx
 import pytest
-from checkpoints import v1_config
 from mlx_deepseek.convert.synthetic import write_checkpoint
 
 import mlx_deepseek
 from mlx_deepseek.bench.models import SHAPES
 from mlx_deepseek.generation import stream_generate
+from mlx_deepseek.models.tiny import tiny_v1_config
 
 PROMPT = "A long prompt, well past the indexer's top-8, about dragons and their gold."
 
@@ -22,7 +22,7 @@ def greedy_reference(model, tokens: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("family", ["deepseek_v32", "deepseek"])
 def test_greedy_generation_equals_full_forward_argmax(tmp_path, family):
-    config = SHAPES["tiny-v32"]().config if family == "deepseek_v32" else v1_config()
+    config = SHAPES["tiny-v32"]().config if family == "deepseek_v32" else tiny_v1_config()
     write_checkpoint(tmp_path, config, fmt="f32", seed=3)
     model, tokenizer = mlx_deepseek.load(tmp_path, dtype="float32")
     prompt = tokenizer.encode(PROMPT)

@@ -200,47 +200,45 @@ def test_a_missing_barrier_shows_as_nan():
         run1(src, [np.ones(64, np.float32)], 64, tg=(32, 1, 1))
 
 
-def test_divergent_barriers_are_reported():
-    src = """
+# kernels that break the threadgroup's or the SIMD-group's lockstep
+DIVERGENT_BARRIERS = """
         uint i = thread_position_in_grid.x;
         if (i < 10) { threadgroup_barrier(mem_flags::mem_threadgroup); }
         else { threadgroup_barrier(mem_flags::mem_threadgroup); }
         out[i] = 1.0f;
-    """
-    with pytest.raises(MetalEmulatorError, match="divergent barriers.*t.metal:3.*t.metal:4"):
-        run1(src, [np.ones(32, np.float32)], 32)
-
-
-def test_a_barrier_some_threads_skip_by_returning_is_reported():
-    src = """
+"""
+BARRIER_SKIPPED_BY_RETURNING = """
         uint i = thread_position_in_grid.x;
         if (i >= 20) { return; }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         out[i] = 1.0f;
-    """
-    with pytest.raises(MetalEmulatorError, match="every thread of a threadgroup must reach"):
-        run1(src, [np.ones(32, np.float32)], 32)
-
-
-def test_lanes_at_different_simd_functions_are_reported():
-    src = """
+"""
+LANES_AT_DIFFERENT_SIMD_FUNCTIONS = """
         uint i = thread_position_in_grid.x;
         out[i] = i < 16 ? simd_sum(in0[i]) : simd_max(in0[i]);
-    """
-    with pytest.raises(
-        MetalEmulatorError, match="different SIMD-group functions.*simd_sum.*simd_max"
-    ):
-        run1(src, [np.ones(32, np.float32)], 32)
-
-
-def test_deadlock_is_reported():
-    src = """
+"""
+DEADLOCK = """
         uint i = thread_position_in_grid.x;
         if (i % 32 < 4) { out[i] = simd_sum(in0[i]); }
         else { threadgroup_barrier(mem_flags::mem_threadgroup); out[i] = 0.0f; }
-    """
-    with pytest.raises(MetalEmulatorError, match="deadlock.*simd_sum.*threadgroup_barrier"):
-        run1(src, [np.ones(64, np.float32)], 64, tg=(64, 1, 1))
+"""
+
+
+@pytest.mark.parametrize(
+    "src,match,threads,tg",
+    [
+        (DIVERGENT_BARRIERS, "divergent barriers.*t.metal:3.*t.metal:4", 32, (32, 1, 1)),
+        (BARRIER_SKIPPED_BY_RETURNING, "every thread of a threadgroup must reach", 32, (32, 1, 1)),
+        (LANES_AT_DIFFERENT_SIMD_FUNCTIONS, "different SIMD-group functions.*simd_sum.*simd_max",
+         32, (32, 1, 1)),
+        (DEADLOCK, "deadlock.*simd_sum.*threadgroup_barrier", 64, (64, 1, 1)),
+    ],
+    ids=["divergent barriers", "a barrier skipped by returning", "different SIMD functions",
+         "deadlock"],
+)  # fmt: skip
+def test_lockstep_errors_are_reported(src, match, threads, tg):
+    with pytest.raises(MetalEmulatorError, match=match):
+        run1(src, [np.ones(threads, np.float32)], threads, tg=tg)
 
 
 def test_threadgroup_memory_over_32_kb_is_reported():

@@ -22,14 +22,20 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 import mlx_deepseek  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_deepseek.demo_train.tokenizer import (
+    ASSISTANT,
+    BOS,
+    END_THINK,
+    EOS,
+    SPECIAL,
+    THINK,
+    TOOL_TOKENS,
+    USER,
+)
 from mlx_deepseek.models.tiny import tiny_config
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-SPECIAL = [BOS, EOS, "<｜▁pad▁｜>", USER, ASSISTANT]
-ADDED = ["<think>", "</think>"]
+# DeepSeek's special tokens (ids 0..4: SPECIAL) and tool-call markers are the demo tokenizer's
+ADDED = [THINK, END_THINK]
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -225,20 +231,6 @@ class ScriptedModel:
         logits = mx.zeros((1, n, self.vocab))
         logits[0, -1, self._next(self.context)] = 30.0
         return logits
-
-
-# DeepSeek's special tokens beyond BOS/EOS/User/Assistant (tool calls, as in V3's vocabulary)
-TOOL_TOKENS = [
-    "<｜tool▁calls▁begin｜>",
-    "<｜tool▁calls▁end｜>",
-    "<｜tool▁call▁begin｜>",
-    "<｜tool▁call▁end｜>",
-    "<｜tool▁sep｜>",
-    "<｜tool▁outputs▁begin｜>",
-    "<｜tool▁outputs▁end｜>",
-    "<｜tool▁output▁begin｜>",
-    "<｜tool▁output▁end｜>",
-]
 
 
 def build_deepseek_tokenizer(out_dir: Path, chat_template: str | None = None) -> None:

@@ -17,21 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models.tiny import YARN_V2, YARN_V3, tiny_config
+from ..models.tiny import RELEASES, WIDTHS_64, YARN_V2, YARN_V3, tiny_config, tiny_v4_config
 
 DEFAULT_CACHE = Path("~/.cache/mlx_deepseek/bench").expanduser()
 GENERATOR_VERSION = 1  # bump when the synthetic weights change meaning
 
-# the real models' fields the synthetic ones keep (MLA's dims, 163840 positions, no MTP)
+# what every synthetic shape sets: bf16 weights, V2 / V3's 163840 positions, no MTP unless said
 _COMMON: dict[str, Any] = dict(
-    kv_lora_rank=512,
-    qk_nope_head_dim=128,
-    qk_rope_head_dim=64,
-    v_head_dim=128,
-    max_position_embeddings=163840,
-    torch_dtype="bfloat16",
-    num_nextn_predict_layers=0,
+    torch_dtype="bfloat16", max_position_embeddings=163840, num_nextn_predict_layers=0
 )
+
+
+def _release(name: str, routing: str, **scaled: Any) -> dict[str, Any]:
+    """The release's config (tiny.RELEASES: its per-layer shapes exactly) with `scaled` fields,
+    as a synthetic shape's config.json; one dense layer first unless said."""
+    fields = {**RELEASES[name], "first_k_dense_replace": 1, **_COMMON, **scaled}
+    return tiny_config(routing, **fields)
 
 
 @dataclass(frozen=True)
@@ -54,17 +55,11 @@ class Shape:
 
 def v2_lite_shape(moe_layers: int = 3, vocab: int = 16384) -> Shape:
     """DeepSeek-V2-Lite's per-layer shapes exactly; fewer layers and a smaller vocabulary."""
-    config = tiny_config(  # the greedy preset is V2-Lite's routing
+    config = _release(  # the greedy preset is V2-Lite's routing
+        "V2-Lite",
         "v2_greedy",
-        **_COMMON,
         vocab_size=vocab,
-        hidden_size=2048,
-        intermediate_size=10944,
-        moe_intermediate_size=1408,
         num_hidden_layers=1 + moe_layers,
-        num_attention_heads=16,
-        n_routed_experts=64,
-        num_experts_per_tok=6,
         rope_scaling=dict(YARN_V2),
     )
     scaled = [
@@ -78,16 +73,14 @@ def attention_shape(layers: int = 2, vocab: int = 4096) -> Shape:
     """A V2-Lite-shaped model whose attention dominates: V2-Lite's MLA (16 heads, latent rank
     512, no q LoRA), small experts (8 x 256 wide, top 2 + 1 shared), every layer MoE, a small
     vocabulary: decode time goes to the latent cache at long contexts."""
-    config = tiny_config(
+    config = _release(
+        "V2-Lite",
         "v2_greedy",
-        **_COMMON,
         vocab_size=vocab,
-        hidden_size=2048,
-        intermediate_size=256,
-        moe_intermediate_size=256,
         num_hidden_layers=layers,
         first_k_dense_replace=0,
-        num_attention_heads=16,
+        intermediate_size=256,
+        moe_intermediate_size=256,
         n_routed_experts=8,
         num_experts_per_tok=2,
         n_shared_experts=1,
@@ -107,20 +100,12 @@ def v3_shape(
     """DeepSeek-V3's per-layer shapes (MLA with q LoRA, 2048-wide experts, noaux_tc routing
     over 8 groups), its MTP layer; fewer layers, fewer routed experts and a smaller
     vocabulary."""
-    config = tiny_config(
+    config = _release(
+        "V3",
         "v3_noaux",
-        **_COMMON,
         vocab_size=vocab,
-        hidden_size=7168,
-        intermediate_size=18432,
-        moe_intermediate_size=2048,
         num_hidden_layers=1 + moe_layers,
-        num_attention_heads=128,
-        q_lora_rank=1536,
         n_routed_experts=experts,
-        num_experts_per_tok=8,
-        n_group=8,
-        topk_group=4,
         rope_scaling=dict(YARN_V3),
     )
     config["num_nextn_predict_layers"] = mtp_layers  # random: its drafts are rarely right
@@ -163,20 +148,10 @@ def tiny_shape(model_type: str = "deepseek_v2") -> Shape:
     """A model of a few MB with every structural feature (tests, a harness smoke run)."""
     v3 = model_type in ("deepseek_v3", "deepseek_v32")
     fields = dict(
-        _COMMON,
-        max_position_embeddings=4096,
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=64,
-        num_hidden_layers=2,
+        WIDTHS_64,
+        torch_dtype="bfloat16",
         q_lora_rank=64 if v3 else None,
-        kv_lora_rank=64,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
         n_shared_experts=1,
-        num_experts_per_tok=2,
         n_group=2 if v3 else 1,
         topk_group=1,
         # mlx-lm's deepseek_v2 needs a rope_scaling section
@@ -214,9 +189,7 @@ def v4_flash_shape(ratios: tuple[int, ...] = (0, 4, 128), experts: int = 16,
 def tiny_v4_shape() -> Shape:
     """A V4 model of a few MB with a sliding, a compressed sparse and a heavily compressed
     layer (tests, a harness smoke run)."""
-    from .v4 import tiny_config as v4_tiny
-
-    config = v4_tiny([0, 4, 16])
+    config = tiny_v4_config([0, 4, 16])
     return Shape("tiny-v4", "tiny deepseek_v4", config, ["everything (a test model)"], "v4")
 
 
@@ -266,12 +239,7 @@ def prepare(
     )
     notes: list[str] = []
     try:
-        ours = _once(
-            root / f"mlx-deepseek-{q}",
-            lambda p: quantize_with_ours(source, p, bits, group_size),
-            log,
-            f"mlx-deepseek {bits}-bit",
-        )
+        ours = _converted(source, root / f"mlx-deepseek-{q}", bits, group_size, log)
         by = "mlx-deepseek convert"
     except Exception as e:  # the converter is young: never let it stop the benchmark
         notes.append(
@@ -292,14 +260,17 @@ def _prepare_v4(
     source = _once(
         root / "release", lambda p: write_source(shape.config, p), log, "FP8/FP4 release source"
     )
-    ours = _once(
-        root / f"mlx-deepseek-{q}",
-        lambda p: quantize_with_ours(source, p, bits, group_size),
-        log,
-        f"mlx-deepseek {bits}-bit (experts mxfp4)",
-    )
+    ours = _converted(source, root / f"mlx-deepseek-{q}", bits, group_size, log, " (experts mxfp4)")
     note = "mlx-lm has no deepseek_v4 model: mlx-deepseek is measured alone"
     return Checkpoints(source, ours, None, [note], "mlx-deepseek convert (FP8/FP4 release)")
+
+
+def _converted(
+    source: Path, out: Path, bits: int, group_size: int, log: Callable[[str], None], note: str = ""
+) -> Path:
+    """`mlx-deepseek convert`'s `bits`-bit checkpoint of `source` at `out` (once)."""
+    what = f"mlx-deepseek {bits}-bit{note}"
+    return _once(out, lambda p: quantize_with_ours(source, p, bits, group_size), log, what)
 
 
 def _once(folder: Path, make: Callable[[Path], None], log: Callable[[str], None], what: str):

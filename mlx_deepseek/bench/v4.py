@@ -15,46 +15,18 @@ from typing import Any
 
 import mlx.core as mx
 
-# DeepSeek-V4-Flash's attention schedule: two sliding-window layers, then compressed sparse
-# (ratio 4) and heavily compressed (ratio 128) in turn; the MTP layer's entry last
-FLASH_RATIOS = [0, 0] + [4, 128] * 20 + [4, 0]
-FLASH_LAYERS = 43
-V3_LAYERS, V3_VALUES_PER_LAYER = 61, 512 + 64  # MLA's latent + the RoPE key, per token
-BF16 = 2
+from ..models.tiny import V4_FLASH, release_config
 
-# V4-Flash's per-layer fields exactly (families-2026.md); layers, experts, vocabulary scaled
-FLASH_FIELDS: dict[str, Any] = dict(
-    hidden_size=4096,
-    moe_intermediate_size=2048,
-    num_attention_heads=64,
-    head_dim=512,
-    qk_rope_head_dim=64,
-    q_lora_rank=1024,
-    num_experts_per_tok=6,
-    n_shared_experts=1,
-    o_groups=8,
-    o_lora_rank=1024,
-    index_n_heads=64,
-    index_head_dim=128,
-    index_topk=512,
-    sliding_window=128,
-    hc_mult=4,
-    swiglu_limit=10.0,
-    routed_scaling_factor=1.5,
-    scoring_func="sqrtsoftplus",
-    rope_theta=10000,
-    compress_rope_theta=160000,
-    max_position_embeddings=1048576,
-)
+# the whole V4-Flash next to the whole V3 (61 MLA layers, each its latent + the RoPE key per token)
+V3_LAYERS, V3_VALUES_PER_LAYER = 61, 512 + 64
+BF16 = 2
 
 
 def flash_config(ratios: list[int], experts: int, vocab: int) -> dict[str, Any]:
-    """A V4 config.json in DeepSeek's layout with Flash's per-layer shapes, the layers'
-    attention kinds from `ratios`, one hash-routed layer and no MTP module."""
-    from mlx_deepseek.convert.synthetic_v4 import release_config
-
-    return release_config(
-        **FLASH_FIELDS,
+    """A V4 config.json in DeepSeek's layout with Flash's per-layer shapes (V4_FLASH), the
+    layers' attention kinds from `ratios`, one hash-routed layer and no MTP module."""
+    fields = dict(
+        V4_FLASH,
         vocab_size=vocab,
         num_hidden_layers=len(ratios),
         n_routed_experts=experts,
@@ -62,37 +34,8 @@ def flash_config(ratios: list[int], experts: int, vocab: int) -> dict[str, Any]:
         num_hash_layers=1,
         num_nextn_predict_layers=0,
     )
-
-
-def tiny_config(ratios: list[int]) -> dict[str, Any]:
-    """A V4 model of a few MB with every layer kind (tests, a smoke run): window 8, ratios 4
-    and 16, top-4 of the indexer."""
-    from mlx_deepseek.convert.synthetic_v4 import release_config
-
-    return release_config(
-        vocab_size=512,
-        hidden_size=128,
-        moe_intermediate_size=64,
-        num_hidden_layers=len(ratios),
-        num_attention_heads=4,
-        head_dim=64,
-        qk_rope_head_dim=16,
-        q_lora_rank=64,
-        num_experts_per_tok=2,
-        n_routed_experts=4,
-        o_groups=2,
-        o_lora_rank=64,
-        index_n_heads=2,
-        index_head_dim=32,
-        index_topk=4,
-        sliding_window=8,
-        hc_mult=2,
-        hc_sinkhorn_iters=3,
-        compress_ratios=list(ratios),
-        num_hash_layers=1,
-        num_nextn_predict_layers=0,
-        max_position_embeddings=65536,
-    )
+    del fields["num_key_value_heads"]  # as the shapes' configs (and their cache keys) always were
+    return release_config(**fields)
 
 
 def write_source(config: dict[str, Any], folder: Path) -> None:
@@ -202,15 +145,7 @@ def kv_comparison(config: dict[str, Any]) -> dict[str, Any]:
     (a fixed size, not per token), listed apart."""
     from mlx_deepseek.models.v4_config import ModelArgs
 
-    flash = ModelArgs.from_dict(
-        {
-            **FLASH_FIELDS,
-            "model_type": "deepseek_v4",
-            "num_hidden_layers": FLASH_LAYERS,
-            "compress_ratios": FLASH_RATIOS,
-            "num_nextn_predict_layers": 1,
-        }
-    )
+    flash = ModelArgs.from_dict(V4_FLASH)
     here = ModelArgs.from_dict(config)
     v3 = V3_LAYERS * V3_VALUES_PER_LAYER
     v4 = flash.cache_values_per_token()

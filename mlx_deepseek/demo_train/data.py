@@ -15,6 +15,7 @@ cities and of the looked-up words never appear in a training conversation. "23 +
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,11 +90,19 @@ def make_split(seed: int = SPLIT_SEED) -> Split:
     two = range(10, 100)
     add_pairs = [(a, b) for a in two for b in two if a <= b]
     sub_pairs = [(a, b) for a in two for b in two if a >= b]
-    held_add = set(rng.sample(add_pairs, round(HELD_OUT_FRACTION * len(add_pairs))))
-    held_sub = set(rng.sample(sub_pairs, round(HELD_OUT_FRACTION * len(sub_pairs))))
-    held_add.update((min(a, b), max(a, b)) for a, b in FORCED_HELD_OUT_ADD)
-    held_sub.update(FORCED_HELD_OUT_SUB)
-    return Split(frozenset(held_add), frozenset(held_sub))
+    forced_add = [(min(a, b), max(a, b)) for a, b in FORCED_HELD_OUT_ADD]
+    return Split(
+        held_out(rng, add_pairs, HELD_OUT_FRACTION, forced_add),
+        held_out(rng, sub_pairs, HELD_OUT_FRACTION, FORCED_HELD_OUT_SUB),
+    )
+
+
+def held_out(
+    rng: random.Random, items: Sequence, share: float, forced: Iterable, of: int | None = None
+) -> frozenset:
+    """`share` of `items` (of `of` items when given) drawn at random, and the `forced` ones."""
+    count = round(share * (len(items) if of is None else of))
+    return frozenset(rng.sample(items, count)) | frozenset(forced)
 
 
 # ---------------------------------------------------------------- arithmetic

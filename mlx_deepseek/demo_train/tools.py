@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .data import Turn, add_answer, case
+from .data import Turn, add_answer, case, held_out
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -217,11 +217,10 @@ def _unquoted_words() -> list[str]:
 
 def make_tool_split(seed: int = TOOL_SPLIT_SEED) -> ToolSplit:
     rng = random.Random(seed)
-    cities = set(rng.sample(CITIES, round(HELD_OUT_SHARE * len(CITIES))))
-    words = set(rng.sample(_unquoted_words(), round(HELD_OUT_SHARE * len(WORDS))))
-    cities.update(FORCED_HELD_OUT_CITIES)
-    words.update(FORCED_HELD_OUT_WORDS)
-    return ToolSplit(frozenset(cities), frozenset(words))
+    cities = held_out(rng, CITIES, HELD_OUT_SHARE, FORCED_HELD_OUT_CITIES)
+    # the share is of all the words, drawn from the unquoted ones
+    words = held_out(rng, _unquoted_words(), HELD_OUT_SHARE, FORCED_HELD_OUT_WORDS, of=len(WORDS))
+    return ToolSplit(cities, words)
 
 
 # ---------------------------------------------------------------- questions and results

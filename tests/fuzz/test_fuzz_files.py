@@ -31,16 +31,17 @@ from files_mutators import (
     split_safetensors,
     tree_digest,
 )
-from mlx_deepseek.convert.synthetic import tiny_config, write_checkpoint
+from mlx_deepseek.convert.synthetic import write_checkpoint
 from typer.testing import CliRunner
 
 from mlx_deepseek import loading
 from mlx_deepseek.cli import app
 from mlx_deepseek.errors import CheckpointError, DeepSeekError
 from mlx_deepseek.models.config_fields import FIELDS
+from mlx_deepseek.models.tiny import convertible_config
 from mlx_deepseek.safetensors_check import validate_safetensors
 
-CONFIG = tiny_config("deepseek_v3", num_hidden_layers=2, n_routed_experts=4)
+CONFIG = convertible_config("deepseek_v3", num_hidden_layers=2, n_routed_experts=4)
 
 
 @pytest.fixture(scope="module")
@@ -513,7 +514,7 @@ def test_convert_output_is_the_only_change_and_names_no_local_path(ws):
 def big(tmp_path_factory) -> Path:
     """Big enough that a conversion with small shards is still writing when stopped."""
     path = tmp_path_factory.mktemp("big") / "src"
-    config = tiny_config(hidden_size=256, moe_intermediate_size=256, intermediate_size=512)
+    config = convertible_config(hidden_size=256, moe_intermediate_size=256, intermediate_size=512)
     write_checkpoint(path, config, fmt="bf16")
     return path
 

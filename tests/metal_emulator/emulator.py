@@ -22,16 +22,13 @@ from .signature import Arg, TemplateArg, emulator_source, shape_infos, write_sig
 DTYPES = {
     "float32": ("float", np.float32),
     "float16": ("float16_t", np.float16),
-    "bfloat16": ("bfloat16_t", np.uint16),
+    "bfloat16": ("bfloat16_t", np.uint16),  # NumPy has no bfloat16: its bits
     "bool": ("bool", np.bool_),
-    "int8": ("int8_t", np.int8),
-    "int16": ("int16_t", np.int16),
-    "int32": ("int32_t", np.int32),
-    "int64": ("int64_t", np.int64),
-    "uint8": ("uint8_t", np.uint8),
-    "uint16": ("uint16_t", np.uint16),
-    "uint32": ("uint32_t", np.uint32),
-    "uint64": ("uint64_t", np.uint64),
+    # the integers: `<name>_t` in Metal, NumPy's dtype of the same name
+    **{
+        name: (f"{name}_t", getattr(np, name))
+        for name in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+    },
 }
 FLOATS = ("float32", "float16", "bfloat16")
 MAX_THREADS_PER_THREADGROUP = 1024
