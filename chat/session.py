@@ -172,7 +172,7 @@ class ChatSession:
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         step_fn: StepFn | None = None,
         mtp: bool | None = None,
-        draft_tokens: int = 1,
+        draft_tokens: int | None = None,
     ):
         from mlx_deepseek.generation import wrap_tokenizer
 

@@ -33,13 +33,13 @@ PROMPTS = [
 ]
 
 
-def decode(model, tokenizer, prompt: str, max_tokens: int, draft: int, compile_: bool):
+def decode(model, tokenizer, prompt: str, max_tokens: int, draft: int, compile_: bool, temp: float):
     """(tokens, last response, CPU s and wall s from the first token to the last)."""
     os.environ[compiled.ENV] = "1" if compile_ else "0"
     messages = [{"role": "user", "content": prompt}]
     tokens, last, first = [], None, None
     for r in stream_generate(
-        model, tokenizer, messages, max_tokens, temperature=0.0, mtp=draft > 0,
+        model, tokenizer, messages, max_tokens, temperature=temp, seed=0 if temp else None, mtp=draft > 0,
         draft_tokens=max(draft, 1),
     ):  # fmt: skip
         if first is None:
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--draft-tokens", default="1,2,3")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--temp", type=float, default=0.0, help="0: greedy (outputs compared)")
     args = ap.parse_args()
     model, tokenizer = load(args.model)
     if not model.mtp:
@@ -63,7 +64,7 @@ def main() -> None:
     variants = [(d, c) for d in drafts for c in (False, True)]
     for prompt in PROMPTS:  # warm up: the compiled traces and their kernels
         for d, c in variants:
-            decode(model, tokenizer, prompt, args.max_tokens, d, c)
+            decode(model, tokenizer, prompt, args.max_tokens, d, c, args.temp)
     cpu = {v: [] for v in variants}  # ms per token, per run
     tps = {v: [] for v in variants}
     stats = {v: [] for v in variants}
@@ -72,7 +73,7 @@ def main() -> None:
         for prompt in PROMPTS:
             ref = None
             for v in variants:
-                tokens, last, c, w = decode(model, tokenizer, prompt, args.max_tokens, *v)
+                tokens, last, c, w = decode(model, tokenizer, prompt, args.max_tokens, *v, args.temp)
                 ref = tokens if ref is None else ref
                 same[v] &= tokens == ref
                 n = max(len(tokens) - 1, 1)  # the first token comes from the prefill
@@ -82,7 +83,7 @@ def main() -> None:
     base = (0, True)  # compiled plain decoding
     small_float = os.environ.get(ENV_SMALL_FLOAT, "unset: on")  # as the model was loaded
     print(
-        f"model {args.model}; greedy; {args.max_tokens} max tokens; {args.repeats} repeats; "
+        f"model {args.model}; {'greedy' if not args.temp else f'temperature {args.temp}'}; {args.max_tokens} max tokens; {args.repeats} repeats; "
         f"{len(PROMPTS)} prompts; {ENV_SMALL_FLOAT}={small_float}"
     )
     print(
@@ -100,7 +101,7 @@ def main() -> None:
         ms_base, rate_base = statistics.median(cpu[base]), statistics.median(tps[base])
         print(
             f"{name:<22} {'' if acc is None else f'{acc:.0%}':>7} {tok_step:>9.2f} {ms:>11.2f} "
-            f"{ms_base / ms:>8.2f}x {rate:>7.0f} {rate / rate_base:>8.2f}x {str(same[v]):>10}"
+            f"{ms_base / ms:>8.2f}x {rate:>7.0f} {rate / rate_base:>8.2f}x {str(same[v]) if not args.temp else 'n/a':>10}"
         )
 
 

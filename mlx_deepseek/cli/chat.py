@@ -43,7 +43,7 @@ def chat(
     ),
     prefill_step_size: PrefillStepSize = 2048,
     mtp: Mtp = None,
-    draft_tokens: DraftTokens = 1,
+    draft_tokens: DraftTokens = None,
     expert_cache: ExpertCache = None,
     kv_bits: KvBits = None,
     parallel: Parallel = None,

@@ -210,7 +210,7 @@ def generate(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No stats line, no spinner."),
     mtp: Mtp = None,
-    draft_tokens: DraftTokens = 1,
+    draft_tokens: DraftTokens = None,
     expert_cache: ExpertCache = None,
     kv_bits: KvBits = None,
     parallel: Parallel = None,

@@ -60,10 +60,11 @@ PrefillStepSize = Annotated[
     int, typer.Option("--prefill-step-size", help="Prompt tokens per prefill pass.")
 ]
 DraftTokens = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--draft-tokens",
-        help="Tokens the MTP head drafts per step (1 is DeepSeek's; more apply it recursively).",
+        help="Tokens the MTP head drafts per step (1 is DeepSeek's; more apply it recursively). "
+        "Default: 2 for a model with float weights on the CPU (the demo), else 1.",
     ),
 ]
 ExpertCache = Annotated[
@@ -146,7 +147,7 @@ def check_options(
     sampling: SamplingOptions,
     *,
     max_tokens: int | None,
-    draft_tokens: int,
+    draft_tokens: int | None,
     prefill_step_size: int | None = None,
     expert_cache: str | None = None,
     kv_bits: int | None = None,

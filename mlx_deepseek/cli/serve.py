@@ -32,7 +32,7 @@ def serve(
     max_tokens: MaxTokens = 4096,
     max_body_mb: float = typer.Option(8.0, "--max-body-mb", help="Largest request body, MB."),
     mtp: Mtp = None,
-    draft_tokens: DraftTokens = 1,
+    draft_tokens: DraftTokens = None,
     model_id: str | None = typer.Option(
         None, "--model-id", help="The model's name in the API (default: the checkpoint's)."
     ),

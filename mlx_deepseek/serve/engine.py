@@ -34,7 +34,7 @@ from ..errors import DeepSeekError
 from ..models.cache import ModelCache
 from ..offload import expert_store
 from ..sampling import greedy
-from ..speculative import MTPDecoder
+from ..speculative import MTPDecoder, default_draft_tokens
 from .batch import MtpFeed, PaddedBatch, SequentialBatch, prefill_chunk, supports_batching
 from .prefix_cache import PrefixCache
 from .sampler import GenParams, RowSampler, top_logprobs
@@ -151,7 +151,7 @@ class Engine:
         prefix_cache_bytes: int = 2 << 30,
         prefill_step_size: int = 512,
         mtp: bool | None = None,
-        draft_tokens: int = 1,
+        draft_tokens: int | None = None,
         batched: bool | None = None,
     ):
         if max_batch < 1 or max_queue < 0 or prefill_step_size < 1:
@@ -167,7 +167,7 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         has_mtp = bool(getattr(model, "mtp", None))
         self.mtp = has_mtp if mtp is None else bool(mtp and has_mtp)
-        self.draft_tokens = draft_tokens
+        self.draft_tokens = default_draft_tokens(model) if draft_tokens is None else draft_tokens
         _eval_constants(model)
         n_layers = len(make_cache(model))
         if batched is None:
