@@ -39,8 +39,8 @@ def decode(model, tokenizer, prompt: str, max_tokens: int, draft: int, compile_:
     messages = [{"role": "user", "content": prompt}]
     tokens, last, first = [], None, None
     for r in stream_generate(
-        model, tokenizer, messages, max_tokens, temperature=temp, seed=0 if temp else None, mtp=draft > 0,
-        draft_tokens=max(draft, 1),
+        model, tokenizer, messages, max_tokens, temperature=temp, seed=0 if temp else None,
+        mtp=draft > 0, draft_tokens=max(draft, 1),
     ):  # fmt: skip
         if first is None:
             first = time.process_time(), time.perf_counter()
@@ -73,7 +73,9 @@ def main() -> None:
         for prompt in PROMPTS:
             ref = None
             for v in variants:
-                tokens, last, c, w = decode(model, tokenizer, prompt, args.max_tokens, *v, args.temp)
+                tokens, last, c, w = decode(
+                    model, tokenizer, prompt, args.max_tokens, *v, args.temp
+                )
                 ref = tokens if ref is None else ref
                 same[v] &= tokens == ref
                 n = max(len(tokens) - 1, 1)  # the first token comes from the prefill
@@ -81,9 +83,10 @@ def main() -> None:
                 tps[v].append(n / w)
                 stats[v].append((last.acceptance_rate or 0.0, last.tokens_per_step or 1.0))
     base = (0, True)  # compiled plain decoding
+    mode = f"temperature {args.temp}" if args.temp else "greedy"
     small_float = os.environ.get(ENV_SMALL_FLOAT, "unset: on")  # as the model was loaded
     print(
-        f"model {args.model}; {'greedy' if not args.temp else f'temperature {args.temp}'}; {args.max_tokens} max tokens; {args.repeats} repeats; "
+        f"model {args.model}; {mode}; {args.max_tokens} max tokens; {args.repeats} repeats; "
         f"{len(PROMPTS)} prompts; {ENV_SMALL_FLOAT}={small_float}"
     )
     print(
@@ -101,7 +104,7 @@ def main() -> None:
         ms_base, rate_base = statistics.median(cpu[base]), statistics.median(tps[base])
         print(
             f"{name:<22} {'' if acc is None else f'{acc:.0%}':>7} {tok_step:>9.2f} {ms:>11.2f} "
-            f"{ms_base / ms:>8.2f}x {rate:>7.0f} {rate / rate_base:>8.2f}x {str(same[v]) if not args.temp else 'n/a':>10}"
+            f"{ms_base / ms:>8.2f}x {rate:>7.0f} {rate / rate_base:>8.2f}x {'n/a' if args.temp else str(same[v]):>10}"
         )
 
 
