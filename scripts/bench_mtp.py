@@ -101,10 +101,11 @@ def main() -> None:
         acc = statistics.mean(a for a, _ in stats[v]) if d else None
         tok_step = statistics.mean(t for _, t in stats[v])
         ms, rate = statistics.median(cpu[v]), statistics.median(tps[v])
+        identical = "n/a" if args.temp else str(same[v])  # sampling draws differ
         ms_base, rate_base = statistics.median(cpu[base]), statistics.median(tps[base])
         print(
             f"{name:<22} {'' if acc is None else f'{acc:.0%}':>7} {tok_step:>9.2f} {ms:>11.2f} "
-            f"{ms_base / ms:>8.2f}x {rate:>7.0f} {rate / rate_base:>8.2f}x {'n/a' if args.temp else str(same[v]):>10}"
+            f"{ms_base / ms:>8.2f}x {rate:>7.0f} {rate / rate_base:>8.2f}x {identical:>10}"
         )
 
 
