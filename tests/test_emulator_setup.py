@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # a few emulator tests from each kind of module: the emulator itself, kernels in a fake Metal
 SUBSET = [
     "tests/test_metal_emulator.py::test_signature_is_written_as_mlx_writes_it",
-    "tests/test_metal_emulator.py::test_deadlock_is_reported",
+    "tests/test_metal_emulator.py::test_lockstep_errors_are_reported[deadlock]",
     "tests/test_fused_kernels.py::test_router_matches_float64",
     "tests/test_kernels.py::test_fused_moe_self_checks_once_then_falls_back_with_one_warning",
 ]

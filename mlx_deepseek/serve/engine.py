@@ -167,7 +167,9 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         has_mtp = bool(getattr(model, "mtp", None))
         self.mtp = has_mtp if mtp is None else bool(mtp and has_mtp)
-        self.draft_tokens = default_draft_tokens(model) if draft_tokens is None else draft_tokens
+        if draft_tokens is None:
+            draft_tokens = default_draft_tokens(model) if self.mtp else 1
+        self.draft_tokens = draft_tokens
         _eval_constants(model)
         n_layers = len(make_cache(model))
         if batched is None:
