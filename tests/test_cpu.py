@@ -219,6 +219,30 @@ def test_small_models_run_from_float_weights(monkeypatch):
     assert cpu.to_float(quantized) == 0
 
 
+def test_float_weights_from_mxfp4_experts_take_the_models_dtype(monkeypatch):
+    """mxfp4's scales are E8M0 bytes (uint8): the float copy is in the model's dtype."""
+    monkeypatch.setenv(cpu.ENV_SMALL_FLOAT, "1")
+    models = [tiny_model("v3_noaux", False) for _ in range(2)]
+    for m in models:  # the routed experts in mxfp4 (as V4's release ships them)
+        nn.quantize(
+            m,
+            32,
+            4,
+            mode="mxfp4",
+            class_predicate=lambda p, _: p.endswith("_proj") and "switch_mlp" in p,
+        )
+    model, quantized = models
+    assert {m["scales"].dtype for _, m in model.named_modules() if "scales" in m} == {mx.uint8}
+    assert cpu.float_nbytes(model, [m for _, m in model.named_modules() if "scales" in m]) == (
+        sum(v.nbytes for _, v in tree_flatten(tiny_model("v3_noaux", False).parameters()))
+    )
+    assert cpu.to_float(model) > 0
+    assert not any("scales" in m for _, m in model.named_modules())
+    assert {v.dtype for _, v in tree_flatten(model.parameters())} == {mx.float32}
+    for a, b in zip(run(model, None), run(quantized, None), strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
 def test_float_weights_leave_unknown_quantized_layers_alone(monkeypatch):
     monkeypatch.setenv(cpu.ENV_SMALL_FLOAT, "1")
     model = tiny_model("v3_noaux", True)

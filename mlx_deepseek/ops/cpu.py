@@ -305,13 +305,29 @@ def _float_classes() -> dict[type, type]:
     }
 
 
+def float_dtype(layer: nn.Module, fallback: mx.Dtype) -> mx.Dtype:
+    """The dtype a quantized layer's float copy takes: its scales' (affine quantization), or
+    `fallback` where the scales are not floating point (mxfp4's power-of-two E8M0 bytes)."""
+    dtype = layer["scales"].dtype
+    return dtype if mx.issubdtype(dtype, mx.floating) else fallback
+
+
+def compute_dtype(model: nn.Module) -> mx.Dtype:
+    """The model's compute dtype: that of its norms' weights (never quantized)."""
+    for _, m in model.named_modules():
+        if isinstance(m, nn.RMSNorm):
+            return m.weight.dtype
+    return mx.float32
+
+
 def float_nbytes(model: nn.Module, quantized: list[nn.Module]) -> int:
-    """The bytes of `model`'s weights with its `quantized` layers' matrices in float (their
-    scales' dtype)."""
+    """The bytes of `model`'s weights with its `quantized` layers' matrices in float
+    (`float_dtype`)."""
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    fallback = compute_dtype(model)
     for m in quantized:
         total -= sum(m[k].nbytes for k in ("weight", "scales", "biases") if k in m)
-        total += m["weight"].size * 32 // m.bits * m["scales"].itemsize
+        total += m["weight"].size * 32 // m.bits * float_dtype(m, fallback).size
     return total
 
 
@@ -328,13 +344,14 @@ def to_float(model: nn.Module, max_bytes: int = FLOAT_MAX_BYTES) -> int:
     if float_nbytes(model, [m for _, m in found]) > max_bytes:
         return 0
     swaps = []
+    fallback = compute_dtype(model)
     for path, m in found:
         cls = classes[type(m)]
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.weight = mx.dequantize(m["weight"], m["scales"], m.get("biases"),
                                    group_size=m.group_size, bits=m.bits, mode=m.mode,
-                                   dtype=m["scales"].dtype)  # fmt: skip
+                                   dtype=float_dtype(m, fallback))  # fmt: skip
         if "bias" in m:
             new.bias = m["bias"]
         swaps.append((path, new))
