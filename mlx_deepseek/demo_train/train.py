@@ -40,6 +40,7 @@ from .export import export_hf
 from .packing import Packer, corpus
 from .routing import LoadBalancer, moe_layers
 from .tokenizer import save_tokenizer, train_tokenizer
+from .v4 import index_loss, training_cache
 
 SEED = 0
 DEFAULTS = dict(
@@ -88,15 +89,22 @@ def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.a
     return ce.sum() / mx.maximum(mask.sum(), 1), correct
 
 
-def make_loss(mtp_weight: float):
-    def loss_fn(model: Model, ids: mx.array, mask: mx.array):
+def make_loss(mtp_weight: float, index_weight: float = 0.0):
+    """Next-token CE + mtp_weight x the MTP module's next-next-token CE (+ index_weight x the
+    V4 indexer's loss, v4.index_loss)."""
+
+    def loss_fn(model, ids: mx.array, mask: mx.array):
         x = ids[:, :-1]  # [B, L]
-        logits, h = model.forward_with_hidden(x)
+        cache = training_cache(model)  # V4: fresh caches, its inference path
+        logits, h = model.forward_with_hidden(x, cache)
         main, main_ok = masked_ce(logits, ids[:, 1:], mask[:, 1:])
         # MTP: from h_i and token i+1, predict token i+2
-        mtp_logits, _ = model.mtp_forward(h[:, :-1], x[:, 1:])
+        mtp_cache = None if cache is None else cache.mtp[0]
+        mtp_logits, _ = model.mtp_forward(h[:, :-1], x[:, 1:], cache=mtp_cache)
         mtp, mtp_ok = masked_ce(mtp_logits, ids[:, 2:], mask[:, 2:])
-        return main + mtp_weight * mtp, (main, mtp, main_ok, mtp_ok)
+        index = index_loss(cache)
+        loss = main + mtp_weight * mtp + index_weight * index
+        return loss, (main, mtp, main_ok, mtp_ok, index)
 
     return loss_fn
 
@@ -168,8 +176,9 @@ class Trainer:
 
     def step(self, ids_np: np.ndarray, mask_np: np.ndarray, lr: float, pad: int):
         self.opt.learning_rate = lr
-        (main, mtp, main_ok, mtp_ok), chosen = self._step(mx.array(ids_np), mx.array(mask_np))
-        mx.eval(self._state, main, mtp, main_ok, mtp_ok, chosen)
+        aux, chosen = self._step(mx.array(ids_np), mx.array(mask_np))
+        mx.eval(self._state, aux, chosen)
+        main, mtp, main_ok, mtp_ok, index = aux
         self.balancer.chosen = dict(zip(self._names, chosen, strict=True))
         real = ids_np[:, :-1] != pad
         loads = self.balancer.update(
@@ -177,6 +186,7 @@ class Trainer:
         )
         n_main, n_mtp = max(mask_np[:, 1:].sum(), 1), max(mask_np[:, 2:].sum(), 1)
         stats = [main.item(), mtp.item(), main_ok.item() / n_main, mtp_ok.item() / n_mtp]
+        stats.append(index.item())
         return stats, loads
 
 
