@@ -11,34 +11,12 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_deepseek.demo_train.train import make_loss
-from mlx_deepseek.demo_train.v4 import init_model, training_cache
+from mlx_deepseek.demo_train.v4 import CONFIG_V4, init_model, official_tensors, training_cache
 from mlx_deepseek.models.deepseek_v4 import Model, ModelArgs
 
 SEQ = 41  # several compressed rows of each kind, past the window
-CONFIG = dict(
-    model_type="deepseek_v4",
-    vocab_size=64,
-    hidden_size=32,
-    moe_intermediate_size=16,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    head_dim=32,
-    qk_rope_head_dim=8,
-    q_lora_rank=16,
-    num_experts_per_tok=2,
-    n_routed_experts=4,
-    o_groups=2,
-    o_lora_rank=8,
-    index_n_heads=4,
-    index_head_dim=16,
-    index_topk=3,
-    hc_mult=2,
-    hc_sinkhorn_iters=5,
-    sliding_window=8,
-    compress_ratios=[0, 4, 8, 4],  # window-only, sparse, heavy; a sparse MTP layer
-    num_hash_layers=1,
-    num_nextn_predict_layers=1,
-)
+# the V4 demo's model with a window of 8 and a compressed sparse MTP layer
+CONFIG = {**CONFIG_V4, "sliding_window": 8, "compress_ratios": [0, 4, 16, 4]}
 # one parameter of each kind, all of which must learn
 KINDS = [
     "model.layers.0.attn.wq_b.weight",
@@ -71,7 +49,7 @@ def model():
 
 def batch():
     rng = np.random.RandomState(0)
-    ids = mx.array(rng.randint(0, 64, size=(2, SEQ)), dtype=mx.int32)
+    ids = mx.array(rng.randint(0, CONFIG_V4["vocab_size"], size=(2, SEQ)), dtype=mx.int32)
     return ids, mx.ones(ids.shape)
 
 
@@ -112,3 +90,24 @@ def test_a_few_adamw_steps_lower_the_loss(model):
     assert last[0] < 0.9 * first[0]
     assert last[1] < first[1] and last[2] < first[2] and last[3] < first[3]
     assert (np.array(model.model.layers[0].ffn.gate.tid2eid) == table).all()
+
+
+def test_the_export_is_deepseeks_layout_and_loads_back(model):
+    tensors = official_tensors(model)
+    for name in (
+        "embed.weight",
+        "head.weight",
+        "hc_head_fn",
+        "layers.0.ffn.gate.tid2eid",
+        "layers.1.ffn.experts.3.w2.weight",
+        "layers.1.ffn.shared_experts.w1.weight",
+        "layers.1.attn.indexer.compressor.ape",
+        "mtp.0.hc_head_base",
+        "mtp.0.e_proj.weight",
+    ):
+        assert name in tensors, name
+    back = Model(ModelArgs.from_dict(CONFIG))
+    back.load_weights(list(back.sanitize(tensors).items()))
+    want, got = dict(tree_flatten(model.parameters())), dict(tree_flatten(back.parameters()))
+    assert want.keys() == got.keys()
+    assert all(mx.array_equal(want[k], got[k]) for k in want)

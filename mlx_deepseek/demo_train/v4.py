@@ -18,13 +18,17 @@ from mlx.utils import tree_flatten
 
 from mlx_deepseek.models.deepseek_v4 import Model
 from mlx_deepseek.models.v4_cache import V4Cache
+from mlx_deepseek.models.v4_config import CSA, HCA, SLIDING
 
-from .config import MAX_CONTEXT, SHORT_CONTEXT, YARN_FACTOR
+from .config import CONFIG, MAX_CONTEXT
 
 VOCAB_SIZE = 768
 # one window-only layer (hash-routed), one compressed sparse (ratio 4, the indexer's top-k),
-# one heavily compressed (ratio 16: 64 rows at 1,024 tokens); the MTP layer window-only
-COMPRESS_RATIOS = [0, 4, 16, 0]
+# one heavily compressed (ratio 16: 64 rows at 1,024 tokens); the MTP layer window-only.
+# transformers' field names (its config class knows only DeepSeek's ratio 128 in
+# `compress_ratios`, and AutoTokenizer reads config.json)
+LAYER_TYPES = [SLIDING, CSA, HCA]
+COMPRESS_RATES = {CSA: 4, HCA: 16}
 
 CONFIG_V4: dict = {
     "architectures": ["DeepseekV4ForCausalLM"],
@@ -47,7 +51,8 @@ CONFIG_V4: dict = {
     "routed_scaling_factor": 1.5,
     "swiglu_limit": 10.0,
     "num_hash_layers": 1,
-    "compress_ratios": COMPRESS_RATIOS,
+    "layer_types": LAYER_TYPES,
+    "compress_rates": COMPRESS_RATES,
     "sliding_window": 64,
     "index_n_heads": 4,
     "index_head_dim": 32,
@@ -59,13 +64,8 @@ CONFIG_V4: dict = {
     "max_position_embeddings": MAX_CONTEXT,
     "rope_theta": 10000.0,
     "compress_rope_theta": 160000.0,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": float(YARN_FACTOR),
-        "original_max_position_embeddings": SHORT_CONTEXT,
-        "beta_fast": 32,
-        "beta_slow": 1,
-    },
+    # the V3 demo's YaRN (V4 applies it to the compressed layers; no attention scale)
+    "rope_scaling": {k: v for k, v in CONFIG["rope_scaling"].items() if "mscale" not in k},
     "rms_norm_eps": 1e-6,
     "hidden_act": "silu",
     "tie_word_embeddings": False,
@@ -160,3 +160,17 @@ def export_v4(model: Model, config: dict, out: Path) -> dict[str, mx.array]:
     }
     write_shards(tensors, lambda k: k.startswith("mtp."), config, out)
     return tensors
+
+
+def count_parameters_v4(cfg: dict = CONFIG_V4) -> tuple[int, int, int]:
+    """(main model total, MTP module, active per token in the main model), as
+    config.count_parameters; counted on the model itself (the hash tables included)."""
+    from mlx_deepseek.models.deepseek_v4 import ModelArgs
+
+    model = Model(ModelArgs.from_dict(cfg))
+    sizes = {name: p.size for name, p in tree_flatten(model.parameters())}
+    mtp = sum(n for name, n in sizes.items() if name.startswith("mtp."))
+    total = sum(sizes.values()) - mtp
+    idle = cfg["n_routed_experts"] - cfg["num_experts_per_tok"]
+    expert = 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"]
+    return total, mtp, total - cfg["num_hidden_layers"] * idle * expert
