@@ -23,25 +23,22 @@ THRESHOLD_TURN1 = 0.15
 
 
 @pytest.fixture(scope="module")
-def demo():
-    with pytest.MonkeyPatch.context() as mp:  # as users run it: from float weights on the CPU
+def ev():
+    """demo-v4 as users run it (from float weights on the CPU), with the held-out evaluator."""
+    with pytest.MonkeyPatch.context() as mp:
         mp.setenv(cpu.ENV_SMALL_FLOAT, "1")
-        return load("demo-v4")
+        model, tokenizer = load("demo-v4")
+    return metrics.Evaluator(model, tokenizer, json.loads((DEMO / "config.json").read_text()))
 
 
-@pytest.fixture(scope="module")
-def ev(demo):
-    return metrics.Evaluator(*demo, json.loads((DEMO / "config.json").read_text()))
-
-
-def test_demo_v4_is_a_small_quantized_v4_with_every_layer_kind(demo):
+def test_demo_v4_is_a_small_quantized_v4_with_every_layer_kind(ev):
     assert resolve_model_path("demo-v4") == DEMO
     size = sum(f.stat().st_size for f in DEMO.iterdir() if f.is_file())
     assert size < 2 * 2**20, f"demo-v4 package data is {size} bytes"
     config = json.loads((DEMO / "config.json").read_text())
     assert config["model_type"] == "deepseek_v4" and config["quantization"]["bits"] == 4
     assert (DEMO / "mtp.safetensors").exists()
-    model, _ = demo
+    model = ev.model
     args = model.args
     kinds = args.layer_types[: args.num_hidden_layers]
     assert {SLIDING, CSA, HCA} <= set(kinds)
@@ -70,8 +67,8 @@ def test_a_dsml_tool_call_parses_through_the_products_parser(ev):
     assert isinstance(arguments["city"], str) and arguments["city"]
 
 
-def test_mtp_drafting_keeps_the_greedy_output(demo):
-    model, tokenizer = demo
+def test_mtp_drafting_keeps_the_greedy_output(ev):
+    model, tokenizer = ev.model, ev.tokenizer
     messages = [{"role": "user", "content": "What is 71 - 38?"}]
     outputs = {}
     for mtp in (False, True):
