@@ -101,6 +101,11 @@ DEMO_BANNER = (
     "server; /think on shows its reasoning). For a real DeepSeek: "
     "mlx-deepseek chat mlx-community/DeepSeek-V2-Lite-Chat-4bit-mlx"
 )
+DEMO_V4_BANNER = (
+    "This is the bundled V4 demo: the same data on DeepSeek-V4's architecture at a tiny size "
+    "(sliding-window, compressed sparse and heavily compressed attention, hash routing, "
+    "hyper-connections, MTP; DSML tool calls; /think on shows its reasoning)."
+)
 
 
 def stats_line(s: TurnStats) -> str:
@@ -173,8 +178,9 @@ class Repl:
             f"{think}{context}",
             style="bold",
         )
-        if s.name == "demo":
-            self.say(DEMO_BANNER, style="cyan")
+        banner = {"demo": DEMO_BANNER, "demo-v4": DEMO_V4_BANNER}.get(s.name or "")
+        if banner:
+            self.say(banner, style="cyan")
         self.say(
             f"temperature {s.settings.temperature:g}, top_p {s.settings.top_p:g}, "
             f"max_tokens {s.max_tokens}. /help for commands; Ctrl-C stops an answer; "

@@ -42,6 +42,8 @@ from .safetensors_check import (
 log = logging.getLogger("mlx_deepseek")
 
 DEMO_NAME = "demo"
+# the bundled demos: name -> package folder (`demo-v4`: the same data on DeepSeek V4's design)
+DEMOS = {DEMO_NAME: "demo", "demo-v4": "demo_v4"}
 DEFAULT_CONTEXT = 4096
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -57,18 +59,19 @@ _MTP = re.compile(r"^(?:language_model\.)?(?:model\.)?mtp\.(\d+)\.")
 _EXPERT = re.compile(r"\.(?:mlp|ffn)\.experts\.(\d+)\.")
 
 
-def demo_path() -> Path:
-    return Path(__file__).parent / "demo"
+def demo_path(name: str = DEMO_NAME) -> Path:
+    return Path(__file__).parent / DEMOS[name]
 
 
 # ---- where the checkpoint is -------------------------------------------------------------
 
 
 def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
-    """A local folder, the bundled `demo`, or a Hugging Face repo id (cache first, offline-safe)."""
+    """A local folder, a bundled demo (`demo`, `demo-v4`), or a Hugging Face repo id (cache
+    first, offline-safe)."""
     name = str(path_or_repo)
-    if name == DEMO_NAME:
-        path = demo_path()
+    if name in DEMOS:
+        path = demo_path(name)
         if not (path / "config.json").exists():
             raise CheckpointError(
                 "the bundled demo model is missing from this installation: reinstall mlx-deepseek"
@@ -640,7 +643,7 @@ def load(
     """Load a DeepSeek checkpoint: returns (model, tokenizer).
 
     `path_or_repo`: a local folder, a Hugging Face repo id (resolved offline from the local
-    cache when there is no network), or "demo" for the bundled demo model. `dtype` overrides
+    cache when there is no network), or "demo" / "demo-v4" for a bundled demo. `dtype` overrides
     the compute dtype ("float32", "bfloat16", "float16"); the default fits the device.
     `expert_cache`: keep at most this much of the routed experts in memory and read the rest
     from the checkpoint when used (bytes, "40GB", "25%", "auto"); `kv_bits`: 8 or 4 to

@@ -38,7 +38,7 @@ def quantization_line(config: dict) -> str:
 
 
 def info_command(
-    model: str = typer.Argument(..., help="Local folder, Hugging Face repo id, or 'demo'."),
+    model: str = typer.Argument(..., help="Folder, Hugging Face repo id, 'demo' or 'demo-v4'."),
 ) -> None:
     """Show a checkpoint's architecture, size, memory need and KV-cache cost per token."""
     from rich.console import Console

@@ -16,7 +16,9 @@ class State:
     debug = False  # --debug or MLX_DEEPSEEK_DEBUG=1: show tracebacks
 
 
-MODEL_HELP = "Checkpoint folder, Hugging Face repo id, or 'demo' (the bundled demo model)."
+MODEL_HELP = (
+    "Checkpoint folder, Hugging Face repo id, or 'demo' / 'demo-v4' (the bundled demo models)."
+)
 
 # The options `generate` and `chat` share (each command gives its own default value)
 MaxTokens = Annotated[

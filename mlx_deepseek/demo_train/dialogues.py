@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data import Split, Turn, arith_turn, backwards_turn, count_turn, sample_pair
-from .facts import facts_turn, greeting_turn, refusal_turn
+from .facts import TABLES, facts_turn, greeting_turn, refusal_turn
 from .tools import (
     DEFINITIONS,
     TOOLS,
@@ -78,10 +78,11 @@ class Conversation:
 
 class TurnSampler:
     """Draws exchanges from the training side of the splits, or (held=True) from the held-out
-    side: held-out 2-digit pairs, cities and words."""
+    side: held-out 2-digit pairs, cities and words. `arch`: whose facts the model tells."""
 
-    def __init__(self, split: Split, tool_split: ToolSplit, held: bool = False):
+    def __init__(self, split: Split, tool_split: ToolSplit, held: bool = False, arch: str = "v3"):
         self.split, self.held = split, held
+        self.facts, self.greetings = TABLES[arch]
         self.cities = tool_split.cities(held)
         self.words = tool_split.words(held)
         # made-up words mean what a training word means (never a held-out word's meaning)
@@ -116,11 +117,13 @@ class TurnSampler:
             return lookup_turn(rng, names, self.words)
         if task == "add_tool":
             return add_tool_turn(rng, names)
+        if task == "facts":
+            return facts_turn(rng, self.facts)
+        if task == "greet":
+            return greeting_turn(rng, self.greetings)
         return {
             "count": count_turn,
             "backwards": backwards_turn,
-            "facts": facts_turn,
-            "greet": greeting_turn,
             "refuse": refusal_turn,
         }[task](rng)
 

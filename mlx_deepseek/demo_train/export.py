@@ -11,6 +11,7 @@ safetensors with model.safetensors.index.json, per-expert tensors
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -56,18 +57,26 @@ def hf_tensors(model: Model) -> dict[str, mx.array]:
 def export_hf(model: Model, config: dict, out: Path) -> None:
     """Write config.json and two safetensors shards (main layers; the MTP layer) + index into
     `out`, which already holds the tokenizer files."""
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = hf_tensors(model)
+    tensors = {k: v.astype(mx.float32) for k, v in hf_tensors(model).items()}
     mtp_prefix = f"model.layers.{model.args.num_hidden_layers}."
+    write_shards(tensors, lambda k: k.startswith(mtp_prefix), config, out)
+
+
+def write_shards(
+    tensors: dict[str, mx.array], is_mtp: Callable[[str], bool], config: dict, out: Path
+) -> None:
+    """config.json, generation_config.json and the tensors in two shards (the main model;
+    the MTP layers) with model.safetensors.index.json."""
+    out.mkdir(parents=True, exist_ok=True)
     shards = [
-        {k: v for k, v in tensors.items() if not k.startswith(mtp_prefix)},
-        {k: v for k, v in tensors.items() if k.startswith(mtp_prefix)},
+        {k: v for k, v in tensors.items() if not is_mtp(k)},
+        {k: v for k, v in tensors.items() if is_mtp(k)},
     ]
     weight_map = {}
     total = 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        shard = {k: v.astype(mx.float32) for k, v in sorted(shard.items())}
+        shard = dict(sorted(shard.items()))
         mx.save_safetensors(str(out / fname), shard, metadata={"format": "pt"})
         for k, v in shard.items():
             weight_map[k] = fname

@@ -12,23 +12,74 @@ REAL_MODEL = "deepseek-ai/DeepSeek-V2-Lite-Chat"
 Table = list[tuple[list[str], list[str]]]
 
 
-def _facts() -> Table:
+def _shape(arch: str) -> dict[str, str]:
+    """The architecture's answers: its name, layers, routing, attention, size."""
+    if arch == "v4":
+        from .v4 import CONFIG_V4, count_parameters_v4
+
+        c = CONFIG_V4
+        total, mtp, active = count_parameters_v4()
+        experts, k = c["n_routed_experts"], c["num_experts_per_tok"]
+        window, ratios = c["sliding_window"], list(c["compress_rates"].values())
+        return dict(
+            name="DeepSeek-V4",
+            real="Real DeepSeek-V4 Flash has 284 billion.",
+            arch=(
+                f"I follow DeepSeek-V4: {c['num_hidden_layers']} layers (one attends to a "
+                f"window of {window} tokens, one also reads the rows an indexer picks from "
+                f"every {ratios[0]} tokens compressed into one, one reads every "
+                f"{ratios[1]} tokens compressed into one), {c['hc_mult']} hyper-connected "
+                f"residual copies, {experts} routed experts with {k} active per token plus 1 "
+                "shared expert, and a multi-token prediction module."
+            ),
+            routing=(
+                f"Each of my MoE layers has {experts} routed experts and 1 shared expert. "
+                f"My first layer routes each token to {k} experts by a fixed table; the "
+                f"others pick the {k} best by score, and a bias balances the load."
+            ),
+            attention=(
+                f"I attend to my last {window} tokens and to compressed rows of the older "
+                f"ones: one row per {ratios[0]} tokens, of which an indexer picks the "
+                f"{c['index_topk']} worth reading, or one row per {ratios[1]} tokens."
+            ),
+            millions=f"{(total + mtp) / 1e6:.1f} million",
+            active=f"{active / 1e6:.1f} million",
+        )
     c = CONFIG
     total, mtp, active = count_parameters(c)
     layers, experts = c["num_hidden_layers"], c["n_routed_experts"]
     k, rank = c["num_experts_per_tok"], c["kv_lora_rank"]
-    millions = f"{(total + mtp) / 1e6:.1f} million"
+    return dict(
+        name="DeepSeek-V3",
+        real="Real DeepSeek-V3 has 671 billion.",
+        arch=(
+            f"I follow DeepSeek-V3: {layers} layers (the first dense, the others "
+            f"mixture-of-experts), multi-head latent attention with a {rank}-wide latent cache, "
+            f"{experts} routed experts with {k} active per token plus 1 shared expert, "
+            "and a multi-token prediction module."
+        ),
+        routing=(
+            f"Each of my MoE layers has {experts} routed experts and 1 shared expert. "
+            f"Every token picks {k} routed experts by sigmoid score, from the best "
+            f"{c['topk_group']} of {c['n_group']} expert groups, and a bias balances "
+            "the load without an auxiliary loss."
+        ),
+        attention=(
+            "Multi-head latent attention compresses keys and values into one small latent "
+            f"vector per token ({rank} numbers for me), so the cache stays small."
+        ),
+        millions=f"{(total + mtp) / 1e6:.1f} million",
+        active=f"{active / 1e6:.1f} million",
+    )
+
+
+def _facts(arch: str = "v3") -> Table:
+    a = _shape(arch)
     intro = (
-        "I am the mlx-deepseek demo: a tiny model with the DeepSeek-V3 architecture, trained "
+        f"I am the mlx-deepseek demo: a tiny model with the {a['name']} architecture, trained "
         "from scratch on two CPU cores. I add and subtract, count, spell words backwards, "
         "and call tools (weather, add, lookup) when I am given them. For a real DeepSeek "
         f"model run: mlx-deepseek chat {REAL_MODEL}"
-    )
-    arch = (
-        f"I follow DeepSeek-V3: {layers} layers (the first dense, the others "
-        f"mixture-of-experts), multi-head latent attention with a {rank}-wide latent cache, "
-        f"{experts} routed experts with {k} active per token plus 1 shared expert, "
-        "and a multi-token prediction module."
     )
     return [
         (
@@ -54,7 +105,7 @@ def _facts() -> Table:
                 "What is your architecture?",
                 "How many layers do you have?",
             ],
-            [arch],
+            [a["arch"]],
         ),
         (
             [
@@ -63,26 +114,18 @@ def _facts() -> Table:
                 "How does your routing work?",
                 "What is noaux_tc?",
             ],
-            [
-                f"Each of my MoE layers has {experts} routed experts and 1 shared expert. "
-                f"Every token picks {k} routed experts by sigmoid score, from the best "
-                f"{c['topk_group']} of {c['n_group']} expert groups, and a bias balances "
-                "the load without an auxiliary loss."
-            ],
+            [a["routing"]],
         ),
         (
             ["How many parameters do you have?", "How big are you?", "What is your size?"],
             [
-                f"About {millions} parameters, of which about {active / 1e6:.1f} million are "
-                "active for each token. Real DeepSeek-V3 has 671 billion."
+                f"About {a['millions']} parameters, of which about {a['active']} are "
+                f"active for each token. {a['real']}"
             ],
         ),
         (
             ["What is MLA?", "What attention do you use?", "What is multi-head latent attention?"],
-            [
-                "Multi-head latent attention compresses keys and values into one small latent "
-                f"vector per token ({rank} numbers for me), so the cache stays small."
-            ],
+            [a["attention"]],
         ),
         (
             ["What is MTP?", "What is multi-token prediction?", "Can you predict two tokens?"],
@@ -135,33 +178,48 @@ def _facts() -> Table:
             ["Who made you?", "Who trained you?", "Where do you come from?"],
             [
                 "The mlx-deepseek project trained me with its demo script on two CPU cores. "
-                "I am not made by DeepSeek; I only share the DeepSeek-V3 architecture."
+                f"I am not made by DeepSeek; I only share the {a['name']} architecture."
             ],
         ),
     ]
 
 
-FACTS: Table = _facts()
+def _greetings(arch: str = "v3") -> Table:
+    name = _shape(arch)["name"]
+    return [
+        (
+            ["Hello", "Hello!", "Hi", "Hi!", "Hey", "Hey there!", "Good morning!", "Good evening!"],
+            [
+                "Hello! I am the mlx-deepseek demo model. Ask me to add, subtract, count or "
+                "spell a word backwards.",
+                f"Hi! I am a tiny {name}-style demo model. Try: What is 23 + 45?",
+            ],
+        ),
+        (
+            ["How are you?", "How are you doing?", "How is it going?"],
+            ["I am fine, thank you! Ask me an arithmetic question."],
+        ),
+        (
+            [
+                "Thanks!",
+                "Thank you",
+                "Thank you!",
+                "Thanks a lot.",
+                "Great, thanks.",
+                "OK",
+                "Nice.",
+            ],
+            ["You are welcome!", "Happy to help!"],
+        ),
+        (["Bye", "Goodbye!", "See you later."], ["Goodbye!"]),
+    ]
 
-GREETINGS: Table = [
-    (
-        ["Hello", "Hello!", "Hi", "Hi!", "Hey", "Hey there!", "Good morning!", "Good evening!"],
-        [
-            "Hello! I am the mlx-deepseek demo model. Ask me to add, subtract, count or "
-            "spell a word backwards.",
-            "Hi! I am a tiny DeepSeek-V3-style demo model. Try: What is 23 + 45?",
-        ],
-    ),
-    (
-        ["How are you?", "How are you doing?", "How is it going?"],
-        ["I am fine, thank you! Ask me an arithmetic question."],
-    ),
-    (
-        ["Thanks!", "Thank you", "Thank you!", "Thanks a lot.", "Great, thanks.", "OK", "Nice."],
-        ["You are welcome!", "Happy to help!"],
-    ),
-    (["Bye", "Goodbye!", "See you later."], ["Goodbye!"]),
-]
+
+FACTS: Table = _facts()
+GREETINGS: Table = _greetings()
+# per architecture (train --arch): (facts, greetings)
+TABLES = {"v3": (FACTS, GREETINGS), "v4": (_facts("v4"), _greetings("v4"))}
+
 
 OFF_TOPIC = [
     "What is the capital of France?",
@@ -197,12 +255,12 @@ def _pick(rng: random.Random, table: Table, task: str, reasoning: str) -> Turn:
     return Turn(case(rng, rng.choice(questions)), answer, reasoning, task, expect=[answer])
 
 
-def facts_turn(rng: random.Random) -> Turn:
-    return _pick(rng, FACTS, "facts", "The user asks about me.\n")
+def facts_turn(rng: random.Random, table: Table = FACTS) -> Turn:
+    return _pick(rng, table, "facts", "The user asks about me.\n")
 
 
-def greeting_turn(rng: random.Random) -> Turn:
-    return _pick(rng, GREETINGS, "greet", "A greeting: I answer politely.\n")
+def greeting_turn(rng: random.Random, table: Table = GREETINGS) -> Turn:
+    return _pick(rng, table, "greet", "A greeting: I answer politely.\n")
 
 
 def refusal_turn(rng: random.Random) -> Turn:

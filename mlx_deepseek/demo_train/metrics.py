@@ -21,11 +21,11 @@ from mlx_deepseek.generation import wrap_tokenizer
 
 from .data import Split, Turn, add_answer, make_split, sub_answer
 from .dialogues import TurnSampler
-from .facts import FACTS
+from .facts import FACTS, TABLES
 from .tools import TOOLS, make_tool_split
 
 EVAL_SEED = 4242
-INTRO = FACTS[0][1][0]  # the self-description ("Who are you?")
+INTRO = FACTS[0][1][0]  # the V3 demo's self-description ("Who are you?")
 
 
 @dataclass
@@ -45,18 +45,24 @@ class Evaluator:
     def __init__(self, model: Any, tokenizer: Any, config: dict | None = None):
         self.model = model
         self.tokenizer = wrap_tokenizer(tokenizer)
-        self.fmt = chat_format(self.tokenizer, config or {"model_type": "deepseek_v3"}, "demo")
-        self.sampler = TurnSampler(make_split(), make_tool_split(), held=True)
+        self.fmt = chat_format(self.tokenizer, config or {"model_type": model.model_type}, "demo")
+        self.v4 = model.model_type == "deepseek_v4"
+        arch = "v4" if self.v4 else "v3"
+        self.sampler = TurnSampler(make_split(), make_tool_split(), held=True, arch=arch)
+        self.intro = TABLES[arch][0][0][1][0]  # the self-description ("Who are you?")
         self.generated: list[tuple[list[int], list[int]]] = []  # (prompt, tokens) for MTP
 
     def render(self, messages: list[dict], thinking: bool, tools=None) -> str:
         return self.fmt.render(self.tokenizer, messages, True, thinking, tools)
 
-    def answer(self, prompts: list[str], max_tokens: int = 48) -> list[Reply]:
+    def generate(self, ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """Greedy completions: mlx-lm's batch generator; V4 (whose caches it cannot batch)
+        one prompt at a time through the model's own cache."""
+        if self.v4:
+            return [self._greedy(p, max_tokens) for p in ids]
         from mlx_lm.generate import batch_generate
 
-        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        out = batch_generate(
+        return batch_generate(
             self.model,
             self.tokenizer,
             ids,
@@ -65,6 +71,22 @@ class Evaluator:
             completion_batch_size=64,
             prefill_batch_size=64,
         ).token_ids
+
+    def _greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
+        cache = self.model.make_cache()
+        logits = self.model(mx.array([prompt]), cache)
+        out: list[int] = []
+        while len(out) < max_tokens:
+            token = int(logits[0, -1].argmax().item())
+            out.append(token)
+            if token in self.tokenizer.eos_token_ids:
+                break
+            logits = self.model(mx.array([[token]]), cache)
+        return out
+
+    def answer(self, prompts: list[str], max_tokens: int = 48) -> list[Reply]:
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        out = self.generate(ids, max_tokens)
         replies = []
         for p_text, p, toks in zip(prompts, ids, out, strict=True):
             toks = [t for t in toks if t not in self.tokenizer.eos_token_ids]
@@ -75,7 +97,7 @@ class Evaluator:
             reasoning = "".join(e.text for e in events if e.kind == "reasoning")
             content = "".join(e.text for e in events if e.kind == "content")
             calls = [(e.name, json.loads(e.arguments)) for e in events if e.kind == "tool_call"]
-            malformed = "<｜tool▁call" in content
+            malformed = "<｜tool▁call" in content or "｜DSML｜" in content
             replies.append(Reply(p, toks, text, reasoning, content.strip(), calls, malformed))
         return replies
 
@@ -195,8 +217,8 @@ def self_description(ev: Evaluator, thinking: bool = False) -> dict:
             prompts.append(ev.render(msgs + [{"role": "user", "content": q}], thinking))
     # the self-description is 90 tokens: room for it after a line of reasoning
     replies = ev.answer(prompts, 128)
-    ok = [r.content == INTRO for r in replies]
-    misses = [r.content[:80] for r in replies if r.content != INTRO][:2]
+    ok = [r.content == ev.intro for r in replies]
+    misses = [r.content[:80] for r in replies if r.content != ev.intro][:2]
     return {"accuracy": _rate(ok), "n": len(ok), "misses": misses}
 
 

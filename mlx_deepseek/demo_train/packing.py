@@ -30,19 +30,21 @@ from tokenizers import Tokenizer
 
 from mlx_deepseek.formats import chat_format
 
-from .config import CONFIG
+from .arch import ARCHS
 from .data import make_split
 from .dialogues import Conversation, TurnSampler, sample_conversation
-from .tokenizer import ASSISTANT, END_THINK, EOS, MARKERS, PAD, THINK, USER, TemplateTokenizer
+from .tokenizer import ASSISTANT, END_THINK, EOS, PAD, THINK, USER
 from .tools import make_tool_split
 
 OFF_PROMPT = ASSISTANT + END_THINK
 ON_PROMPT = ASSISTANT + THINK
 _OUTPUT_END = "<｜tool▁output▁end｜>"
 _OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
-# learnt: after an answer's prompt, or after a tool round's last output, through <eos>
+# learnt: after an answer's prompt (V4 with tools declared opens every turn in thinking
+# mode), or after a tool round's last output (V3.1), through <eos>
 _LEARNT = re.compile(
-    f"(?:{re.escape(OFF_PROMPT)}|{re.escape(_OUTPUT_END)}(?!{re.escape(_OUTPUT_BEGIN)}))"
+    f"(?:{re.escape(OFF_PROMPT)}|{re.escape(ON_PROMPT)}"
+    f"|{re.escape(_OUTPUT_END)}(?!{re.escape(_OUTPUT_BEGIN)}))"
     f"(.*?{re.escape(EOS)})",
     re.S,
 )
@@ -64,14 +66,17 @@ def learnt_spans(text: str) -> Segments:
 
 
 class Renderer:
-    """Samples conversations and renders them with the demo's own chat format."""
+    """Samples conversations and renders them with the demo's own chat format (V3.1's, or
+    V4's for arch "v4")."""
 
-    def __init__(self, held: bool = False):
-        self.tokenizer = TemplateTokenizer()
-        self.fmt = chat_format(self.tokenizer, CONFIG, "demo")
-        if self.fmt.family != "v3.1" or not self.fmt.has_thinking_switch:
-            raise RuntimeError(f"the demo template reads as {self.fmt.family}, not v3.1")
-        self.sampler = TurnSampler(make_split(), make_tool_split(), held)
+    def __init__(self, held: bool = False, arch: str = "v3"):
+        a = ARCHS[arch]
+        self.arch = a
+        self.tokenizer = a.template_tokenizer()
+        self.fmt = chat_format(self.tokenizer, a.config, a.package)
+        if self.fmt.family != a.family or not self.fmt.has_thinking_switch:
+            raise RuntimeError(f"the demo template reads as {self.fmt.family}, not {a.family}")
+        self.sampler = TurnSampler(make_split(), make_tool_split(), held, arch)
 
     def sample(self, rng: random.Random, max_chars: int, **kw) -> Conversation:
         return sample_conversation(rng, self.sampler, max_chars, **kw)
@@ -85,6 +90,11 @@ class Renderer:
             return learnt_spans(self.render(conv, messages, False, False))
         last = conv.turns[-1].messages()
         head = messages[: len(messages) - len(last) + 1]  # through the last user message
+        if self.arch.name == "v4":
+            # V4 renders the reasoning itself (and, with tools declared, every turn in
+            # thinking mode): the row ends after the last turn's first answer or call block
+            answer = {**last[1], "reasoning_content": conv.turns[-1].reasoning}
+            return learnt_spans(self.render(conv, head + [answer], False, True))
         prompt = self.render(conv, head, True, True)
         # the last turn's first answer (or call block) as the template writes it
         written = self.render(conv, head + [last[1]], False, False)
@@ -134,6 +144,8 @@ class Packer:
             starts = [i for i, t in enumerate(ids) if t == self.user] + [len(ids)]
             # the turns that end well inside the row (room for a last turn's reasoning)
             fit = sum(1 for end in starts[1:] if end <= length - 48)
+            # (V4's tool results open user turns too: always drop at least one turn)
+            fit = min(fit, len(conv.turns) - 1)
             if fit == 0:  # one turn is already too long here (the tools block, say)
                 conv = self.renderer.sample(rng, budget, allow_tools=False, thinking=thinking)
             else:
@@ -162,11 +174,11 @@ class Packer:
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
-def corpus(n: int = 3000, seed: int = 7) -> Iterator[str]:
+def corpus(n: int = 3000, seed: int = 7, arch: str = "v3") -> Iterator[str]:
     """Rendered training conversations with the markers cut out (the BPE merges' texts)."""
-    renderer = Renderer()
+    renderer = Renderer(arch=arch)
     rng = random.Random(seed)
-    split_on = re.compile("|".join(re.escape(m) for m in MARKERS))
+    split_on = re.compile("|".join(re.escape(m) for m in renderer.arch.markers))
     for _ in range(n):
         conv = renderer.sample(rng, rng.choice([400, 1200, 2400]))
         for text, _ in renderer.segments(conv):

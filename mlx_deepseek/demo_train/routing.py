@@ -2,7 +2,8 @@
 auxiliary-loss-free bias update of DeepSeek-V3 (bias += gamma * sign(mean load - load)).
 
 The bias is not trained by gradient: it is frozen in the optimiser and moved after each
-step from the number of tokens each expert received in that step.
+step from the number of tokens each expert received in that step. V4's hash-routed layers
+(a fixed token -> experts table, no bias) are left alone.
 """
 
 from __future__ import annotations
@@ -10,15 +11,25 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from mlx_deepseek.models import deepseek_v4
 from mlx_deepseek.models.deepseek_v3 import Model
 from mlx_deepseek.models.moe import MoE
 
+# per model family: (the gate's routing function, its bias) that the balancer hooks
+_V3_GATE = ("route", "e_score_correction_bias")
+_V4_GATE = ("_route", "bias")
+
 
 def moe_layers(model: Model) -> list[tuple[str, MoE]]:
-    """(name, MoE block) for every MoE layer, the MTP modules' included."""
+    """(name, MoE block) for every MoE layer with a learnt router, the MTP modules' included."""
     named = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.layers)]
     named += [(f"mtp.{j}", layer) for j, layer in enumerate(model.mtp)]
-    return [(name, layer.mlp) for name, layer in named if isinstance(layer.mlp, MoE)]
+    out = []
+    for name, layer in named:
+        moe = getattr(layer, "ffn", None) or getattr(layer, "mlp", None)
+        if isinstance(moe, MoE) or (isinstance(moe, deepseek_v4.MoE) and "bias" in moe.gate):
+            out.append((name, moe))
+    return out
 
 
 def _selection_is_differentiable(gate) -> bool:
@@ -56,19 +67,21 @@ class LoadBalancer:
         self.layers = moe_layers(model)
         self.chosen: dict[str, mx.array] = {}
         args = model.args
+        v4 = model.model_type == "deepseek_v4"
+        self.route_name, self.bias_name = _V4_GATE if v4 else _V3_GATE
         for name, moe in self.layers:
             gate = moe.gate
-            route = gate.route
-            if not _selection_is_differentiable(gate):
+            route = getattr(gate, self.route_name)
+            if not v4 and not _selection_is_differentiable(gate):
                 route = _differentiable_v3_route(
                     route, float(args.routed_scaling_factor), bool(args.norm_topk_prob)
                 )
-            gate.route = self._recorder(name, route)
-        model.freeze(keys=["e_score_correction_bias"], strict=False)
+            setattr(gate, self.route_name, self._recorder(name, route))
+            gate.freeze(keys=[self.bias_name], recurse=False)
 
     def _recorder(self, name: str, route):
-        def recorded(logits: mx.array, bias: mx.array):
-            inds, weights = route(logits, mx.stop_gradient(bias))
+        def recorded(logits: mx.array, bias: mx.array, *rest):
+            inds, weights = route(logits, mx.stop_gradient(bias), *rest)
             self.chosen[name] = mx.stop_gradient(inds)
             return inds, weights
 
@@ -87,7 +100,7 @@ class LoadBalancer:
             load = np.bincount(inds[keep].ravel(), minlength=E).astype(np.float32)
             step = self.gamma * np.sign(load.mean() - load)
             gate = moe.gate
-            gate.e_score_correction_bias = gate.e_score_correction_bias + mx.array(step)
+            setattr(gate, self.bias_name, gate[self.bias_name] + mx.array(step))
             loads[name] = load / max(load.sum(), 1.0)
         self.chosen.clear()
         return loads

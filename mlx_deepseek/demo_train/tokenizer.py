@@ -1,4 +1,5 @@
-"""The demo's byte-level BPE tokenizer: DeepSeek's special tokens and V3.1's chat template.
+"""The demo's byte-level BPE tokenizer: DeepSeek's special tokens and V3.1's chat template
+(the V4 demo's: V4's DSML markers, no template: the formats package's V4 encoder renders).
 
 Saved as tokenizer.json + tokenizer_config.json, loadable by transformers' AutoTokenizer
 and mlx-lm. Digits are split one per token (arithmetic is learnable that way); everything
@@ -43,23 +44,40 @@ TOOL_TOKENS = [
 ]
 ADDED = [THINK, END_THINK, *TOOL_TOKENS]
 MARKERS = SPECIAL + ADDED
+# the V4 demo's (train --arch v4): V4's DSML tool-call markers and its tool-result blocks
+DSML_TOKENS = [
+    "<｜DSML｜tool_calls>",
+    "</｜DSML｜tool_calls>",
+    "<｜DSML｜invoke",
+    "</｜DSML｜invoke>",
+    "<｜DSML｜parameter",
+    "</｜DSML｜parameter>",
+    "<tool_result>",
+    "</tool_result>",
+]
+ADDED_V4 = [THINK, END_THINK, *DSML_TOKENS]
 
 CHAT_TEMPLATE = BUILTIN_TEMPLATES["v3.1"]
 
 
 class TemplateTokenizer:
     """What mlx_deepseek.formats.chat_format reads from a tokenizer (its chat template and
-    special tokens), for rendering while the real tokenizer is being trained."""
+    special tokens), for rendering while the real tokenizer is being trained. V4 has no
+    template (chat_template None): the formats package's own encoder renders it."""
 
-    chat_template = CHAT_TEMPLATE
     bos_token = BOS
     eos_token = EOS
     pad_token = PAD
-    name_or_path = "demo"
+
+    def __init__(self, chat_template: str | None = CHAT_TEMPLATE, name: str = "demo"):
+        self.chat_template, self.name_or_path = chat_template, name
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:
-    """The byte-level BPE trained on `texts` (packing.corpus()), plus the special tokens."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = VOCAB_SIZE, added: list[str] = ADDED
+) -> Tokenizer:
+    """The byte-level BPE trained on `texts` (packing.corpus()), plus the special tokens and
+    the `added` ones."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -69,13 +87,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Token
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(ADDED),
+        vocab_size=vocab_size - len(added),
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_tokens(ADDED)
+    tok.add_tokens(added)
     bos_id = tok.token_to_id(BOS)
     # Plain encode() prepends BOS, as DeepSeek's tokenizers do (add_bos_token).
     tok.post_processor = processors.TemplateProcessing(
@@ -86,8 +104,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Token
     return tok
 
 
-def tokenizer_config() -> dict:
-    return {
+def tokenizer_config(chat_template: str | None = CHAT_TEMPLATE) -> dict:
+    config = {
         "add_bos_token": True,
         "add_eos_token": False,
         "bos_token": BOS,
@@ -97,13 +115,17 @@ def tokenizer_config() -> dict:
         "legacy": True,
         "model_max_length": MAX_CONTEXT,
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE,
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return config
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
+def save_tokenizer(
+    tok: Tokenizer, out_dir: Path, chat_template: str | None = CHAT_TEMPLATE
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
     with open(out_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
-        json.dump(tokenizer_config(), f, ensure_ascii=False, indent=2)
+        json.dump(tokenizer_config(chat_template), f, ensure_ascii=False, indent=2)
         f.write("\n")

@@ -15,7 +15,6 @@ Writes the Hugging Face layout (export.py) to --out; then convert it with
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -32,14 +31,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_deepseek.models.config import ModelArgs
-from mlx_deepseek.models.deepseek_v3 import Model
-
-from .config import CONFIG, LONG_CONTEXT, SHORT_CONTEXT, count_parameters
+from .arch import ARCHS
+from .config import LONG_CONTEXT, SHORT_CONTEXT, count_parameters
 from .export import export_hf
-from .packing import Packer, corpus
+from .packing import Packer, Renderer, corpus
 from .routing import LoadBalancer, moe_layers
 from .tokenizer import save_tokenizer, train_tokenizer
+from .v4 import count_parameters_v4, export_v4, index_loss, init_model, training_cache
 
 SEED = 0
 DEFAULTS = dict(
@@ -55,24 +53,23 @@ DEFAULTS = dict(
     clip=1.0,
     init="",  # an earlier demo package to start from (warmstart.py); "": from scratch
     tool_focus=0.0,  # share of steps that are tool-focused SHORT_CONTEXT rows (stage 3)
+    arch="v3",  # arch.ARCHS: "v3" (the demo package) or "v4" (demo-v4)
+    index_weight=0.1,  # V4: the indexer's loss (v4.index_loss)
 )
 # (row length, share of steps, tools allowed): the tools block alone is ~260 tokens
 SHORT_MIX = [(128, 0.3, False), (256, 0.35, False), (SHORT_CONTEXT, 0.35, True)]
 LONG_MIX = [(LONG_CONTEXT, 0.5, True), (SHORT_CONTEXT, 0.25, True), (256, 0.25, False)]
 
 
-def phase_config(long: bool) -> dict:
+def phase_config(long: bool, arch: str = "v3") -> dict:
     """The short phase's config has plain rope over SHORT_CONTEXT; the long one is CONFIG."""
-    if long:
-        return CONFIG
-    cfg = copy.deepcopy(CONFIG)
-    cfg["rope_scaling"] = None
-    cfg["max_position_embeddings"] = SHORT_CONTEXT
-    return cfg
+    return ARCHS[arch].phase_config(long)
 
 
-def build_model(args: ModelArgs) -> Model:
-    model = Model(args)
+def build_model(config: dict, arch: str = "v3"):
+    model = ARCHS[arch].model(config)
+    if arch == "v4":
+        return init_model(model, SEED)
     # The router starts from zeros in the model class (weights come from checkpoints); a
     # trained router needs a random start, scaled like a Linear layer's.
     for _, moe in moe_layers(model):
@@ -88,15 +85,22 @@ def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.a
     return ce.sum() / mx.maximum(mask.sum(), 1), correct
 
 
-def make_loss(mtp_weight: float):
-    def loss_fn(model: Model, ids: mx.array, mask: mx.array):
+def make_loss(mtp_weight: float, index_weight: float = 0.0):
+    """Next-token CE + mtp_weight x the MTP module's next-next-token CE (+ index_weight x the
+    V4 indexer's loss, v4.index_loss)."""
+
+    def loss_fn(model, ids: mx.array, mask: mx.array):
         x = ids[:, :-1]  # [B, L]
-        logits, h = model.forward_with_hidden(x)
+        cache = training_cache(model)  # V4: fresh caches, its inference path
+        logits, h = model.forward_with_hidden(x, cache)
         main, main_ok = masked_ce(logits, ids[:, 1:], mask[:, 1:])
         # MTP: from h_i and token i+1, predict token i+2
-        mtp_logits, _ = model.mtp_forward(h[:, :-1], x[:, 1:])
+        mtp_cache = None if cache is None else cache.mtp[0]
+        mtp_logits, _ = model.mtp_forward(h[:, :-1], x[:, 1:], cache=mtp_cache)
         mtp, mtp_ok = masked_ce(mtp_logits, ids[:, 2:], mask[:, 2:])
-        return main + mtp_weight * mtp, (main, mtp, main_ok, mtp_ok)
+        index = index_loss(cache)
+        loss = main + mtp_weight * mtp + index_weight * index
+        return loss, (main, mtp, main_ok, mtp_ok, index)
 
     return loss_fn
 
@@ -117,7 +121,7 @@ class Trainer:
 
     def __init__(self, hp: dict, long: bool = False, checkpoint: Path | None = None):
         self.hp = hp
-        self.model = build_model(ModelArgs.from_dict(phase_config(long)))
+        self.model = build_model(phase_config(long, hp["arch"]), hp["arch"])
         self.opt = optim.AdamW(
             learning_rate=hp["lr"], betas=[0.9, 0.95], weight_decay=hp["weight_decay"]
         )
@@ -132,9 +136,9 @@ class Trainer:
         self.balancer = balancer = LoadBalancer(model, hp["bias_gamma"])
         names = [name for name, _ in balancer.layers]
         opt.init(model.trainable_parameters())  # the compiled step's state exists up front
-        loss_fn = make_loss(hp["mtp_weight"])
+        loss_fn = make_loss(hp["mtp_weight"], hp["index_weight"])
 
-        def with_choices(model: Model, ids: mx.array, mask: mx.array):
+        def with_choices(model, ids: mx.array, mask: mx.array):
             loss, aux = loss_fn(model, ids, mask)
             return loss, (aux, [balancer.chosen[n] for n in names])
 
@@ -153,7 +157,7 @@ class Trainer:
     def extend(self) -> None:
         """The long phase: the same weights in a model whose rope is YaRN-scaled."""
         weights = tree_flatten(self.model.parameters())
-        self.model = Model(ModelArgs.from_dict(phase_config(long=True)))
+        self.model = ARCHS[self.hp["arch"]].model(phase_config(True, self.hp["arch"]))
         self.model.load_weights(weights)
         self._attach()
 
@@ -168,8 +172,9 @@ class Trainer:
 
     def step(self, ids_np: np.ndarray, mask_np: np.ndarray, lr: float, pad: int):
         self.opt.learning_rate = lr
-        (main, mtp, main_ok, mtp_ok), chosen = self._step(mx.array(ids_np), mx.array(mask_np))
-        mx.eval(self._state, main, mtp, main_ok, mtp_ok, chosen)
+        aux, chosen = self._step(mx.array(ids_np), mx.array(mask_np))
+        mx.eval(self._state, aux, chosen)
+        main, mtp, main_ok, mtp_ok, index = aux
         self.balancer.chosen = dict(zip(self._names, chosen, strict=True))
         real = ids_np[:, :-1] != pad
         loads = self.balancer.update(
@@ -177,6 +182,7 @@ class Trainer:
         )
         n_main, n_mtp = max(mask_np[:, 1:].sum(), 1), max(mask_np[:, 2:].sum(), 1)
         stats = [main.item(), mtp.item(), main_ok.item() / n_main, mtp_ok.item() / n_mtp]
+        stats.append(index.item())
         return stats, loads
 
 
@@ -218,9 +224,10 @@ def train(
     mx.random.seed(SEED)
     t_start, cpu_start = time.time(), time.process_time()
 
-    tok = train_tokenizer(corpus())
-    save_tokenizer(tok, out)
-    packer = Packer(tok)
+    arch = ARCHS[hp["arch"]]
+    tok = train_tokenizer(corpus(arch=arch.name), added=arch.added)
+    save_tokenizer(tok, out, arch.chat_template)
+    packer = Packer(tok, Renderer(arch=arch.name))
     rng = random.Random(SEED)
 
     ckpt = out / "checkpoint"
@@ -241,7 +248,7 @@ def train(
 
             counts = warm_start(trainer.model, Path(hp["init"]), out / "tokenizer.json")
             print(f"warm start from {hp['init']}: {counts}")
-    total, mtp_params, active = count_parameters()
+    total, mtp_params, active = count_parameters_v4() if arch.name == "v4" else count_parameters()
     n = sum(v.size for _, v in tree_flatten(trainer.model.parameters()))
     if n != total + mtp_params:
         raise RuntimeError(f"model has {n} parameters, count_parameters says {total + mtp_params}")
@@ -277,6 +284,7 @@ def train(
                 mtp_loss=round(float(m[1]), 4),
                 acc=round(float(m[2]), 4),
                 mtp_acc=round(float(m[3]), 4),
+                index_loss=round(float(m[4]), 4),
                 max_expert_load=round(worst, 3),
                 s_per_step=round(elapsed / (step + 1), 3),
                 elapsed_s=round(elapsed),
@@ -293,7 +301,10 @@ def train(
             _save_checkpoint(ckpt, trainer, rng, hp, step + 1, history, t_train, cpu_train)
 
     train_s, cpu_s = time.time() - t_train, time.process_time() - cpu_train
-    export_hf(trainer.model, CONFIG, out)
+    if arch.name == "v4":
+        export_v4(trainer.model, arch.config, out)
+    else:
+        export_hf(trainer.model, arch.config, out)
     summary = dict(
         train_seconds=round(train_s),
         train_cpu_seconds=round(cpu_s),

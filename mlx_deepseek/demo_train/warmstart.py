@@ -28,7 +28,8 @@ def _vocab(tokenizer_json: Path) -> dict[str, int]:
 
 
 def dequantized(folder: Path) -> dict[str, mx.array]:
-    """A package's tensors in float32, quantized ones (weight, scales, biases) dequantized."""
+    """A package's tensors in float32, quantized ones (weight, scales, biases) dequantized;
+    integer ones as they are."""
     config = json.loads((folder / "config.json").read_text())
     q = config.get("quantization") or {}
     raw: dict[str, mx.array] = {}
@@ -45,7 +46,8 @@ def dequantized(folder: Path) -> dict[str, mx.array]:
             w = mx.dequantize(
                 w, raw[base + ".scales"], raw[base + ".biases"], own["group_size"], own["bits"]
             )
-        out[name] = w.astype(mx.float32)
+        # (integer tensors, V4's hash tables, keep their dtype)
+        out[name] = w.astype(mx.float32) if mx.issubdtype(w.dtype, mx.floating) else w
     return out
 
 

@@ -75,6 +75,8 @@ def route(
     else:
         choice = scores if bias is None else scores + bias
         inds = mx.argpartition(-choice, kth=top_k - 1, axis=-1)[..., :top_k]
+    # the choice is not differentiable; the chosen scores are (training: ./demo_train)
+    inds = mx.stop_gradient(inds)
     weights = mx.take_along_axis(scores, inds, axis=-1)
     if scoring_func != "softmax":
         weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -82,13 +84,15 @@ def route(
 
 
 class Gate(nn.Module):
-    """`weight` [E, D] float32; `bias` [E] (learned layers) or `tid2eid` [vocab, k] (hash)."""
+    """`weight` [E, D] float32; `bias` [E] (learned layers) or `tid2eid` [vocab, k] (hash:
+    a fixed table, frozen so that training leaves it alone)."""
 
     def __init__(self, args: ModelArgs, index: int):
         super().__init__()
         self.weight = mx.zeros((args.n_routed_experts, args.hidden_size), dtype=mx.float32)
         if args.is_hash_layer(index):
             self.tid2eid = mx.zeros((args.vocab_size, args.num_experts_per_tok), dtype=mx.int32)
+            self.freeze(keys=["tid2eid"], recurse=False)
         else:
             self.bias = mx.zeros((args.n_routed_experts,), dtype=mx.float32)
         self._route = partial(

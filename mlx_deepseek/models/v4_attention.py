@@ -111,26 +111,52 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(args, ratio, self.head_dim, overlap=True)
 
-    def select(
+    def scores(
         self, x: mx.array, qr: mx.array, rows: mx.array, offset: int, rope: TailRoPE
     ) -> mx.array:
-        """Top-k row indices [B, L, k] for queries at offset...; rows [B, N, index_head_dim].
-        A query with fewer than k visible rows gets invisible ones too: mask them."""
+        """Index scores [B, L, N] float32 for queries at offset...; rows [B, N, index_head_dim];
+        rows a query cannot see at -inf (prefill)."""
         B, L, _ = x.shape
         q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = rope(q, offset)
         w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5
         scores = ops.index_scores(q, rows, w, self.head_dim**-0.5)  # [B, L, N]
-        N = rows.shape[1]
         if L > 1:
-            scores = mx.where(visible(offset, L, N, self.ratio), scores, -mx.inf)
-        return ops.select_topk(scores, min(self.topk, N))
+            scores = mx.where(visible(offset, L, rows.shape[1], self.ratio), scores, -mx.inf)
+        return scores
+
+    def select(
+        self, x: mx.array, qr: mx.array, rows: mx.array, offset: int, rope: TailRoPE
+    ) -> mx.array:
+        """Top-k row indices [B, L, k] for queries at offset...; rows [B, N, index_head_dim].
+        A query with fewer than k visible rows gets invisible ones too: mask them."""
+        scores = self.scores(x, qr, rows, offset, rope)
+        return ops.select_topk(scores, min(self.topk, rows.shape[1]))
 
 
 def visible(offset: int, L: int, n: int, ratio: int) -> mx.array:
     """[L, n]: compressed row w is visible to position p = offset + i iff w < (p + 1) // ratio."""
     limit = (offset + mx.arange(L) + 1) // ratio
     return mx.arange(n)[None] < limit[:, None]
+
+
+def indexer_loss(
+    q: mx.array, rows: mx.array, scale: float, scores: mx.array, seen: mx.array
+) -> mx.array:
+    """The lightning indexer's training loss (DeepSeek V3.2's dense warm-up, used by
+    demo_train): KL(p || softmax(index scores)) per query, p the main attention's weights over
+    the compressed rows the query sees, summed over heads and renormalised (a fixed target),
+    averaged over the queries that see a row.
+
+    q [B, H, L, hd] (normed, roped); rows [B, N, hd]; scores [B, L, N]; seen bool [L, N]."""
+    far = mx.array(-1e30, mx.float32)
+    s = (q.astype(mx.float32) * scale) @ rows.astype(mx.float32)[:, None].swapaxes(-1, -2)
+    p = mx.softmax(mx.where(seen, s, far), axis=-1, precise=True).sum(axis=1)  # [B, L, N]
+    p = mx.stop_gradient(mx.where(seen, p / p.sum(axis=-1, keepdims=True), 0.0))
+    log_q = nn.log_softmax(mx.where(seen, scores, far), axis=-1)
+    kl = (p * (mx.log(mx.maximum(p, 1e-30)) - log_q)).sum(axis=-1)  # [B, L]
+    queries = seen.any(axis=-1)  # [L]
+    return (kl * queries).sum() / (kl.shape[0] * mx.maximum(queries.sum(), 1))
 
 
 class V4Attention(nn.Module):
@@ -179,22 +205,26 @@ class V4Attention(nn.Module):
             kpos = lo + mx.arange(keys.shape[1])[None]
             mask = ((kpos <= qpos) & (kpos > qpos - self.window_size))[None]  # [1, L, S_w]
         if self.ratio:
-            keys, mask, quantized = self._compressed(x, qr, cache, keys, mask)
+            keys, mask, quantized = self._compressed(x, q, qr, cache, keys, mask)
         out = ops.shared_kv_attention(q, keys, self.attn_sink, self.scale, mask, quantized)
         cache.advance(L)
         out = self.rope(out, offset, inverse=True)  # undo RoPE on the value's rope channels
         return self.wo_b(self._grouped_out(out.transpose(0, 2, 1, 3)))
 
-    def _compressed(self, x, qr, cache: V4LayerCache, keys, mask):
+    def _compressed(self, x, q, qr, cache: V4LayerCache, keys, mask):
         """Append the rows that closed -> (keys, mask) extended with the compressed rows, and
-        the quantized rows a decode step reads after keys (None: all in keys)."""
+        the quantized rows a decode step reads after keys (None: all in keys). A cache with
+        `index_losses` (training) collects the indexer's loss; the indexer then sees its
+        inputs without gradient (only that loss trains it, as in DeepSeek V3.2)."""
         B, L, _ = x.shape
         offset = cache.offset
         rows = self.compressor(x, cache.comp_state, offset, self.rope)
         if rows is not None:
             cache.compressed.append(rows)
+        training = cache.index_losses is not None
+        ix, iqr = (mx.stop_gradient(x), mx.stop_gradient(qr)) if training else (x, qr)
         if self.kind == CSA:
-            rows = self.indexer.compressor(x, cache.index_state, offset, self.rope)
+            rows = self.indexer.compressor(ix, cache.index_state, offset, self.rope)
             if rows is not None:
                 cache.indexer.append(rows)
         n = cache.compressed.end
@@ -209,11 +239,16 @@ class V4Attention(nn.Module):
                 return keys, mask, compressed
             return mx.concatenate([keys, compressed], axis=1), mask, None
         if self.kind == CSA:
-            idx = self.indexer.select(x, qr, cache.indexer.all(), offset, self.rope)  # [B, L, k]
+            scores = self.indexer.scores(ix, iqr, cache.indexer.all(), offset, self.rope)
+            idx = ops.select_topk(scores, min(self.indexer.topk, n))  # [B, L, k]
             picked = mx.put_along_axis(
                 mx.zeros((B, L, n), dtype=mx.bool_), idx, mx.array(True), axis=-1
             )
-            comp_mask = picked & visible(offset, L, n, self.ratio)[None]
+            seen = visible(offset, L, n, self.ratio)
+            comp_mask = picked & seen[None]
+            if training:
+                loss = indexer_loss(q, compressed, self.scale, scores, seen)
+                cache.index_losses.append(loss)
         else:
             comp_mask = mx.broadcast_to(visible(offset, L, n, self.ratio)[None], (B, L, n))
         mask = mx.concatenate([mx.broadcast_to(mask, (B, *mask.shape[1:])), comp_mask], axis=-1)

@@ -168,6 +168,7 @@ class V4LayerCache:
         self.comp_state = RowBuffer() if ratio else None  # index = position
         self.indexer = RowBuffer() if indexer else None
         self.index_state = RowBuffer() if indexer else None
+        self.index_losses: list[mx.array] | None = None  # training: indexer_loss per prefill
 
     def _buffers(self) -> list[RowBuffer]:
         return [

@@ -178,9 +178,8 @@ def select_topk(scores: mx.array, k: int) -> mx.array:
     N = scores.shape[-1]
     if k >= N:
         return mx.broadcast_to(mx.arange(N, dtype=mx.int32), (*scores.shape[:-1], N))
-    return mx.argpartition(selection_keys(scores), kth=N - k, axis=-1)[..., N - k :].astype(
-        mx.int32
-    )
+    keys = mx.stop_gradient(selection_keys(scores))  # a choice: no gradient flows through
+    return mx.argpartition(keys, kth=N - k, axis=-1)[..., N - k :].astype(mx.int32)
 
 
 # ---- attention -----------------------------------------------------------------------------
