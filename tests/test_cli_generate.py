@@ -84,7 +84,7 @@ def test_bad_input_is_a_clear_error(model_dir, args, message):
 def test_chat_without_a_model_means_the_demo(monkeypatch, tmp_path):
     from mlx_deepseek import loading
 
-    monkeypatch.setattr(loading, "demo_path", lambda: tmp_path / "demo")
+    monkeypatch.setattr(loading, "demo_path", lambda name="demo": tmp_path / name)
     r = invoke("chat", input="")
     assert isinstance(r.exception, DeepSeekError) and "demo model" in str(r.exception)
 

@@ -62,10 +62,11 @@ def test_the_chat_transcript_is_what_the_chat_prints():
     block = re.search(r"```text\n\$ mlx-deepseek chat\n(.*?)```", README, re.S).group(1)
     shown = block.rstrip("\n").split("\n")
     questions = [line[4:] for line in shown if line.startswith(">>> ") and line[4:].strip()]
-    # --seed only makes the run repeatable (the demo's answers do not depend on it)
+    # --seed only makes the run repeatable (the demo's answers do not depend on it); the
+    # demo runs from float weights, as for a user (tests/conftest.py turns that off)
     r = CliRunner().invoke(
         cli.app, ["chat", "demo", "--seed", "0"], input="\n".join(questions) + "\n",
-        env={"COLUMNS": "100"},
+        env={"COLUMNS": "100", "MLX_DEEPSEEK_SMALL_FLOAT": "1"},
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     # a terminal echoes what is typed after each prompt
