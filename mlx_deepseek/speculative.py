@@ -76,9 +76,9 @@ def default_draft_tokens(model: nn.Module) -> int:
     what 1 does (~1.1 steps), and the second draft (the MTP module applied to its own
     output, ~0.45 of a step on the demo) is accepted often enough to pay: on this project's
     CPU the demo decoded 1.27-1.39x faster than plain with two drafts and 1.07-1.21x with one
-    (greedy, five runs; at temperature 0.6, 1.07x and 0.99x). MLX's quantized matmul on the CPU decodes its
-    weights once per input row, so there each verified token costs more and one draft is
-    the safer default; on a GPU, unmeasured here, DeepSeek's one."""
+    (greedy, five runs; at temperature 0.6, 1.07x and 0.99x). MLX's quantized matmul on the
+    CPU decodes its weights once per input row, so there each verified token costs more and
+    one draft is the safer default; on a GPU, unmeasured here, DeepSeek's one."""
     if mx.default_device() != mx.cpu:
         return 1
     quantized = any("scales" in m for _, m in model.named_modules())
