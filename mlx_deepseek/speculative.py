@@ -75,8 +75,9 @@ def default_draft_tokens(model: nn.Module) -> int:
     CPU, 1 (DeepSeek's own) otherwise. From float weights verifying 3 tokens costs about
     what 1 does (~1.1 steps), and the second draft (the MTP module applied to its own
     output, ~0.45 of a step on the demo) is accepted often enough to pay: on this project's
-    CPU the demo decoded 1.27-1.39x faster than plain with two drafts and 1.07-1.21x with one
-    (greedy, five runs; at temperature 0.6, 1.07x and 0.99x). MLX's quantized matmul on the
+    CPU two drafts decode the demo as fast as one on an idle machine (1.13x vs 1.14x plain,
+    with less CPU per token) and faster compiled (1.18x vs 1.12x) or under load (1.27-1.39x
+    vs 1.07-1.21x; at temperature 0.6, 1.07x vs 0.99x). MLX's quantized matmul on the
     CPU decodes its weights once per input row, so there each verified token costs more and
     one draft is the safer default; on a GPU, unmeasured here, DeepSeek's one."""
     if mx.default_device() != mx.cpu:
