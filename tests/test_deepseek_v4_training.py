@@ -44,6 +44,7 @@ KINDS = [
 
 @pytest.fixture
 def model():
+    mx.random.seed(0)  # the layers' own random start: the same model every run
     return init_model(Model(ModelArgs.from_dict(CONFIG)), seed=0)
 
 
@@ -81,7 +82,9 @@ def test_a_few_adamw_steps_lower_the_loss(model):
     ids, mask = batch()
     table = np.array(model.model.layers[0].ffn.gate.tid2eid)
     losses = []
-    for _ in range(6):
+    # 12 steps: the indexer's loss first rises while the attention it follows moves, and
+    # falls below its start from step ~8 on (every seed tried, 0-7)
+    for _ in range(12):
         (loss, (main, mtp, _, _, index)), grads = loss_and_grad(model, ids, mask)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state)
