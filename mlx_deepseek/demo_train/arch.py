@@ -4,14 +4,16 @@ loop on DeepSeek-V3's (the `demo` package) or DeepSeek-V4's (`demo-v4`)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.nn as nn
 
-from .config import CONFIG, SHORT_CONTEXT
+from .config import CONFIG, SHORT_CONTEXT, count_parameters
+from .export import export_hf
 from .tokenizer import ADDED, ADDED_V4, CHAT_TEMPLATE, SPECIAL
-from .v4 import CONFIG_V4
+from .v4 import CONFIG_V4, count_parameters_v4, export_v4
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class Arch:
     added: list[str]  # the tokenizer's added tokens (reasoning and tool-call markers)
     chat_template: str | None  # the tokenizer's template (V4: none, the formats' encoder)
     package: str  # the name `load()` knows it by
+    count_parameters: Callable[[], tuple[int, int, int]]  # (main, MTP, active per token)
+    export: Callable[[nn.Module, dict, Any], Any]  # (model, config, folder): DeepSeek's layout
 
     @property
     def markers(self) -> list[str]:
@@ -53,6 +57,6 @@ class Arch:
 
 
 ARCHS = {
-    "v3": Arch("v3", CONFIG, "v3.1", ADDED, CHAT_TEMPLATE, "demo"),
-    "v4": Arch("v4", CONFIG_V4, "v4", ADDED_V4, None, "demo-v4"),
+    "v3": Arch("v3", CONFIG, "v3.1", ADDED, CHAT_TEMPLATE, "demo", count_parameters, export_hf),
+    "v4": Arch("v4", CONFIG_V4, "v4", ADDED_V4, None, "demo-v4", count_parameters_v4, export_v4),
 }

@@ -16,8 +16,10 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_deepseek.decoding import StepOptions, decode_steps, make_cache
 from mlx_deepseek.formats import chat_format, starts_in_reasoning
 from mlx_deepseek.generation import wrap_tokenizer
+from mlx_deepseek.sampling import greedy
 
 from .data import Split, Turn, add_answer, make_split, sub_answer
 from .dialogues import TurnSampler
@@ -73,15 +75,13 @@ class Evaluator:
         ).token_ids
 
     def _greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
-        cache = self.model.make_cache()
-        logits = self.model(mx.array([prompt]), cache)
+        """The product's plain greedy decoding (decoding.decode_steps), through the first EOS."""
+        opts = StepOptions(sampler=greedy, logits_processors=[], max_tokens=max_tokens)
         out: list[int] = []
-        while len(out) < max_tokens:
-            token = int(logits[0, -1].argmax().item())
-            out.append(token)
-            if token in self.tokenizer.eos_token_ids:
+        for step in decode_steps(self.model, mx.array(prompt), make_cache(self.model), opts):
+            out.append(step.token)
+            if step.token in self.tokenizer.eos_token_ids:
                 break
-            logits = self.model(mx.array([[token]]), cache)
         return out
 
     def answer(self, prompts: list[str], max_tokens: int = 48) -> list[Reply]:

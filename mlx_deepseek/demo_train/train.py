@@ -32,12 +32,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .arch import ARCHS
-from .config import LONG_CONTEXT, SHORT_CONTEXT, count_parameters
-from .export import export_hf
+from .config import LONG_CONTEXT, SHORT_CONTEXT
 from .packing import Packer, Renderer, corpus
 from .routing import LoadBalancer, moe_layers
 from .tokenizer import save_tokenizer, train_tokenizer
-from .v4 import count_parameters_v4, export_v4, index_loss, init_model, training_cache
+from .v4 import index_loss, init_model, training_cache
 
 SEED = 0
 DEFAULTS = dict(
@@ -248,7 +247,7 @@ def train(
 
             counts = warm_start(trainer.model, Path(hp["init"]), out / "tokenizer.json")
             print(f"warm start from {hp['init']}: {counts}")
-    total, mtp_params, active = count_parameters_v4() if arch.name == "v4" else count_parameters()
+    total, mtp_params, active = arch.count_parameters()
     n = sum(v.size for _, v in tree_flatten(trainer.model.parameters()))
     if n != total + mtp_params:
         raise RuntimeError(f"model has {n} parameters, count_parameters says {total + mtp_params}")
@@ -301,10 +300,7 @@ def train(
             _save_checkpoint(ckpt, trainer, rng, hp, step + 1, history, t_train, cpu_train)
 
     train_s, cpu_s = time.time() - t_train, time.process_time() - cpu_train
-    if arch.name == "v4":
-        export_v4(trainer.model, arch.config, out)
-    else:
-        export_hf(trainer.model, arch.config, out)
+    arch.export(trainer.model, arch.config, out)
     summary = dict(
         train_seconds=round(train_s),
         train_cpu_seconds=round(cpu_s),

@@ -238,19 +238,19 @@ class V4Attention(nn.Module):
             if isinstance(compressed, ops.SplitRows):
                 return keys, mask, compressed
             return mx.concatenate([keys, compressed], axis=1), mask, None
+        seen = visible(offset, L, n, self.ratio)  # [L, n]
         if self.kind == CSA:
             scores = self.indexer.scores(ix, iqr, cache.indexer.all(), offset, self.rope)
             idx = ops.select_topk(scores, min(self.indexer.topk, n))  # [B, L, k]
             picked = mx.put_along_axis(
                 mx.zeros((B, L, n), dtype=mx.bool_), idx, mx.array(True), axis=-1
             )
-            seen = visible(offset, L, n, self.ratio)
             comp_mask = picked & seen[None]
             if training:
                 loss = indexer_loss(q, compressed, self.scale, scores, seen)
                 cache.index_losses.append(loss)
         else:
-            comp_mask = mx.broadcast_to(visible(offset, L, n, self.ratio)[None], (B, L, n))
+            comp_mask = mx.broadcast_to(seen[None], (B, L, n))
         mask = mx.concatenate([mx.broadcast_to(mask, (B, *mask.shape[1:])), comp_mask], axis=-1)
         compressed = ops.dense_rows(compressed, keys.shape[-1]).astype(keys.dtype)
         return mx.concatenate([keys, compressed], axis=1), mask, None
