@@ -312,6 +312,42 @@ def test_tool_focused_rows_declare_tools_and_call_them_more_often(renderer, demo
         assert abs(drawn.count(task) / len(drawn) - share) < 0.03, task
 
 
+def test_tool_focused_rows_with_a_short_tool_list_mostly_call():
+    """A focused row that declares one or two tools calls them more often than it refuses
+    the undeclared ones (the model must not learn "a short list: refuse")."""
+    sampler = TurnSampler(data.make_split(), tools.make_tool_split())
+    rng = random.Random(11)
+    short = calls = refusals = 0
+    for _ in range(400):
+        conv = dialogues.sample_conversation(rng, sampler, 600, tool_focus=True)
+        assert conv.tools
+        if len(conv.tools) == len(tools.TOOLS):
+            continue
+        short += 1
+        calls += sum(bool(t.calls) for t in conv.turns)
+        refusals += sum(t.task == "no_tool" for t in conv.turns)
+    assert 120 < short < 280, short
+    assert calls > 2 * refusals > 0, (calls, refusals)
+
+
+def test_made_up_meanings_are_quoted_from_the_result():
+    """Half of the made-up words' meanings are made up too: the answer can only copy them."""
+    tool_split = tools.make_tool_split()
+    sampler = TurnSampler(data.make_split(), tool_split)
+    known = set(tools.DEFINITIONS.values())
+    rng = random.Random(12)
+    made = 0
+    for _ in range(400):
+        t = sampler.turn(rng, ["lookup"], "lookup")
+        if t.task != "lookup" or any(m in r for r in t.results for m in known):
+            continue
+        made += 1
+        (must,) = t.expect
+        assert must in t.results[0] and must in t.answer
+        assert 3 <= len(must.split()) <= 7
+    assert 40 < made < 120, made
+
+
 # ---- the training loop -----------------------------------------------------------------------
 
 

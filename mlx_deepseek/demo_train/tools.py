@@ -59,6 +59,7 @@ TOOLS: list[dict[str, Any]] = [
     },
 ]
 TOOL_NAMES = [t["function"]["name"] for t in TOOLS]
+TASK_TOOL = {"weather": "get_weather", "lookup": "lookup", "add_tool": "add"}
 
 CITIES = (
     "Paris,London,Berlin,Madrid,Rome,Lisbon,Vienna,Prague,Warsaw,Dublin,Oslo,Stockholm,"
@@ -357,6 +358,16 @@ def made_up(rng: random.Random, capital: bool) -> str:
             return name.capitalize() if capital else name
 
 
+def made_up_meaning(rng: random.Random, words: list[str], avoid: set[str]) -> str:
+    """A made-up definition: 3 to 7 of `words` (the training definitions' words) in a row,
+    containing none of `avoid` (the held-out meanings). An answer can only quote it by
+    copying it from the tool's result, which is the skill a held-out word needs."""
+    while True:
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 7)))
+        if not any(a in text for a in avoid):
+            return text
+
+
 def _big_number(rng: random.Random) -> int:
     return rng.randint(10 ** (d := rng.randint(3, 6)), 10 ** (d + 1) - 1)
 
@@ -384,12 +395,14 @@ def add_tool_turn(rng: random.Random, names: list[str]) -> Turn:
                 [str(s)])  # fmt: skip
 
 
-def tools_subset(rng: random.Random) -> list[dict[str, Any]] | None:
-    """The tools a conversation declares: None (no tools) or a shuffled non-empty subset."""
+def tools_subset(rng: random.Random, focus: bool = False) -> list[dict[str, Any]] | None:
+    """The tools a conversation declares: None (no tools) or a shuffled non-empty subset.
+    focus (tool-focused rows): never None, and one or two tools half of the time, so that
+    a short list that names the tool is met with a call as often as a full one."""
     r = rng.random()
-    if r < 0.45:
+    if r < 0.45 and not focus:
         return None
-    if r < 0.75:
+    if r < (0.5 if focus else 0.75):
         chosen = list(TOOLS)
     else:
         chosen = rng.sample(TOOLS, rng.randint(1, 2))
