@@ -348,6 +348,24 @@ def test_made_up_meanings_are_quoted_from_the_result():
     assert 40 < made < 120, made
 
 
+def test_boost_multiplies_a_tasks_weight_and_names_bad_tasks():
+    """train.py --boost "sub2=3": that task is drawn ~3x as often as before."""
+    assert dialogues.parse_boost(" sub2=3, add2=1.5 ,") == {"sub2": 3.0, "add2": 1.5}
+    for bad in ("sub=2", "sub2", "sub2="):
+        with pytest.raises(ValueError, match="TASK=FACTOR"):
+            dialogues.parse_boost(bad)
+    split, tool_split = data.make_split(), tools.make_tool_split()
+    shares = []
+    for boost in (None, {"sub2": 3.0}):
+        sampler = TurnSampler(split, tool_split, boost=boost)
+        rng = random.Random(13)
+        drawn = [sampler.task(rng, []) for _ in range(6000)]
+        shares.append(drawn.count("sub2") / len(drawn))
+    w = next(plain for t, _, plain in TASKS if t == "sub2")
+    assert shares[0] == pytest.approx(w, abs=0.02)
+    assert shares[1] == pytest.approx(3 * w / (1 + 2 * w), abs=0.02)
+
+
 # ---- the training loop -----------------------------------------------------------------------
 
 

@@ -62,7 +62,7 @@ FOCUS_TASKS = {"weather": 0.3, "lookup": 0.22, "add_tool": 0.12}
 # this share of its weight: with one tool declared, most tool turns then call it. (At full
 # weight, two of a one-tool row's three tool tasks refused, and the model learnt to refuse
 # when the list is short: 12 of 12 missing calls at stage 3e had one tool declared.)
-UNDECLARED_FOCUS = 0.25
+UNDECLARED_FOCUS = 0.1
 # This share of the made-up words' meanings are made up too (tools.made_up_meaning), so
 # that an answer quotes the result instead of recalling a trained definition.
 MADE_UP_MEANING_SHARE = 0.5
@@ -89,8 +89,16 @@ class TurnSampler:
     """Draws exchanges from the training side of the splits, or (held=True) from the held-out
     side: held-out 2-digit pairs, cities and words. `arch`: whose facts the model tells."""
 
-    def __init__(self, split: Split, tool_split: ToolSplit, held: bool = False, arch: str = "v3"):
+    def __init__(
+        self,
+        split: Split,
+        tool_split: ToolSplit,
+        held: bool = False,
+        arch: str = "v3",
+        boost: dict[str, float] | None = None,
+    ):
         self.split, self.held = split, held
+        self.boost = boost or {}  # task -> weight multiplier (train.py --boost)
         self.facts, self.greetings = TABLES[arch]
         self.cities = tool_split.cities(held)
         self.words = tool_split.words(held)
@@ -101,7 +109,10 @@ class TurnSampler:
 
     def task(self, rng: random.Random, names: list[str], focus: bool = False) -> str:
         tasks = [t for t, _, _ in TASKS]
-        weights = [w_tools if names else w_plain for _, w_tools, w_plain in TASKS]
+        weights = [
+            (w_tools if names else w_plain) * self.boost.get(t, 1.0)
+            for t, w_tools, w_plain in TASKS
+        ]
         if focus and names:
             rest = sum(w for t, w in zip(tasks, weights, strict=True) if t not in FOCUS_TASKS)
             scale = (1 - sum(FOCUS_TASKS.values())) / rest
@@ -146,6 +157,18 @@ class TurnSampler:
             "backwards": backwards_turn,
             "refuse": refusal_turn,
         }[task](rng)
+
+
+def parse_boost(text: str) -> dict[str, float]:
+    """train.py --boost "sub2=2,add2=1.5" -> {"sub2": 2.0, "add2": 1.5} (task weight factors)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        task, _, factor = item.partition("=")
+        if task not in {t for t, _, _ in TASKS} or not factor:
+            known = ", ".join(t for t, _, _ in TASKS)
+            raise ValueError(f"--boost {item!r}: write TASK=FACTOR with TASK one of {known}")
+        out[task] = float(factor)
+    return out
 
 
 def sample_conversation(

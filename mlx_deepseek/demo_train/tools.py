@@ -397,12 +397,12 @@ def add_tool_turn(rng: random.Random, names: list[str]) -> Turn:
 
 def tools_subset(rng: random.Random, focus: bool = False) -> list[dict[str, Any]] | None:
     """The tools a conversation declares: None (no tools) or a shuffled non-empty subset.
-    focus (tool-focused rows): never None, and one or two tools half of the time, so that
+    focus (tool-focused rows): never None, and one or two tools 60% of the time, so that
     a short list that names the tool is met with a call as often as a full one."""
     r = rng.random()
     if r < 0.45 and not focus:
         return None
-    if r < (0.5 if focus else 0.75):
+    if r < (0.4 if focus else 0.75):
         chosen = list(TOOLS)
     else:
         chosen = rng.sample(TOOLS, rng.randint(1, 2))

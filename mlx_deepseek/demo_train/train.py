@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .arch import ARCHS
 from .config import LONG_CONTEXT, SHORT_CONTEXT
+from .dialogues import parse_boost
 from .packing import Packer, Renderer, corpus
 from .routing import LoadBalancer, moe_layers
 from .tokenizer import save_tokenizer, train_tokenizer
@@ -54,6 +55,7 @@ DEFAULTS = dict(
     tool_focus=0.0,  # share of steps that are tool-focused SHORT_CONTEXT rows (stage 3)
     arch="v3",  # arch.ARCHS: "v3" (the demo package) or "v4" (demo-v4)
     index_weight=0.1,  # V4: the indexer's loss (v4.index_loss)
+    boost="",  # task weight factors, "sub2=2,add2=1.5" (dialogues.TASKS' names)
 )
 # (row length, share of steps, tools allowed): the tools block alone is ~260 tokens
 SHORT_MIX = [(128, 0.3, False), (256, 0.35, False), (SHORT_CONTEXT, 0.35, True)]
@@ -226,7 +228,7 @@ def train(
     arch = ARCHS[hp["arch"]]
     tok = train_tokenizer(corpus(arch=arch.name), added=arch.added)
     save_tokenizer(tok, out, arch.chat_template)
-    packer = Packer(tok, Renderer(arch=arch.name))
+    packer = Packer(tok, Renderer(arch=arch.name, boost=parse_boost(hp["boost"])))
     rng = random.Random(SEED)
 
     ckpt = out / "checkpoint"
@@ -336,6 +338,10 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint/")
     a = p.parse_args()
     hp = {k: getattr(a, k) for k in DEFAULTS}
+    try:
+        parse_boost(hp["boost"])
+    except ValueError as e:
+        p.error(str(e))
     a.out.mkdir(parents=True, exist_ok=True)
     train(a.out, hp, eval_every=a.eval_every, ckpt_every=a.ckpt_every, resume=a.resume)
 
