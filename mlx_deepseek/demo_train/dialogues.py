@@ -64,8 +64,9 @@ FOCUS_TASKS = {"weather": 0.3, "lookup": 0.22, "add_tool": 0.12}
 # when the list is short: 12 of 12 missing calls at stage 3e had one tool declared.)
 UNDECLARED_FOCUS = 0.1
 # This share of the made-up words' meanings are made up too (tools.made_up_meaning), so
-# that an answer quotes the result instead of recalling a trained definition.
-MADE_UP_MEANING_SHARE = 0.5
+# that an answer quotes the result instead of recalling a trained definition: a held-out
+# word's definition (never trained) can only be copied.
+MADE_UP_MEANING_SHARE = 0.75
 
 
 @dataclass
@@ -117,7 +118,9 @@ class TurnSampler:
             rest = sum(w for t, w in zip(tasks, weights, strict=True) if t not in FOCUS_TASKS)
             scale = (1 - sum(FOCUS_TASKS.values())) / rest
             weights = [
-                FOCUS_TASKS[t] * (1 if TASK_TOOL[t] in names else UNDECLARED_FOCUS)
+                FOCUS_TASKS[t]
+                * (1 if TASK_TOOL[t] in names else UNDECLARED_FOCUS)
+                * self.boost.get(t, 1.0)
                 if t in FOCUS_TASKS
                 else w * scale
                 for t, w in zip(tasks, weights, strict=True)

@@ -359,11 +359,16 @@ def made_up(rng: random.Random, capital: bool) -> str:
 
 
 def made_up_meaning(rng: random.Random, words: list[str], avoid: set[str]) -> str:
-    """A made-up definition: 3 to 7 of `words` (the training definitions' words) in a row,
-    containing none of `avoid` (the held-out meanings). An answer can only quote it by
-    copying it from the tool's result, which is the skill a held-out word needs."""
+    """A made-up definition: 3 to 7 words in a row, each one of `words` (the training
+    definitions' words) or, a third of the time, a made-up one (unfamiliar pieces, as a
+    held-out definition's rarer words are); containing none of `avoid` (the held-out
+    meanings). An answer can only quote it by copying it from the tool's result, which is
+    the skill a held-out word needs."""
     while True:
-        text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 7)))
+        text = " ".join(
+            made_up(rng, False) if rng.random() < 1 / 3 else rng.choice(words)
+            for _ in range(rng.randint(3, 7))
+        )
         if not any(a in text for a in avoid):
             return text
 
