@@ -17,9 +17,9 @@ from mlx_deepseek.models.v4_config import CSA, HCA, SLIDING
 from mlx_deepseek.ops import cpu
 
 DEMO = demo_path("demo-v4")
-# measured (README.md, evaluate.py --limit 40): 15% of held-out 2-digit questions at turn 1
-# with thinking off (6 of 40), far below the V3 demo's 95%: 91 minutes of training
-THRESHOLD_TURN1 = 0.1
+# measured (README.md, evaluate.py --limit 40): 85% of held-out 2-digit questions at turn 1
+# with thinking off (34 of 40; 88% of 200), below the V3 demo's 95%: 163 minutes of training
+THRESHOLD_TURN1 = 0.7
 
 
 @pytest.fixture(scope="module")
