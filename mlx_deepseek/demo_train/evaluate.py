@@ -10,7 +10,7 @@ the checkpoint's own chat format (metrics.py):
 - self-description ("Who are you?"), thinking off and on;
 - MTP: the acceptance of its greedy drafts over the model's own answers.
 
-``--limit N`` samples N questions per arithmetic row (the full split has 1,215).
+``--limit N`` samples N questions per arithmetic row (the full split has 1,228).
 """
 
 from __future__ import annotations
