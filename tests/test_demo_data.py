@@ -348,6 +348,31 @@ def test_made_up_meanings_are_quoted_from_the_result():
     assert 80 < made < 160, made
 
 
+def test_echo_turns_repeat_the_users_text_exactly():
+    """The echo task (copying drill): the answer is the text after the phrase, character for
+    character; its pieces mix made-up words, numbers and training names, never held-out ones."""
+    tool_split = tools.make_tool_split()
+    sampler = TurnSampler(data.make_split(), tool_split)
+    held = tool_split.held_cities | tool_split.held_words | sampler.held_meanings
+    phrases = {p.format(t="").lower() for p in data.ECHO_PHRASES}
+    rng = random.Random(14)
+    lengths, numbers, capitals = set(), 0, 0
+    for _ in range(300):
+        t = sampler.turn(rng, rng.choice([[], tools.TOOL_NAMES]), "echo")
+        assert t.task == "echo" and not t.calls and t.expect == [t.answer]
+        assert t.user.endswith(t.answer) and t.user[: -len(t.answer)].lower() in phrases
+        pieces = t.answer.split()
+        lengths.add(len(pieces))
+        numbers += any(p.isdigit() for p in pieces)
+        capitals += any(p[:1].isupper() for p in pieces)
+        assert not any(re.search(rf"\b{re.escape(h)}\b", t.answer) for h in held), t.answer
+    assert set(range(1, 9)) <= lengths  # a city may be two words
+    assert numbers > 100 and capitals > 100, (numbers, capitals)
+    rng = random.Random(15)
+    drawn = [sampler.task(rng, []) for _ in range(4000)]
+    assert 0.02 < drawn.count("echo") / len(drawn) < 0.06
+
+
 def test_boost_multiplies_a_tasks_weight_and_names_bad_tasks():
     """train.py --boost "sub2=3": that task is drawn ~3x as often as before."""
     assert dialogues.parse_boost(" sub2=3, add2=1.5 ,") == {"sub2": 3.0, "add2": 1.5}

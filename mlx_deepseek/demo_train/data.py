@@ -263,6 +263,23 @@ def backwards_turn(rng: random.Random) -> Turn:
     return Turn(q, f"{w} backwards is {w[::-1]}.", reasoning, "backwards", expect=[w[::-1]])
 
 
+ECHO_PHRASES = [
+    "Repeat after me: {t}",
+    "Say this back to me: {t}",
+    "Repeat: {t}",
+    "Echo this: {t}",
+    "Please repeat exactly: {t}",
+    "Copy this: {t}",
+]
+
+
+def echo_turn(rng: random.Random, text: str) -> Turn:
+    """The user's text back, exactly: a copy of tokens the model may never have seen in that
+    order, the skill that a held-out name in a call and a held-out result in an answer need."""
+    q = case(rng, rng.choice(ECHO_PHRASES).format(t=text))
+    return Turn(q, text, "I repeat the text exactly.\n", "echo", expect=[text])
+
+
 def count_turn(rng: random.Random) -> Turn:
     r = rng.random()
     if r < 0.35:

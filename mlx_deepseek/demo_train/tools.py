@@ -373,6 +373,30 @@ def made_up_meaning(rng: random.Random, words: list[str], avoid: set[str]) -> st
             return text
 
 
+def echo_text(
+    rng: random.Random, cities: list[str], words: list[str], avoid: set[str]
+) -> str:
+    """1 to 8 pieces to repeat back (data.echo_turn): made-up words and names, `words` (the
+    training definitions' words), `cities` (the training side) and numbers of 1 to 7 digits,
+    the kinds of text a call or an answer copies; containing none of `avoid` (the held-out
+    meanings)."""
+    while True:
+        pieces = []
+        for _ in range(rng.randint(1, 8)):
+            r = rng.random()
+            if r < 0.35:
+                pieces.append(made_up(rng, rng.random() < 0.3))
+            elif r < 0.65:
+                pieces.append(rng.choice(words))
+            elif r < 0.8:
+                pieces.append(rng.choice(cities))
+            else:
+                pieces.append(str(rng.randint(0, 10 ** rng.randint(1, 7) - 1)))
+        text = " ".join(pieces)
+        if not any(a in text for a in avoid):
+            return text
+
+
 def _big_number(rng: random.Random) -> int:
     return rng.randint(10 ** (d := rng.randint(3, 6)), 10 ** (d + 1) - 1)
 
