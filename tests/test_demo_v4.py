@@ -11,8 +11,9 @@ import pytest
 
 from mlx_deepseek import load
 from mlx_deepseek.demo_train import data, metrics, tools
+from mlx_deepseek.formats.chat import chat_format, read_model_config
 from mlx_deepseek.generation import stream_generate
-from mlx_deepseek.loading import demo_path, resolve_model_path
+from mlx_deepseek.loading import demo_path, load_tokenizer, resolve_model_path
 from mlx_deepseek.models.v4_config import CSA, HCA, SLIDING
 from mlx_deepseek.ops import cpu
 
@@ -45,6 +46,17 @@ def test_demo_v4_is_a_small_quantized_v4_with_every_layer_kind(ev):
     assert args.compress_rates[CSA] == 4 and args.compress_rates[HCA] <= 128
     assert any(args.hash_layers) and args.hc_mult > 1 and len(model.mtp) == 1
     assert "indexer" in model.layers[kinds.index(CSA)].attn
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-v4"])
+def test_the_demos_sample_at_their_generation_config(name):
+    """Both demos declare 0.6 / 0.95 in generation_config.json, and the chat format takes it
+    over the family's default (V4's 1.0 / 1.0 let demo-v4's noisy tail through)."""
+    path = demo_path(name)
+    tokenizer = load_tokenizer(path)
+    fmt = chat_format(tokenizer, read_model_config(path), name)
+    assert fmt.family == ("v4" if name == "demo-v4" else "v3.1")
+    assert (fmt.temperature, fmt.top_p) == (0.6, 0.95)
 
 
 def test_held_out_arithmetic_at_turn_1(ev):
