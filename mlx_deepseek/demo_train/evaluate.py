@@ -8,6 +8,7 @@ the checkpoint's own chat format (metrics.py):
   tools declared (no call allowed);
 - tools: well-formed calls with JSON arguments, the right call, the result used;
 - self-description ("Who are you?"), thinking off and on;
+- copying: held-out text repeated back exactly (the skill held-out calls and results need);
 - MTP: the acceptance of its greedy drafts over the model's own answers.
 
 ``--limit N`` samples N questions per arithmetic row (the full split has 1,228).
@@ -42,6 +43,7 @@ def evaluate(model: Any, tokenizer: Any, limit: int | None = None, tool_cases: i
         rows[f"who_think_{mode}"] = metrics.self_description(ev, thinking)
     rows["arith_after_1000_tokens"] = metrics.arithmetic(ev, min(short, 200), 1, context=1000)
     rows["arith_with_tools_declared"] = metrics.arithmetic(ev, short, 3, tools=True)
+    rows["copy_held_out"] = metrics.copying(ev)
     rows["mtp"] = metrics.mtp_acceptance(ev)
     return rows
 

@@ -24,7 +24,7 @@ from mlx_deepseek.sampling import greedy
 from .data import Split, Turn, add_answer, make_split, sub_answer
 from .dialogues import TurnSampler
 from .facts import FACTS, TABLES
-from .tools import TOOLS, make_tool_split
+from .tools import DEFINITIONS, TOOLS, make_tool_split
 
 EVAL_SEED = 4242
 INTRO = FACTS[0][1][0]  # the V3 demo's self-description ("Who are you?")
@@ -204,6 +204,26 @@ def tool_use(ev: Evaluator, n: int = 60, thinking: bool = False) -> dict:
         "misses": [r.text[:120] for r, g in zip(first, right, strict=True) if not g][:3]
         + [r.content[:120] for r, g in zip(second, used, strict=True) if not g][:3],
     }
+
+
+def copying(ev: Evaluator, thinking: bool = False) -> dict:
+    """The copying skill on its own: "Repeat after me: TEXT" (the echo task) with held-out
+    text (every held-out word's definition, pairs of held-out cities, 4- to 7-digit numbers),
+    answered exactly. A call with a held-out name and an answer from a held-out result need
+    it; the training side's echo never shows these texts."""
+    rng = random.Random(EVAL_SEED + 5)
+    split = make_tool_split()
+    cities = sorted(split.held_cities)
+    texts = [DEFINITIONS[w] for w in sorted(split.held_words)]
+    texts += [" ".join(rng.sample(cities, 2)) for _ in range(10)]
+    texts += [str(rng.randint(1000, 9_999_999)) for _ in range(10)]
+    prompts = [
+        ev.render([{"role": "user", "content": f"Repeat after me: {t}"}], thinking) for t in texts
+    ]
+    replies = ev.answer(prompts, 48)
+    ok = [r.content.strip() == t for r, t in zip(replies, texts, strict=True)]
+    misses = [f"{t} -> {r.content!r}" for t, r, g in zip(texts, replies, ok, strict=True) if not g]
+    return {"accuracy": _rate(ok), "n": len(ok), "misses": misses[:4]}
 
 
 def self_description(ev: Evaluator, thinking: bool = False) -> dict:

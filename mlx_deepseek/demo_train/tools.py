@@ -373,9 +373,7 @@ def made_up_meaning(rng: random.Random, words: list[str], avoid: set[str]) -> st
             return text
 
 
-def echo_text(
-    rng: random.Random, cities: list[str], words: list[str], avoid: set[str]
-) -> str:
+def echo_text(rng: random.Random, cities: list[str], words: list[str], avoid: set[str]) -> str:
     """1 to 8 pieces to repeat back (data.echo_turn): made-up words and names, `words` (the
     training definitions' words), `cities` (the training side) and numbers of 1 to 7 digits,
     the kinds of text a call or an answer copies; containing none of `avoid` (the held-out
