@@ -111,7 +111,7 @@ class TurnSampler:
         self.meanings = [DEFINITIONS[w] for w in tool_split.words(False)]
         self.meaning_words = sorted({w.strip(",;") for m in self.meanings for w in m.split()})
         self.held_meanings = {DEFINITIONS[w] for w in tool_split.words(True)}
-        self.train_cities = tool_split.cities(False)  # echo's cities, held or not
+        self.train_cities = tool_split.cities(False)  # echo's, even in a held-out sampler
 
     def task(self, rng: random.Random, names: list[str], focus: bool = False) -> str:
         tasks = [t for t, _, _ in TASKS]

@@ -212,9 +212,8 @@ def copying(ev: Evaluator, thinking: bool = False) -> dict:
     answered exactly. A call with a held-out name and an answer from a held-out result need
     it; the training side's echo never shows these texts."""
     rng = random.Random(EVAL_SEED + 5)
-    split = make_tool_split()
-    cities = sorted(split.held_cities)
-    texts = [DEFINITIONS[w] for w in sorted(split.held_words)]
+    cities = sorted(ev.sampler.cities)  # the evaluator's sampler draws the held-out side
+    texts = [DEFINITIONS[w] for w in sorted(ev.sampler.words)]
     texts += [" ".join(rng.sample(cities, 2)) for _ in range(10)]
     texts += [str(rng.randint(1000, 9_999_999)) for _ in range(10)]
     prompts = [
