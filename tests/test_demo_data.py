@@ -373,6 +373,38 @@ def test_echo_turns_repeat_the_users_text_exactly():
     assert 0.02 < drawn.count("echo") / len(drawn) < 0.06
 
 
+def test_random_letters_split_into_more_pieces_than_made_up_names(demo_tokenizer):
+    """tools.letters, the copying drills' hardest pieces: no demo word or city, 3 to 9 lower
+    case letters, split into more tokens per letter than the pronounceable made-up names,
+    and present in the echo texts and made-up meanings."""
+    rng = random.Random(16)
+    known = {w.lower() for w in tools.CITIES + tools.WORDS}
+    drawn = [tools.letters(rng) for _ in range(1500)]
+    assert all(3 <= len(w) <= 9 and w.isalpha() and w.islower() for w in drawn)
+    assert not known & set(drawn) and len(set(drawn)) > 1400
+    named = [tools.made_up(rng, False) for _ in range(1500)]
+
+    def per_letter(words):
+        pieces = [len(demo_tokenizer.encode(" " + w, add_special_tokens=False).ids) for w in words]
+        return sum(pieces) / sum(map(len, words))
+
+    assert per_letter(drawn) > per_letter(named) + 0.08, (per_letter(drawn), per_letter(named))
+    sampler = TurnSampler(data.make_split(), tools.make_tool_split())
+    onset, vowel = "|".join(tools._ONSETS), "|".join(tools._VOWELS)
+    named = re.compile(rf"({onset})({vowel})(({onset})({vowel}))+({'|'.join(tools._CODAS)})")
+    usual = set(sampler.meaning_words) | {p for c in tools.CITIES for p in c.split()}
+
+    def random_letters(text):  # pieces that are no name, number or word of the data's
+        return sum(
+            not (p in usual or p.isdigit() or named.fullmatch(p.lower())) for p in text.split()
+        )
+
+    echoed = [sampler.turn(rng, [], "echo").answer for _ in range(300)]
+    meant = [tools.made_up_meaning(rng, sampler.meaning_words, set()) for _ in range(300)]
+    assert sum(map(random_letters, echoed)) > 60
+    assert sum(map(random_letters, meant)) > 60
+
+
 def test_boost_multiplies_a_tasks_weight_and_names_bad_tasks():
     """train.py --boost "sub2=3": that task is drawn ~3x as often as before."""
     assert dialogues.parse_boost(" sub2=3, add2=1.5 ,") == {"sub2": 3.0, "add2": 1.5}

@@ -342,6 +342,10 @@ def lookup_turn(
 _ONSETS = "b c d f g h k l m n p r s t v w z br dr gr kr pl st tr ch sh th".split()
 _VOWELS = "a e i o u a e o ia ou".split()
 _CODAS = ["", "", "", "n", "r", "s", "l", "k", "m", "rt", "nd", "st"]
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# English letter frequencies (%), a..z
+_LETTER_WEIGHTS = [8.2, 1.5, 2.8, 4.3, 12.7, 2.2, 2.0, 6.1, 7.0, 0.15, 0.77, 4.0, 2.4, 6.7,
+                   7.5, 1.9, 0.095, 6.0, 6.3, 9.1, 2.8, 0.98, 2.4, 0.15, 2.0, 0.074]  # fmt: skip
 
 
 def made_up(rng: random.Random, capital: bool) -> str:
@@ -358,32 +362,50 @@ def made_up(rng: random.Random, capital: bool) -> str:
             return name.capitalize() if capital else name
 
 
+def letters(rng: random.Random) -> str:
+    """3 to 9 random letters (English letter frequencies) that are no city or word of the
+    demo's: no syllable pattern, so the tokenizer splits them into its rarest, mostly single
+    letter pieces, as it splits a held-out name ("L j ub l j an a"). The copying drills'
+    hardest pieces: a copy that slips one letter fails."""
+    known = {w.lower() for w in CITIES + WORDS}
+    while True:
+        text = "".join(rng.choices(_LETTERS, _LETTER_WEIGHTS, k=rng.randint(3, 9)))
+        if text not in known:
+            return text
+
+
 def made_up_meaning(rng: random.Random, words: list[str], avoid: set[str]) -> str:
     """A made-up definition: 3 to 7 words in a row, each one of `words` (the training
     definitions' words) or, a third of the time, a made-up one (unfamiliar pieces, as a
-    held-out definition's rarer words are); containing none of `avoid` (the held-out
-    meanings). An answer can only quote it by copying it from the tool's result, which is
-    the skill a held-out word needs."""
+    held-out definition's rarer words are; one in four of those random letters); containing
+    none of `avoid` (the held-out meanings). An answer can only quote it by copying it from
+    the tool's result, which is the skill a held-out word needs."""
+
+    def piece() -> str:
+        r = rng.random()
+        if r < 1 / 12:
+            return letters(rng)
+        return made_up(rng, False) if r < 1 / 3 else rng.choice(words)
+
     while True:
-        text = " ".join(
-            made_up(rng, False) if rng.random() < 1 / 3 else rng.choice(words)
-            for _ in range(rng.randint(3, 7))
-        )
+        text = " ".join(piece() for _ in range(rng.randint(3, 7)))
         if not any(a in text for a in avoid):
             return text
 
 
 def echo_text(rng: random.Random, cities: list[str], words: list[str], avoid: set[str]) -> str:
-    """1 to 8 pieces to repeat back (data.echo_turn): made-up words and names, `words` (the
-    training definitions' words), `cities` (the training side) and numbers of 1 to 7 digits,
-    the kinds of text a call or an answer copies; containing none of `avoid` (the held-out
-    meanings)."""
+    """1 to 8 pieces to repeat back (data.echo_turn): made-up words and names, random
+    letters, `words` (the training definitions' words), `cities` (the training side) and
+    numbers of 1 to 7 digits, the kinds of text a call or an answer copies; containing none
+    of `avoid` (the held-out meanings)."""
     while True:
         pieces = []
         for _ in range(rng.randint(1, 8)):
             r = rng.random()
-            if r < 0.35:
+            if r < 0.25:
                 pieces.append(made_up(rng, rng.random() < 0.3))
+            elif r < 0.35:
+                pieces.append(letters(rng))
             elif r < 0.65:
                 pieces.append(rng.choice(words))
             elif r < 0.8:
