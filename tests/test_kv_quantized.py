@@ -29,6 +29,7 @@ from mlx_deepseek.models.cache import (
     latent_group_size,
 )
 from mlx_deepseek.ops import cpu
+from mlx_deepseek.sampling import SamplingSettings
 
 QUESTION = [{"role": "user", "content": "What is 23 + 45?"}]
 
@@ -215,13 +216,17 @@ def test_mlx_lm_kv_bits_and_its_quantized_cache_class(demo, tmp_path):
     assert np.abs(both - want).max() <= 2e-5 * np.abs(want).max()
 
 
+GREEDY = SamplingSettings()  # the demo samples at 0.6 by default (its generation_config)
+
+
 def answered_chat(demo, kv_bits: int):
-    """A demo chat session (no MTP) with a kv_bits cache, after one answer."""
+    """A demo chat session (no MTP, greedy: two sessions' answers are compared) with a
+    kv_bits cache, after one answer."""
     from mlx_deepseek.chat.session import ChatSession
 
     _, tokenizer = demo
     model, _ = mlx_deepseek.load("demo", kv_bits=kv_bits)
-    chat = ChatSession(model, tokenizer, name="demo", mtp=False)
+    chat = ChatSession(model, tokenizer, name="demo", mtp=False, settings=GREEDY)
     "".join(c.text for c in chat.respond("What is 12 + 30?"))
     return chat
 
@@ -233,7 +238,7 @@ def test_chat_save_and_load_with_a_quantized_cache(demo, tmp_path):
     _, tokenizer = demo
     model = a.model
     path = a.save(tmp_path / "chat")
-    b = ChatSession(model, tokenizer, name="demo", mtp=False)
+    b = ChatSession(model, tokenizer, name="demo", mtp=False, settings=GREEDY)
     b.load(path)
     assert b.tokens == a.tokens and isinstance(b.cache[0], QuantizedKVCache)
     assert all(c.offset == len(a.tokens) for c in b.cache)
@@ -243,7 +248,7 @@ def test_chat_save_and_load_with_a_quantized_cache(demo, tmp_path):
     assert b.last.reused_tokens == a.last.reused_tokens > 0  # the loaded cache was reused
 
     float_model, _ = demo  # the same session in a full-precision chat: converted
-    c = ChatSession(float_model, tokenizer, name="demo", mtp=False)
+    c = ChatSession(float_model, tokenizer, name="demo", mtp=False, settings=GREEDY)
     c.load(path)
     assert isinstance(c.cache[0], KVCache) and c.cache[0].keys.dtype == mx.float32
     "".join(x.text for x in c.respond(follow))
@@ -294,7 +299,7 @@ def test_a_damaged_quantized_session_file_is_refused_in_one_line(demo, tmp_path)
         "packed": ({"0.0.0": arrays["0.0.0"].astype(mx.int32)}, "packed keys have shape"),
         "missing": ({"0.0.2": None}, "quantized keys are incomplete"),
     }
-    b = ChatSession(model, tokenizer, name="demo", mtp=False)
+    b = ChatSession(model, tokenizer, name="demo", mtp=False, settings=GREEDY)
     before = list(b.tokens)
     for name, (edit, says) in damage.items():
         changed = {**arrays, **edit}
