@@ -346,6 +346,8 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # English letter frequencies (%), a..z
 _LETTER_WEIGHTS = [8.2, 1.5, 2.8, 4.3, 12.7, 2.2, 2.0, 6.1, 7.0, 0.15, 0.77, 4.0, 2.4, 6.7,
                    7.5, 1.9, 0.095, 6.0, 6.3, 9.1, 2.8, 0.98, 2.4, 0.15, 2.0, 0.074]  # fmt: skip
+# what a made-up name or a run of random letters must not be
+_KNOWN = frozenset(w.lower() for w in CITIES + WORDS)
 
 
 def made_up(rng: random.Random, capital: bool) -> str:
@@ -354,11 +356,10 @@ def made_up(rng: random.Random, capital: bool) -> str:
     Training questions about made-up cities and words teach the model to copy the name from
     the question into the call, whatever its tokens, instead of recalling names it has seen;
     the held-out cities and words are then copied like any other."""
-    known = {w.lower() for w in CITIES + WORDS}
     while True:
         parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3))]
         name = "".join(parts) + rng.choice(_CODAS)
-        if name not in known and 4 <= len(name) <= 10:
+        if name not in _KNOWN and 4 <= len(name) <= 10:
             return name.capitalize() if capital else name
 
 
@@ -367,10 +368,9 @@ def letters(rng: random.Random) -> str:
     demo's: no syllable pattern, so the tokenizer splits them into its rarest, mostly single
     letter pieces, as it splits a held-out name ("L j ub l j an a"). The copying drills'
     hardest pieces: a copy that slips one letter fails."""
-    known = {w.lower() for w in CITIES + WORDS}
     while True:
         text = "".join(rng.choices(_LETTERS, _LETTER_WEIGHTS, k=rng.randint(3, 9)))
-        if text not in known:
+        if text not in _KNOWN:
             return text
 
 
