@@ -392,7 +392,8 @@ def test_random_letters_split_into_more_pieces_than_made_up_names(demo_tokenizer
     sampler = TurnSampler(data.make_split(), tools.make_tool_split())
     onset, vowel = "|".join(tools._ONSETS), "|".join(tools._VOWELS)
     named = re.compile(rf"({onset})({vowel})(({onset})({vowel}))+({'|'.join(tools._CODAS)})")
-    usual = set(sampler.meaning_words) | {p for c in tools.CITIES for p in c.split()}
+    usual = set(sampler.meaning_words) | set(tools.EVERYDAY)
+    usual |= {p for c in tools.CITIES for p in c.split()}
 
     def random_letters(text):  # pieces that are no name, number or word of the data's
         return sum(
@@ -403,6 +404,38 @@ def test_random_letters_split_into_more_pieces_than_made_up_names(demo_tokenizer
     meant = [tools.made_up_meaning(rng, sampler.meaning_words, set()) for _ in range(300)]
     assert sum(map(random_letters, echoed)) > 60
     assert sum(map(random_letters, meant)) > 60
+
+
+def test_everyday_words_in_the_copying_drills_leave_out_every_held_out_word():
+    """Everyday English words (tools.EVERYDAY) join the echo texts and made-up meanings, but
+    never a word of a held-out meaning, lookup word or city: the held-out definitions stay
+    unseen, and their words are copied, not recalled."""
+    tool_split = tools.make_tool_split()
+    sampler = TurnSampler(data.make_split(), tool_split)
+    held_texts = sampler.held_meanings | tool_split.held_words | tool_split.held_cities
+    held = {w.strip(",;").lower() for t in held_texts for w in t.split()}
+    assert len(tools.EVERYDAY) == len(set(tools.EVERYDAY)) > 500
+    assert not held & set(sampler.everyday)
+    assert len(sampler.everyday) > len(tools.EVERYDAY) - 20
+    # a word that a held-out meaning uses is left out
+    assert tools.everyday_words({"a cold bright morning"}) == [
+        w for w in tools.EVERYDAY if w not in {"a", "cold", "bright", "morning"}
+    ]
+    everyday = set(tools.EVERYDAY) - set(sampler.meaning_words)
+    rng = random.Random(17)
+    echoed = [sampler.turn(rng, [], "echo").answer for _ in range(300)]
+    meant = [
+        tools.made_up_meaning(rng, sampler.meaning_words, set(), sampler.everyday)
+        for _ in range(300)
+    ]
+    for texts in (echoed, meant):
+        words = [w for t in texts for w in t.split()]
+        assert not held & {w.lower() for w in words if w not in sampler.meaning_words}
+        share = sum(w in everyday for w in words) / len(words)
+        assert 0.08 < share < 0.3, share
+    # without everyday words (the old drills), none turn up
+    plain = [tools.made_up_meaning(rng, sampler.meaning_words, set()) for _ in range(100)]
+    assert not any(w in everyday for t in plain for w in t.split())
 
 
 def test_boost_multiplies_a_tasks_weight_and_names_bad_tasks():

@@ -21,6 +21,7 @@ from .tools import (
     ToolSplit,
     add_tool_turn,
     echo_text,
+    everyday_words,
     lookup_turn,
     made_up,
     made_up_meaning,
@@ -111,6 +112,10 @@ class TurnSampler:
         self.meanings = [DEFINITIONS[w] for w in tool_split.words(False)]
         self.meaning_words = sorted({w.strip(",;") for m in self.meanings for w in m.split()})
         self.held_meanings = {DEFINITIONS[w] for w in tool_split.words(True)}
+        # the copying drills' everyday words: none of a held-out meaning, word or city
+        self.everyday = everyday_words(
+            self.held_meanings | set(tool_split.words(True)) | set(tool_split.cities(True))
+        )
         self.train_cities = tool_split.cities(False)  # echo's, even in a held-out sampler
 
     def task(self, rng: random.Random, names: list[str], focus: bool = False) -> str:
@@ -149,7 +154,9 @@ class TurnSampler:
             if made:
                 word = made_up(rng, False)
                 if rng.random() < MADE_UP_MEANING_SHARE:
-                    meaning = made_up_meaning(rng, self.meaning_words, self.held_meanings)
+                    meaning = made_up_meaning(
+                        rng, self.meaning_words, self.held_meanings, self.everyday
+                    )
                 else:
                     meaning = rng.choice(self.meanings)
                 return lookup_turn(rng, names, [word], {word: meaning})
@@ -157,7 +164,9 @@ class TurnSampler:
         if task == "add_tool":
             return add_tool_turn(rng, names)
         if task == "echo":
-            text = echo_text(rng, self.train_cities, self.meaning_words, self.held_meanings)
+            text = echo_text(
+                rng, self.train_cities, self.meaning_words, self.held_meanings, self.everyday
+            )
             return echo_turn(rng, text)
         if task == "facts":
             return facts_turn(rng, self.facts)

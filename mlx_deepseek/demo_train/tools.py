@@ -374,18 +374,82 @@ def letters(rng: random.Random) -> str:
             return text
 
 
-def made_up_meaning(rng: random.Random, words: list[str], avoid: set[str]) -> str:
+# Everyday English words for the copying drills (echo texts, made-up meanings). A held-out
+# definition is real words in an order the model has never seen, and its misses were real
+# words bent toward familiar ones ("fit together" -> "fit to do", "to shake" -> "to shared"):
+# drills of real words in random orders teach copying over the model's own expectations.
+# TurnSampler leaves out every word of a held-out meaning, word or city (everyday_words).
+EVERYDAY = """
+able about above across act after again age air all almost alone along also always among
+angry animal answer any apple area arm army around art ask away baby back bad bag ball
+band bank base basket bath bear beautiful bed bee before begin behind bell below belt
+best better between big bird birth bit bite black blade blanket blind blood blow blue
+board boat body bone bottle bottom box boy brain brake branch brass bread breath brick
+bridge bright broken brother brown brush bucket bulb burn busy butter button cake camera
+card care carpet cart cat cause chain chalk chance change cheap cheese chest chief child
+chin church circle clean clear clock cloth cloud coal coat cold collar colour comb come
+common copper copy cord cork cotton cough country cow crack credit crime cruel crush cry
+cup current curtain curve cushion damage danger dark dear death debt deep degree desk
+detail dog door doubt down drain drawer dress drink drop dry dust ear early earth east
+edge egg engine enough equal even event every exact example expert eye face fact fall
+false family far farm fat father fear feather feeling female fever few field fight
+finger fire first fish flag flame flat floor flower fly fold food foolish foot force fork
+form forward frame free friend front full future garden general gift girl glass glove
+goat gold good grain grass great green grey grip group growth guide gun hair hammer hand
+happy harbour hard hat hate head healthy hearing heart help high history hole hook hope
+horn horse hospital hour house humour idea important iron island jelly jewel journey
+judge jump kettle key kick kind kiss knee knife knot language last late laugh law lead
+leaf learning leather left leg letter level library lift like limit line linen lip
+liquid list living lock long loose loss loud love low machine male man manager map mark
+market married mass match meal measure meat medical meeting memory metal middle milk
+mind mine minute mist mixed money monkey month moon morning mother motion mountain mouth
+move music nail name narrow nation natural near necessary neck needle nerve net new news
+night noise normal north nose number nut offer office oil old open opinion orange organ
+oven owner page pain paint paper parcel park part past paste payment pen pencil person
+physical picture pig pin pipe plane plant plate play pleasure plough pocket point poison
+polish poor porter position powder power present price print prison private process
+produce profit property public pull pump punishment purpose push quality question quick
+quiet range rate ray reading ready reason receipt record red regular religion request
+respect rest reward rhythm rice right ring river road rod roll roof room root rule run
+sad safe sail salt same scale school science scissors screw sea seat second secret seed
+self sense servant sex sharp sheep shelf shirt shock shoe short side sign silk silver
+simple sister size skin skirt sky sleep slip slope slow small smash smell smile smoke
+smooth snake sneeze snow soap society sock soft solid song sort sound soup south space
+spade special sponge spoon spring square stage stamp star start statement station steam
+steel stem step stick sticky stiff still stitch stomach stone stop store story straight
+strange street stretch strong structure sugar summer sun support surprise sweet swim
+system table tail talk tall taste tax teaching tendency test theory thick thin thing
+thought thread throat thumb thunder ticket tight till time tin tired toe tongue tooth top
+touch town trade train transport tray trick trouble trousers turn twist unit use value
+verse vessel view voice waiting walk wall war warm wash waste watch water wave wax week
+weight well west wet wheel whip whistle white wide window wine wing winter wire wise
+woman wood wool word work worm wound writing wrong year yellow young
+""".split()
+
+
+def everyday_words(avoid: set[str]) -> list[str]:
+    """EVERYDAY less every word of the `avoid` texts (held-out meanings, words, cities)."""
+    banned = {w.strip(",;.").lower() for text in avoid for w in text.split()}
+    return [w for w in EVERYDAY if w not in banned]
+
+
+def made_up_meaning(
+    rng: random.Random, words: list[str], avoid: set[str], everyday: list[str] = ()
+) -> str:
     """A made-up definition: 3 to 7 words in a row, each one of `words` (the training
-    definitions' words) or, a third of the time, a made-up one (unfamiliar pieces, as a
-    held-out definition's rarer words are; one in four of those random letters); containing
-    none of `avoid` (the held-out meanings). An answer can only quote it by copying it from
-    the tool's result, which is the skill a held-out word needs."""
+    definitions' words), a third of the time a made-up one (unfamiliar pieces, as a held-out
+    definition's rarer words are; one in four of those random letters) and, given
+    `everyday` (everyday_words), a sixth of the time an everyday word; containing none of
+    `avoid` (the held-out meanings). An answer can only quote it by copying it from the
+    tool's result, which is the skill a held-out word needs."""
 
     def piece() -> str:
         r = rng.random()
         if r < 1 / 12:
             return letters(rng)
-        return made_up(rng, False) if r < 1 / 3 else rng.choice(words)
+        if r < 1 / 3:
+            return made_up(rng, False)
+        return rng.choice(everyday) if everyday and r < 1 / 2 else rng.choice(words)
 
     while True:
         text = " ".join(piece() for _ in range(rng.randint(3, 7)))
@@ -393,11 +457,17 @@ def made_up_meaning(rng: random.Random, words: list[str], avoid: set[str]) -> st
             return text
 
 
-def echo_text(rng: random.Random, cities: list[str], words: list[str], avoid: set[str]) -> str:
+def echo_text(
+    rng: random.Random,
+    cities: list[str],
+    words: list[str],
+    avoid: set[str],
+    everyday: list[str] = (),
+) -> str:
     """1 to 8 pieces to repeat back (data.echo_turn): made-up words and names, random
-    letters, `words` (the training definitions' words), `cities` (the training side) and
-    numbers of 1 to 7 digits, the kinds of text a call or an answer copies; containing none
-    of `avoid` (the held-out meanings)."""
+    letters, `words` (the training definitions' words) and, given them, `everyday` words
+    (everyday_words), `cities` (the training side) and numbers of 1 to 7 digits, the kinds
+    of text a call or an answer copies; containing none of `avoid` (the held-out meanings)."""
     while True:
         pieces = []
         for _ in range(rng.randint(1, 8)):
@@ -407,7 +477,8 @@ def echo_text(rng: random.Random, cities: list[str], words: list[str], avoid: se
             elif r < 0.35:
                 pieces.append(letters(rng))
             elif r < 0.65:
-                pieces.append(rng.choice(words))
+                pool = everyday if everyday and r < 0.5 else words
+                pieces.append(rng.choice(pool))
             elif r < 0.8:
                 pieces.append(rng.choice(cities))
             else:
