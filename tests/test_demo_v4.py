@@ -19,7 +19,7 @@ from mlx_deepseek.ops import cpu
 
 DEMO = demo_path("demo-v4")
 # measured (README.md, evaluate.py --limit 40): 97.5% of held-out 2-digit questions at turn 1
-# with thinking off (39 of 40; 95.2% of all 1,228), after 5.1 hours of training; the
+# with thinking off (39 of 40; 95.3% of all 1,228), after 5.5 hours of training; the
 # threshold leaves room for a retrained package's sampling noise
 THRESHOLD_TURN1 = 0.9
 

@@ -114,7 +114,7 @@ class TurnSampler:
         self.held_meanings = {DEFINITIONS[w] for w in tool_split.words(True)}
         # the copying drills' everyday words: none of a held-out meaning, word or city
         self.everyday = everyday_words(
-            self.held_meanings | set(tool_split.words(True)) | set(tool_split.cities(True))
+            self.held_meanings | tool_split.held_words | tool_split.held_cities
         )
         self.train_cities = tool_split.cities(False)  # echo's, even in a held-out sampler
 

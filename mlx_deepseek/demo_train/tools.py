@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -434,7 +435,7 @@ def everyday_words(avoid: set[str]) -> list[str]:
 
 
 def made_up_meaning(
-    rng: random.Random, words: list[str], avoid: set[str], everyday: list[str] = ()
+    rng: random.Random, words: list[str], avoid: set[str], everyday: Sequence[str] = ()
 ) -> str:
     """A made-up definition: 3 to 7 words in a row, each one of `words` (the training
     definitions' words), a third of the time a made-up one (unfamiliar pieces, as a held-out
@@ -462,7 +463,7 @@ def echo_text(
     cities: list[str],
     words: list[str],
     avoid: set[str],
-    everyday: list[str] = (),
+    everyday: Sequence[str] = (),
 ) -> str:
     """1 to 8 pieces to repeat back (data.echo_turn): made-up words and names, random
     letters, `words` (the training definitions' words) and, given them, `everyday` words
