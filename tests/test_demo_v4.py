@@ -19,7 +19,7 @@ from mlx_deepseek.ops import cpu
 
 DEMO = demo_path("demo-v4")
 # measured (README.md, evaluate.py --limit 40): 97.5% of held-out 2-digit questions at turn 1
-# with thinking off (39 of 40; 95.3% of all 1,228), after 5.5 hours of training; the
+# with thinking off (39 of 40; 96.9% of all 1,228), after 7.1 hours of training; the
 # threshold leaves room for a retrained package's sampling noise
 THRESHOLD_TURN1 = 0.9
 
@@ -69,15 +69,26 @@ def test_held_out_arithmetic_at_turn_1(ev):
 
 def test_a_dsml_tool_call_parses_through_the_products_parser(ev):
     # well-formed: the model writes V4's DSML block and the format's parser reads a call with
-    # JSON arguments out of it. (Right arguments: 0 of 30 held-out calls, README.md: the
-    # model copies held-out names badly.)
+    # JSON arguments out of it; right: the held-out city copied exactly (72% of 400 held-out
+    # calls are right, README.md); then the result goes back as V4's <tool_result> user turn
+    # and the answer quotes it
     question = "What's the weather in Lisbon?"  # a held-out city
     prompt = ev.render([{"role": "user", "content": question}], False, tools.TOOLS)
     (reply,) = ev.answer([prompt], 96)
     assert "<｜DSML｜tool_calls>" in reply.text and not reply.malformed, reply.text
-    ((name, arguments),) = reply.calls
-    assert name == "get_weather" and list(arguments) == ["city"], reply.calls
-    assert isinstance(arguments["city"], str) and arguments["city"]
+    assert reply.calls == [("get_weather", {"city": "Lisbon"})], reply.calls
+    call = {
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Lisbon"}'},
+    }
+    result = '{"city": "Lisbon", "temperature_c": 21, "condition": "sunny"}'
+    messages = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": result},
+    ]
+    (answer,) = ev.answer([ev.render(messages, False, tools.TOOLS)], 64)
+    assert answer.content == "Lisbon: sunny, 21 °C.", answer.text
 
 
 def test_mtp_drafting_keeps_the_greedy_output(ev):
