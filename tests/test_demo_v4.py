@@ -72,23 +72,22 @@ def test_a_dsml_tool_call_parses_through_the_products_parser(ev):
     # JSON arguments out of it; right: the held-out city copied exactly (72% of 400 held-out
     # calls are right, README.md); then the result goes back as V4's <tool_result> user turn
     # and the answer quotes it
-    question = "What's the weather in Lisbon?"  # a held-out city
-    prompt = ev.render([{"role": "user", "content": question}], False, tools.TOOLS)
+    result = '{"city": "Lisbon", "temperature_c": 21, "condition": "sunny"}'
+    turn = data.Turn(
+        "What's the weather in Lisbon?",  # a held-out city
+        "Lisbon: sunny, 21 °C.",
+        "",
+        "weather",
+        calls=[("get_weather", {"city": "Lisbon"})],
+        results=[result],
+    )
+    prompt = ev.render(turn.messages()[:1], False, tools.TOOLS)
     (reply,) = ev.answer([prompt], 96)
     assert "<｜DSML｜tool_calls>" in reply.text and not reply.malformed, reply.text
-    assert reply.calls == [("get_weather", {"city": "Lisbon"})], reply.calls
-    call = {
-        "type": "function",
-        "function": {"name": "get_weather", "arguments": '{"city": "Lisbon"}'},
-    }
-    result = '{"city": "Lisbon", "temperature_c": 21, "condition": "sunny"}'
-    messages = [
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": result},
-    ]
-    (answer,) = ev.answer([ev.render(messages, False, tools.TOOLS)], 64)
-    assert answer.content == "Lisbon: sunny, 21 °C.", answer.text
+    assert reply.calls == turn.calls, reply.calls
+    # round 2 as metrics.tool_use renders it: the question, the call, the result
+    (answer,) = ev.answer([ev.render(turn.messages()[:-1], False, tools.TOOLS)], 64)
+    assert answer.content == turn.answer, answer.text
 
 
 def test_mtp_drafting_keeps_the_greedy_output(ev):
