@@ -19,7 +19,7 @@ from mlx_deepseek.ops import cpu
 
 DEMO = demo_path("demo-v4")
 # measured (README.md, evaluate.py --limit 40): 97.5% of held-out 2-digit questions at turn 1
-# with thinking off (39 of 40; 96.9% of all 1,228), after 7.1 hours of training; the
+# with thinking off (39 of 40; 97.6% of all 1,228), after 8.5 hours of training; the
 # threshold leaves room for a retrained package's sampling noise
 THRESHOLD_TURN1 = 0.9
 
@@ -69,7 +69,7 @@ def test_held_out_arithmetic_at_turn_1(ev):
 
 def test_a_dsml_tool_call_parses_through_the_products_parser(ev):
     # well-formed: the model writes V4's DSML block and the format's parser reads a call with
-    # JSON arguments out of it; right: the held-out city copied exactly (72% of 400 held-out
+    # JSON arguments out of it; right: the held-out city copied exactly (81% of 400 held-out
     # calls are right, README.md); then the result goes back as V4's <tool_result> user turn
     # and the answer quotes it
     result = '{"city": "Lisbon", "temperature_c": 21, "condition": "sunny"}'
