@@ -592,15 +592,22 @@ def load_model(
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     if kv_bits is not None:
-        group = args.kv_group_size() if hasattr(args, "kv_group_size") else None
-        model.kv_bits = kv_bits
-        model.kv_group_size = group or latent_group_size(args.kv_lora_rank)
+        set_kv_bits(model, kv_bits)
     ops.resolve()  # the back-end for this device: MLX, the CPU strategies or Metal kernels
     ops.prepare(model)  # its one-time changes (the CPU's row-split layers)
     _raise_wired_limit()
     if not lazy:
         mx.eval(model.parameters())
     return model
+
+
+def set_kv_bits(model: nn.Module, kv_bits: int | None) -> None:
+    """Quantize the latent (V4: compressed) rows of the caches `model.make_cache()` makes from
+    now on to `kv_bits` (None: full precision), in the model's own group size."""
+    args = model.args
+    group = args.kv_group_size() if hasattr(args, "kv_group_size") else None
+    model.kv_bits = kv_bits
+    model.kv_group_size = group or latent_group_size(args.kv_lora_rank)
 
 
 def eos_token_ids(path: Path) -> list[int]:

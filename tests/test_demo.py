@@ -138,6 +138,32 @@ def test_mtp_drafts_are_mostly_accepted(ev):
     assert row["drafted"] > 100 and row["acceptance"] >= 0.9, row
 
 
+def test_kv_cache_error_is_measured_as_the_kv_test_bounds_it(ev):
+    """evaluate.py's kv_cache_4bit row: a candidate demo's 4-bit latent cache is measured before
+    it is picked, over its own answers and on tests/test_kv_quantized.py's sentence."""
+    import numpy as np
+    from test_kv_quantized import decode_logits
+
+    from mlx_deepseek.models.cache import KVCache, QuantizedKVCache, latent_group_size
+
+    ev.generated.clear()
+    metrics.arithmetic(ev, limit=6, turn=2)
+    metrics.tool_use(ev, n=4)
+    rows = {bits: metrics.kv_cache_error(ev, bits, limit=8) for bits in (8, 4)}
+    assert ev.model.kv_bits is None  # the model's own caches are full precision again
+    assert rows[4]["steps"] > 50 and rows[4]["bits"] == 4
+    assert 0 < rows[8]["median_error"] < rows[4]["median_error"] < 0.05, rows
+    assert rows[4]["argmax_changed"] <= 0.02 and rows[8]["kl_mean"] < rows[4]["kl_mean"], rows
+    # the test's own figure, computed its way
+    model, tokens = ev.model, ev.tokenizer.encode(metrics.KV_TEST_TEXT)
+    g = latent_group_size(model.args.kv_lora_rank)
+    full = decode_logits(model, tokens, KVCache)
+    quant = decode_logits(model, tokens, lambda: QuantizedKVCache(g, 4))
+    want = np.median(np.abs(quant - full).max(-1)) / np.abs(full).max()
+    assert rows[4]["test_sentence"] == pytest.approx(want, rel=1e-4)
+    assert rows[4]["test_sentence"] < 0.05
+
+
 # ---- the chat and the server drive it ---------------------------------------------------------
 
 
@@ -186,3 +212,22 @@ def test_a_tool_call_through_the_server():
         )
         answer = second.choices[0].message.content
         assert answer == "Lisbon: sunny, 21 °C."  # the README's output
+
+
+@pytest.mark.slow  # ~35 s: every row of the evaluation, on small samples
+def test_the_evaluation_script_runs_every_row(tmp_path, capsys):
+    from mlx_deepseek.demo_train import evaluate
+
+    out = tmp_path / "eval.json"
+    evaluate.main(
+        ["demo", "--limit", "4", "--tool-cases", "6", "--tool-seed", "5", "--json", str(out)]
+    )
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["demo"]
+    assert {"tools_think_off", "copy_held_out", "mtp", "kv_cache_4bit"} <= set(rows)
+    tools_row = rows["tools_think_off"]
+    assert tools_row["n"] == 6 and 0 <= tools_row["result_used"] <= 1
+    # per held-out word: "used/right calls"; the right calls are counted once each
+    counts = [tuple(map(int, v.split("/"))) for v in tools_row["lookups_by_word"].values()]
+    assert counts and all(0 <= u <= k for u, k in counts)
+    assert rows["kv_cache_4bit"]["test_sentence"] < 0.05 and "the test's sentence" in printed

@@ -9,7 +9,9 @@ the checkpoint's own chat format (metrics.py):
 - tools: well-formed calls with JSON arguments, the right call, the result used;
 - self-description ("Who are you?"), thinking off and on;
 - copying: held-out text repeated back exactly (the skill held-out calls and results need);
-- MTP: the acceptance of its greedy drafts over the model's own answers.
+- MTP: the acceptance of its greedy drafts over the model's own answers;
+- the 4-bit KV cache (`--kv-bits 4`): its logit error against the float cache over the model's
+  own answers, and on the sentence tests/test_kv_quantized.py bounds.
 
 ``--limit N`` samples N questions per arithmetic row (the full split has 1,228).
 """
@@ -31,7 +33,13 @@ def arithmetic_accuracy(model: Any, tokenizer: Any, limit: int | None = None) ->
     return metrics.arithmetic(metrics.Evaluator(model, tokenizer), limit)
 
 
-def evaluate(model: Any, tokenizer: Any, limit: int | None = None, tool_cases: int = 150) -> dict:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    limit: int | None = None,
+    tool_cases: int = 150,
+    tool_seed: int = metrics.EVAL_SEED + 7,
+) -> dict:
     ev = metrics.Evaluator(model, tokenizer)
     rows: dict[str, Any] = {}
     short = limit or 300
@@ -39,16 +47,23 @@ def evaluate(model: Any, tokenizer: Any, limit: int | None = None, tool_cases: i
         mode = "on" if thinking else "off"
         rows[f"arith_turn1_think_{mode}"] = metrics.arithmetic(ev, limit, 1, thinking)
         rows[f"arith_turn10_think_{mode}"] = metrics.arithmetic(ev, limit, 10, thinking)
-        rows[f"tools_think_{mode}"] = metrics.tool_use(ev, tool_cases, thinking)
+        rows[f"tools_think_{mode}"] = metrics.tool_use(ev, tool_cases, thinking, tool_seed)
         rows[f"who_think_{mode}"] = metrics.self_description(ev, thinking)
     rows["arith_after_1000_tokens"] = metrics.arithmetic(ev, min(short, 200), 1, context=1000)
     rows["arith_with_tools_declared"] = metrics.arithmetic(ev, short, 3, tools=True)
     rows["copy_held_out"] = metrics.copying(ev)
     rows["mtp"] = metrics.mtp_acceptance(ev)
+    rows["kv_cache_4bit"] = metrics.kv_cache_error(ev, 4)
     return rows
 
 
 def _line(name: str, row: dict) -> str:
+    if "median_error" in row:
+        return (
+            f"{name:28s} median step's logit error {row['median_error']:6.2%}  greedy token "
+            f"changed {row['argmax_changed']:6.1%}  KL {row['kl_mean']:.1e}  (steps "
+            f"{row['steps']}; the test's sentence {row['test_sentence']:.2%}, bound 5%)"
+        )
     if "acceptance" in row:
         return f"{name:28s} {row['acceptance']:6.1%}  (drafts {row['drafted']})"
     if "well_formed" in row:
@@ -67,18 +82,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("models", nargs="*", default=["demo"], help="folders, or `demo`")
     p.add_argument("--limit", type=int, default=None, help="questions per arithmetic row")
     p.add_argument("--tool-cases", type=int, default=150)
+    p.add_argument(
+        "--tool-seed",
+        type=int,
+        default=metrics.EVAL_SEED + 7,
+        help="draws the tool cases: report on a seed the candidates were not picked on",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args(argv)
     results = {}
     for name in a.models:
         t0 = time.time()
         model, tokenizer = load(name)
-        rows = evaluate(model, tokenizer, a.limit, a.tool_cases)
+        rows = evaluate(model, tokenizer, a.limit, a.tool_cases, a.tool_seed)
         print(f"== {name} ({time.time() - t0:.0f} s)")
         for key, row in rows.items():
             print("  " + _line(key, row))
             for miss in row.get("misses", [])[:2]:
                 print(f"      miss: {miss!r}")
+            if row.get("lookups_by_word"):
+                words = ", ".join(f"{w} {r}" for w, r in row["lookups_by_word"].items())
+                print(f"      lookups used per held-out word: {words}")
         results[name] = rows
         sys.stdout.flush()
     if a.json:
@@ -86,9 +110,17 @@ def main(argv: list[str] | None = None) -> None:
     if len(results) == 2:
         (n1, r1), (n2, r2) = results.items()
         for key in r1:
-            v1 = r1[key].get("accuracy", r1[key].get("right_call", r1[key].get("acceptance")))
-            v2 = r2[key].get("accuracy", r2[key].get("right_call", r2[key].get("acceptance")))
-            print(f"gap {key:28s} {n1} - {n2}: {100 * (v1 - v2):+.1f} points")
+            v1, v2 = _headline(r1[key]), _headline(r2[key])
+            if v1 is not None and v2 is not None:
+                print(f"gap {key:28s} {n1} - {n2}: {100 * (v1 - v2):+.1f} points")
+
+
+def _headline(row: dict) -> float | None:
+    """A row's one rate for the float-vs-4-bit gap (None: a row that has none)."""
+    for key in ("accuracy", "right_call", "acceptance"):
+        if key in row:
+            return row[key]
+    return None
 
 
 if __name__ == "__main__":
