@@ -438,6 +438,58 @@ def test_everyday_words_in_the_copying_drills_leave_out_every_held_out_word():
     assert not any(w in everyday for t in plain for w in t.split())
 
 
+def test_spliced_words_are_unseen_words_of_common_pieces(demo_tokenizer):
+    """train.py --splice: echo texts and made-up meanings of spliced words (the start of one
+    training word and the end of another), never a word of the demo's, of the data's or of a
+    held-out text; split into commoner, longer pieces than random letters, as a held-out
+    definition's words are. --splice 0 draws exactly what the sampler drew before it."""
+    tool_split = tools.make_tool_split()
+    sampler = TurnSampler(data.make_split(), tool_split, splice=1.0)
+    words = sampler.meaning_words + sampler.everyday
+    rng = random.Random(18)
+    drawn = [tools.spliced(rng, words, sampler.banned) for _ in range(1500)]
+    known = {w.lower() for w in tools.CITIES + tools.WORDS} | set(words) | sampler.banned
+    assert all(4 <= len(w) <= 10 and w.isalpha() and w.islower() for w in drawn)
+    assert not known & set(drawn) and len(set(drawn)) > 1400
+    assert {"anchor", "together", "object"} <= sampler.banned  # held-out word, meaning words
+
+    def per_letter(ws):
+        pieces = [len(demo_tokenizer.encode(" " + w, add_special_tokens=False).ids) for w in ws]
+        return sum(pieces) / sum(map(len, ws))
+
+    letters = [tools.letters(rng) for _ in range(1500)]
+    assert per_letter(drawn) < per_letter(letters) - 0.05, (per_letter(drawn), per_letter(letters))
+    # every echo text and made-up meaning spliced at --splice 1; none of a held-out text
+    held = sampler.held_meanings | tool_split.held_words | tool_split.held_cities
+    texts = [sampler.turn(rng, [], "echo") for _ in range(200)]
+    texts += [sampler.turn(rng, ["lookup"], "lookup") for _ in range(200)]
+    n_spliced = 0
+    for t in texts:
+        if t.task == "echo":
+            text = t.answer
+        else:
+            if not t.results or t.calls[0][1]["word"] in tool_split.words(False):
+                continue  # no call, or a training word's own meaning
+            raw = t.results[0]  # the definition, as JSON or as plain text
+            text = json.loads(raw).get("definition", "") if raw.startswith("{") else raw
+            if not text or "error" in raw:
+                continue
+        assert not any(h in text for h in held), text
+        new = [w for w in text.split() if w not in words]
+        assert all(4 <= len(w) <= 10 and w.isalpha() and w not in known for w in new), text
+        assert 2 <= len(text.split()) <= 7
+        n_spliced += bool(new)
+    assert n_spliced > 200  # half of 2-7 words spliced: nearly every text has one
+    # --splice 0: the same draws as a sampler without the option
+    plain, zero = (
+        TurnSampler(data.make_split(), tool_split),
+        TurnSampler(data.make_split(), tool_split, splice=0.0),
+    )
+    r1, r2 = random.Random(19), random.Random(19)
+    for task in ["echo", "lookup", "weather"] * 40:
+        assert plain.turn(r1, tools.TOOL_NAMES, task) == zero.turn(r2, tools.TOOL_NAMES, task)
+
+
 def test_boost_multiplies_a_tasks_weight_and_names_bad_tasks():
     """train.py --boost "sub2=3": that task is drawn ~3x as often as before."""
     assert dialogues.parse_boost(" sub2=3, add2=1.5 ,") == {"sub2": 3.0, "add2": 1.5}

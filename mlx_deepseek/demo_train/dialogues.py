@@ -20,11 +20,13 @@ from .tools import (
     TASK_TOOL,
     ToolSplit,
     add_tool_turn,
+    banned_words,
     echo_text,
     everyday_words,
     lookup_turn,
     made_up,
     made_up_meaning,
+    spliced_text,
     tools_subset,
     weather_turn,
 )
@@ -102,9 +104,13 @@ class TurnSampler:
         held: bool = False,
         arch: str = "v3",
         boost: dict[str, float] | None = None,
+        splice: float = 0.0,
     ):
         self.split, self.held = split, held
         self.boost = boost or {}  # task -> weight multiplier (train.py --boost)
+        # share of echo texts and made-up meanings of spliced words (train.py --splice); 0
+        # draws exactly what it drew before the option (the tokenizer's corpus among them)
+        self.splice = splice
         self.facts, self.greetings = TABLES[arch]
         self.cities = tool_split.cities(held)
         self.words = tool_split.words(held)
@@ -113,10 +119,14 @@ class TurnSampler:
         self.meaning_words = sorted({w.strip(",;") for m in self.meanings for w in m.split()})
         self.held_meanings = {DEFINITIONS[w] for w in tool_split.words(True)}
         # the copying drills' everyday words: none of a held-out meaning, word or city
-        self.everyday = everyday_words(
-            self.held_meanings | tool_split.held_words | tool_split.held_cities
-        )
+        held_text = self.held_meanings | tool_split.held_words | tool_split.held_cities
+        self.everyday = everyday_words(held_text)
+        self.banned = banned_words(held_text)
         self.train_cities = tool_split.cities(False)  # echo's, even in a held-out sampler
+
+    def _spliced(self, rng: random.Random) -> str:
+        words = self.meaning_words + self.everyday
+        return spliced_text(rng, words, self.banned, self.held_meanings)
 
     def task(self, rng: random.Random, names: list[str], focus: bool = False) -> str:
         tasks = [t for t, _, _ in TASKS]
@@ -153,7 +163,9 @@ class TurnSampler:
         if task == "lookup":
             if made:
                 word = made_up(rng, False)
-                if rng.random() < MADE_UP_MEANING_SHARE:
+                if self.splice and rng.random() < self.splice:
+                    meaning = self._spliced(rng)
+                elif rng.random() < MADE_UP_MEANING_SHARE:
                     meaning = made_up_meaning(
                         rng, self.meaning_words, self.held_meanings, self.everyday
                     )
@@ -164,6 +176,8 @@ class TurnSampler:
         if task == "add_tool":
             return add_tool_turn(rng, names)
         if task == "echo":
+            if self.splice and rng.random() < self.splice:
+                return echo_turn(rng, self._spliced(rng))
             text = echo_text(
                 rng, self.train_cities, self.meaning_words, self.held_meanings, self.everyday
             )

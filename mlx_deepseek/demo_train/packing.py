@@ -69,14 +69,16 @@ class Renderer:
     """Samples conversations and renders them with the demo's own chat format (V3.1's, or
     V4's for arch "v4")."""
 
-    def __init__(self, held: bool = False, arch: str = "v3", boost: dict | None = None):
+    def __init__(
+        self, held: bool = False, arch: str = "v3", boost: dict | None = None, splice: float = 0.0
+    ):
         a = ARCHS[arch]
         self.arch = a
         self.tokenizer = a.template_tokenizer()
         self.fmt = chat_format(self.tokenizer, a.config, a.package)
         if self.fmt.family != a.family or not self.fmt.has_thinking_switch:
             raise RuntimeError(f"the demo template reads as {self.fmt.family}, not {a.family}")
-        self.sampler = TurnSampler(make_split(), make_tool_split(), held, arch, boost)
+        self.sampler = TurnSampler(make_split(), make_tool_split(), held, arch, boost, splice)
 
     def sample(self, rng: random.Random, max_chars: int, **kw) -> Conversation:
         return sample_conversation(rng, self.sampler, max_chars, **kw)

@@ -428,10 +428,44 @@ woman wood wool word work worm wound writing wrong year yellow young
 """.split()
 
 
+def banned_words(avoid: set[str]) -> set[str]:
+    """Every word of the `avoid` texts (held-out meanings, words, cities), lower case."""
+    return {w.strip(",;.").lower() for text in avoid for w in text.split()}
+
+
 def everyday_words(avoid: set[str]) -> list[str]:
     """EVERYDAY less every word of the `avoid` texts (held-out meanings, words, cities)."""
-    banned = {w.strip(",;.").lower() for text in avoid for w in text.split()}
+    banned = banned_words(avoid)
     return [w for w in EVERYDAY if w not in banned]
+
+
+def spliced(rng: random.Random, words: Sequence[str], banned: set[str]) -> str:
+    """An unseen word spliced from known ones: the start of one of `words` and the end of
+    another (4 to 10 letters; no word of the demo's and none of `banned`). The tokenizer
+    splits it into common pieces in an order no training text has, which is how it splits a
+    held-out definition's words ("together": " to" "get" "her"); the copies the demo gets wrong
+    slip exactly there (" to" "ac" "her"). Made-up names and random letters are rarer pieces."""
+    long = [w for w in words if len(w) >= 3 and w.isalpha()]
+    while True:
+        a, b = rng.sample(long, 2)
+        word = (a[: rng.randint(1, len(a) - 1)] + b[rng.randint(1, len(b) - 1) :]).lower()
+        if 4 <= len(word) <= 10 and word not in _KNOWN and word not in banned and word not in words:
+            return word
+
+
+def spliced_text(
+    rng: random.Random, words: Sequence[str], banned: set[str], avoid: set[str]
+) -> str:
+    """2 to 7 words, half of them spliced (the rest `words`), containing none of `avoid`:
+    a text to repeat back (the echo task) or a made-up word's meaning."""
+    while True:
+        n = rng.randint(2, 7)
+        text = " ".join(
+            spliced(rng, words, banned) if rng.random() < 0.5 else rng.choice(words)
+            for _ in range(n)
+        )
+        if not any(a in text for a in avoid):
+            return text
 
 
 def made_up_meaning(

@@ -56,6 +56,7 @@ DEFAULTS = dict(
     arch="v3",  # arch.ARCHS: "v3" (the demo package) or "v4" (demo-v4)
     index_weight=0.1,  # V4: the indexer's loss (v4.index_loss)
     boost="",  # task weight factors, "sub2=2,add2=1.5" (dialogues.TASKS' names)
+    splice=0.0,  # share of echo texts and made-up meanings of spliced words (tools.spliced)
 )
 # (row length, share of steps, tools allowed): the tools block alone is ~260 tokens
 SHORT_MIX = [(128, 0.3, False), (256, 0.35, False), (SHORT_CONTEXT, 0.35, True)]
@@ -228,7 +229,8 @@ def train(
     arch = ARCHS[hp["arch"]]
     tok = train_tokenizer(corpus(arch=arch.name), added=arch.added)
     save_tokenizer(tok, out, arch.chat_template)
-    packer = Packer(tok, Renderer(arch=arch.name, boost=parse_boost(hp["boost"])))
+    renderer = Renderer(arch=arch.name, boost=parse_boost(hp["boost"]), splice=hp["splice"])
+    packer = Packer(tok, renderer)
     rng = random.Random(SEED)
 
     ckpt = out / "checkpoint"
