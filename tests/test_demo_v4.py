@@ -69,9 +69,9 @@ def test_held_out_arithmetic_at_turn_1(ev):
 
 def test_a_dsml_tool_call_parses_through_the_products_parser(ev):
     # well-formed: the model writes V4's DSML block and the format's parser reads a call with
-    # JSON arguments out of it; right: the held-out city copied exactly (82% of 400 held-out
-    # calls are right, README.md); then the result goes back as V4's <tool_result> user turn
-    # and the answer quotes it
+    # JSON arguments out of it; right: the held-out city copied exactly (79-82% of two samples
+    # of 400 held-out calls are right, README.md); then the result goes back as V4's
+    # <tool_result> user turn and the answer quotes it
     result = '{"city": "Lisbon", "temperature_c": 21, "condition": "sunny"}'
     turn = data.Turn(
         "What's the weather in Lisbon?",  # a held-out city
