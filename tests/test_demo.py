@@ -152,7 +152,7 @@ def test_kv_cache_error_is_measured_as_the_kv_test_bounds_it(ev):
     metrics.tool_use(ev, n=4)
     rows = {bits: metrics.kv_cache_error(ev, bits, limit=8) for bits in (8, 4)}
     assert ev.model.kv_bits is None  # the model's own caches are full precision again
-    assert rows[4]["steps"] > 50 and rows[4]["bits"] == 4
+    assert rows[4]["steps"] > 50 and rows[4]["bits"] == 4 and rows[4]["test_bound"] == 0.05
     assert 0 < rows[8]["median_error"] < rows[4]["median_error"] < 0.05, rows
     assert rows[4]["argmax_changed"] <= 0.02 and rows[8]["kl_mean"] < rows[4]["kl_mean"], rows
     # the test's own figure, computed its way

@@ -59,10 +59,11 @@ def evaluate(
 
 def _line(name: str, row: dict) -> str:
     if "median_error" in row:
+        bound = f", bound {row['test_bound']:.1%}" if row["test_bound"] else ""
         return (
             f"{name:28s} median step's logit error {row['median_error']:6.2%}  greedy token "
             f"changed {row['argmax_changed']:6.1%}  KL {row['kl_mean']:.1e}  (steps "
-            f"{row['steps']}; the test's sentence {row['test_sentence']:.2%}, bound 5%)"
+            f"{row['steps']}; the test's sentence {row['test_sentence']:.2%}{bound})"
         )
     if "acceptance" in row:
         return f"{name:28s} {row['acceptance']:6.1%}  (drafts {row['drafted']})"
