@@ -31,21 +31,16 @@ from mlx_deepseek.loading import set_kv_bits
 from mlx_deepseek.models.cache import KVCache, QuantizedKVCache, latent_bytes_per_token
 
 
-def teacher_forced(model, seqs: list[list[int]], starts: list[int], make) -> np.ndarray:
-    """Log-probabilities of each decoded step ([steps, vocab]), every layer's cache made by
-    `make()` (metrics.teacher_forced with one cache class for all layers)."""
+def teacher_forced(model, seqs: list[list[int]], starts: list[int], make) -> mx.array:
+    """Logits of each decoded step ([steps, vocab]), every layer's cache made by `make()`
+    (metrics.teacher_forced with one cache class for all layers)."""
 
     def caches():
         cache = model.make_cache()
         cache[:] = [make() for _ in cache]
         return cache
 
-    lp = mx.concatenate(metrics.teacher_forced(model, seqs, starts, caches))
-    return np.array(lp - mx.logsumexp(lp, axis=-1, keepdims=True))
-
-
-def kl(p_log: np.ndarray, q_log: np.ndarray) -> np.ndarray:
-    return (np.exp(p_log) * (p_log - q_log)).sum(-1)
+    return mx.concatenate(metrics.teacher_forced(model, seqs, starts, caches))
 
 
 def demo_quality(limit: int) -> dict:
@@ -88,7 +83,7 @@ def rope_quality(tmp: Path) -> dict:
             ("c_kv", lambda b=bits: QuantizedKVCache(64, b)),
             ("c_kv+k_pe", lambda b=bits: mlx_lm_cache.QuantizedKVCache(64, b)),
         ):
-            d = kl(full, teacher_forced(model, seqs, starts, make))
+            d = np.array(metrics.kl_per_step(full, teacher_forced(model, seqs, starts, make)))
             out[f"{label} {bits}-bit"] = {"kl_mean": float(d.mean()), "kl_max": float(d.max())}
     return out
 

@@ -122,11 +122,11 @@ class TurnSampler:
         held_text = self.held_meanings | tool_split.held_words | tool_split.held_cities
         self.everyday = everyday_words(held_text)
         self.banned = banned_words(held_text)
+        self.splice_words = self.meaning_words + self.everyday  # spliced words' sources
         self.train_cities = tool_split.cities(False)  # echo's, even in a held-out sampler
 
     def _spliced(self, rng: random.Random) -> str:
-        words = self.meaning_words + self.everyday
-        return spliced_text(rng, words, self.banned, self.held_meanings)
+        return spliced_text(rng, self.splice_words, self.banned, self.held_meanings)
 
     def task(self, rng: random.Random, names: list[str], focus: bool = False) -> str:
         tasks = [t for t, _, _ in TASKS]

@@ -20,6 +20,7 @@ import numpy as np
 from mlx_deepseek.decoding import StepOptions, decode_steps, make_cache
 from mlx_deepseek.formats import chat_format, starts_in_reasoning
 from mlx_deepseek.generation import wrap_tokenizer
+from mlx_deepseek.loading import set_kv_bits
 from mlx_deepseek.sampling import greedy
 
 from .data import Split, Turn, add_answer, make_split, sub_answer
@@ -289,6 +290,13 @@ def teacher_forced(model: Any, seqs: list[list[int]], starts: list[int], make) -
     return out
 
 
+def kl_per_step(full: mx.array, quant: mx.array) -> mx.array:
+    """KL(full || quant) of each row of two logit arrays [steps, vocab], in nats."""
+    f_log = full - mx.logsumexp(full, axis=-1, keepdims=True)
+    q_log = quant - mx.logsumexp(quant, axis=-1, keepdims=True)
+    return (mx.exp(f_log) * (f_log - q_log)).sum(-1)
+
+
 def _step_errors(full: list[mx.array], quant: list[mx.array]) -> tuple[list[float], int]:
     """Per decoded step the largest logit error over its sequence's largest float logit; and
     the steps whose greedy token changed."""
@@ -308,8 +316,6 @@ def kv_cache_error(ev: Evaluator, bits: int = 4, limit: int = 48) -> dict:
     `test_sentence`: the same median on the sentence tests/test_kv_quantized.py bounds
     (`test_bound`: 5% at 4 bits, on the bundled V3 demo), so that a candidate demo is measured
     before it is picked. Answer something first (the other metrics) to have answers."""
-    from mlx_deepseek.loading import set_kv_bits
-
     model = ev.model
     answered = [(p, t) for p, t in ev.generated if len(t) >= 2]
     if not answered:
@@ -328,11 +334,7 @@ def kv_cache_error(ev: Evaluator, bits: int = 4, limit: int = 48) -> dict:
         set_kv_bits(model, kept)
     errors, changed = _step_errors(full[:-1], quant[:-1])
     sentence, _ = _step_errors(full[-1:], quant[-1:])
-    f_log = mx.concatenate(full[:-1])
-    q_log = mx.concatenate(quant[:-1])
-    f_log = f_log - mx.logsumexp(f_log, axis=-1, keepdims=True)
-    q_log = q_log - mx.logsumexp(q_log, axis=-1, keepdims=True)
-    kl = (mx.exp(f_log) * (f_log - q_log)).sum(-1)
+    kl = kl_per_step(mx.concatenate(full[:-1]), mx.concatenate(quant[:-1]))
     return {
         "median_error": float(np.median(errors)),
         "argmax_changed": changed / len(errors),
