@@ -7,13 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx_deepseek.convert.pipeline as pipeline
 import numpy as np
 import pytest
 from mlx_deepseek.convert.synthetic import source_shapes, write_checkpoint
+from stopping import popen_stopping, wait_stopped_mid_write
 from typer.testing import CliRunner
 
 from mlx_deepseek.cli import app
@@ -290,18 +290,12 @@ def test_ctrl_c_in_the_console_script_exits_130_and_cleans_up(tmp_path):
     )
     write_checkpoint(tmp_path / "big", big, fmt="bf16")
     dst = tmp_path / "out"
-    proc = subprocess.Popen(
-        [console_script(), "convert", str(tmp_path / "big"), "-o", str(dst), "--shard-size", "1MB"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a shell's background jobs ignore SIGINT, and Python keeps an ignored SIGINT ignored
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    proc = popen_stopping(
+        [console_script(), "convert", str(tmp_path / "big"), "-o", str(dst), "--shard-size", "1MB"]
     )
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".out.partial-*/model-00001-*")) and time.time() < deadline:
-        time.sleep(0.005)
+    wait_stopped_mid_write(proc, tmp_path)
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted" in err

@@ -32,6 +32,7 @@ from files_mutators import (
     tree_digest,
 )
 from mlx_deepseek.convert.synthetic import write_checkpoint
+from stopping import popen_stopping, wait_stopped_mid_write
 from typer.testing import CliRunner
 
 from mlx_deepseek import loading
@@ -544,24 +545,9 @@ def test_signal_mid_conversion_cleans_up(signal_runs, sig):
 
 
 def cli(*args: object) -> subprocess.Popen:
+    """The CLI in a child process that stops itself after its first shard write."""
     code = "from mlx_deepseek.cli import main; main()"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a shell's background jobs ignore SIGINT, and Python keeps an ignored SIGINT ignored
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-
-
-def stop_mid_write(proc: subprocess.Popen, ws: Path) -> None:
-    """SIGSTOP the conversion once its first output shard exists (it is still writing)."""
-    deadline = time.time() + 120
-    while not list(ws.glob(".out.partial-*/model-00001-*")):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGSTOP)
+    return popen_stopping([sys.executable, "-c", code, *map(str, args)])
 
 
 @pytest.mark.slow
@@ -570,7 +556,7 @@ def test_cli_exits_128_plus_the_signal_and_cleans_up(big, tmp_path, sig):
     src = copy_to(big, tmp_path)
     before = tree_digest(tmp_path)
     proc = cli("convert", src, "-o", tmp_path / "out", "--shard-size", "100KB")
-    stop_mid_write(proc, tmp_path)
+    wait_stopped_mid_write(proc, tmp_path)
     signum = getattr(signal, sig)
     proc.send_signal(signum)
     proc.send_signal(signal.SIGCONT)
@@ -585,7 +571,7 @@ def test_a_conversion_killed_mid_write_is_cleaned_up_by_the_next(big, tmp_path):
     src = copy_to(big, tmp_path)
     before = tree_digest(tmp_path)
     proc = cli("convert", src, "-o", tmp_path / "out", "--shard-size", "100KB")
-    stop_mid_write(proc, tmp_path)
+    wait_stopped_mid_write(proc, tmp_path)
     proc.kill()
     proc.communicate(timeout=60)
     (stale,) = tmp_path.glob(".out.partial-*")
