@@ -284,7 +284,7 @@ def test_console_script_prints_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_in_the_console_script_exits_130_and_cleans_up(tmp_path):
-    # a checkpoint big enough that the conversion is still running when SIGINT comes
+    # several output shards: the conversion stops itself after its first write, mid-way
     big = convertible_config(
         hidden_size=512, moe_intermediate_size=512, intermediate_size=1024, vocab_size=4096
     )

@@ -513,7 +513,7 @@ def test_convert_output_is_the_only_change_and_names_no_local_path(ws):
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
-    """Big enough that a conversion with small shards is still writing when stopped."""
+    """Many 100KB output shards: a conversion stopped after its first write is mid-way."""
     path = tmp_path_factory.mktemp("big") / "src"
     config = convertible_config(hidden_size=256, moe_intermediate_size=256, intermediate_size=512)
     write_checkpoint(path, config, fmt="bf16")
