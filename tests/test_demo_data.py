@@ -490,6 +490,47 @@ def test_spliced_words_are_unseen_words_of_common_pieces(demo_tokenizer):
         assert plain.turn(r1, tools.TOOL_NAMES, task) == zero.turn(r2, tools.TOOL_NAMES, task)
 
 
+def test_token_texts_draw_every_word_piece_of_the_vocabulary(demo_tokenizer):
+    """train.py --token-text: echo texts and made-up meanings of random vocabulary pieces.
+    Every lower-case word piece's token turns up in them, the rare pieces of held-out
+    definitions ("ob" "ject") far more often than in the training texts; none holds a
+    held-out text. --token-text 0 draws exactly what the sampler drew before it."""
+    tok = demo_tokenizer
+    pieces = tools.vocab_pieces(tok)
+    assert {"ject", "mod"} <= set(pieces) and all(p.isalpha() and p.islower() for p in pieces)
+    rng = random.Random(20)
+    texts = [tools.token_text(rng, pieces, set(), set()) for _ in range(2000)]
+    ids = [i for t in texts for i in tok.encode(" " + t, add_special_tokens=False).ids]
+    piece_ids = {i for i in range(tok.get_vocab_size()) if tok.decode([i]).strip() in pieces}
+    assert len(piece_ids) > 300 and piece_ids <= set(ids)  # every piece's token, drawn alike
+    ject = ids.count(tok.token_to_id("ject")) / len(ids)
+    renderer = Renderer()
+    ordinary = [
+        i
+        for conv in training_conversations(renderer, 60, seed=3)
+        for text, _ in renderer.segments(conv)
+        for i in tok.encode(text, add_special_tokens=False).ids
+    ]
+    assert ject > 10 * ordinary.count(tok.token_to_id("ject")) / len(ordinary)
+
+    tool_split = tools.make_tool_split()
+    with pytest.raises(ValueError, match="vocab_pieces"):
+        TurnSampler(data.make_split(), tool_split, token_share=0.5)
+    sampler = TurnSampler(data.make_split(), tool_split, token_share=1.0, pieces=pieces)
+    held = sampler.held_meanings | tool_split.held_words | tool_split.held_cities
+    echoes = [sampler.turn(rng, [], "echo").answer for _ in range(200)]
+    for text in echoes:
+        assert not any(h in text for h in held) and not sampler.banned & set(text.split())
+        assert 2 <= len(text.split()) <= 6 and text.replace(" ", "").isalpha(), text
+    assert len(set(echoes)) == 200
+    # --token-text 0: the same draws as a sampler without the option
+    plain = TurnSampler(data.make_split(), tool_split)
+    zero = TurnSampler(data.make_split(), tool_split, token_share=0.0, pieces=pieces)
+    r1, r2 = random.Random(21), random.Random(21)
+    for task in ["echo", "lookup", "weather"] * 40:
+        assert plain.turn(r1, tools.TOOL_NAMES, task) == zero.turn(r2, tools.TOOL_NAMES, task)
+
+
 def test_boost_multiplies_a_tasks_weight_and_names_bad_tasks():
     """train.py --boost "sub2=3": that task is drawn ~3x as often as before."""
     assert dialogues.parse_boost(" sub2=3, add2=1.5 ,") == {"sub2": 3.0, "add2": 1.5}

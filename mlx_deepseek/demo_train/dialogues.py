@@ -10,6 +10,7 @@ reasoning, `</think>`, the answer).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from .tools import (
     made_up,
     made_up_meaning,
     spliced_text,
+    token_text,
     tools_subset,
     weather_turn,
 )
@@ -105,12 +107,19 @@ class TurnSampler:
         arch: str = "v3",
         boost: dict[str, float] | None = None,
         splice: float = 0.0,
+        token_share: float = 0.0,
+        pieces: Sequence[str] = (),
     ):
         self.split, self.held = split, held
         self.boost = boost or {}  # task -> weight multiplier (train.py --boost)
         # share of echo texts and made-up meanings of spliced words (train.py --splice); 0
         # draws exactly what it drew before the option (the tokenizer's corpus among them)
         self.splice = splice
+        # share of them made of random vocabulary pieces (train.py --token-text; tools.
+        # token_text); 0 draws what it drew before, like splice
+        self.token_share, self.pieces = token_share, list(pieces)
+        if token_share and not self.pieces:
+            raise ValueError("token_share needs the tokenizer's pieces (tools.vocab_pieces)")
         self.facts, self.greetings = TABLES[arch]
         self.cities = tool_split.cities(held)
         self.words = tool_split.words(held)
@@ -127,6 +136,15 @@ class TurnSampler:
 
     def _spliced(self, rng: random.Random) -> str:
         return spliced_text(rng, self.splice_words, self.banned, self.held_meanings)
+
+    def _drill_text(self, rng: random.Random) -> str | None:
+        """An echo text or made-up meaning of spliced words (a `splice` share) or of random
+        vocabulary pieces (a `token_share` share), or None for the usual kinds."""
+        if self.splice and rng.random() < self.splice:
+            return self._spliced(rng)
+        if self.token_share and rng.random() < self.token_share:
+            return token_text(rng, self.pieces, self.banned, self.held_meanings)
+        return None
 
     def task(self, rng: random.Random, names: list[str], focus: bool = False) -> str:
         tasks = [t for t, _, _ in TASKS]
@@ -163,21 +181,20 @@ class TurnSampler:
         if task == "lookup":
             if made:
                 word = made_up(rng, False)
-                if self.splice and rng.random() < self.splice:
-                    meaning = self._spliced(rng)
-                elif rng.random() < MADE_UP_MEANING_SHARE:
+                meaning = self._drill_text(rng)
+                if meaning is None and rng.random() < MADE_UP_MEANING_SHARE:
                     meaning = made_up_meaning(
                         rng, self.meaning_words, self.held_meanings, self.everyday
                     )
-                else:
+                elif meaning is None:
                     meaning = rng.choice(self.meanings)
                 return lookup_turn(rng, names, [word], {word: meaning})
             return lookup_turn(rng, names, self.words)
         if task == "add_tool":
             return add_tool_turn(rng, names)
         if task == "echo":
-            if self.splice and rng.random() < self.splice:
-                return echo_turn(rng, self._spliced(rng))
+            if (drill := self._drill_text(rng)) is not None:
+                return echo_turn(rng, drill)
             text = echo_text(
                 rng, self.train_cities, self.meaning_words, self.held_meanings, self.everyday
             )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -70,7 +70,13 @@ class Renderer:
     V4's for arch "v4")."""
 
     def __init__(
-        self, held: bool = False, arch: str = "v3", boost: dict | None = None, splice: float = 0.0
+        self,
+        held: bool = False,
+        arch: str = "v3",
+        boost: dict | None = None,
+        splice: float = 0.0,
+        token_share: float = 0.0,
+        pieces: Sequence[str] = (),
     ):
         a = ARCHS[arch]
         self.arch = a
@@ -78,7 +84,9 @@ class Renderer:
         self.fmt = chat_format(self.tokenizer, a.config, a.package)
         if self.fmt.family != a.family or not self.fmt.has_thinking_switch:
             raise RuntimeError(f"the demo template reads as {self.fmt.family}, not {a.family}")
-        self.sampler = TurnSampler(make_split(), make_tool_split(), held, arch, boost, splice)
+        self.sampler = TurnSampler(
+            make_split(), make_tool_split(), held, arch, boost, splice, token_share, pieces
+        )
 
     def sample(self, rng: random.Random, max_chars: int, **kw) -> Conversation:
         return sample_conversation(rng, self.sampler, max_chars, **kw)

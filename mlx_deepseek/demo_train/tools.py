@@ -468,6 +468,28 @@ def spliced_text(
             return text
 
 
+def vocab_pieces(tok: Any) -> list[str]:
+    """The tokenizer's lower-case word pieces of 2 or more letters, without their leading
+    space: what token_text builds its words from. Each stands for a token, rare ones too."""
+    pieces = {tok.decode([i]).strip() for i in range(tok.get_vocab_size())}
+    return sorted(p for p in pieces if len(p) >= 2 and p.isascii() and p.isalpha() and p.islower())
+
+
+def token_text(rng: random.Random, pieces: Sequence[str], banned: set[str], avoid: set[str]) -> str:
+    """2 to 6 words of 1 to 3 `pieces` (vocab_pieces) each, none of `banned` and containing
+    none of `avoid`. Every token of the vocabulary, drawn alike: the copies
+    the demo gets wrong slip at pieces the training texts hardly have ("ob" "ject" came out
+    "ob" "ust"), and a text of them has no order the model could expect instead."""
+    while True:
+        words = [
+            "".join(rng.choice(pieces) for _ in range(rng.randint(1, 3)))
+            for _ in range(rng.randint(2, 6))
+        ]
+        text = " ".join(words)
+        if not banned.intersection(words) and not any(a in text for a in avoid):
+            return text
+
+
 def made_up_meaning(
     rng: random.Random, words: list[str], avoid: set[str], everyday: Sequence[str] = ()
 ) -> str:

@@ -37,6 +37,7 @@ from .dialogues import parse_boost
 from .packing import Packer, Renderer, corpus
 from .routing import LoadBalancer, moe_layers
 from .tokenizer import save_tokenizer, train_tokenizer
+from .tools import vocab_pieces
 from .v4 import index_loss, init_model, training_cache
 
 SEED = 0
@@ -57,6 +58,7 @@ DEFAULTS = dict(
     index_weight=0.1,  # V4: the indexer's loss (v4.index_loss)
     boost="",  # task weight factors, "sub2=2,add2=1.5" (dialogues.TASKS' names)
     splice=0.0,  # share of echo texts and made-up meanings of spliced words (tools.spliced)
+    token_text=0.0,  # share of them of random vocabulary pieces (tools.token_text)
 )
 # (row length, share of steps, tools allowed): the tools block alone is ~260 tokens
 SHORT_MIX = [(128, 0.3, False), (256, 0.35, False), (SHORT_CONTEXT, 0.35, True)]
@@ -229,7 +231,13 @@ def train(
     arch = ARCHS[hp["arch"]]
     tok = train_tokenizer(corpus(arch=arch.name), added=arch.added)
     save_tokenizer(tok, out, arch.chat_template)
-    renderer = Renderer(arch=arch.name, boost=parse_boost(hp["boost"]), splice=hp["splice"])
+    renderer = Renderer(
+        arch=arch.name,
+        boost=parse_boost(hp["boost"]),
+        splice=hp["splice"],
+        token_share=hp["token_text"],
+        pieces=vocab_pieces(tok) if hp["token_text"] else (),
+    )
     packer = Packer(tok, renderer)
     rng = random.Random(SEED)
 
