@@ -3,8 +3,8 @@ MLX's affine groups, k_pe at full precision.
 
 - the attention ops read the quantized c_kv exactly as its dequantized values, on every
   back-end (MLX, the CPU split by cached positions, Metal, whose MLA kernel declines it);
-- decoding with it equals decoding with a float cache holding the dequantized values (the
-  quantization error is the only difference), and stays close to the float cache;
+- every attention call of a decode with it reads the quantized c_kv as its dequantized
+  values (to rounding), and the decode stays close to the float cache's;
 - the bytes per token are what the formula (and the memory preflight) says;
 - MTP drafting, mlx-lm's kv_bits and its own QuantizedKVCache, the chat's /save and /load
   (across precisions) and the server's prefix cache work with it.
@@ -118,22 +118,43 @@ def decode_logits(model, tokens: list[int], make) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("backend", ["mlx", "cpu-split"])
-def test_decode_equals_the_float_cache_within_the_quantization_error(
+def test_decode_reads_the_quantized_cache_exactly_and_stays_close_to_the_float_cache(
     demo, bits, backend, monkeypatch
 ):
     model, tokenizer = demo
     tokens = tokenizer.encode("What is 23 + 45? 23 + 45 = 68. And 68 - 30 is 38.")
     g = latent_group_size(model.args.kv_lora_rank)
+    # Every attention call of a real decode (prefill and each step, every layer) is run
+    # again on the dequantized values of the same cache: the two must agree to rounding.
+    # (Two separate decodes, one with a float cache of dequantized values, cannot be
+    # compared to rounding: their 1e-7 rounding differences move a later layer's latent
+    # across an 8-bit quantization step now and then. A retrained demo showed it: 2e-7 in,
+    # 3e-4 out, at every step after the prefill.)
+    gaps: list[float] = []
+
+    def reading(op):
+        def attention(q, c_kv, k_pe, mla, mask, offset):
+            out = op(q, c_kv, k_pe, mla, mask, offset)
+            if isinstance(c_kv, tuple):
+                dense = mx.dequantize(*c_kv, group_size=g, bits=bits)
+                want = op(q, dense, k_pe, mla, mask, offset)
+                gaps.append((mx.abs(out - want).max() / mx.abs(want).max()).item())
+            return out
+
+        return attention
+
     with backend_block(backend, monkeypatch):
         full = decode_logits(model, tokens, KVCache)
+        monkeypatch.setattr(ops, "absorbed_attention", reading(ops.absorbed_attention))
+        monkeypatch.setattr(ops, "expanded_attention", reading(ops.expanded_attention))
         quant = decode_logits(model, tokens, lambda: QuantizedKVCache(g, bits))
-        reference = decode_logits(model, tokens, lambda: DequantizedKVCache(g, bits))
-    scale = np.abs(full).max()
-    # reading the quantized values: the dequantized float cache's logits, to rounding
-    assert np.abs(quant - reference).max() <= 2e-5 * scale
+    steps = len(tokens) - len(tokens) // 2
+    assert len(gaps) == len(model.layers) * (1 + steps)  # every call read a quantized cache
+    assert max(gaps) < 2e-5, max(gaps)
     # the quantization error itself, per step: small at 8 bits, larger at 4. (Not the max: a
     # perturbation that flips a near-tie in a router changes that step's experts, and with
     # them the logits, far beyond the error that caused it; the demo has one such step.)
+    scale = np.abs(full).max()
     err = np.median(np.abs(quant - full).max(-1)) / scale
     print(f"{bits}-bit c_kv: median step's max logit error {err:.2e} of the largest logit")
     assert 0 < err < (0.005 if bits == 8 else 0.05)
@@ -141,15 +162,20 @@ def test_decode_equals_the_float_cache_within_the_quantization_error(
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_cache_bytes_per_token_are_as_computed(dtype, bits):
+def test_cache_holds_each_row_quantized_in_the_bytes_computed(dtype, bits):
     rank, rope, n = 512, 64, 300  # DeepSeek V2/V3's latent widths
     g = latent_group_size(rank)
     cache = QuantizedKVCache(g, bits)
+    rows, pes = [], []
     for chunk in (257, 1, 42):  # grows past the 256-token step
-        c_kv = mx.random.normal((1, 1, chunk, rank)).astype(dtype)
-        k_pe = mx.random.normal((1, 1, chunk, rope)).astype(dtype)
-        keys, values = cache.update_and_fetch(c_kv, k_pe)
+        rows.append(mx.random.normal((1, 1, chunk, rank)).astype(dtype))
+        pes.append(mx.random.normal((1, 1, chunk, rope)).astype(dtype))
+        keys, values = cache.update_and_fetch(rows[-1], pes[-1])
     assert cache.offset == n
+    # every row in its place across the growth: c_kv as MLX quantizes it, k_pe as given
+    want = mx.quantize(mx.concatenate(rows, axis=2), group_size=g, bits=bits)
+    assert all(mx.array_equal(k, w).item() for k, w in zip(keys, want, strict=True))
+    assert mx.array_equal(values, mx.concatenate(pes, axis=2)).item()
     held = sum(a.nbytes for a in keys) + values.nbytes
     per_token = latent_bytes_per_token(rank, rope, dtype, bits)
     assert held == n * per_token
