@@ -182,12 +182,12 @@ class TurnSampler:
             if made:
                 word = made_up(rng, False)
                 meaning = self._drill_text(rng)
-                if meaning is None and rng.random() < MADE_UP_MEANING_SHARE:
-                    meaning = made_up_meaning(
-                        rng, self.meaning_words, self.held_meanings, self.everyday
+                if meaning is None:
+                    meaning = (
+                        made_up_meaning(rng, self.meaning_words, self.held_meanings, self.everyday)
+                        if rng.random() < MADE_UP_MEANING_SHARE
+                        else rng.choice(self.meanings)
                     )
-                elif meaning is None:
-                    meaning = rng.choice(self.meanings)
                 return lookup_turn(rng, names, [word], {word: meaning})
             return lookup_turn(rng, names, self.words)
         if task == "add_tool":

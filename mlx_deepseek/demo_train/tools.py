@@ -477,9 +477,9 @@ def vocab_pieces(tok: Any) -> list[str]:
 
 def token_text(rng: random.Random, pieces: Sequence[str], banned: set[str], avoid: set[str]) -> str:
     """2 to 6 words of 1 to 3 `pieces` (vocab_pieces) each, none of `banned` and containing
-    none of `avoid`. Every token of the vocabulary, drawn alike: the copies
-    the demo gets wrong slip at pieces the training texts hardly have ("ob" "ject" came out
-    "ob" "ust"), and a text of them has no order the model could expect instead."""
+    none of `avoid`. Every word piece of the vocabulary, drawn alike: the copies the demo
+    gets wrong slip at pieces the training texts hardly have ("ob" "ject" came out "ob"
+    "ust"), and a text of them has no order the model could expect instead."""
     while True:
         words = [
             "".join(rng.choice(pieces) for _ in range(rng.randint(1, 3)))
