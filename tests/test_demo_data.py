@@ -531,6 +531,51 @@ def test_token_texts_draw_every_word_piece_of_the_vocabulary(demo_tokenizer):
         assert plain.turn(r1, tools.TOOL_NAMES, task) == zero.turn(r2, tools.TOOL_NAMES, task)
 
 
+def test_punct_puts_commas_and_semicolons_into_the_drill_texts(demo_tokenizer):
+    """train.py --punct: a share of the drill texts (--splice, --token-text) gets a comma or
+    semicolon after one or two words, never after the last and never making a held-out text;
+    the marks are tokens of their own, as in a held-out definition ("proud" ";" "modest").
+    --punct 0 draws exactly what the sampler drew before it."""
+    rng = random.Random(22)
+    for _ in range(300):
+        text = " ".join(tools.made_up(rng, False) for _ in range(rng.randint(1, 6)))
+        marked = tools.punctuate(rng, text, set())
+        words = marked.split()
+        assert [w.rstrip(",;") for w in words] == text.split()  # the same words, in order
+        n = sum(w[-1] in tools.PUNCTUATION for w in words)
+        assert n == 0 if len(words) == 1 else 1 <= n <= 2 and words[-1][-1].isalpha()
+    drawn = {
+        tools.punctuate(random.Random(s), "not proud modest", {"proud; modest"}) for s in range(60)
+    }
+    assert "not proud; modest" not in drawn and "not, proud, modest" in drawn  # held-out: never
+    ids = demo_tokenizer.encode(" not proud; modest", add_special_tokens=False).ids
+    assert demo_tokenizer.token_to_id(";") in ids and demo_tokenizer.token_to_id(",") is not None
+
+    tool_split = tools.make_tool_split()
+    pieces = tools.vocab_pieces(demo_tokenizer)
+    sampler = TurnSampler(
+        data.make_split(), tool_split, splice=0.5, token_share=1.0, pieces=pieces, punct=1.0
+    )
+    held = sampler.held_meanings | tool_split.held_words | tool_split.held_cities
+    echoes = [sampler.turn(rng, [], "echo").answer for _ in range(200)]
+    assert all(any(m in t for m in tools.PUNCTUATION) for t in echoes)  # every drill text
+    assert {";", ","} <= {c for t in echoes for c in t}
+    assert not any(h in t for t in echoes for h in held)
+    half = TurnSampler(
+        data.make_split(), tool_split, splice=0.5, token_share=1.0, pieces=pieces, punct=0.5
+    )
+    marked = sum(any(m in half.turn(rng, [], "echo").answer for m in ",;") for _ in range(400))
+    assert 140 < marked < 260  # about half
+    # --punct 0: the same draws as a sampler without the option
+    plain = TurnSampler(data.make_split(), tool_split, splice=0.3, token_share=0.3, pieces=pieces)
+    zero = TurnSampler(
+        data.make_split(), tool_split, splice=0.3, token_share=0.3, pieces=pieces, punct=0.0
+    )
+    r1, r2 = random.Random(23), random.Random(23)
+    for task in ["echo", "lookup", "weather"] * 40:
+        assert plain.turn(r1, tools.TOOL_NAMES, task) == zero.turn(r2, tools.TOOL_NAMES, task)
+
+
 def test_boost_multiplies_a_tasks_weight_and_names_bad_tasks():
     """train.py --boost "sub2=3": that task is drawn ~3x as often as before."""
     assert dialogues.parse_boost(" sub2=3, add2=1.5 ,") == {"sub2": 3.0, "add2": 1.5}

@@ -27,6 +27,7 @@ from .tools import (
     lookup_turn,
     made_up,
     made_up_meaning,
+    punctuate,
     spliced_text,
     token_text,
     tools_subset,
@@ -109,6 +110,7 @@ class TurnSampler:
         splice: float = 0.0,
         token_share: float = 0.0,
         pieces: Sequence[str] = (),
+        punct: float = 0.0,
     ):
         self.split, self.held = split, held
         self.boost = boost or {}  # task -> weight multiplier (train.py --boost)
@@ -120,6 +122,9 @@ class TurnSampler:
         self.token_share, self.pieces = token_share, list(pieces)
         if token_share and not self.pieces:
             raise ValueError("token_share needs the tokenizer's pieces (tools.vocab_pieces)")
+        # share of those drill texts with commas and semicolons (train.py --punct; tools.
+        # punctuate); 0 draws what it drew before, like splice
+        self.punct = punct
         self.facts, self.greetings = TABLES[arch]
         self.cities = tool_split.cities(held)
         self.words = tool_split.words(held)
@@ -139,12 +144,17 @@ class TurnSampler:
 
     def _drill_text(self, rng: random.Random) -> str | None:
         """An echo text or made-up meaning of spliced words (a `splice` share) or of random
-        vocabulary pieces (a `token_share` share), or None for the usual kinds."""
+        vocabulary pieces (a `token_share` share), a `punct` share of them punctuated, or
+        None for the usual kinds."""
         if self.splice and rng.random() < self.splice:
-            return self._spliced(rng)
-        if self.token_share and rng.random() < self.token_share:
-            return token_text(rng, self.pieces, self.banned, self.held_meanings)
-        return None
+            text = self._spliced(rng)
+        elif self.token_share and rng.random() < self.token_share:
+            text = token_text(rng, self.pieces, self.banned, self.held_meanings)
+        else:
+            return None
+        if self.punct and rng.random() < self.punct:
+            text = punctuate(rng, text, self.held_meanings)
+        return text
 
     def task(self, rng: random.Random, names: list[str], focus: bool = False) -> str:
         tasks = [t for t, _, _ in TASKS]

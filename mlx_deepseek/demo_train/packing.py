@@ -77,6 +77,7 @@ class Renderer:
         splice: float = 0.0,
         token_share: float = 0.0,
         pieces: Sequence[str] = (),
+        punct: float = 0.0,
     ):
         a = ARCHS[arch]
         self.arch = a
@@ -85,7 +86,7 @@ class Renderer:
         if self.fmt.family != a.family or not self.fmt.has_thinking_switch:
             raise RuntimeError(f"the demo template reads as {self.fmt.family}, not {a.family}")
         self.sampler = TurnSampler(
-            make_split(), make_tool_split(), held, arch, boost, splice, token_share, pieces
+            make_split(), make_tool_split(), held, arch, boost, splice, token_share, pieces, punct
         )
 
     def sample(self, rng: random.Random, max_chars: int, **kw) -> Conversation:

@@ -490,6 +490,24 @@ def token_text(rng: random.Random, pieces: Sequence[str], banned: set[str], avoi
             return text
 
 
+# The marks punctuate() puts into the drills' texts: held-out definitions have them ("calm,
+# peaceful and untroubled", "not proud; modest") and no other drill text had one, so copies
+# stopped or slipped there ("humble: not proud.").
+PUNCTUATION = [",", ";"]
+
+
+def punctuate(rng: random.Random, text: str, avoid: set[str]) -> str:
+    """`text` with a comma or semicolon after one or two of its words (never the last), or
+    `text` itself where that would contain one of `avoid` (the held-out meanings)."""
+    words = text.split()
+    if len(words) < 2:
+        return text
+    for i in rng.sample(range(len(words) - 1), min(rng.randint(1, 2), len(words) - 1)):
+        words[i] += rng.choice(PUNCTUATION)
+    marked = " ".join(words)
+    return text if any(a in marked for a in avoid) else marked
+
+
 def made_up_meaning(
     rng: random.Random, words: list[str], avoid: set[str], everyday: Sequence[str] = ()
 ) -> str:

@@ -59,6 +59,7 @@ DEFAULTS = dict(
     boost="",  # task weight factors, "sub2=2,add2=1.5" (dialogues.TASKS' names)
     splice=0.0,  # share of echo texts and made-up meanings of spliced words (tools.spliced)
     token_text=0.0,  # share of them of random vocabulary pieces (tools.token_text)
+    punct=0.0,  # share of those two kinds with commas and semicolons (tools.punctuate)
 )
 # (row length, share of steps, tools allowed): the tools block alone is ~260 tokens
 SHORT_MIX = [(128, 0.3, False), (256, 0.35, False), (SHORT_CONTEXT, 0.35, True)]
@@ -237,6 +238,7 @@ def train(
         splice=hp["splice"],
         token_share=hp["token_text"],
         pieces=vocab_pieces(tok) if hp["token_text"] else (),
+        punct=hp["punct"],
     )
     packer = Packer(tok, renderer)
     rng = random.Random(SEED)
