@@ -653,6 +653,17 @@ def test_the_long_phase_keeps_the_weights_and_switches_yarn_on():
     assert np.isfinite(stats[0]) and loads
 
 
+def test_a_checkpoint_resumes_with_its_own_hyperparameters_and_older_ones_with_defaults():
+    from mlx_deepseek.demo_train.train import DEFAULTS, resumable
+
+    hp = dict(DEFAULTS, steps=900, punct=0.0)
+    assert resumable(dict(hp), hp)
+    older = {k: v for k, v in hp.items() if k not in ("punct", "token_text")}  # before them
+    assert resumable(older, hp)
+    assert not resumable(older, dict(hp, punct=0.5))  # the run would draw other data
+    assert not resumable(dict(hp, lr=1e-4), hp)
+
+
 def test_parameter_count_matches_the_model():
     from mlx.utils import tree_flatten
 

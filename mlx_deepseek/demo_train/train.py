@@ -66,6 +66,13 @@ SHORT_MIX = [(128, 0.3, False), (256, 0.35, False), (SHORT_CONTEXT, 0.35, True)]
 LONG_MIX = [(LONG_CONTEXT, 0.5, True), (SHORT_CONTEXT, 0.25, True), (256, 0.25, False)]
 
 
+def resumable(saved: dict, hp: dict) -> bool:
+    """Whether a checkpoint written with `saved` continues as `hp`: the same values, an
+    option the checkpoint predates taken at its default (every option's default draws what
+    the data drew before it existed, so --punct 0 resumes a run from before --punct)."""
+    return {**DEFAULTS, **saved} == hp
+
+
 def phase_config(long: bool, arch: str = "v3") -> dict:
     """The short phase's config has plain rope over SHORT_CONTEXT; the long one is CONFIG."""
     return ARCHS[arch].phase_config(long)
@@ -248,7 +255,7 @@ def train(
     long_from = hp["steps"] - hp["long_steps"]
     if resume and (ckpt / "progress.json").exists():
         progress = json.loads((ckpt / "progress.json").read_text())
-        if progress["hp"] != hp:
+        if not resumable(progress["hp"], hp):
             raise RuntimeError(f"{ckpt} was written with other hyperparameters: {progress['hp']}")
         version, state, gauss = progress["rng"]
         rng.setstate((version, tuple(state), gauss))
