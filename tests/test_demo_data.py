@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from mlx_deepseek import load
 from mlx_deepseek.demo_train import data, dialogues, tools
 from mlx_deepseek.demo_train.config import CONFIG, count_parameters
-from mlx_deepseek.demo_train.dialogues import TASKS, TurnSampler
+from mlx_deepseek.demo_train.dialogues import TASKS, Drills, TurnSampler
 from mlx_deepseek.demo_train.packing import Packer, Renderer, learnt_spans
 from mlx_deepseek.demo_train.tokenizer import CHAT_TEMPLATE, END_THINK, TOOL_TOKENS
 from mlx_deepseek.formats import BUILTIN_TEMPLATES, chat_format
@@ -444,7 +444,7 @@ def test_spliced_words_are_unseen_words_of_common_pieces(demo_tokenizer):
     held-out text; split into commoner, longer pieces than random letters, as a held-out
     definition's words are. --splice 0 draws exactly what the sampler drew before it."""
     tool_split = tools.make_tool_split()
-    sampler = TurnSampler(data.make_split(), tool_split, splice=1.0)
+    sampler = TurnSampler(data.make_split(), tool_split, drills=Drills(splice=1.0))
     words = sampler.meaning_words + sampler.everyday
     rng = random.Random(18)
     drawn = [tools.spliced(rng, words, sampler.banned) for _ in range(1500)]
@@ -483,7 +483,7 @@ def test_spliced_words_are_unseen_words_of_common_pieces(demo_tokenizer):
     # --splice 0: the same draws as a sampler without the option
     plain, zero = (
         TurnSampler(data.make_split(), tool_split),
-        TurnSampler(data.make_split(), tool_split, splice=0.0),
+        TurnSampler(data.make_split(), tool_split, drills=Drills(splice=0.0)),
     )
     r1, r2 = random.Random(19), random.Random(19)
     for task in ["echo", "lookup", "weather"] * 40:
@@ -496,7 +496,7 @@ def test_token_texts_draw_every_word_piece_of_the_vocabulary(demo_tokenizer):
     definitions ("ob" "ject") far more often than in the training texts; none holds a
     held-out text. --token-text 0 draws exactly what the sampler drew before it."""
     tok = demo_tokenizer
-    pieces = tools.vocab_pieces(tok)
+    pieces = tuple(tools.vocab_pieces(tok))
     assert {"ject", "mod"} <= set(pieces) and all(p.isalpha() and p.islower() for p in pieces)
     rng = random.Random(20)
     texts = [tools.token_text(rng, pieces, set(), set()) for _ in range(2000)]
@@ -515,8 +515,10 @@ def test_token_texts_draw_every_word_piece_of_the_vocabulary(demo_tokenizer):
 
     tool_split = tools.make_tool_split()
     with pytest.raises(ValueError, match="vocab_pieces"):
-        TurnSampler(data.make_split(), tool_split, token_share=0.5)
-    sampler = TurnSampler(data.make_split(), tool_split, token_share=1.0, pieces=pieces)
+        TurnSampler(data.make_split(), tool_split, drills=Drills(token_share=0.5))
+    sampler = TurnSampler(
+        data.make_split(), tool_split, drills=Drills(token_share=1.0, pieces=pieces)
+    )
     held = sampler.held_meanings | tool_split.held_words | tool_split.held_cities
     echoes = [sampler.turn(rng, [], "echo").answer for _ in range(200)]
     for text in echoes:
@@ -525,7 +527,7 @@ def test_token_texts_draw_every_word_piece_of_the_vocabulary(demo_tokenizer):
     assert len(set(echoes)) == 200
     # --token-text 0: the same draws as a sampler without the option
     plain = TurnSampler(data.make_split(), tool_split)
-    zero = TurnSampler(data.make_split(), tool_split, token_share=0.0, pieces=pieces)
+    zero = TurnSampler(data.make_split(), tool_split, drills=Drills(token_share=0.0, pieces=pieces))
     r1, r2 = random.Random(21), random.Random(21)
     for task in ["echo", "lookup", "weather"] * 40:
         assert plain.turn(r1, tools.TOOL_NAMES, task) == zero.turn(r2, tools.TOOL_NAMES, task)
@@ -552,26 +554,57 @@ def test_punct_puts_commas_and_semicolons_into_the_drill_texts(demo_tokenizer):
     assert demo_tokenizer.token_to_id(";") in ids and demo_tokenizer.token_to_id(",") is not None
 
     tool_split = tools.make_tool_split()
-    pieces = tools.vocab_pieces(demo_tokenizer)
-    sampler = TurnSampler(
-        data.make_split(), tool_split, splice=0.5, token_share=1.0, pieces=pieces, punct=1.0
-    )
+    pieces = tuple(tools.vocab_pieces(demo_tokenizer))
+    sampler = TurnSampler(data.make_split(), tool_split, drills=Drills(0.5, 1.0, pieces, punct=1.0))
     held = sampler.held_meanings | tool_split.held_words | tool_split.held_cities
     echoes = [sampler.turn(rng, [], "echo").answer for _ in range(200)]
     assert all(any(m in t for m in tools.PUNCTUATION) for t in echoes)  # every drill text
     assert {";", ","} <= {c for t in echoes for c in t}
     assert not any(h in t for t in echoes for h in held)
-    half = TurnSampler(
-        data.make_split(), tool_split, splice=0.5, token_share=1.0, pieces=pieces, punct=0.5
-    )
+    half = TurnSampler(data.make_split(), tool_split, drills=Drills(0.5, 1.0, pieces, punct=0.5))
     marked = sum(any(m in half.turn(rng, [], "echo").answer for m in ",;") for _ in range(400))
     assert 140 < marked < 260  # about half
     # --punct 0: the same draws as a sampler without the option
-    plain = TurnSampler(data.make_split(), tool_split, splice=0.3, token_share=0.3, pieces=pieces)
-    zero = TurnSampler(
-        data.make_split(), tool_split, splice=0.3, token_share=0.3, pieces=pieces, punct=0.0
-    )
+    plain = TurnSampler(data.make_split(), tool_split, drills=Drills(0.3, 0.3, pieces))
+    zero = TurnSampler(data.make_split(), tool_split, drills=Drills(0.3, 0.3, pieces, punct=0.0))
     r1, r2 = random.Random(23), random.Random(23)
+    for task in ["echo", "lookup", "weather"] * 40:
+        assert plain.turn(r1, tools.TOOL_NAMES, task) == zero.turn(r2, tools.TOOL_NAMES, task)
+
+
+def test_phrase_texts_put_short_words_in_places_no_phrase_puts_them(demo_tokenizer):
+    """train.py --phrase: echo texts and made-up meanings of which about half the words are
+    the short words of the training definitions ("a", "with", "in": where held-out copies
+    slip), in random order and repeated; never a held-out text. --phrase 0 draws exactly
+    what the sampler drew before it."""
+    rng = random.Random(24)
+    drawn = [
+        tools.phrase_text(rng, ["and", "in"], ["neat", "order"], {"and in order"})
+        for _ in range(400)
+    ]
+    assert not any("and in order" in t for t in drawn)  # the held-out text: never
+    assert any("in order" in t for t in drawn) and any("in in" in t for t in drawn)
+    assert all(3 <= len(t.split()) <= 9 for t in drawn)
+
+    tool_split = tools.make_tool_split()
+    sampler = TurnSampler(data.make_split(), tool_split, drills=Drills(phrase=1.0))
+    assert {"a", "with", "in", "or", "not"} <= set(sampler.function_words)
+    assert set(sampler.function_words) <= set(sampler.meaning_words)  # training words only
+    held = sampler.held_meanings | tool_split.held_words | tool_split.held_cities
+    echoes = [sampler.turn(rng, [], "echo").answer for _ in range(300)]
+    words = [w for t in echoes for w in t.split()]
+    assert set(words) <= set(sampler.function_words) | set(sampler.splice_words)
+    short = sum(w in sampler.function_words for w in words) / len(words)
+    assert 0.4 < short < 0.65, short  # half drawn from them, and some everyday words are
+    assert not any(h in t for t in echoes for h in held) and len(set(echoes)) > 290
+    # drawn after --splice and --token-text: with both at 1 no phrase text is drawn
+    both = TurnSampler(data.make_split(), tool_split, drills=Drills(1.0, 0.0, phrase=1.0))
+    assert all(len(t.split()) <= 7 for t in (both.turn(rng, [], "echo").answer for _ in range(50)))
+    # --phrase 0: the same draws as a sampler without the option
+    pieces = tuple(tools.vocab_pieces(demo_tokenizer))
+    plain = TurnSampler(data.make_split(), tool_split, drills=Drills(0.3, 0.3, pieces))
+    zero = TurnSampler(data.make_split(), tool_split, drills=Drills(0.3, 0.3, pieces, phrase=0.0))
+    r1, r2 = random.Random(25), random.Random(25)
     for task in ["echo", "lookup", "weather"] * 40:
         assert plain.turn(r1, tools.TOOL_NAMES, task) == zero.turn(r2, tools.TOOL_NAMES, task)
 

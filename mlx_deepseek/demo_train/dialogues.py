@@ -10,7 +10,6 @@ reasoning, `</think>`, the answer).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +17,7 @@ from .data import Split, Turn, arith_turn, backwards_turn, count_turn, echo_turn
 from .facts import TABLES, facts_turn, greeting_turn, refusal_turn
 from .tools import (
     DEFINITIONS,
+    FUNCTION_WORDS,
     TASK_TOOL,
     ToolSplit,
     add_tool_turn,
@@ -27,6 +27,7 @@ from .tools import (
     lookup_turn,
     made_up,
     made_up_meaning,
+    phrase_text,
     punctuate,
     spliced_text,
     token_text,
@@ -79,6 +80,19 @@ UNDECLARED_FOCUS = 0.1
 MADE_UP_MEANING_SHARE = 0.75
 
 
+@dataclass(frozen=True)
+class Drills:
+    """The copying drills (train.py --splice, --token-text, --phrase, --punct): the shares of
+    the echo texts and made-up words' meanings that TurnSampler._drill_text draws from each
+    kind. Every share at 0 draws exactly what the sampler drew before that option existed."""
+
+    splice: float = 0.0  # spliced words (tools.spliced_text)
+    token_share: float = 0.0  # random vocabulary pieces (tools.token_text), from `pieces`
+    pieces: tuple[str, ...] = ()  # the tokenizer's word pieces (tools.vocab_pieces)
+    phrase: float = 0.0  # short words in random order (tools.phrase_text)
+    punct: float = 0.0  # of all those texts, the share punctuated (tools.punctuate)
+
+
 @dataclass
 class Conversation:
     turns: list[Turn]
@@ -107,24 +121,13 @@ class TurnSampler:
         held: bool = False,
         arch: str = "v3",
         boost: dict[str, float] | None = None,
-        splice: float = 0.0,
-        token_share: float = 0.0,
-        pieces: Sequence[str] = (),
-        punct: float = 0.0,
+        drills: Drills = Drills(),
     ):
         self.split, self.held = split, held
         self.boost = boost or {}  # task -> weight multiplier (train.py --boost)
-        # share of echo texts and made-up meanings of spliced words (train.py --splice); 0
-        # draws exactly what it drew before the option (the tokenizer's corpus among them)
-        self.splice = splice
-        # share of them made of random vocabulary pieces (train.py --token-text; tools.
-        # token_text); 0 draws what it drew before, like splice
-        self.token_share, self.pieces = token_share, list(pieces)
-        if token_share and not self.pieces:
+        self.drills = drills  # at its defaults, the tokenizer's corpus draws as it always did
+        if drills.token_share and not drills.pieces:
             raise ValueError("token_share needs the tokenizer's pieces (tools.vocab_pieces)")
-        # share of those drill texts with commas and semicolons (train.py --punct; tools.
-        # punctuate); 0 draws what it drew before, like splice
-        self.punct = punct
         self.facts, self.greetings = TABLES[arch]
         self.cities = tool_split.cities(held)
         self.words = tool_split.words(held)
@@ -137,22 +140,27 @@ class TurnSampler:
         self.everyday = everyday_words(held_text)
         self.banned = banned_words(held_text)
         self.splice_words = self.meaning_words + self.everyday  # spliced words' sources
+        self.function_words = [w for w in FUNCTION_WORDS if w in self.meaning_words]
         self.train_cities = tool_split.cities(False)  # echo's, even in a held-out sampler
 
     def _spliced(self, rng: random.Random) -> str:
         return spliced_text(rng, self.splice_words, self.banned, self.held_meanings)
 
     def _drill_text(self, rng: random.Random) -> str | None:
-        """An echo text or made-up meaning of spliced words (a `splice` share) or of random
-        vocabulary pieces (a `token_share` share), a `punct` share of them punctuated, or
-        None for the usual kinds."""
-        if self.splice and rng.random() < self.splice:
+        """An echo text or made-up meaning of spliced words (a `splice` share), of random
+        vocabulary pieces (a `token_share` share of the rest) or of short words in random
+        order (a `phrase` share of what is left), a `punct` share of them punctuated; or None
+        for the usual kinds."""
+        d = self.drills
+        if d.splice and rng.random() < d.splice:
             text = self._spliced(rng)
-        elif self.token_share and rng.random() < self.token_share:
-            text = token_text(rng, self.pieces, self.banned, self.held_meanings)
+        elif d.token_share and rng.random() < d.token_share:
+            text = token_text(rng, d.pieces, self.banned, self.held_meanings)
+        elif d.phrase and rng.random() < d.phrase:
+            text = phrase_text(rng, self.function_words, self.splice_words, self.held_meanings)
         else:
             return None
-        if self.punct and rng.random() < self.punct:
+        if d.punct and rng.random() < d.punct:
             text = punctuate(rng, text, self.held_meanings)
         return text
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -32,7 +32,7 @@ from mlx_deepseek.formats import chat_format
 
 from .arch import ARCHS
 from .data import make_split
-from .dialogues import Conversation, TurnSampler, sample_conversation
+from .dialogues import Conversation, Drills, TurnSampler, sample_conversation
 from .tokenizer import ASSISTANT, END_THINK, EOS, PAD, THINK, USER
 from .tools import make_tool_split
 
@@ -74,10 +74,7 @@ class Renderer:
         held: bool = False,
         arch: str = "v3",
         boost: dict | None = None,
-        splice: float = 0.0,
-        token_share: float = 0.0,
-        pieces: Sequence[str] = (),
-        punct: float = 0.0,
+        drills: Drills | None = None,
     ):
         a = ARCHS[arch]
         self.arch = a
@@ -85,9 +82,8 @@ class Renderer:
         self.fmt = chat_format(self.tokenizer, a.config, a.package)
         if self.fmt.family != a.family or not self.fmt.has_thinking_switch:
             raise RuntimeError(f"the demo template reads as {self.fmt.family}, not {a.family}")
-        self.sampler = TurnSampler(
-            make_split(), make_tool_split(), held, arch, boost, splice, token_share, pieces, punct
-        )
+        drills = drills or Drills()
+        self.sampler = TurnSampler(make_split(), make_tool_split(), held, arch, boost, drills)
 
     def sample(self, rng: random.Random, max_chars: int, **kw) -> Conversation:
         return sample_conversation(rng, self.sampler, max_chars, **kw)

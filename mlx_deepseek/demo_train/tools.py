@@ -490,6 +490,29 @@ def token_text(rng: random.Random, pieces: Sequence[str], banned: set[str], avoi
             return text
 
 
+# The short words phrase_text() draws about half its words from (those of them the training
+# definitions use): a held-out definition's copies slip at them ("a lamp with a protective
+# case" came out "a lamp with protective case", "neat and in order" as "neat and order"),
+# and the other drills have few (token_text and spliced words, none).
+FUNCTION_WORDS = "a an the of in on at to for with from by or and not that which who is".split()
+
+
+def phrase_text(
+    rng: random.Random, function_words: Sequence[str], words: Sequence[str], avoid: set[str]
+) -> str:
+    """3 to 9 words, each one of `function_words` (FUNCTION_WORDS) half of the time and one
+    of `words` otherwise, in random order, containing none of `avoid` (the held-out
+    meanings): short words repeated and in places no phrase puts them ("not table by a a"),
+    which an answer can only get right by copying."""
+    while True:
+        text = " ".join(
+            rng.choice(function_words) if rng.random() < 0.5 else rng.choice(words)
+            for _ in range(rng.randint(3, 9))
+        )
+        if not any(a in text for a in avoid):
+            return text
+
+
 # The marks punctuate() puts into the drills' texts: held-out definitions have them ("calm,
 # peaceful and untroubled", "not proud; modest") and no other drill text had one, so copies
 # stopped or slipped there ("humble: not proud.").

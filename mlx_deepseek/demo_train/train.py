@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .arch import ARCHS
 from .config import LONG_CONTEXT, SHORT_CONTEXT
-from .dialogues import parse_boost
+from .dialogues import Drills, parse_boost
 from .packing import Packer, Renderer, corpus
 from .routing import LoadBalancer, moe_layers
 from .tokenizer import save_tokenizer, train_tokenizer
@@ -59,7 +59,8 @@ DEFAULTS = dict(
     boost="",  # task weight factors, "sub2=2,add2=1.5" (dialogues.TASKS' names)
     splice=0.0,  # share of echo texts and made-up meanings of spliced words (tools.spliced)
     token_text=0.0,  # share of them of random vocabulary pieces (tools.token_text)
-    punct=0.0,  # share of those two kinds with commas and semicolons (tools.punctuate)
+    phrase=0.0,  # share of them of short words in random order (tools.phrase_text)
+    punct=0.0,  # share of those three kinds with commas and semicolons (tools.punctuate)
 )
 # (row length, share of steps, tools allowed): the tools block alone is ~260 tokens
 SHORT_MIX = [(128, 0.3, False), (256, 0.35, False), (SHORT_CONTEXT, 0.35, True)]
@@ -242,10 +243,13 @@ def train(
     renderer = Renderer(
         arch=arch.name,
         boost=parse_boost(hp["boost"]),
-        splice=hp["splice"],
-        token_share=hp["token_text"],
-        pieces=vocab_pieces(tok) if hp["token_text"] else (),
-        punct=hp["punct"],
+        drills=Drills(
+            splice=hp["splice"],
+            token_share=hp["token_text"],
+            pieces=tuple(vocab_pieces(tok)) if hp["token_text"] else (),
+            phrase=hp["phrase"],
+            punct=hp["punct"],
+        ),
     )
     packer = Packer(tok, renderer)
     rng = random.Random(SEED)
