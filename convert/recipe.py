@@ -97,9 +97,10 @@ class Recipe:
 
 
 def quantization_section(recipe: Recipe, decisions: dict[str, QuantSpec | None]) -> dict[str, Any]:
-    """config.json's "quantization" for per-module `decisions` (quantizable modules only)."""
+    """config.json's "quantization" for per-module `decisions` (quantizable modules only), in
+    module order: the same checkpoint converts to the same bytes."""
     section: dict[str, Any] = recipe.default.as_config()
-    for module, spec in decisions.items():
+    for module, spec in sorted(decisions.items()):
         if spec is None:
             section[module] = False
         elif spec != recipe.default:

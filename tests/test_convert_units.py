@@ -51,6 +51,10 @@ def test_quantization_section_is_what_mlx_lm_writes():
         "a.q_proj": {"group_size": 64, "bits": 6, "mode": "affine"},
         "a.odd": False,
     }
+    # in module order whatever order the planner decided in: one checkpoint, one config
+    decisions = {f"m{i}.q_proj": QuantSpec(6, 64) for i in (3, 1, 2)}
+    shuffled = quantization_section(r, decisions)
+    assert list(shuffled)[3:] == ["m1.q_proj", "m2.q_proj", "m3.q_proj"]
 
 
 @pytest.mark.parametrize(
