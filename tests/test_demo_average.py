@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_deepseek.demo_train.average import average, main
+from mlx_deepseek.errors import DeepSeekError
 
 
 def _run(path, seed, table=(0, 1, 2), config=None):
@@ -59,6 +60,8 @@ def test_average_refuses_runs_of_other_models_and_writes_nothing(tmp_path, capsy
         average(a, other_table, out)
     with pytest.raises(ValueError, match="between 0 and 1"):
         average(a, a, out, 1.5)
+    with pytest.raises(DeepSeekError, match="inside"):
+        average(a, a, a / "mean")  # never written into a run it reads
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert main([str(a), str(tmp_path / "missing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
