@@ -93,6 +93,9 @@ class Drills:
     punct: float = 0.0  # of all those texts, the share punctuated (tools.punctuate)
 
 
+NO_DRILLS = Drills()  # every share 0: the data as drawn before any drill option existed
+
+
 @dataclass
 class Conversation:
     turns: list[Turn]
@@ -121,11 +124,11 @@ class TurnSampler:
         held: bool = False,
         arch: str = "v3",
         boost: dict[str, float] | None = None,
-        drills: Drills = Drills(),
+        drills: Drills = NO_DRILLS,
     ):
         self.split, self.held = split, held
         self.boost = boost or {}  # task -> weight multiplier (train.py --boost)
-        self.drills = drills  # at its defaults, the tokenizer's corpus draws as it always did
+        self.drills = drills
         if drills.token_share and not drills.pieces:
             raise ValueError("token_share needs the tokenizer's pieces (tools.vocab_pieces)")
         self.facts, self.greetings = TABLES[arch]

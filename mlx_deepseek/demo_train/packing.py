@@ -32,7 +32,7 @@ from mlx_deepseek.formats import chat_format
 
 from .arch import ARCHS
 from .data import make_split
-from .dialogues import Conversation, Drills, TurnSampler, sample_conversation
+from .dialogues import NO_DRILLS, Conversation, Drills, TurnSampler, sample_conversation
 from .tokenizer import ASSISTANT, END_THINK, EOS, PAD, THINK, USER
 from .tools import make_tool_split
 
@@ -74,7 +74,7 @@ class Renderer:
         held: bool = False,
         arch: str = "v3",
         boost: dict | None = None,
-        drills: Drills | None = None,
+        drills: Drills = NO_DRILLS,
     ):
         a = ARCHS[arch]
         self.arch = a
@@ -82,7 +82,6 @@ class Renderer:
         self.fmt = chat_format(self.tokenizer, a.config, a.package)
         if self.fmt.family != a.family or not self.fmt.has_thinking_switch:
             raise RuntimeError(f"the demo template reads as {self.fmt.family}, not {a.family}")
-        drills = drills or Drills()
         self.sampler = TurnSampler(make_split(), make_tool_split(), held, arch, boost, drills)
 
     def sample(self, rng: random.Random, max_chars: int, **kw) -> Conversation:
